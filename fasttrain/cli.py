@@ -1,0 +1,58 @@
+"""The `fasttrain` console script: `fasttrain train ...` and `fasttrain eval CHECKPOINT ...`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Optional, Sequence
+
+from fasttrain import run
+from fasttrain.errors import EXIT_USER_ERROR, UserError
+
+
+def _eval(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="fasttrain eval", description="Evaluate a checkpoint on the test split.")
+    parser.add_argument("checkpoint", help="a .pt file written by fasttrain, e.g. runs/<run>/checkpoints/best.pt")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                        help="applied on top of the checkpoint's config, e.g. data.root=/data train.device=cpu")
+    parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    args = parser.parse_args(argv)
+    try:
+        from fasttrain.evaluate import evaluate_checkpoint
+
+        stats, ckpt = evaluate_checkpoint(args.checkpoint, args.overrides)
+    except UserError as err:
+        print(f"fasttrain: error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    result = {"checkpoint": args.checkpoint, "epoch": ckpt["epoch"], "val_acc": stats.accuracy,
+              "val_loss": stats.loss, "correct": stats.correct, "total": stats.total,
+              "recorded_val_acc": ckpt.get("val_acc")}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{args.checkpoint} (epoch {ckpt['epoch']}): test accuracy {100 * stats.accuracy:.2f}% "
+              f"({stats.correct:,}/{stats.total:,}), loss {stats.loss:.4f}; recorded at training time "
+              f"{100 * ckpt.get('val_acc', float('nan')):.2f}%")
+    return 0
+
+
+COMMANDS = {"train": "train a model (same as python -m fasttrain.run)", "eval": "evaluate a checkpoint"}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        usage = "usage: fasttrain {train,eval} ...\n\n" + "\n".join(f"  {k:<6} {v}" for k, v in COMMANDS.items())
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"fasttrain: error: unknown command '{argv[0]}'\n{usage}", file=sys.stderr)
+            return EXIT_USER_ERROR
+        print(usage)
+        return 0 if argv else EXIT_USER_ERROR
+    if argv[0] == "train":
+        return run.main(argv[1:], prog="fasttrain train")
+    return _eval(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,322 @@
+"""Typed configs, one dataclass per concern, filled from YAML and `key.sub=value` overrides.
+
+OmegaConf does the YAML parsing, merging and type checking (structured configs reject unknown
+keys and values that do not convert to the field's type); each dataclass's `__post_init__`
+checks ranges and choices. Every failure becomes one `ConfigError` line naming the key and
+what it accepts, which the entry points turn into exit code 2 before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional, Sequence
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+from fasttrain.errors import ConfigError
+
+DATASETS = ("cifar10", "mnist", "synthetic")
+LOADERS = ("plain",)
+MODELS = ("SimpleModel", "MLP", "MLPSequential", "CNN", "CIFAR10_CNN")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULERS = ("none", "step", "exponential", "cosine", "plateau", "onecycle")
+
+
+def _field(default: Any, doc: str) -> Any:
+    """A dataclass field with a help line (shown by `fasttrain train --help`)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"doc": doc})
+    return field(default=default, metadata={"doc": doc})
+
+
+def _require(ok: bool, key: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"config error: {key}={value!r} is not valid: expected {expected}")
+
+
+def _choice(key: str, value: str, choices: Sequence[str]) -> None:
+    _require(value in choices, key, value, "one of " + ", ".join(choices))
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass
+class DataConfig:
+    dataset: str = _field("cifar10", "cifar10 | mnist | synthetic")
+    root: str = _field("./data", "folder that contains cifar-10-batches-py/ (or MNIST/)")
+    download: bool = _field(True, "download with torchvision when the data are missing")
+    loader: str = _field("plain", "plain (torchvision transforms + DataLoader)")
+    num_workers: int = _field(4, "DataLoader worker processes (0 = load in the main process)")
+    pin_memory: Optional[bool] = _field(None, "pin host memory; null = on when training on CUDA")
+    shuffle: bool = _field(True, "reshuffle the training set every epoch")
+    drop_last: bool = _field(False, "drop the last incomplete training batch")
+    persistent_workers: bool = _field(True, "keep DataLoader workers alive between epochs")
+    train_size: int = _field(0, "use a seeded random subset of this many training images (0 = all; synthetic: 5000)")
+    val_size: int = _field(0, "use a seeded random subset of this many test images (0 = all; synthetic: 1000)")
+    subset_seed: int = _field(0, "seed of the subset choice (independent of train.seed)")
+    mean: List[float] = _field([0.5, 0.5, 0.5], "Normalize mean, one value or one per channel")
+    std: List[float] = _field([0.5, 0.5, 0.5], "Normalize std, one value or one per channel")
+
+    def __post_init__(self) -> None:
+        _choice("data.dataset", self.dataset, DATASETS)
+        _choice("data.loader", self.loader, LOADERS)
+        _require(self.num_workers >= 0, "data.num_workers", self.num_workers, "an integer >= 0")
+        _require(self.train_size >= 0, "data.train_size", self.train_size, "an integer >= 0 (0 = all)")
+        _require(self.val_size >= 0, "data.val_size", self.val_size, "an integer >= 0 (0 = all)")
+        _require(len(self.mean) in (1, 3), "data.mean", list(self.mean), "a list of 1 or 3 floats")
+        _require(len(self.std) in (1, 3), "data.std", list(self.std), "a list of 1 or 3 floats")
+        _require(all(s > 0 for s in self.std), "data.std", list(self.std), "positive values")
+
+
+@dataclass
+class AugConfig:
+    crop_padding: int = _field(4, "RandomCrop(size, padding=N) on training images; 0 = no crop")
+    hflip: bool = _field(True, "RandomHorizontalFlip on training images")
+    rotation: float = _field(0.0, "RandomRotation(degrees); 0 = off")
+    color_jitter: List[float] = _field([0.0, 0.0, 0.0, 0.0], "ColorJitter [brightness, contrast, saturation, hue]; zeros = off")
+
+    def __post_init__(self) -> None:
+        _require(self.crop_padding >= 0, "aug.crop_padding", self.crop_padding, "an integer >= 0")
+        _require(0 <= self.rotation <= 180, "aug.rotation", self.rotation, "degrees in [0, 180]")
+        jitter = list(self.color_jitter)
+        _require(len(jitter) == 4 and all(v >= 0 for v in jitter), "aug.color_jitter", jitter,
+                 "4 values >= 0: [brightness, contrast, saturation, hue]")
+        _require(jitter[3] <= 0.5, "aug.color_jitter", jitter, "hue (the 4th value) <= 0.5")
+
+
+@dataclass
+class ModelConfig:
+    name: str = _field("CIFAR10_CNN", " | ".join(MODELS))
+    hidden_sizes: List[int] = _field([512, 256], "hidden layer widths of MLP / MLPSequential")
+    dropout: float = _field(0.5, "dropout before the last layer of CIFAR10_CNN and MLP")
+
+    def __post_init__(self) -> None:
+        _choice("model.name", self.name, MODELS)
+        _require(len(self.hidden_sizes) >= 1 and all(h >= 1 for h in self.hidden_sizes),
+                 "model.hidden_sizes", list(self.hidden_sizes), "a non-empty list of positive integers")
+        _require(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout, "a probability in [0, 1)")
+
+
+@dataclass
+class OptimConfig:
+    name: str = _field("adamw", " | ".join(OPTIMIZERS))
+    lr: float = _field(1e-3, "learning rate (OneCycleLR overrides it with sched.max_lr / sched.div_factor)")
+    weight_decay: float = _field(0.01, "weight decay (decoupled for adamw)")
+    momentum: float = _field(0.9, "sgd momentum")
+    nesterov: bool = _field(False, "sgd Nesterov momentum (needs momentum > 0)")
+    betas: List[float] = _field([0.9, 0.999], "adam/adamw betas")
+
+    def __post_init__(self) -> None:
+        _choice("optim.name", self.name, OPTIMIZERS)
+        _require(self.lr > 0, "optim.lr", self.lr, "a float > 0")
+        _require(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "a float >= 0")
+        _require(0 <= self.momentum < 1, "optim.momentum", self.momentum, "a float in [0, 1)")
+        _require(not (self.nesterov and self.name == "sgd" and self.momentum == 0), "optim.nesterov",
+                 self.nesterov, "false when optim.momentum is 0 (Nesterov needs momentum)")
+        betas = list(self.betas)
+        _require(len(betas) == 2 and all(0 <= b < 1 for b in betas), "optim.betas", betas,
+                 "two floats in [0, 1)")
+
+
+@dataclass
+class SchedConfig:
+    name: str = _field("onecycle", " | ".join(SCHEDULERS) + " (onecycle steps every batch, plateau on val_loss, the rest every epoch)")
+    step_size: int = _field(30, "step: epochs between decays")
+    gamma: float = _field(0.1, "step / exponential: decay factor")
+    t_max: int = _field(0, "cosine: period in epochs (0 = train.epochs)")
+    eta_min: float = _field(0.0, "cosine: lowest learning rate")
+    max_lr: float = _field(0.01, "onecycle: peak learning rate")
+    pct_start: float = _field(0.3, "onecycle: fraction of steps spent warming up")
+    div_factor: float = _field(25.0, "onecycle: initial lr = max_lr / div_factor")
+    final_div_factor: float = _field(1e4, "onecycle: final lr = initial lr / final_div_factor")
+    plateau_factor: float = _field(0.1, "plateau: factor applied when val_loss stops improving")
+    plateau_patience: int = _field(10, "plateau: epochs without improvement before reducing")
+    min_lr: float = _field(0.0, "plateau: lower bound on the learning rate")
+
+    def __post_init__(self) -> None:
+        _choice("sched.name", self.name, SCHEDULERS)
+        _require(self.step_size >= 1, "sched.step_size", self.step_size, "an integer >= 1")
+        _require(0 < self.gamma <= 1, "sched.gamma", self.gamma, "a float in (0, 1]")
+        _require(self.t_max >= 0, "sched.t_max", self.t_max, "an integer >= 0 (0 = train.epochs)")
+        _require(self.eta_min >= 0, "sched.eta_min", self.eta_min, "a float >= 0")
+        _require(self.max_lr > 0, "sched.max_lr", self.max_lr, "a float > 0")
+        _require(0 < self.pct_start < 1, "sched.pct_start", self.pct_start, "a float in (0, 1)")
+        _require(self.div_factor > 0, "sched.div_factor", self.div_factor, "a float > 0")
+        _require(self.final_div_factor > 0, "sched.final_div_factor", self.final_div_factor, "a float > 0")
+        _require(0 < self.plateau_factor < 1, "sched.plateau_factor", self.plateau_factor, "a float in (0, 1)")
+        _require(self.plateau_patience >= 0, "sched.plateau_patience", self.plateau_patience, "an integer >= 0")
+        _require(self.min_lr >= 0, "sched.min_lr", self.min_lr, "a float >= 0")
+
+
+_DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = _field(100, "number of passes over the training set")
+    batch_size: int = _field(128, "training batch size")
+    eval_batch_size: int = _field(0, "evaluation batch size (0 = train.batch_size)")
+    seed: int = _field(42, "seed of weights, shuffling and augmentation")
+    device: str = _field("auto", "auto | cpu | cuda | cuda:N (auto = cuda when available)")
+    limit_train_batches: int = _field(0, "stop each epoch after this many batches (0 = whole epoch)")
+    log_every: int = _field(50, "log the mean loss and images/s every N steps (one host sync each)")
+    grad_clip: float = _field(0.0, "clip the gradient norm to this value (0 = off)")
+
+    def __post_init__(self) -> None:
+        _require(self.epochs >= 1, "train.epochs", self.epochs, "an integer >= 1")
+        _require(self.batch_size >= 1, "train.batch_size", self.batch_size, "an integer >= 1")
+        _require(self.eval_batch_size >= 0, "train.eval_batch_size", self.eval_batch_size, "an integer >= 0")
+        _require(self.seed >= 0, "train.seed", self.seed, "an integer >= 0")
+        _require(bool(_DEVICE_RE.match(self.device)), "train.device", self.device, "auto, cpu, cuda or cuda:N")
+        _require(self.limit_train_batches >= 0, "train.limit_train_batches", self.limit_train_batches,
+                 "an integer >= 0 (0 = whole epoch)")
+        _require(self.log_every >= 1, "train.log_every", self.log_every, "an integer >= 1")
+        _require(self.grad_clip >= 0, "train.grad_clip", self.grad_clip, "a float >= 0 (0 = off)")
+
+
+@dataclass
+class OutputConfig:
+    dir: str = _field("", "run folder (empty = runs/<config name>-<timestamp>)")
+    save_checkpoints: bool = _field(True, "write checkpoints/best.pt and checkpoints/last.pt")
+    overwrite: bool = _field(False, "allow a run folder that already holds checkpoints to be replaced")
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    aug: AugConfig = field(default_factory=AugConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sched: SchedConfig = field(default_factory=SchedConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _format_omegaconf_error(err: OmegaConfBaseException) -> str:
+    key = getattr(err, "full_key", None) or ""
+    if isinstance(err, ConfigKeyError):
+        section = key.rsplit(".", 1)[0] if "." in key else ""
+        valid = valid_keys(section)
+        where = f"in '{section}'" if section else "at the top level"
+        return f"config error: unknown key '{key}'; valid keys {where}: {', '.join(valid)}"
+    message = (getattr(err, "msg", None) or str(err)).splitlines()[0]
+    if key:
+        expected = _expected_type(key)
+        return f"config error: {key}: {message}" + (f" (expected {expected})" if expected else "")
+    return f"config error: {message}"
+
+
+def _section_default(section: str) -> Any:
+    """The default dataclass instance of a section ('' = the whole Config), or None."""
+    obj: Any = Config()
+    for part in [p for p in section.split(".") if p]:
+        if not dataclasses.is_dataclass(obj) or not hasattr(obj, part):
+            return None
+        obj = getattr(obj, part)
+    return obj if dataclasses.is_dataclass(obj) else None
+
+
+def valid_keys(section: str) -> List[str]:
+    obj = _section_default(section)
+    return [f.name for f in dataclasses.fields(obj)] if obj is not None else []
+
+
+def _expected_type(full_key: str) -> str:
+    section, _, name = full_key.split("[")[0].rpartition(".")
+    obj = _section_default(section)
+    if obj is None:
+        return ""
+    for f in dataclasses.fields(obj):
+        if f.name == name:
+            return str(f.type).replace("typing.", "")
+    return ""
+
+
+def _parse_overrides(overrides: Sequence[str]) -> Any:
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"config error: override '{item}' must look like key.sub=value (e.g. train.epochs=5)")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"config error: cannot parse overrides {list(overrides)}: {str(err).splitlines()[0]}") from None
+
+
+def load_config(path: Optional[str], overrides: Sequence[str] = ()) -> Config:
+    """YAML file (optional) + overrides -> validated Config. Raises ConfigError (exit 2)."""
+    schema = OmegaConf.structured(Config)
+    layers = [schema]
+    if path is not None:
+        file = Path(path)
+        if not file.is_file():
+            raise ConfigError(f"config error: config file '{path}' not found (see configs/ for the shipped recipes)")
+        try:
+            loaded = OmegaConf.load(file)
+        except (yaml.YAMLError, OmegaConfBaseException) as err:
+            first = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise ConfigError(f"config error: '{path}' is not valid YAML: {first}") from None
+        if not OmegaConf.is_dict(loaded):
+            raise ConfigError(f"config error: '{path}' must hold a mapping of sections (data:, model:, ...)")
+        layers.append(loaded)
+    layers.append(_parse_overrides(overrides))
+    try:
+        merged = OmegaConf.merge(*layers)
+        cfg = OmegaConf.to_object(merged)
+    except ConfigError:
+        raise
+    except OmegaConfBaseException as err:
+        # to_object wraps errors raised in __post_init__; surface ours unchanged
+        cause = err.__cause__ or err.__context__
+        if isinstance(cause, ConfigError):
+            raise cause from None
+        raise ConfigError(_format_omegaconf_error(err)) from None
+    assert isinstance(cfg, Config)
+    if not cfg.output.dir:
+        stem = Path(path).stem if path else "run"
+        cfg.output.dir = str(Path("runs") / f"{stem}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def from_dict(data: dict, overrides: Sequence[str] = ()) -> Config:
+    """Rebuild a Config from a saved dict (a checkpoint's), applying overrides on top."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(data), _parse_overrides(overrides))
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        cause = err.__cause__ or err.__context__
+        if isinstance(cause, ConfigError):
+            raise cause from None
+        raise ConfigError(_format_omegaconf_error(err)) from None
+    assert isinstance(cfg, Config)
+    return cfg
+
+
+def describe_keys() -> List[str]:
+    """One line per config key with its type, default and doc: the `--help` reference."""
+    lines = []
+    defaults = Config()
+    for section in dataclasses.fields(Config):
+        sec_obj = getattr(defaults, section.name)
+        for f in dataclasses.fields(sec_obj):
+            value = getattr(sec_obj, f.name)
+            shown = "null" if value is None else repr(value) if isinstance(value, str) else str(value).lower() if isinstance(value, bool) else str(value)
+            lines.append(f"  {section.name}.{f.name} = {shown}    {f.metadata.get('doc', '')}")
+    return lines

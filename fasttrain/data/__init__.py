@@ -1,0 +1,86 @@
+"""Datasets as uint8 arrays, and the loaders built on them.
+
+`load_split` reads one split of the configured dataset as (N, H, W, C) uint8 images and int64
+labels (optionally a seeded subset); `build_loaders` wraps the two splits in the configured
+loader. Every loader follows the contract described in `fasttrain.data.plain`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Tuple
+
+import numpy as np
+import torch
+
+from fasttrain.config import Config, DataConfig
+from fasttrain.data import cifar, mnist, synthetic
+from fasttrain.data.plain import CustomDataset, PlainLoader
+from fasttrain.data.transforms import eval_transform, train_transform
+
+SYNTHETIC_SIZES = {True: 5000, False: 1000}  # default train / test sizes of the synthetic dataset
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    name: str
+    in_channels: int
+    image_size: int
+    classes: Tuple[str, ...]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+def _subset(images: np.ndarray, labels: np.ndarray, size: int, seed: int) -> Tuple[np.ndarray, np.ndarray]:
+    """A seeded random subset (in the original order) of `size` samples; 0 or >= N keeps all."""
+    if size == 0 or size >= len(labels):
+        return images, labels
+    keep = np.sort(np.random.default_rng(seed).permutation(len(labels))[:size])
+    return images[keep], labels[keep]
+
+
+def load_split(data: DataConfig, train: bool) -> Tuple[np.ndarray, np.ndarray, DatasetInfo]:
+    size = data.train_size if train else data.val_size
+    if data.dataset == "cifar10":
+        images, labels = cifar.load_cifar10(data.root, train, data.download)
+        classes = cifar.CLASSES
+    elif data.dataset == "mnist":
+        images, labels = mnist.load_mnist(data.root, train, data.download)
+        classes = mnist.CLASSES
+    else:
+        # distinct seeds so the synthetic test split is not a copy of the training split
+        images, labels = synthetic.make_synthetic(size or SYNTHETIC_SIZES[train], seed=data.subset_seed * 2 + int(train))
+        classes = synthetic.CLASSES
+    images, labels = _subset(images, labels, size, data.subset_seed + int(train))
+    info = DatasetInfo(data.dataset, images.shape[-1], images.shape[1], classes)
+    return images, labels, info
+
+
+def build_eval_loader(cfg: Config, device: torch.device) -> Tuple[PlainLoader, DatasetInfo]:
+    images, labels, info = load_split(cfg.data, train=False)
+    dataset = CustomDataset(images, labels, eval_transform(cfg.data, info.in_channels), cfg.train.seed)
+    return _plain(cfg, dataset, cfg.train.eval_batch_size or cfg.train.batch_size, False, False, device), info
+
+
+def build_loaders(cfg: Config, device: torch.device) -> Tuple[PlainLoader, PlainLoader, DatasetInfo]:
+    """(train loader, validation loader on the test split, dataset info)."""
+    images, labels, info = load_split(cfg.data, train=True)
+    transform = train_transform(cfg.data, cfg.aug, info.image_size, info.in_channels)
+    dataset = CustomDataset(images, labels, transform, cfg.train.seed)
+    train_loader = _plain(cfg, dataset, cfg.train.batch_size, cfg.data.shuffle, cfg.data.drop_last, device)
+    if len(train_loader) == 0:
+        from fasttrain.errors import ConfigError
+
+        raise ConfigError(f"config error: train.batch_size={cfg.train.batch_size} with data.drop_last=true leaves no "
+                          f"batch from {len(dataset)} training images: lower the batch size or set data.drop_last=false")
+    val_loader, _ = build_eval_loader(cfg, device)
+    return train_loader, val_loader, info
+
+
+def _plain(cfg: Config, dataset: CustomDataset, batch_size: int, shuffle: bool, drop_last: bool,
+           device: torch.device) -> PlainLoader:
+    pin = cfg.data.pin_memory if cfg.data.pin_memory is not None else device.type == "cuda"
+    return PlainLoader(dataset, batch_size, shuffle, drop_last, cfg.data.num_workers, pin,
+                       cfg.data.persistent_workers, cfg.train.seed, device)

@@ -1,0 +1,43 @@
+"""The tutorial's torchvision transforms, built from the config."""
+
+from __future__ import annotations
+
+from typing import List
+
+from torchvision import transforms as T
+
+from fasttrain.config import AugConfig, DataConfig
+
+
+def _per_channel(values: List[float], channels: int, key: str) -> List[float]:
+    from fasttrain.errors import ConfigError
+
+    if len(values) == 1:
+        return list(values) * channels
+    if len(values) != channels:
+        raise ConfigError(f"config error: {key}={list(values)} has {len(values)} values but the dataset has "
+                          f"{channels} channel(s): give 1 or {channels} values")
+    return list(values)
+
+
+def normalize(data: DataConfig, channels: int) -> T.Normalize:
+    return T.Normalize(_per_channel(data.mean, channels, "data.mean"), _per_channel(data.std, channels, "data.std"))
+
+
+def train_transform(data: DataConfig, aug: AugConfig, image_size: int, channels: int) -> T.Compose:
+    """Augmentations (in the tutorial's order), then ToTensor and Normalize."""
+    steps: list = []
+    if aug.crop_padding > 0:
+        steps.append(T.RandomCrop(image_size, padding=aug.crop_padding))
+    if aug.hflip:
+        steps.append(T.RandomHorizontalFlip())
+    if aug.rotation > 0:
+        steps.append(T.RandomRotation(aug.rotation))
+    brightness, contrast, saturation, hue = aug.color_jitter
+    if any(v > 0 for v in aug.color_jitter):
+        steps.append(T.ColorJitter(brightness, contrast, saturation, hue))
+    return T.Compose(steps + [T.ToTensor(), normalize(data, channels)])
+
+
+def eval_transform(data: DataConfig, channels: int) -> T.Compose:
+    return T.Compose([T.ToTensor(), normalize(data, channels)])

@@ -1,0 +1,136 @@
+"""The tutorial's models and a name -> constructor registry.
+
+Every constructor takes the dataset's shape (`in_channels`, `image_size`, `num_classes`) so the
+same names work on CIFAR-10 (3x32x32) and MNIST (1x28x28). `CIFAR10_CNN` is the tutorial's
+case-study network: three stages of two 3x3 conv-BN-ReLU blocks and a 2x2 max-pool
+(32, 64, 128 channels), then Linear(2048, 256) - ReLU - Dropout - Linear(256, 10):
+815,018 parameters on CIFAR-10.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, Sequence
+
+import torch
+from torch import nn
+
+from fasttrain.config import ModelConfig
+
+
+class SimpleModel(nn.Module):
+    """The tutorial's first model: a single linear layer on the flattened image."""
+
+    def __init__(self, in_features: int, num_classes: int):
+        super().__init__()
+        self.flatten = nn.Flatten()
+        self.linear = nn.Linear(in_features, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.flatten(x))
+
+
+class MLP(nn.Module):
+    """The tutorial's multi-layer perceptron, class version: Linear-ReLU per hidden size."""
+
+    def __init__(self, in_features: int, hidden_sizes: Sequence[int], num_classes: int, dropout: float = 0.0):
+        super().__init__()
+        layers: list[nn.Module] = [nn.Flatten()]
+        width = in_features
+        for hidden in hidden_sizes:
+            layers += [nn.Linear(width, hidden), nn.ReLU()]
+            width = hidden
+        layers += [nn.Dropout(dropout), nn.Linear(width, num_classes)]
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+def mlp_sequential(in_features: int, hidden_sizes: Sequence[int], num_classes: int, dropout: float = 0.0) -> nn.Sequential:
+    """The tutorial's nn.Sequential version of the MLP (same layers, no class)."""
+    layers: list[nn.Module] = [nn.Flatten()]
+    width = in_features
+    for hidden in hidden_sizes:
+        layers += [nn.Linear(width, hidden), nn.ReLU()]
+        width = hidden
+    return nn.Sequential(*layers, nn.Dropout(dropout), nn.Linear(width, num_classes))
+
+
+class ConvBlock(nn.Module):
+    """The tutorial's reusable block: 3x3 conv (same padding) - BatchNorm - ReLU."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2)
+        self.bn = nn.BatchNorm2d(out_channels)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.bn(self.conv(x)))
+
+
+class CNN(nn.Module):
+    """The tutorial's small CNN built from ConvBlocks: two blocks, each followed by a 2x2 pool."""
+
+    def __init__(self, in_channels: int, image_size: int, num_classes: int):
+        super().__init__()
+        self.features = nn.Sequential(
+            ConvBlock(in_channels, 32), nn.MaxPool2d(2),
+            ConvBlock(32, 64), nn.MaxPool2d(2),
+        )
+        side = image_size // 4
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(64 * side * side, 128), nn.ReLU(inplace=True), nn.Linear(128, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+class CIFAR10_CNN(nn.Module):
+    """The tutorial's case study (815,018 parameters on 3x32x32 inputs with 10 classes)."""
+
+    def __init__(self, in_channels: int = 3, image_size: int = 32, num_classes: int = 10, dropout: float = 0.5):
+        super().__init__()
+        self.features = nn.Sequential(
+            ConvBlock(in_channels, 32), ConvBlock(32, 32), nn.MaxPool2d(2),
+            ConvBlock(32, 64), ConvBlock(64, 64), nn.MaxPool2d(2),
+            ConvBlock(64, 128), ConvBlock(128, 128), nn.MaxPool2d(2),
+        )
+        side = image_size // 8
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(128 * side * side, 256), nn.ReLU(inplace=True), nn.Dropout(dropout),
+            nn.Linear(256, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+# name -> constructor(cfg, in_channels, image_size, num_classes)
+Builder = Callable[[ModelConfig, int, int, int], nn.Module]
+MODEL_REGISTRY: Dict[str, Builder] = {
+    "SimpleModel": lambda cfg, c, s, k: SimpleModel(c * s * s, k),
+    "MLP": lambda cfg, c, s, k: MLP(c * s * s, cfg.hidden_sizes, k, cfg.dropout),
+    "MLPSequential": lambda cfg, c, s, k: mlp_sequential(c * s * s, cfg.hidden_sizes, k, cfg.dropout),
+    "CNN": lambda cfg, c, s, k: CNN(c, s, k),
+    "CIFAR10_CNN": lambda cfg, c, s, k: CIFAR10_CNN(c, s, k, cfg.dropout),
+}
+
+
+def build_model(cfg: ModelConfig, in_channels: int, image_size: int, num_classes: int) -> nn.Module:
+    return MODEL_REGISTRY[cfg.name](cfg, in_channels, image_size, num_classes)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def summarize(model: nn.Module, name: str) -> str:
+    """A short model summary: top-level children with their parameter counts, and the total."""
+    lines = [f"model {name}: {count_parameters(model):,} parameters "
+             f"({sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable)"]
+    for child_name, child in model.named_children():
+        lines.append(f"  {child_name:<12} {type(child).__name__:<12} {count_parameters(child):>12,}")
+    return "\n".join(lines)

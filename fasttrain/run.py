@@ -1,0 +1,40 @@
+"""Train: `python -m fasttrain.run --config configs/cifar10_cnn.yaml [key.sub=value ...]`.
+
+Parse, build, train, clean up; everything else lives in the components.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+from fasttrain.config import describe_keys, load_config
+from fasttrain.errors import EXIT_USER_ERROR, UserError
+
+
+def train_parser(prog: str = "python -m fasttrain.run") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog, description="Train an image classifier.", formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="config keys (set in the YAML file or as key.sub=value overrides; defaults shown):\n"
+               + "\n".join(describe_keys()))
+    parser.add_argument("--config", help="YAML recipe, e.g. configs/cifar10_cnn.yaml (default: built-in defaults)")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. train.epochs=5")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m fasttrain.run") -> int:
+    args = train_parser(prog).parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        from fasttrain.trainer import train  # imported after the config is known good: fail fast
+
+        train(cfg)
+    except UserError as err:
+        print(f"fasttrain: error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

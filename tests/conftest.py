@@ -1,0 +1,49 @@
+"""Shared test helpers: small generated data in the real layouts, and a way to run the CLI the
+way a user does (a real subprocess, exit code, stdout/stderr)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import List
+
+import numpy as np
+import pytest
+
+from fasttrain.data.cifar import TEST_FILES, TRAIN_FILES, write_cifar10_layout
+
+REPO = Path(__file__).resolve().parents[1]
+# the real CIFAR-10 beside the project (developers' and CI machines); absent on a user's fresh clone
+REAL_CIFAR_ROOT = Path(os.environ.get("FASTTRAIN_REAL_CIFAR_ROOT", REPO.parent / "shared" / "data"))
+needs_real_cifar = pytest.mark.skipif(not (REAL_CIFAR_ROOT / "cifar-10-batches-py").is_dir(),
+                                      reason=f"real CIFAR-10 not found in {REAL_CIFAR_ROOT}/cifar-10-batches-py")
+
+
+def run_fasttrain(*args: str, module: str = "fasttrain.run", cwd: Path | None = None,
+                  timeout: int = 600) -> subprocess.CompletedProcess:
+    """`python -m fasttrain.run ARGS` (or another module) as a user would launch it."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd or REPO, env=env, text=True,
+                          capture_output=True, timeout=timeout)
+
+
+def read_jsonl(path: Path) -> List[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def make_cifar_images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, size=n)
+
+
+@pytest.fixture
+def tiny_cifar_root(tmp_path: Path) -> Path:
+    """A data.root holding cifar-10-batches-py/ in the standard layout: 5 x 20 train, 30 test images."""
+    folder = tmp_path / "data" / "cifar-10-batches-py"
+    for i, name in enumerate(TRAIN_FILES):
+        write_cifar10_layout(folder, *make_cifar_images(20, seed=i), name=name)
+    write_cifar10_layout(folder, *make_cifar_images(30, seed=99), name=TEST_FILES[0])
+    return tmp_path / "data"

@@ -1,0 +1,98 @@
+"""Configs: shipped recipes load, bad input stops with exit 2 and one line naming the key."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO, run_fasttrain
+from fasttrain.config import load_config
+from fasttrain.errors import ConfigError
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_is_valid(path):
+    load_config(str(path))
+
+
+def test_cifar10_cnn_recipe_is_the_tutorials_case_study():
+    cfg = load_config(str(REPO / "configs" / "cifar10_cnn.yaml"))
+    assert (cfg.model.name, cfg.train.batch_size, cfg.train.epochs) == ("CIFAR10_CNN", 128, 100)
+    assert (cfg.optim.name, cfg.optim.lr, cfg.optim.weight_decay) == ("adamw", 1e-3, 0.01)
+    assert (cfg.sched.name, cfg.sched.max_lr) == ("onecycle", 0.01)
+    assert (cfg.aug.crop_padding, cfg.aug.hflip) == (4, True)
+    assert cfg.data.mean == [0.5, 0.5, 0.5] and cfg.data.std == [0.5, 0.5, 0.5]
+
+
+def test_overrides_are_typed_and_win_over_the_file():
+    cfg = load_config(str(REPO / "configs" / "smoke.yaml"), ["train.epochs=7", "optim.lr=3e-4", "data.mean=[0.4]"])
+    assert cfg.train.epochs == 7 and cfg.optim.lr == pytest.approx(3e-4) and cfg.data.mean == [0.4]
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("train.epocs=3", "unknown key 'train.epocs'; valid keys in 'train': epochs"),
+    ("trian.epochs=3", "unknown key 'trian'; valid keys at the top level: data, aug, model"),
+    ("train.epochs=ten", "train.epochs: Value 'ten'"),
+    ("train.epochs=0", "train.epochs=0 is not valid: expected an integer >= 1"),
+    ("model.name=ResNet", "model.name='ResNet' is not valid: expected one of SimpleModel, MLP"),
+    ("optim.name=lamb", "optim.name='lamb' is not valid: expected one of sgd, adam, adamw"),
+    ("sched.name=poly", "sched.name='poly' is not valid: expected one of none, step"),
+    ("data.dataset=imagenet", "data.dataset='imagenet' is not valid: expected one of cifar10, mnist, synthetic"),
+    ("train.device=gpu0", "train.device='gpu0' is not valid"),
+    ("optim.lr=-0.1", "optim.lr=-0.1 is not valid: expected a float > 0"),
+    ("train.epochs", "override 'train.epochs' must look like key.sub=value"),
+])
+def test_bad_values_raise_a_config_error_naming_the_key(override, expected):
+    with pytest.raises(ConfigError) as err:
+        load_config(str(REPO / "configs" / "smoke.yaml"), [override])
+    assert expected in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def _assert_one_line_error(result, *needles):
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fasttrain: error: "), result.stderr
+    for needle in needles:
+        assert needle in lines[0]
+
+
+def test_cli_unknown_key_exits_2_with_one_line(tmp_path):
+    result = run_fasttrain("--config", "configs/smoke.yaml", "train.epocs=2", f"output.dir={tmp_path / 'run'}")
+    _assert_one_line_error(result, "train.epocs", "epochs")
+    assert not (tmp_path / "run").exists()  # stopped before any work
+
+
+def test_cli_wrong_type_exits_2(tmp_path):
+    _assert_one_line_error(run_fasttrain("--config", "configs/smoke.yaml", "train.batch_size=big"),
+                           "train.batch_size", "expected int")
+
+
+def test_cli_bad_value_exits_2():
+    _assert_one_line_error(run_fasttrain("--config", "configs/smoke.yaml", "data.loader=turbo"),
+                           "data.loader='turbo'", "plain")
+
+
+def test_cli_missing_config_file_exits_2():
+    _assert_one_line_error(run_fasttrain("--config", "configs/nope.yaml"), "configs/nope.yaml", "not found")
+
+
+def test_cli_unknown_key_in_yaml_file_exits_2(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"train": {"epochs": 1, "learning_rate": 0.1}}))
+    _assert_one_line_error(run_fasttrain("--config", str(bad)), "train.learning_rate")
+
+
+def test_cli_invalid_yaml_exits_2(tmp_path):
+    bad = tmp_path / "broken.yaml"
+    bad.write_text("train:\n  epochs: [1,\n")
+    _assert_one_line_error(run_fasttrain("--config", str(bad)), "not valid YAML")
+
+
+def test_help_lists_every_config_key_with_its_default():
+    result = run_fasttrain("train", "--help", module="fasttrain.cli")
+    assert result.returncode == 0
+    for key in ("data.dataset = 'cifar10'", "data.root = './data'", "model.name = 'CIFAR10_CNN'", "train.epochs = 100",
+                "optim.lr = 0.001", "sched.name = 'onecycle'", "output.dir"):
+        assert key in result.stdout

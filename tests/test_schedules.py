@@ -1,0 +1,78 @@
+"""Each learning-rate schedule over a real (tiny) run, read back from steps.jsonl.
+
+4 epochs x 4 steps, logging every step: the lr each optimizer step used.
+"""
+
+import math
+
+import pytest
+
+from conftest import read_jsonl
+from fasttrain.config import load_config
+from fasttrain.trainer import train
+
+EPOCHS, STEPS = 4, 4
+BASE = ["data.dataset=synthetic", "data.train_size=64", "data.val_size=32", "data.num_workers=0",
+        "model.name=SimpleModel", "train.batch_size=16", f"train.epochs={EPOCHS}", "train.log_every=1",
+        "train.device=cpu", "optim.name=sgd", "optim.lr=0.1", "optim.momentum=0.0", "optim.weight_decay=0.0",
+        "output.save_checkpoints=false"]
+
+
+def lr_curve(tmp_path, *overrides):
+    """Per epoch, the learning rates of its optimizer steps."""
+    cfg = load_config(None, BASE + [f"output.dir={tmp_path}", *overrides])
+    train(cfg)
+    steps = read_jsonl(tmp_path / "steps.jsonl")
+    assert [s["step"] for s in steps] == list(range(1, EPOCHS * STEPS + 1))
+    return [[s["lr"] for s in steps if s["epoch"] == e] for e in range(1, EPOCHS + 1)]
+
+
+def test_onecycle_changes_every_batch_warming_up_then_annealing(tmp_path):
+    curve = lr_curve(tmp_path, "sched.name=onecycle", "sched.max_lr=1.0", "sched.pct_start=0.25",
+                     "sched.div_factor=10", "sched.final_div_factor=100")
+    flat = [lr for epoch in curve for lr in epoch]
+    assert flat[0] == pytest.approx(0.1)  # max_lr / div_factor
+    peak = flat.index(max(flat))
+    assert flat[peak] == pytest.approx(1.0) and peak == round(0.25 * 16) - 1
+    assert all(a < b for a, b in zip(flat[:peak], flat[1:peak + 1]))  # rises every step
+    assert all(a > b for a, b in zip(flat[peak:], flat[peak + 1:]))  # then falls every step
+    assert flat[-1] == pytest.approx(0.1 / 100)  # initial / final_div_factor at the last step
+    assert len(set(curve[1])) == STEPS  # within an epoch: a new lr every batch
+
+
+def test_step_decays_once_per_epoch(tmp_path):
+    curve = lr_curve(tmp_path, "sched.name=step", "sched.step_size=2", "sched.gamma=0.5")
+    assert [set(e) for e in curve] == [{0.1}, {0.1}, {0.05}, {0.05}]
+
+
+def test_exponential_decays_once_per_epoch(tmp_path):
+    curve = lr_curve(tmp_path, "sched.name=exponential", "sched.gamma=0.5")
+    for epoch, lrs in enumerate(curve):
+        assert lrs == pytest.approx([0.1 * 0.5**epoch] * STEPS)
+
+
+def test_cosine_follows_the_half_cosine_over_epochs(tmp_path):
+    curve = lr_curve(tmp_path, "sched.name=cosine", "sched.eta_min=0.01")
+    for epoch, lrs in enumerate(curve):
+        expected = 0.01 + (0.1 - 0.01) * (1 + math.cos(math.pi * epoch / EPOCHS)) / 2
+        assert lrs == pytest.approx([expected] * STEPS)
+
+
+def test_plateau_reduces_when_the_validation_loss_stops_improving(tmp_path):
+    # lr so small that the validation loss cannot improve by the 1e-4 relative threshold
+    curve = lr_curve(tmp_path, "optim.lr=1e-6", "sched.name=plateau", "sched.plateau_patience=0",
+                     "sched.plateau_factor=0.5")
+    assert [e[0] for e in curve] == pytest.approx([1e-6, 1e-6, 5e-7, 2.5e-7])
+    assert all(len(set(e)) == 1 for e in curve)
+
+
+def test_plateau_keeps_the_lr_while_the_validation_loss_improves(tmp_path):
+    curve = lr_curve(tmp_path, "optim.lr=0.05", "sched.name=plateau", "sched.plateau_patience=0")
+    metrics = read_jsonl(tmp_path / "metrics.jsonl")
+    losses = [m["val_loss"] for m in metrics]
+    assert all(b < a for a, b in zip(losses, losses[1:])), losses  # this tiny run improves every epoch
+    assert {lr for e in curve for lr in e} == {0.05}
+
+
+def test_none_keeps_the_lr(tmp_path):
+    assert {lr for e in lr_curve(tmp_path, "sched.name=none") for lr in e} == {0.1}
