@@ -1,0 +1,118 @@
+"""Training end to end, as a user runs it: exit codes, files written, accuracy, reproducibility."""
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from conftest import read_jsonl, run_fasttrain
+from fasttrain.config import load_config
+from fasttrain.trainer import train
+
+EPOCH_FIELDS = {"epoch", "train_loss", "val_loss", "val_acc", "lr", "images_per_sec"}
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    """One real `python -m fasttrain.run --config configs/smoke.yaml` shared by the tests below."""
+    run_dir = tmp_path_factory.mktemp("smoke") / "run"
+    result = run_fasttrain("--config", "configs/smoke.yaml", f"output.dir={run_dir}")
+    assert result.returncode == 0, result.stderr
+    return run_dir, result
+
+
+def test_smoke_run_learns_well_above_chance(smoke_run):
+    run_dir, _ = smoke_run
+    history = read_jsonl(run_dir / "metrics.jsonl")
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert all(EPOCH_FIELDS <= set(h) for h in history)
+    assert history[-1]["val_acc"] > 0.5  # 10 classes: chance is 0.1
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert all(0.0 <= h["val_acc"] <= 1.0 and h["images_per_sec"] > 0 for h in history)
+    assert all(h["val_total"] == 512 for h in history)
+
+
+def test_smoke_run_writes_config_checkpoints_and_logs(smoke_run):
+    run_dir, result = smoke_run
+    for name in ("config.yaml", "metrics.jsonl", "steps.jsonl", "train.log", "checkpoints/best.pt", "checkpoints/last.pt"):
+        assert (run_dir / name).is_file(), name
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["train"]["epochs"] == 3 and saved["output"]["dir"] == str(run_dir)
+    assert load_config(str(run_dir / "config.yaml")).model.name == "CNN"  # the resolved config reloads as is
+    last = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)
+    assert last["epoch"] == 3 and set(last) >= {"model", "optimizer", "scheduler", "config", "history"}
+    assert last["config"] == saved
+    history = read_jsonl(run_dir / "metrics.jsonl")
+    best = torch.load(run_dir / "checkpoints" / "best.pt", weights_only=False)
+    assert best["val_acc"] == max(h["val_acc"] for h in history)
+    assert "815,018" not in result.stdout and "545,290 parameters" in result.stdout  # the CNN's summary
+    assert sum(line.startswith("epoch ") for line in result.stdout.splitlines()) == 3
+    assert "done: best val_acc" in result.stdout
+
+
+def test_eval_reproduces_the_accuracy_recorded_at_training_time(smoke_run):
+    run_dir, _ = smoke_run
+    result = run_fasttrain("eval", str(run_dir / "checkpoints" / "best.pt"), "--json", module="fasttrain.cli")
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["total"] == 512
+    assert out["val_acc"] == out["recorded_val_acc"]
+
+
+def test_refuses_to_overwrite_an_earlier_run(smoke_run):
+    run_dir, _ = smoke_run
+    before = (run_dir / "checkpoints" / "best.pt").read_bytes()
+    result = run_fasttrain("--config", "configs/smoke.yaml", f"output.dir={run_dir}")
+    assert result.returncode == 2 and "output.overwrite=true" in result.stderr
+    assert (run_dir / "checkpoints" / "best.pt").read_bytes() == before
+
+
+def test_corrupt_checkpoint_is_reported_with_exit_2(smoke_run, tmp_path):
+    run_dir, _ = smoke_run
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes((run_dir / "checkpoints" / "last.pt").read_bytes()[:1000])
+    result = run_fasttrain("eval", str(broken), module="fasttrain.cli")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "broken.pt is truncated or corrupt" in result.stderr
+
+
+def test_checkpoint_of_another_model_names_the_shapes_that_differ(smoke_run):
+    run_dir, _ = smoke_run
+    result = run_fasttrain("eval", str(run_dir / "checkpoints" / "best.pt"), "model.name=CIFAR10_CNN",
+                           module="fasttrain.cli")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "does not fit this model" in result.stderr and "shapes differ: classifier.1.weight (128, 4096) vs model (256, 2048)" in result.stderr
+
+
+def test_unwritable_output_dir_exits_2(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    result = run_fasttrain("--config", "configs/smoke.yaml", f"output.dir={blocker / 'run'}")
+    assert result.returncode == 2 and "is not writable" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_cuda_requested_without_cuda_exits_2(tmp_path):
+    result = run_fasttrain("--config", "configs/smoke.yaml", "train.device=cuda", f"output.dir={tmp_path / 'r'}")
+    assert result.returncode == 2 and "CUDA is not available" in result.stderr
+
+
+TINY = ["data.dataset=synthetic", "data.train_size=256", "data.val_size=64", "model.name=CNN", "train.epochs=2",
+        "train.batch_size=32", "train.device=cpu", "output.save_checkpoints=false"]
+
+
+def _losses(tmp_path, name, *overrides):
+    state = train(load_config(None, TINY + [f"output.dir={tmp_path / name}", *overrides]))
+    return [(h["train_loss"], h["val_loss"]) for h in state.history]
+
+
+def test_same_seed_gives_the_same_losses_and_another_seed_does_not(tmp_path):
+    first = _losses(tmp_path, "a", "data.num_workers=0", "train.seed=1")
+    assert _losses(tmp_path, "b", "data.num_workers=0", "train.seed=1") == first
+    assert _losses(tmp_path, "c", "data.num_workers=0", "train.seed=2") != first
+
+
+def test_worker_processes_do_not_change_the_data(tmp_path):
+    # each sample's augmentation is seeded by (seed, epoch, index), not by which worker drew it
+    assert _losses(tmp_path, "w0", "data.num_workers=0") == _losses(tmp_path, "w2", "data.num_workers=2")
