@@ -8,7 +8,13 @@ import sys
 from typing import Optional, Sequence
 
 from fasttrain import run
-from fasttrain.errors import EXIT_USER_ERROR, UserError
+from fasttrain.errors import EXIT_USER_ERROR, UserError, report
+
+
+def dist_env_rank() -> int:
+    from fasttrain.dist import read_env
+
+    return read_env().rank
 
 
 def _eval(argv: Sequence[str]) -> int:
@@ -23,8 +29,10 @@ def _eval(argv: Sequence[str]) -> int:
 
         stats, ckpt = evaluate_checkpoint(args.checkpoint, args.overrides)
     except UserError as err:
-        print(f"fasttrain: error: {err}", file=sys.stderr)
+        report(err)
         return EXIT_USER_ERROR
+    if dist_env_rank() != 0:
+        return 0  # under torchrun every rank evaluated its share; rank 0 reports the total
     result = {"checkpoint": args.checkpoint, "epoch": ckpt["epoch"], "val_acc": stats.accuracy,
               "val_loss": stats.loss, "correct": stats.correct, "total": stats.total,
               "recorded_val_acc": ckpt.get("val_acc")}

@@ -161,7 +161,7 @@ _DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 @dataclass
 class TrainConfig:
     epochs: int = _field(100, "number of passes over the training set")
-    batch_size: int = _field(128, "training batch size")
+    batch_size: int = _field(128, "training batch size per process (global batch = batch_size x world size)")
     eval_batch_size: int = _field(0, "evaluation batch size (0 = train.batch_size)")
     seed: int = _field(42, "seed of weights, shuffling and augmentation")
     device: str = _field("auto", "auto | cpu | cuda | cuda:N (auto = cuda when available)")
@@ -182,6 +182,16 @@ class TrainConfig:
 
 
 @dataclass
+class DistConfig:
+    backend: str = _field("auto", "auto | nccl | gloo (auto = nccl on CUDA, gloo on CPU)")
+    timeout_s: int = _field(1800, "seconds a collective may wait for the other ranks before failing")
+
+    def __post_init__(self) -> None:
+        _choice("dist.backend", self.backend, ("auto", "nccl", "gloo"))
+        _require(self.timeout_s >= 1, "dist.timeout_s", self.timeout_s, "an integer >= 1")
+
+
+@dataclass
 class OutputConfig:
     dir: str = _field("", "run folder (empty = runs/<config name>-<timestamp>)")
     save_checkpoints: bool = _field(True, "write checkpoints/best.pt and checkpoints/last.pt")
@@ -196,6 +206,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     sched: SchedConfig = field(default_factory=SchedConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
 

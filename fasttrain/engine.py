@@ -1,7 +1,7 @@
 """One training epoch and one validation pass: the tutorial's train_one_epoch and validate.
 
-Losses and counts accumulate on the device; the host reads them once per log interval and once
-at the end of the epoch, so the step loop itself has no host-device sync.
+Losses and counts accumulate on the device; they are summed over ranks and read by the host once
+per log interval and once at the end of the epoch, so the step loop itself has no host-device sync.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fasttrain.dist import all_reduce_sum_tensor
 from fasttrain.optim import Schedule
 
 
@@ -44,10 +45,13 @@ def train_one_epoch(model: nn.Module, loader: Iterable[Tuple[torch.Tensor, torch
                     optimizer: torch.optim.Optimizer, schedule: Schedule, device: torch.device, *, epoch: int,
                     global_step: int, max_batches: int = 0, grad_clip: float = 0.0, log_every: int = 50,
                     log_step: Optional[StepLogger] = None) -> EpochStats:
+    """Train for one epoch; losses are means over the samples of all ranks (collectives every
+    `log_every` steps and at the end, which every rank reaches at the same step)."""
     model.train()
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    interval_sum = torch.zeros((), device=device, dtype=torch.float64)
-    samples = interval_samples = steps = 0
+    # [loss sum, sample count] on the device, for the epoch and for the current log interval
+    epoch_totals = torch.zeros(2, device=device, dtype=torch.float64)
+    interval = torch.zeros(2, device=device, dtype=torch.float64)
+    steps = 0
     last_lr = schedule.lr()
     synchronize(device)
     start = interval_start = time.perf_counter()
@@ -56,7 +60,7 @@ def train_one_epoch(model: nn.Module, loader: Iterable[Tuple[torch.Tensor, torch
             break
         loss = F.cross_entropy(model(images), labels)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # DDP averages the gradients over ranks here
         if grad_clip > 0:
             nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         last_lr = schedule.lr()  # a Python float: no device sync
@@ -64,24 +68,23 @@ def train_one_epoch(model: nn.Module, loader: Iterable[Tuple[torch.Tensor, torch
         schedule.after_batch()
 
         batch = labels.shape[0]  # shape is host metadata: no sync
-        weighted = loss.detach().double() * batch
-        loss_sum += weighted
-        interval_sum += weighted
-        samples += batch
-        interval_samples += batch
+        interval[0] += loss.detach().double() * batch
+        interval[1] += batch
         steps += 1
         global_step += 1
-        if log_step is not None and global_step % log_every == 0:
-            interval_loss = interval_sum.item() / interval_samples  # host sync, once per log interval
+        if global_step % log_every == 0:
+            epoch_totals += interval
+            loss_sum, samples = all_reduce_sum_tensor(interval.clone()).tolist()  # host sync, once per log interval
             now = time.perf_counter()
-            log_step(global_step, epoch, interval_loss, last_lr, interval_samples / max(now - interval_start, 1e-9))
-            interval_sum.zero_()
-            interval_samples = 0
+            if log_step is not None:
+                log_step(global_step, epoch, loss_sum / max(samples, 1), last_lr, samples / max(now - interval_start, 1e-9))
+            interval.zero_()
             interval_start = now
+    epoch_totals += interval
+    loss_sum, samples = all_reduce_sum_tensor(epoch_totals).tolist()  # host sync, once per epoch
     synchronize(device)
     seconds = time.perf_counter() - start
-    mean_loss = loss_sum.item() / max(samples, 1)  # host sync, once per epoch
-    return EpochStats(mean_loss, samples, steps, seconds, last_lr)
+    return EpochStats(loss_sum / max(samples, 1), int(samples), steps, seconds, last_lr)
 
 
 @dataclass
@@ -94,14 +97,15 @@ class EvalStats:
 
 @torch.no_grad()
 def validate(model: nn.Module, loader: Iterable[Tuple[torch.Tensor, torch.Tensor]], device: torch.device) -> EvalStats:
+    """Loss and accuracy over this rank's share of the split, summed over all ranks: every image
+    counted once. Pass the unwrapped model: ranks may run different numbers of batches."""
     model.eval()
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    correct = torch.zeros((), device=device, dtype=torch.int64)
-    total = 0
+    totals = torch.zeros(3, device=device, dtype=torch.float64)  # [loss sum, correct, total]
     for images, labels in loader:
         logits = model(images)
-        loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
-        correct += (logits.argmax(dim=1) == labels).sum()
-        total += labels.shape[0]
-    loss, hits = loss_sum.item(), int(correct.item())  # host sync, once per validation
-    return EvalStats(loss / max(total, 1), hits / max(total, 1), hits, total)
+        totals[0] += F.cross_entropy(logits, labels, reduction="sum").double()
+        totals[1] += (logits.argmax(dim=1) == labels).sum()
+        totals[2] += labels.shape[0]
+    loss_sum, correct, total = all_reduce_sum_tensor(totals).tolist()  # host sync, once per validation
+    correct, total = int(correct), int(total)
+    return EvalStats(loss_sum / max(total, 1), correct / max(total, 1), correct, total)

@@ -14,3 +14,16 @@ class UserError(Exception):
 
 class ConfigError(UserError):
     """A config key, type or value that is not accepted."""
+
+
+def report(err: UserError) -> None:
+    """Print a user error as one line on stderr; under a multi-process launch, config errors
+    (the same on every rank) are printed by rank 0 only, other errors with their rank."""
+    import os
+    import sys
+
+    rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
+    if rank != "0" and isinstance(err, ConfigError):
+        return
+    prefix = "" if rank == "0" else f"[rank {rank}] "
+    print(f"{prefix}fasttrain: error: {err}", file=sys.stderr)

@@ -1,13 +1,16 @@
-"""Evaluate a saved checkpoint on the test split, with the config it was trained with."""
+"""Evaluate a saved checkpoint on the test split, with the config it was trained with.
+
+Runs on one process or under torchrun (every test image is counted once across ranks).
+"""
 
 from __future__ import annotations
 
 from typing import Sequence
 
 from fasttrain import config as config_mod
+from fasttrain import dist
 from fasttrain.checkpoint import load_checkpoint, load_model_state
 from fasttrain.data import build_eval_loader
-from fasttrain.device import resolve_device
 from fasttrain.engine import EvalStats, validate
 from fasttrain.errors import UserError
 from fasttrain.models import build_model
@@ -21,8 +24,11 @@ def evaluate_checkpoint(path: str, overrides: Sequence[str] = ()) -> tuple[EvalS
         cfg = config_mod.from_dict(ckpt["config"], overrides)
     except UserError as err:
         raise UserError(f"checkpoint {path}: {err}") from None
-    device = resolve_device(cfg.train.device)
-    loader, info = build_eval_loader(cfg, device)
-    model = build_model(cfg.model, info.in_channels, info.image_size, info.num_classes).to(device)
-    load_model_state(model, ckpt["model"], str(path))
-    return validate(model, loader, device), ckpt
+    ctx = dist.setup(cfg.train.device, cfg.dist.backend, cfg.dist.timeout_s)
+    try:
+        loader, info = build_eval_loader(cfg, ctx.device, ctx.rank, ctx.world_size)
+        model = build_model(cfg.model, info.in_channels, info.image_size, info.num_classes).to(ctx.device)
+        load_model_state(model, ckpt["model"], str(path))
+        return validate(model, loader, ctx.device), ckpt
+    finally:
+        dist.teardown()

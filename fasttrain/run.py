@@ -10,7 +10,7 @@ import sys
 from typing import Optional, Sequence
 
 from fasttrain.config import describe_keys, load_config
-from fasttrain.errors import EXIT_USER_ERROR, UserError
+from fasttrain.errors import EXIT_USER_ERROR, UserError, report
 
 
 def train_parser(prog: str = "python -m fasttrain.run") -> argparse.ArgumentParser:
@@ -31,7 +31,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m fasttrain.
 
         train(cfg)
     except UserError as err:
-        print(f"fasttrain: error: {err}", file=sys.stderr)
+        report(err)
         return EXIT_USER_ERROR
     return 0
 

@@ -1,27 +1,31 @@
-"""Build a run from a Config and fit it: the tutorial's train_model, with a run folder.
+"""Build a run from a Config and fit it: the tutorial's train_model, distributed and with a run folder.
 
-`train(cfg)` prepares the run folder, builds data, model, optimizer and schedule, then `fit`
-runs epochs of train_one_epoch + validate, writes metrics, and keeps `checkpoints/last.pt` and
-`checkpoints/best.pt` (by validation accuracy).
+`train(cfg)` joins the process group (world size 1 included), prepares the run folder (rank 0),
+builds data, model (wrapped in DDP), optimizer and schedule, then `fit` runs epochs of
+train_one_epoch + validate, writes metrics, and keeps `checkpoints/last.pt` and
+`checkpoints/best.pt` (by validation accuracy). Rank 0 alone prints and writes files.
 """
 
 from __future__ import annotations
 
+import logging
 import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 import fasttrain
 from fasttrain import config as config_mod
+from fasttrain import dist
 from fasttrain.checkpoint import save_checkpoint
 from fasttrain.config import Config
 from fasttrain.data import build_loaders
-from fasttrain.device import resolve_device, seed_everything
+from fasttrain.device import seed_everything
 from fasttrain.engine import train_one_epoch, validate
 from fasttrain.errors import UserError
 from fasttrain.models import build_model, summarize
@@ -49,6 +53,21 @@ def prepare_run_dir(cfg: Config) -> Path:
     return run_dir
 
 
+def _prepare_run_dir_on_rank0(cfg: Config, ctx: dist.Dist) -> Path:
+    """Rank 0 creates the folder; every rank learns whether that failed, and fails with it."""
+    error: Optional[str] = None
+    if ctx.is_main:
+        try:
+            run_dir = prepare_run_dir(cfg)
+            header = (f"# fasttrain {fasttrain.__version__} resolved config; world size {ctx.world_size}: "
+                      f"train.batch_size is per process, global batch {cfg.train.batch_size * ctx.world_size}\n")
+            (run_dir / "config.yaml").write_text(header + config_mod.to_yaml(cfg))
+        except UserError as err:
+            error = str(err)
+    dist.agree_on_error(error)
+    return Path(cfg.output.dir)
+
+
 @dataclass
 class RunState:
     """What fit carries from epoch to epoch (and into checkpoints)."""
@@ -59,9 +78,11 @@ class RunState:
     history: List[Dict[str, Any]] = field(default_factory=list)
 
 
-def fit(cfg: Config, model: nn.Module, train_loader, val_loader, optimizer: torch.optim.Optimizer,
-        schedule: Schedule, device: torch.device, run_dir: Path, logger) -> RunState:
+def fit(cfg: Config, ctx: dist.Dist, model: nn.Module, train_loader, val_loader, optimizer: torch.optim.Optimizer,
+        schedule: Schedule, run_dir: Path, logger: logging.Logger) -> RunState:
+    """`model` is the DDP-wrapped model; validation and checkpoints use the module inside it."""
     state = RunState()
+    module = model.module if isinstance(model, DDP) else model
     metrics = JsonLines(run_dir / "metrics.jsonl")
     steps = JsonLines(run_dir / "steps.jsonl")
 
@@ -70,10 +91,12 @@ def fit(cfg: Config, model: nn.Module, train_loader, val_loader, optimizer: torc
 
     for epoch in range(state.epoch + 1, cfg.train.epochs + 1):
         train_loader.set_epoch(epoch - 1)
-        stats = train_one_epoch(model, train_loader, optimizer, schedule, device, epoch=epoch,
+        stats = train_one_epoch(model, train_loader, optimizer, schedule, ctx.device, epoch=epoch,
                                 global_step=state.global_step, max_batches=cfg.train.limit_train_batches,
-                                grad_clip=cfg.train.grad_clip, log_every=cfg.train.log_every, log_step=log_step)
-        evaluation = validate(model, val_loader, device)
+                                grad_clip=cfg.train.grad_clip, log_every=cfg.train.log_every,
+                                log_step=log_step if ctx.is_main else None)
+        dist.average_buffers(module)  # the same BN statistics on every rank, before evaluating and saving
+        evaluation = validate(module, val_loader, ctx.device)
         schedule.after_epoch(evaluation.loss)
         state.epoch, state.global_step = epoch, state.global_step + stats.steps
         is_best = evaluation.accuracy > state.best_val_acc
@@ -82,50 +105,86 @@ def fit(cfg: Config, model: nn.Module, train_loader, val_loader, optimizer: torc
         record = {"epoch": epoch, "step": state.global_step, "train_loss": stats.loss, "val_loss": evaluation.loss,
                   "val_acc": evaluation.accuracy, "val_correct": evaluation.correct, "val_total": evaluation.total,
                   "lr": stats.last_lr, "images_per_sec": stats.images_per_sec, "epoch_seconds": stats.seconds,
-                  "is_best": is_best}
+                  "world_size": ctx.world_size, "is_best": is_best}
         state.history.append(record)
-        metrics.write(record)
-        logger.info(epoch_line(record, cfg.train.epochs))
+        if ctx.is_main:
+            metrics.write(record)
+            logger.info(epoch_line(record, cfg.train.epochs))
         if cfg.output.save_checkpoints:
-            ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": schedule.state_dict(), "epoch": epoch, "global_step": state.global_step,
-                    "val_acc": evaluation.accuracy, "val_loss": evaluation.loss, "best_val_acc": state.best_val_acc,
-                    "config": config_mod.to_dict(cfg), "history": state.history,
-                    "versions": {"fasttrain": fasttrain.__version__, "torch": torch.__version__}}
+            _save_checkpoints(cfg, ctx, module, optimizer, schedule, state, evaluation.accuracy, evaluation.loss,
+                              is_best, run_dir)
+    return state
+
+
+def _save_checkpoints(cfg: Config, ctx: dist.Dist, module: nn.Module, optimizer: torch.optim.Optimizer,
+                      schedule: Schedule, state: RunState, val_acc: float, val_loss: float, is_best: bool,
+                      run_dir: Path) -> None:
+    """Rank 0 writes (weights are identical on every rank); the others wait, and all learn of a failure."""
+    error: Optional[str] = None
+    if ctx.is_main:
+        ckpt = {"model": module.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": schedule.state_dict(),
+                "epoch": state.epoch, "global_step": state.global_step, "val_acc": val_acc, "val_loss": val_loss,
+                "best_val_acc": state.best_val_acc, "world_size": ctx.world_size, "config": config_mod.to_dict(cfg),
+                "history": state.history, "versions": {"fasttrain": fasttrain.__version__, "torch": torch.__version__}}
+        try:
             save_checkpoint(ckpt, run_dir / "checkpoints" / "last.pt")
             if is_best:
                 save_checkpoint(ckpt, run_dir / "checkpoints" / "best.pt")
+        except UserError as err:
+            error = str(err)
+    dist.agree_on_error(error)  # also the barrier that keeps the other ranks from running ahead
+
+
+def _silent_logger() -> logging.Logger:
+    logger = logging.getLogger("fasttrain.nonzero_rank")
+    logger.handlers = [logging.NullHandler()]
+    logger.propagate = False
+    return logger
+
+
+def _run(cfg: Config, ctx: dist.Dist) -> RunState:
+    run_dir = _prepare_run_dir_on_rank0(cfg, ctx)
+    logger = setup_logging(run_dir) if ctx.is_main else _silent_logger()
+    started = time.perf_counter()
+    device = ctx.device
+    logger.info(f"fasttrain {fasttrain.__version__} | torch {torch.__version__} | python {platform.python_version()}"
+                f" | device {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
+    logger.info(f"distributed: world size {ctx.world_size}, backend {ctx.backend} | run folder {run_dir}")
+    seed_everything(cfg.train.seed)  # same seed on every rank: identical initial weights
+    train_loader, val_loader, info = build_loaders(cfg, device, ctx.rank, ctx.world_size)
+    skipped = train_loader.num_samples - train_loader.batches.used_samples
+    logger.info(f"data {info.name}: {train_loader.num_samples:,} train / {val_loader.num_samples:,} test images of "
+                f"{info.in_channels}x{info.image_size}x{info.image_size}, {info.num_classes} classes | loader "
+                f"{cfg.data.loader}, {cfg.data.num_workers} workers | batch {cfg.train.batch_size} per process x "
+                f"{ctx.world_size} = {cfg.train.batch_size * ctx.world_size} per step"
+                + (f" | {skipped} images per epoch left out (drop_last or fewer than one per rank)" if skipped else ""))
+    model = build_model(cfg.model, info.in_channels, info.image_size, info.num_classes).to(device)
+    logger.info(summarize(model, cfg.model.name))
+    ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    torch.manual_seed(cfg.train.seed + ctx.rank)  # per-rank streams for dropout; data randomness is seeded apart
+    optimizer = build_optimizer(cfg.optim, model)
+    steps_per_epoch = min(len(train_loader), cfg.train.limit_train_batches or len(train_loader))
+    schedule = Schedule(cfg.sched, optimizer, cfg.train.epochs, steps_per_epoch)
+    logger.info(f"optim {cfg.optim.name} lr {cfg.optim.lr:g} wd {cfg.optim.weight_decay:g} | sched {cfg.sched.name} "
+                f"({'per batch' if schedule.per_batch else 'per epoch'}) | {cfg.train.epochs} epochs x "
+                f"{steps_per_epoch} steps")
+    state = fit(cfg, ctx, ddp_model, train_loader, val_loader, optimizer, schedule, run_dir, logger)
+    in_sync, digests = dist.digests_match(model)
+    if not in_sync:
+        raise RuntimeError(f"weights differ across ranks at the end of training (sha256 per rank: {digests})")
+    elapsed = time.perf_counter() - started
+    logger.info(f"weights identical on all {ctx.world_size} rank(s) (sha256 {digests[0][:16]})")
+    logger.info(f"done: best val_acc {100 * state.best_val_acc:.2f}% at epoch {state.best_epoch} | {state.epoch} "
+                f"epochs in {elapsed:.1f}s | outputs in {run_dir} (config.yaml, metrics.jsonl, steps.jsonl, "
+                f"train.log, checkpoints/)")
     return state
 
 
 def train(cfg: Config) -> RunState:
-    device = resolve_device(cfg.train.device)
-    run_dir = prepare_run_dir(cfg)
-    (run_dir / "config.yaml").write_text(config_mod.to_yaml(cfg))
-    logger = setup_logging(run_dir)
+    """Join the process group, train, and leave it on every exit path."""
+    ctx = dist.setup(cfg.train.device, cfg.dist.backend, cfg.dist.timeout_s)
     try:
-        started = time.perf_counter()
-        logger.info(f"fasttrain {fasttrain.__version__} | torch {torch.__version__} | python {platform.python_version()}"
-                    f" | device {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
-        logger.info(f"run folder {run_dir}")
-        seed_everything(cfg.train.seed)
-        train_loader, val_loader, info = build_loaders(cfg, device)
-        logger.info(f"data {info.name}: {train_loader.num_samples:,} train / {val_loader.num_samples:,} test images "
-                    f"of {info.in_channels}x{info.image_size}x{info.image_size}, {info.num_classes} classes | "
-                    f"loader {cfg.data.loader}, batch {cfg.train.batch_size}, {cfg.data.num_workers} workers")
-        model = build_model(cfg.model, info.in_channels, info.image_size, info.num_classes).to(device)
-        logger.info(summarize(model, cfg.model.name))
-        optimizer = build_optimizer(cfg.optim, model)
-        steps_per_epoch = min(len(train_loader), cfg.train.limit_train_batches or len(train_loader))
-        schedule = Schedule(cfg.sched, optimizer, cfg.train.epochs, steps_per_epoch)
-        logger.info(f"optim {cfg.optim.name} lr {cfg.optim.lr:g} wd {cfg.optim.weight_decay:g} | sched {cfg.sched.name}"
-                    f" ({'per batch' if schedule.per_batch else 'per epoch'}) | {cfg.train.epochs} epochs x "
-                    f"{steps_per_epoch} steps")
-        state = fit(cfg, model, train_loader, val_loader, optimizer, schedule, device, run_dir, logger)
-        elapsed = time.perf_counter() - started
-        logger.info(f"done: best val_acc {100 * state.best_val_acc:.2f}% at epoch {state.best_epoch} | "
-                    f"{state.epoch} epochs in {elapsed:.1f}s | outputs in {run_dir} (config.yaml, metrics.jsonl, "
-                    f"steps.jsonl, train.log, checkpoints/)")
-        return state
+        return _run(cfg, ctx)
     finally:
         close_logging()
+        dist.teardown()

@@ -47,3 +47,12 @@ def tiny_cifar_root(tmp_path: Path) -> Path:
         write_cifar10_layout(folder, *make_cifar_images(20, seed=i), name=name)
     write_cifar10_layout(folder, *make_cifar_images(30, seed=99), name=TEST_FILES[0])
     return tmp_path / "data"
+
+
+def run_torchrun(nproc: int, *args: str, module: str = "fasttrain.run", timeout: int = 600) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node=N -m MODULE ARGS`: real processes, gloo on CPU."""
+    torchrun = Path(sys.executable).parent / "torchrun"
+    launcher = [str(torchrun)] if torchrun.exists() else [sys.executable, "-m", "torch.distributed.run"]
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    return subprocess.run([*launcher, "--standalone", f"--nproc_per_node={nproc}", "-m", module, *args], cwd=REPO,
+                          env=env, text=True, capture_output=True, timeout=timeout)

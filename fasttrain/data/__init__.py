@@ -15,7 +15,7 @@ import torch
 
 from fasttrain.config import Config, DataConfig
 from fasttrain.data import cifar, mnist, synthetic
-from fasttrain.data.plain import CustomDataset, PlainLoader
+from fasttrain.data.plain import CustomDataset, PlainLoader, ShardedBatches
 from fasttrain.data.transforms import eval_transform, train_transform
 
 SYNTHETIC_SIZES = {True: 5000, False: 1000}  # default train / test sizes of the synthetic dataset
@@ -58,29 +58,36 @@ def load_split(data: DataConfig, train: bool) -> Tuple[np.ndarray, np.ndarray, D
     return images, labels, info
 
 
-def build_eval_loader(cfg: Config, device: torch.device) -> Tuple[PlainLoader, DatasetInfo]:
+def build_eval_loader(cfg: Config, device: torch.device, rank: int = 0,
+                      world_size: int = 1) -> Tuple[PlainLoader, DatasetInfo]:
+    """The test split, sharded exactly: every image once across ranks, nothing padded."""
     images, labels, info = load_split(cfg.data, train=False)
     dataset = CustomDataset(images, labels, eval_transform(cfg.data, info.in_channels), cfg.train.seed)
-    return _plain(cfg, dataset, cfg.train.eval_batch_size or cfg.train.batch_size, False, False, device), info
+    batches = ShardedBatches(len(dataset), cfg.train.eval_batch_size or cfg.train.batch_size, shuffle=False,
+                             seed=cfg.train.seed, rank=rank, world_size=world_size, exact=True)
+    return _plain(cfg, dataset, batches, device), info
 
 
-def build_loaders(cfg: Config, device: torch.device) -> Tuple[PlainLoader, PlainLoader, DatasetInfo]:
-    """(train loader, validation loader on the test split, dataset info)."""
+def build_loaders(cfg: Config, device: torch.device, rank: int = 0,
+                  world_size: int = 1) -> Tuple[PlainLoader, PlainLoader, DatasetInfo]:
+    """(this rank's train loader, its share of the test split, dataset info).
+
+    train.batch_size is per process: one optimizer step consumes batch_size x world_size images.
+    """
     images, labels, info = load_split(cfg.data, train=True)
     transform = train_transform(cfg.data, cfg.aug, info.image_size, info.in_channels)
     dataset = CustomDataset(images, labels, transform, cfg.train.seed)
-    train_loader = _plain(cfg, dataset, cfg.train.batch_size, cfg.data.shuffle, cfg.data.drop_last, device)
-    if len(train_loader) == 0:
+    batches = ShardedBatches(len(dataset), cfg.train.batch_size, cfg.data.shuffle, cfg.train.seed, rank, world_size,
+                             drop_last=cfg.data.drop_last)
+    if len(batches) == 0:
         from fasttrain.errors import ConfigError
 
-        raise ConfigError(f"config error: train.batch_size={cfg.train.batch_size} with data.drop_last=true leaves no "
-                          f"batch from {len(dataset)} training images: lower the batch size or set data.drop_last=false")
-    val_loader, _ = build_eval_loader(cfg, device)
-    return train_loader, val_loader, info
+        raise ConfigError(f"config error: train.batch_size={cfg.train.batch_size} x {world_size} process(es) leaves no "
+                          f"training batch from {len(dataset)} images: lower the batch size or set data.drop_last=false")
+    val_loader, _ = build_eval_loader(cfg, device, rank, world_size)
+    return _plain(cfg, dataset, batches, device), val_loader, info
 
 
-def _plain(cfg: Config, dataset: CustomDataset, batch_size: int, shuffle: bool, drop_last: bool,
-           device: torch.device) -> PlainLoader:
+def _plain(cfg: Config, dataset: CustomDataset, batches: ShardedBatches, device: torch.device) -> PlainLoader:
     pin = cfg.data.pin_memory if cfg.data.pin_memory is not None else device.type == "cuda"
-    return PlainLoader(dataset, batch_size, shuffle, drop_last, cfg.data.num_workers, pin,
-                       cfg.data.persistent_workers, cfg.train.seed, device)
+    return PlainLoader(dataset, batches, cfg.data.num_workers, pin, cfg.data.persistent_workers, device)

@@ -8,7 +8,7 @@ epoch e is seeded by (seed, e, i), so the data a run sees does not depend on num
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, Optional, Tuple
+from typing import Callable, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -23,7 +23,7 @@ def _sample_seed(seed: int, epoch: int, index: int) -> int:
 class CustomDataset(Dataset):
     """The tutorial's CustomDataset: in-memory images and labels with an optional transform.
 
-    Indexed by `(epoch, index)` pairs from `EpochSampler` (or a plain int), so each sample's
+    Indexed by `(epoch, index)` pairs from `ShardedBatches` (or a plain int), so each sample's
     random augmentation is reproducible whichever worker process draws it.
     """
 
@@ -52,55 +52,80 @@ class CustomDataset(Dataset):
         return self.transform(image), label
 
 
-class EpochSampler(Sampler):
-    """Yields (epoch, index): a fresh seeded permutation each epoch, or the natural order."""
+class ShardedBatches(Sampler):
+    """This rank's batches of (epoch, index) pairs for one epoch.
 
-    def __init__(self, num_samples: int, shuffle: bool, seed: int):
+    Training (`exact=False`): epoch e's order is a permutation drawn from (seed, e) (or the natural
+    order); rank r takes positions r, r+W, r+2W, ... so step k of all W ranks together covers
+    positions k*B*W .. (k+1)*B*W - 1, exactly what one process with batch B*W would see. Every rank
+    gets the same number of steps: the last global batch is shared out (sizes differ by at most
+    one); with `drop_last`, or when fewer samples than ranks are left over, it is skipped.
+
+    Evaluation (`exact=True`): natural order, rank r takes positions r, r+W, ...: every sample
+    exactly once across ranks, no padding, ranks may differ by one sample.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, shuffle: bool, seed: int, rank: int = 0,
+                 world_size: int = 1, drop_last: bool = False, exact: bool = False):
         self.num_samples = num_samples
+        self.batch_size = batch_size
         self.shuffle = shuffle
         self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.drop_last = drop_last
+        self.exact = exact
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def indices(self) -> torch.Tensor:
+    def order(self) -> torch.Tensor:
         if not self.shuffle:
             return torch.arange(self.num_samples)
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         return torch.randperm(self.num_samples, generator=gen)
 
-    def __iter__(self) -> Iterator[Tuple[int, int]]:
-        epoch = self.epoch
-        return iter([(epoch, int(i)) for i in self.indices()])
+    @property
+    def used_samples(self) -> int:
+        """How many samples of each epoch are trained on, across all ranks."""
+        if self.exact:
+            return self.num_samples
+        global_batch = self.batch_size * self.world_size
+        full = (self.num_samples // global_batch) * global_batch
+        leftover = self.num_samples - full
+        return full if self.drop_last or leftover < self.world_size else self.num_samples
+
+    def __iter__(self) -> Iterator[List[Tuple[int, int]]]:
+        epoch, size = self.epoch, self.batch_size
+        shard = self.order()[: self.used_samples][self.rank :: self.world_size].tolist()
+        return iter([[(epoch, i) for i in shard[start : start + size]] for start in range(0, len(shard), size)])
 
     def __len__(self) -> int:
-        return self.num_samples
+        shard = len(range(self.rank, self.used_samples, self.world_size))
+        return -(-shard // self.batch_size)
 
 
 class PlainLoader:
-    """DataLoader over a CustomDataset, moving each batch to the device."""
+    """DataLoader over a CustomDataset with this rank's batches, moving each batch to the device."""
 
-    def __init__(self, dataset: CustomDataset, batch_size: int, shuffle: bool, drop_last: bool, num_workers: int,
-                 pin_memory: bool, persistent_workers: bool, seed: int, device: torch.device):
+    def __init__(self, dataset: CustomDataset, batches: ShardedBatches, num_workers: int, pin_memory: bool,
+                 persistent_workers: bool, device: torch.device):
         self.dataset = dataset
-        self.sampler = EpochSampler(len(dataset), shuffle, seed)
+        self.batches = batches
         self.device = device
-        self.loader = DataLoader(
-            dataset, batch_size=batch_size, sampler=self.sampler, num_workers=num_workers,
-            pin_memory=pin_memory, drop_last=drop_last,
-            persistent_workers=persistent_workers and num_workers > 0,
-        )
+        self.loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, pin_memory=pin_memory,
+                                 persistent_workers=persistent_workers and num_workers > 0)
 
     @property
     def num_samples(self) -> int:
         return len(self.dataset)
 
     def set_epoch(self, epoch: int) -> None:
-        self.sampler.set_epoch(epoch)
+        self.batches.set_epoch(epoch)
 
     def __len__(self) -> int:
-        return len(self.loader)
+        return len(self.batches)
 
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         for images, labels in self.loader:

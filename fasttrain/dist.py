@@ -1,0 +1,180 @@
+"""One distributed setup for every launcher, driven by the environment.
+
+torchrun and `accelerate launch` export RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT;
+SLURM's `srun` (one task per GPU, no torchrun) exports SLURM_PROCID, SLURM_LOCALID, SLURM_NTASKS
+and the node list, which are mapped onto the same names. A plain `python -m fasttrain.run` has
+none of them and is world size 1 - which takes the same path: a process group is created (over
+an in-memory store, no network), the model is wrapped in DDP, and metrics are all-reduced.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import os
+from dataclasses import dataclass
+from typing import List, Mapping, Optional
+
+import torch
+import torch.distributed as dist
+
+from fasttrain.device import resolve_device
+from fasttrain.errors import UserError
+from fasttrain.hostlist import first_host
+
+DEFAULT_MASTER_PORT = 29500
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    local_rank: int
+    world_size: int
+    master_addr: Optional[str]
+    master_port: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def read_env(environ: Mapping[str, str] = os.environ) -> DistEnv:
+    """Rank, local rank, world size and rendezvous address from torchrun's or SLURM's variables."""
+    def number(name: str) -> int:
+        try:
+            return int(environ[name])
+        except ValueError:
+            raise UserError(f"environment variable {name}={environ[name]!r} is not an integer") from None
+
+    if "WORLD_SIZE" in environ and "RANK" in environ:  # torchrun, accelerate launch, torch.distributed.run
+        rank, world = number("RANK"), number("WORLD_SIZE")
+        local = number("LOCAL_RANK") if "LOCAL_RANK" in environ else rank
+        addr = environ.get("MASTER_ADDR")
+    elif "SLURM_PROCID" in environ and "SLURM_NTASKS" in environ:  # srun with one task per GPU
+        rank, world, local = number("SLURM_PROCID"), number("SLURM_NTASKS"), number("SLURM_LOCALID") if "SLURM_LOCALID" in environ else 0
+        nodelist = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST")
+        try:
+            addr = environ.get("MASTER_ADDR") or (first_host(nodelist) if nodelist else None)
+        except ValueError as err:
+            raise UserError(f"{err}: export MASTER_ADDR with the first node's address") from None
+    else:
+        rank, world, local, addr = 0, 1, 0, None
+    port = number("MASTER_PORT") if "MASTER_PORT" in environ else DEFAULT_MASTER_PORT
+    if not 0 <= rank < world:
+        raise UserError(f"rank {rank} is outside world size {world}: check the launcher's environment")
+    if world > 1 and not addr:
+        raise UserError("world size > 1 but no MASTER_ADDR (nor SLURM node list): launch with torchrun, srun or "
+                        "accelerate launch, or export MASTER_ADDR and MASTER_PORT")
+    return DistEnv(rank, local, world, addr, port)
+
+
+@dataclass(frozen=True)
+class Dist:
+    """The running process group: who we are, and where we compute."""
+    env: DistEnv
+    device: torch.device
+    backend: str
+
+    @property
+    def rank(self) -> int:
+        return self.env.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.env.world_size
+
+    @property
+    def is_main(self) -> bool:
+        return self.env.is_main
+
+
+def pick_device(device_name: str, env: DistEnv) -> torch.device:
+    """cpu, or cuda:LOCAL_RANK (one GPU per process); an explicit cuda:N is only valid alone."""
+    device = resolve_device(device_name)
+    if device.type != "cuda":
+        return device
+    if device.index is not None and env.world_size > 1:
+        raise UserError(f"train.device={device_name} names one GPU but {env.world_size} processes were launched: use "
+                        f"train.device=cuda or auto (each process takes cuda:LOCAL_RANK)")
+    index = device.index if device.index is not None else env.local_rank
+    if index >= torch.cuda.device_count():
+        raise UserError(f"local rank {env.local_rank} needs cuda:{index} but this node has "
+                        f"{torch.cuda.device_count()} GPU(s): launch at most that many processes per node")
+    return torch.device("cuda", index)
+
+
+def setup(device_name: str, backend: str = "auto", timeout_s: int = 1800) -> Dist:
+    """Pick the device and backend, then join the process group (world size 1 included)."""
+    env = read_env()
+    device = pick_device(device_name, env)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # before init, so NCCL binds the right GPU
+    chosen = backend if backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
+    if chosen == "nccl" and device.type != "cuda":
+        raise UserError("dist.backend=nccl needs CUDA devices: use dist.backend=gloo or auto on CPU")
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if dist.is_initialized():
+        raise RuntimeError("a process group is already initialized in this process")
+    if env.world_size == 1 and env.master_addr is None:
+        # the same path as a multi-process run, over an in-process store: no port to find or collide on
+        dist.init_process_group(chosen, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    else:
+        os.environ.setdefault("MASTER_ADDR", env.master_addr or "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(env.master_port))
+        dist.init_process_group(chosen, init_method="env://", rank=env.rank, world_size=env.world_size,
+                                timeout=timeout)
+    return Dist(env, device, chosen)
+
+
+def teardown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum a device tensor over all ranks, in place, without reading it on the host."""
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+@torch.no_grad()
+def average_buffers(module: torch.nn.Module) -> None:
+    """Average floating-point buffers (BatchNorm running statistics) over ranks.
+
+    DDP keeps parameters identical, but each rank updates its BN running statistics from its own
+    last batch; evaluating or saving without this would depend on the rank.
+    """
+    world = dist.get_world_size()
+    for buffer in module.buffers():
+        if buffer.is_floating_point():
+            dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
+            buffer.div_(world)
+
+
+def agree_on_error(message: Optional[str]) -> None:
+    """Raise the same UserError on every rank when any rank has one (rank order decides which)."""
+    messages: List[Optional[str]] = [None] * dist.get_world_size()
+    dist.all_gather_object(messages, message)
+    first = next((m for m in messages if m), None)
+    if first:
+        raise UserError(first)
+
+
+def barrier() -> None:
+    dist.barrier()
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """sha256 of the model's parameters and buffers, byte for byte."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def digests_match(model: torch.nn.Module) -> tuple[bool, List[str]]:
+    """Whether every rank holds byte-identical weights (one gather of a short string)."""
+    digests: List[str] = [""] * dist.get_world_size()
+    dist.all_gather_object(digests, weights_digest(model))
+    return len(set(digests)) == 1, digests

@@ -1,0 +1,87 @@
+"""How an epoch is shared out among ranks: every sample once, equal steps, exact evaluation."""
+
+import pytest
+
+from fasttrain.data.plain import ShardedBatches
+from fasttrain.dist import read_env
+from fasttrain.errors import UserError
+from fasttrain.hostlist import first_host
+
+
+def epoch_batches(n, batch, world, epoch=0, **kw):
+    ranks = []
+    for rank in range(world):
+        sampler = ShardedBatches(n, batch, shuffle=kw.get("shuffle", True),
+                                 seed=7, rank=rank, world_size=world, drop_last=kw.get("drop_last", False),
+                                 exact=kw.get("exact", False))
+        sampler.set_epoch(epoch)
+        batches = [[i for _, i in b] for b in sampler]
+        assert len(batches) == len(sampler)
+        ranks.append(batches)
+    return ranks
+
+
+@pytest.mark.parametrize("n,batch,world", [(100, 16, 1), (100, 16, 2), (100, 16, 3), (50_000, 128, 8), (13, 3, 3)])
+def test_every_sample_once_per_epoch_with_equal_steps_per_rank(n, batch, world):
+    ranks = epoch_batches(n, batch, world)
+    assert len({len(r) for r in ranks}) == 1  # no rank waits on a collective the others never reach
+    seen = sorted(i for r in ranks for b in r for i in b)
+    assert seen == list(range(n))
+
+
+def test_step_k_of_all_ranks_is_the_global_batch_of_one_process():
+    one = epoch_batches(96, 32, 1)[0]
+    two = epoch_batches(96, 16, 2)
+    for k, batch in enumerate(one):
+        assert sorted(batch) == sorted(two[0][k] + two[1][k])
+
+
+def test_a_fresh_permutation_each_epoch_from_the_seed():
+    first, again, second = epoch_batches(64, 8, 2, 0), epoch_batches(64, 8, 2, 0), epoch_batches(64, 8, 2, 1)
+    assert first == again and first != second
+
+
+def test_drop_last_keeps_only_full_global_batches():
+    ranks = epoch_batches(100, 16, 3, drop_last=True)
+    assert [len(r) for r in ranks] == [2, 2, 2] and all(len(b) == 16 for r in ranks for b in r)
+
+
+def test_fewer_leftover_samples_than_ranks_are_left_out_rather_than_hang():
+    ranks = epoch_batches(98, 16, 3)  # 98 = 2 x 48 + 2 leftover < 3 ranks
+    assert [len(r) for r in ranks] == [2, 2, 2]
+    assert len({i for r in ranks for b in r for i in b}) == 96
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_evaluation_counts_every_image_exactly_once(world):
+    ranks = epoch_batches(101, 8, world, shuffle=False, exact=True)
+    assert sorted(i for r in ranks for b in r for i in b) == list(range(101))
+
+
+def test_torchrun_variables():
+    env = read_env({"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "8", "MASTER_ADDR": "n1", "MASTER_PORT": "1234"})
+    assert (env.rank, env.local_rank, env.world_size, env.master_addr, env.master_port) == (3, 1, 8, "n1", 1234)
+
+
+def test_slurm_variables_map_when_torchrun_is_absent():
+    env = read_env({"SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NTASKS": "8",
+                    "SLURM_JOB_NODELIST": "gpu[07-08]"})
+    assert (env.rank, env.local_rank, env.world_size, env.master_addr, env.master_port) == (5, 1, 8, "gpu07", 29500)
+
+
+def test_no_launcher_is_world_size_one():
+    env = read_env({})
+    assert (env.rank, env.world_size, env.master_addr) == (0, 1, None)
+
+
+def test_bad_launcher_environment_is_a_clear_error():
+    with pytest.raises(UserError, match="rank 4 is outside world size 2"):
+        read_env({"RANK": "4", "WORLD_SIZE": "2", "MASTER_ADDR": "x"})
+    with pytest.raises(UserError, match="RANK='zero' is not an integer"):
+        read_env({"RANK": "zero", "WORLD_SIZE": "2"})
+
+
+@pytest.mark.parametrize("nodelist,first", [("gpu[07-09,12],cpu1", "gpu07"), ("node5", "node5"),
+                                            ("a100-[3,5]", "a100-3"), ("n1,n2", "n1")])
+def test_first_host_of_a_slurm_node_list(nodelist, first):
+    assert first_host(nodelist) == first
