@@ -22,7 +22,9 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 from fasttrain.errors import ConfigError
 
 DATASETS = ("cifar10", "mnist", "synthetic")
-LOADERS = ("plain",)
+LOADERS = ("plain", "gpu")
+PRECISIONS = ("fp32", "bf16", "fp16")
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
 MODELS = ("SimpleModel", "MLP", "MLPSequential", "CNN", "CIFAR10_CNN")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("none", "step", "exponential", "cosine", "plateau", "onecycle")
@@ -52,7 +54,7 @@ class DataConfig:
     dataset: str = _field("cifar10", "cifar10 | mnist | synthetic")
     root: str = _field("./data", "folder that contains cifar-10-batches-py/ (or MNIST/)")
     download: bool = _field(True, "download with torchvision when the data are missing")
-    loader: str = _field("plain", "plain (torchvision transforms + DataLoader)")
+    loader: str = _field("plain", "plain (torchvision transforms + DataLoader) | gpu (whole split on the device, batched augmentation)")
     num_workers: int = _field(4, "DataLoader worker processes (0 = load in the main process)")
     pin_memory: Optional[bool] = _field(None, "pin host memory; null = on when training on CUDA")
     shuffle: bool = _field(True, "reshuffle the training set every epoch")
@@ -168,6 +170,10 @@ class TrainConfig:
     limit_train_batches: int = _field(0, "stop each epoch after this many batches (0 = whole epoch)")
     log_every: int = _field(50, "log the mean loss and images/s every N steps (one host sync each)")
     grad_clip: float = _field(0.0, "clip the gradient norm to this value (0 = off)")
+    precision: str = _field("fp32", "fp32 | bf16 (autocast) | fp16 (autocast + GradScaler, CUDA only)")
+    tf32: bool = _field(True, "allow TF32 matmuls and convolutions on CUDA")
+    channels_last: bool = _field(False, "model and input batches in channels_last memory format")
+    compile: str = _field("off", "torch.compile mode: off | default | reduce-overhead | max-autotune")
 
     def __post_init__(self) -> None:
         _require(self.epochs >= 1, "train.epochs", self.epochs, "an integer >= 1")
@@ -179,6 +185,10 @@ class TrainConfig:
                  "an integer >= 0 (0 = whole epoch)")
         _require(self.log_every >= 1, "train.log_every", self.log_every, "an integer >= 1")
         _require(self.grad_clip >= 0, "train.grad_clip", self.grad_clip, "a float >= 0 (0 = off)")
+        _choice("train.precision", self.precision, PRECISIONS)
+        if str(self.compile).lower() in ("false", "no", "none", "0"):
+            self.compile = "off"  # YAML `compile: false`
+        _choice("train.compile", self.compile, COMPILE_MODES)
 
 
 @dataclass

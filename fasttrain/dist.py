@@ -131,6 +131,10 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
+def get_world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
 def all_reduce_sum_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """Sum a device tensor over all ranks, in place, without reading it on the host."""
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM)

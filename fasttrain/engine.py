@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fasttrain.dist import all_reduce_sum_tensor
+from fasttrain.dist import all_reduce_sum_tensor, get_world_size
+from fasttrain.precision import Precision, found_inf
 from fasttrain.optim import Schedule
 
 
@@ -26,14 +27,19 @@ def synchronize(device: torch.device) -> None:
 
 @dataclass
 class EpochStats:
-    loss: float  # mean training loss per sample
-    samples: int
+    loss: float  # mean training loss per sample, over all ranks
+    samples: int  # over all ranks
     steps: int
-    seconds: float
+    seconds: float  # wall time of the epoch's steps, first step included
     last_lr: float
+    skipped_steps: int = 0  # fp16 steps the GradScaler skipped (inf/nan gradients)
+    first_step_seconds: float = 0.0  # measured apart when asked (compilation happens there)
 
     @property
     def images_per_sec(self) -> float:
+        """Throughput over the steady part: the first step is left out when it was timed apart."""
+        if self.first_step_seconds and self.steps > 1:
+            return self.samples * (self.steps - 1) / self.steps / max(self.seconds - self.first_step_seconds, 1e-9)
         return self.samples / self.seconds if self.seconds > 0 else 0.0
 
 
@@ -42,49 +48,63 @@ StepLogger = Callable[[int, int, float, float, float], None]
 
 
 def train_one_epoch(model: nn.Module, loader: Iterable[Tuple[torch.Tensor, torch.Tensor]],
-                    optimizer: torch.optim.Optimizer, schedule: Schedule, device: torch.device, *, epoch: int,
+                    optimizer: torch.optim.Optimizer, schedule: Schedule, precision: Precision, *, epoch: int,
                     global_step: int, max_batches: int = 0, grad_clip: float = 0.0, log_every: int = 50,
-                    log_step: Optional[StepLogger] = None) -> EpochStats:
+                    log_step: Optional[StepLogger] = None, time_first_step: bool = False) -> EpochStats:
     """Train for one epoch; losses are means over the samples of all ranks (collectives every
     `log_every` steps and at the end, which every rank reaches at the same step)."""
     model.train()
-    # [loss sum, sample count] on the device, for the epoch and for the current log interval
-    epoch_totals = torch.zeros(2, device=device, dtype=torch.float64)
-    interval = torch.zeros(2, device=device, dtype=torch.float64)
+    device, scaler = precision.device, precision.scaler
+    # [loss sum, sample count, skipped steps] on the device, for the epoch and the current log interval
+    epoch_totals = torch.zeros(3, device=device, dtype=torch.float64)
+    interval = torch.zeros(3, device=device, dtype=torch.float64)
     steps = 0
+    first_step_seconds = 0.0
     last_lr = schedule.lr()
     synchronize(device)
     start = interval_start = time.perf_counter()
     for images, labels in loader:
         if max_batches and steps >= max_batches:
             break
-        loss = F.cross_entropy(model(images), labels)
+        with precision.autocast():
+            loss = F.cross_entropy(model(images), labels)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()  # DDP averages the gradients over ranks here
+        scaler.scale(loss).backward()  # DDP averages the gradients over ranks here
         if grad_clip > 0:
+            scaler.unscale_(optimizer)
             nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         last_lr = schedule.lr()  # a Python float: no device sync
-        optimizer.step()
+        scaler.step(optimizer)
+        skipped = found_inf(scaler, optimizer)
+        scaler.update()
         schedule.after_batch()
 
         batch = labels.shape[0]  # shape is host metadata: no sync
         interval[0] += loss.detach().double() * batch
         interval[1] += batch
+        if skipped is not None:
+            interval[2] += skipped
         steps += 1
         global_step += 1
+        if time_first_step and steps == 1:
+            synchronize(device)  # host sync, once: the first step holds the compilation
+            first_step_seconds = time.perf_counter() - start
         if global_step % log_every == 0:
             epoch_totals += interval
-            loss_sum, samples = all_reduce_sum_tensor(interval.clone()).tolist()  # host sync, once per log interval
+            loss_sum, samples, _ = all_reduce_sum_tensor(interval.clone()).tolist()  # host sync, once per log interval
             now = time.perf_counter()
             if log_step is not None:
                 log_step(global_step, epoch, loss_sum / max(samples, 1), last_lr, samples / max(now - interval_start, 1e-9))
             interval.zero_()
             interval_start = now
     epoch_totals += interval
-    loss_sum, samples = all_reduce_sum_tensor(epoch_totals).tolist()  # host sync, once per epoch
+    loss_sum, samples, skipped_total = all_reduce_sum_tensor(epoch_totals).tolist()  # host sync, once per epoch
     synchronize(device)
     seconds = time.perf_counter() - start
-    return EpochStats(loss_sum / max(samples, 1), int(samples), steps, seconds, last_lr)
+    # every rank skips the same steps (gradients are all-reduced before the inf check): count one rank's
+    skipped_steps = int(round(skipped_total / max(get_world_size(), 1)))
+    return EpochStats(loss_sum / max(samples, 1), int(samples), steps, seconds, last_lr, skipped_steps,
+                      first_step_seconds)
 
 
 @dataclass
@@ -96,13 +116,14 @@ class EvalStats:
 
 
 @torch.no_grad()
-def validate(model: nn.Module, loader: Iterable[Tuple[torch.Tensor, torch.Tensor]], device: torch.device) -> EvalStats:
+def validate(model: nn.Module, loader: Iterable[Tuple[torch.Tensor, torch.Tensor]], precision: Precision) -> EvalStats:
     """Loss and accuracy over this rank's share of the split, summed over all ranks: every image
     counted once. Pass the unwrapped model: ranks may run different numbers of batches."""
     model.eval()
-    totals = torch.zeros(3, device=device, dtype=torch.float64)  # [loss sum, correct, total]
+    totals = torch.zeros(3, device=precision.device, dtype=torch.float64)  # [loss sum, correct, total]
     for images, labels in loader:
-        logits = model(images)
+        with precision.autocast():
+            logits = model(images)
         totals[0] += F.cross_entropy(logits, labels, reduction="sum").double()
         totals[1] += (logits.argmax(dim=1) == labels).sum()
         totals[2] += labels.shape[0]

@@ -31,6 +31,7 @@ from fasttrain.errors import UserError
 from fasttrain.models import build_model, summarize
 from fasttrain.observe import JsonLines, close_logging, epoch_line, setup_logging
 from fasttrain.optim import Schedule, build_optimizer
+from fasttrain.precision import Precision, build_precision
 
 
 def prepare_run_dir(cfg: Config) -> Path:
@@ -78,26 +79,45 @@ class RunState:
     history: List[Dict[str, Any]] = field(default_factory=list)
 
 
-def fit(cfg: Config, ctx: dist.Dist, model: nn.Module, train_loader, val_loader, optimizer: torch.optim.Optimizer,
-        schedule: Schedule, run_dir: Path, logger: logging.Logger) -> RunState:
-    """`model` is the DDP-wrapped model; validation and checkpoints use the module inside it."""
+@dataclass
+class Parts:
+    """What a run is built from. `model` is the plain module (checkpoints, weight digests);
+    `train_model` wraps it for the step (compiled, then DDP); `eval_model` is what validation
+    calls (compiled when compiling, never DDP: ranks may run different numbers of eval batches)."""
+    model: nn.Module
+    train_model: nn.Module
+    eval_model: nn.Module
+    optimizer: torch.optim.Optimizer
+    schedule: Schedule
+    precision: Precision
+    train_loader: Any
+    val_loader: Any
+
+
+def fit(cfg: Config, ctx: dist.Dist, parts: Parts, run_dir: Path, logger: logging.Logger) -> RunState:
     state = RunState()
-    module = model.module if isinstance(model, DDP) else model
     metrics = JsonLines(run_dir / "metrics.jsonl")
     steps = JsonLines(run_dir / "steps.jsonl")
+    compiling = cfg.train.compile != "off"
 
     def log_step(step: int, epoch: int, loss: float, lr: float, ips: float) -> None:
         steps.write({"step": step, "epoch": epoch, "loss": loss, "lr": lr, "images_per_sec": ips})
 
     for epoch in range(state.epoch + 1, cfg.train.epochs + 1):
-        train_loader.set_epoch(epoch - 1)
-        stats = train_one_epoch(model, train_loader, optimizer, schedule, ctx.device, epoch=epoch,
-                                global_step=state.global_step, max_batches=cfg.train.limit_train_batches,
-                                grad_clip=cfg.train.grad_clip, log_every=cfg.train.log_every,
-                                log_step=log_step if ctx.is_main else None)
-        dist.average_buffers(module)  # the same BN statistics on every rank, before evaluating and saving
-        evaluation = validate(module, val_loader, ctx.device)
-        schedule.after_epoch(evaluation.loss)
+        parts.train_loader.set_epoch(epoch - 1)
+        stats = train_one_epoch(parts.train_model, parts.train_loader, parts.optimizer, parts.schedule,
+                                parts.precision, epoch=epoch, global_step=state.global_step,
+                                max_batches=cfg.train.limit_train_batches, grad_clip=cfg.train.grad_clip,
+                                log_every=cfg.train.log_every, log_step=log_step if ctx.is_main else None,
+                                time_first_step=compiling and epoch == 1)
+        if stats.first_step_seconds:
+            logger.info(f"compile: the first training step took {stats.first_step_seconds:.1f}s (compilation "
+                        f"included); epoch 1 images/s leave it out")
+        dist.average_buffers(parts.model)  # the same BN statistics on every rank, before evaluating and saving
+        val_start = time.perf_counter()
+        evaluation = validate(parts.eval_model, parts.val_loader, parts.precision)
+        val_seconds = time.perf_counter() - val_start  # validate ended with a host sync
+        parts.schedule.after_epoch(evaluation.loss)
         state.epoch, state.global_step = epoch, state.global_step + stats.steps
         is_best = evaluation.accuracy > state.best_val_acc
         if is_best:
@@ -105,24 +125,33 @@ def fit(cfg: Config, ctx: dist.Dist, model: nn.Module, train_loader, val_loader,
         record = {"epoch": epoch, "step": state.global_step, "train_loss": stats.loss, "val_loss": evaluation.loss,
                   "val_acc": evaluation.accuracy, "val_correct": evaluation.correct, "val_total": evaluation.total,
                   "lr": stats.last_lr, "images_per_sec": stats.images_per_sec, "epoch_seconds": stats.seconds,
-                  "world_size": ctx.world_size, "is_best": is_best}
+                  "val_seconds": val_seconds, "skipped_steps": stats.skipped_steps, "world_size": ctx.world_size,
+                  "is_best": is_best}
+        if compiling:
+            record["compiled_graphs"] = compiled_graph_count()
         state.history.append(record)
         if ctx.is_main:
             metrics.write(record)
             logger.info(epoch_line(record, cfg.train.epochs))
         if cfg.output.save_checkpoints:
-            _save_checkpoints(cfg, ctx, module, optimizer, schedule, state, evaluation.accuracy, evaluation.loss,
-                              is_best, run_dir)
+            _save_checkpoints(cfg, ctx, parts, state, evaluation.accuracy, evaluation.loss, is_best, run_dir)
     return state
 
 
-def _save_checkpoints(cfg: Config, ctx: dist.Dist, module: nn.Module, optimizer: torch.optim.Optimizer,
-                      schedule: Schedule, state: RunState, val_acc: float, val_loss: float, is_best: bool,
-                      run_dir: Path) -> None:
+def compiled_graph_count() -> int:
+    """Graphs torch.compile has produced so far in this process: flat after epoch 1 = no recompiles."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def _save_checkpoints(cfg: Config, ctx: dist.Dist, parts: Parts, state: RunState, val_acc: float, val_loss: float,
+                      is_best: bool, run_dir: Path) -> None:
     """Rank 0 writes (weights are identical on every rank); the others wait, and all learn of a failure."""
     error: Optional[str] = None
     if ctx.is_main:
-        ckpt = {"model": module.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": schedule.state_dict(),
+        ckpt = {"model": parts.model.state_dict(), "optimizer": parts.optimizer.state_dict(),
+                "scheduler": parts.schedule.state_dict(), "scaler": parts.precision.scaler.state_dict(),
                 "epoch": state.epoch, "global_step": state.global_step, "val_acc": val_acc, "val_loss": val_loss,
                 "best_val_acc": state.best_val_acc, "world_size": ctx.world_size, "config": config_mod.to_dict(cfg),
                 "history": state.history, "versions": {"fasttrain": fasttrain.__version__, "torch": torch.__version__}}
@@ -142,7 +171,45 @@ def _silent_logger() -> logging.Logger:
     return logger
 
 
+def build_parts(cfg: Config, ctx: dist.Dist, logger: logging.Logger) -> Parts:
+    device = ctx.device
+    precision = build_precision(cfg.train.precision, device, cfg.train.tf32)
+    seed_everything(cfg.train.seed)  # same seed on every rank: identical initial weights
+    train_loader, val_loader, info = build_loaders(cfg, device, ctx.rank, ctx.world_size, precision.input_dtype)
+    skipped = train_loader.num_samples - train_loader.batches.used_samples
+    logger.info(f"data {info.name}: {train_loader.num_samples:,} train / {val_loader.num_samples:,} test images of "
+                f"{info.in_channels}x{info.image_size}x{info.image_size}, {info.num_classes} classes | loader "
+                f"{cfg.data.loader}" + (f", {cfg.data.num_workers} workers" if cfg.data.loader == "plain" else "")
+                + f" | batch {cfg.train.batch_size} per process x {ctx.world_size} = "
+                f"{cfg.train.batch_size * ctx.world_size} per step"
+                + (f" | {skipped} images per epoch left out (drop_last, or fewer than one per rank)" if skipped else ""))
+    model = build_model(cfg.model, info.in_channels, info.image_size, info.num_classes).to(device)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    logger.info(summarize(model, cfg.model.name))
+    step_model: nn.Module = model
+    if cfg.train.compile != "off":
+        # compiled before DDP wrapping; train batches have one shape (drop_last), so no recompiles per epoch
+        step_model = torch.compile(model, mode=None if cfg.train.compile == "default" else cfg.train.compile)
+    train_model = DDP(step_model, device_ids=[device.index] if device.type == "cuda" else None)
+    torch.manual_seed(cfg.train.seed + ctx.rank)  # per-rank streams for dropout; data randomness is seeded apart
+    optimizer = build_optimizer(cfg.optim, model, device)
+    steps_per_epoch = min(len(train_loader), cfg.train.limit_train_batches or len(train_loader))
+    schedule = Schedule(cfg.sched, optimizer, cfg.train.epochs, steps_per_epoch)
+    logger.info(f"optim {cfg.optim.name} lr {cfg.optim.lr:g} wd {cfg.optim.weight_decay:g} | sched {cfg.sched.name} "
+                f"({'per batch' if schedule.per_batch else 'per epoch'}) | {cfg.train.epochs} epochs x "
+                f"{steps_per_epoch} steps")
+    logger.info(f"speed: precision {cfg.train.precision}, channels_last {str(cfg.train.channels_last).lower()}, "
+                f"compile {cfg.train.compile}" + (f", tf32 {str(cfg.train.tf32).lower()}" if device.type == "cuda" else ""))
+    return Parts(model, train_model, step_model, optimizer, schedule, precision, train_loader, val_loader)
+
+
 def _run(cfg: Config, ctx: dist.Dist) -> RunState:
+    if cfg.train.compile != "off" and not cfg.data.drop_last:
+        cfg.data.drop_last = True  # one training batch shape: no recompilation at the end of every epoch
+        drop_note = "compile: data.drop_last set to true so that every training batch has the same shape"
+    else:
+        drop_note = ""
     run_dir = _prepare_run_dir_on_rank0(cfg, ctx)
     logger = setup_logging(run_dir) if ctx.is_main else _silent_logger()
     started = time.perf_counter()
@@ -150,26 +217,11 @@ def _run(cfg: Config, ctx: dist.Dist) -> RunState:
     logger.info(f"fasttrain {fasttrain.__version__} | torch {torch.__version__} | python {platform.python_version()}"
                 f" | device {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
     logger.info(f"distributed: world size {ctx.world_size}, backend {ctx.backend} | run folder {run_dir}")
-    seed_everything(cfg.train.seed)  # same seed on every rank: identical initial weights
-    train_loader, val_loader, info = build_loaders(cfg, device, ctx.rank, ctx.world_size)
-    skipped = train_loader.num_samples - train_loader.batches.used_samples
-    logger.info(f"data {info.name}: {train_loader.num_samples:,} train / {val_loader.num_samples:,} test images of "
-                f"{info.in_channels}x{info.image_size}x{info.image_size}, {info.num_classes} classes | loader "
-                f"{cfg.data.loader}, {cfg.data.num_workers} workers | batch {cfg.train.batch_size} per process x "
-                f"{ctx.world_size} = {cfg.train.batch_size * ctx.world_size} per step"
-                + (f" | {skipped} images per epoch left out (drop_last or fewer than one per rank)" if skipped else ""))
-    model = build_model(cfg.model, info.in_channels, info.image_size, info.num_classes).to(device)
-    logger.info(summarize(model, cfg.model.name))
-    ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    torch.manual_seed(cfg.train.seed + ctx.rank)  # per-rank streams for dropout; data randomness is seeded apart
-    optimizer = build_optimizer(cfg.optim, model)
-    steps_per_epoch = min(len(train_loader), cfg.train.limit_train_batches or len(train_loader))
-    schedule = Schedule(cfg.sched, optimizer, cfg.train.epochs, steps_per_epoch)
-    logger.info(f"optim {cfg.optim.name} lr {cfg.optim.lr:g} wd {cfg.optim.weight_decay:g} | sched {cfg.sched.name} "
-                f"({'per batch' if schedule.per_batch else 'per epoch'}) | {cfg.train.epochs} epochs x "
-                f"{steps_per_epoch} steps")
-    state = fit(cfg, ctx, ddp_model, train_loader, val_loader, optimizer, schedule, run_dir, logger)
-    in_sync, digests = dist.digests_match(model)
+    if drop_note:
+        logger.info(drop_note)
+    parts = build_parts(cfg, ctx, logger)
+    state = fit(cfg, ctx, parts, run_dir, logger)
+    in_sync, digests = dist.digests_match(parts.model)
     if not in_sync:
         raise RuntimeError(f"weights differ across ranks at the end of training (sha256 per rank: {digests})")
     elapsed = time.perf_counter() - started

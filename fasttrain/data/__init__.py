@@ -8,7 +8,7 @@ loader. Every loader follows the contract described in `fasttrain.data.plain`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Tuple, Union
 
 import numpy as np
 import torch
@@ -16,7 +16,9 @@ import torch
 from fasttrain.config import Config, DataConfig
 from fasttrain.data import cifar, mnist, synthetic
 from fasttrain.data.plain import CustomDataset, PlainLoader, ShardedBatches
-from fasttrain.data.transforms import eval_transform, train_transform
+from fasttrain.data.gpu import GpuLoader
+from fasttrain.data.transforms import eval_transform, per_channel, train_transform
+from fasttrain.errors import ConfigError
 
 SYNTHETIC_SIZES = {True: 5000, False: 1000}  # default train / test sizes of the synthetic dataset
 
@@ -58,36 +60,50 @@ def load_split(data: DataConfig, train: bool) -> Tuple[np.ndarray, np.ndarray, D
     return images, labels, info
 
 
-def build_eval_loader(cfg: Config, device: torch.device, rank: int = 0,
-                      world_size: int = 1) -> Tuple[PlainLoader, DatasetInfo]:
+Loader = Union[PlainLoader, GpuLoader]
+
+
+def build_eval_loader(cfg: Config, device: torch.device, rank: int = 0, world_size: int = 1,
+                      dtype: torch.dtype = torch.float32) -> Tuple[Loader, DatasetInfo]:
     """The test split, sharded exactly: every image once across ranks, nothing padded."""
     images, labels, info = load_split(cfg.data, train=False)
-    dataset = CustomDataset(images, labels, eval_transform(cfg.data, info.in_channels), cfg.train.seed)
-    batches = ShardedBatches(len(dataset), cfg.train.eval_batch_size or cfg.train.batch_size, shuffle=False,
+    batches = ShardedBatches(len(labels), cfg.train.eval_batch_size or cfg.train.batch_size, shuffle=False,
                              seed=cfg.train.seed, rank=rank, world_size=world_size, exact=True)
-    return _plain(cfg, dataset, batches, device), info
+    return _loader(cfg, images, labels, info, batches, device, dtype, train=False), info
 
 
-def build_loaders(cfg: Config, device: torch.device, rank: int = 0,
-                  world_size: int = 1) -> Tuple[PlainLoader, PlainLoader, DatasetInfo]:
-    """(this rank's train loader, its share of the test split, dataset info).
+def build_loaders(cfg: Config, device: torch.device, rank: int = 0, world_size: int = 1,
+                  dtype: torch.dtype = torch.float32) -> Tuple[Loader, Loader, DatasetInfo]:
+    """(this rank's train loader, its share of the test split, dataset info), of the configured kind.
 
     train.batch_size is per process: one optimizer step consumes batch_size x world_size images.
+    Batches arrive on `device` in `dtype`, channels_last when train.channels_last is set.
     """
     images, labels, info = load_split(cfg.data, train=True)
-    transform = train_transform(cfg.data, cfg.aug, info.image_size, info.in_channels)
-    dataset = CustomDataset(images, labels, transform, cfg.train.seed)
-    batches = ShardedBatches(len(dataset), cfg.train.batch_size, cfg.data.shuffle, cfg.train.seed, rank, world_size,
+    batches = ShardedBatches(len(labels), cfg.train.batch_size, cfg.data.shuffle, cfg.train.seed, rank, world_size,
                              drop_last=cfg.data.drop_last)
     if len(batches) == 0:
-        from fasttrain.errors import ConfigError
-
         raise ConfigError(f"config error: train.batch_size={cfg.train.batch_size} x {world_size} process(es) leaves no "
-                          f"training batch from {len(dataset)} images: lower the batch size or set data.drop_last=false")
-    val_loader, _ = build_eval_loader(cfg, device, rank, world_size)
-    return _plain(cfg, dataset, batches, device), val_loader, info
+                          f"training batch from {len(labels)} images: lower the batch size or set data.drop_last=false")
+    val_loader, _ = build_eval_loader(cfg, device, rank, world_size, dtype)
+    return _loader(cfg, images, labels, info, batches, device, dtype, train=True), val_loader, info
 
 
-def _plain(cfg: Config, dataset: CustomDataset, batches: ShardedBatches, device: torch.device) -> PlainLoader:
+def _loader(cfg: Config, images: np.ndarray, labels: np.ndarray, info: DatasetInfo, batches: ShardedBatches,
+            device: torch.device, dtype: torch.dtype, train: bool) -> Loader:
+    channels = info.in_channels
+    if cfg.data.loader == "gpu":
+        mean, std = per_channel(cfg.data.mean, channels, "data.mean"), per_channel(cfg.data.std, channels, "data.std")
+        augment = train and (cfg.aug.rotation > 0 or any(v > 0 for v in cfg.aug.color_jitter))
+        if augment:
+            raise ConfigError("config error: data.loader=gpu does random crop and flip only; aug.rotation and "
+                              "aug.color_jitter need data.loader=plain")
+        return GpuLoader(images, labels, batches, device, mean, std, dtype, cfg.train.channels_last,
+                         crop_padding=cfg.aug.crop_padding if train else 0, hflip=cfg.aug.hflip and train,
+                         seed=cfg.train.seed)
+    transform = (train_transform(cfg.data, cfg.aug, info.image_size, channels) if train
+                 else eval_transform(cfg.data, channels))
+    dataset = CustomDataset(images, labels, transform, cfg.train.seed)
     pin = cfg.data.pin_memory if cfg.data.pin_memory is not None else device.type == "cuda"
-    return PlainLoader(dataset, batches, cfg.data.num_workers, pin, cfg.data.persistent_workers, device)
+    return PlainLoader(dataset, batches, cfg.data.num_workers, pin, cfg.data.persistent_workers, device, dtype,
+                       cfg.train.channels_last)

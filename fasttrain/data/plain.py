@@ -96,9 +96,13 @@ class ShardedBatches(Sampler):
         leftover = self.num_samples - full
         return full if self.drop_last or leftover < self.world_size else self.num_samples
 
+    def shard(self) -> torch.Tensor:
+        """This rank's sample indices for the current epoch, in order (batches are consecutive slices)."""
+        return self.order()[: self.used_samples][self.rank :: self.world_size]
+
     def __iter__(self) -> Iterator[List[Tuple[int, int]]]:
         epoch, size = self.epoch, self.batch_size
-        shard = self.order()[: self.used_samples][self.rank :: self.world_size].tolist()
+        shard = self.shard().tolist()
         return iter([[(epoch, i) for i in shard[start : start + size]] for start in range(0, len(shard), size)])
 
     def __len__(self) -> int:
@@ -110,10 +114,13 @@ class PlainLoader:
     """DataLoader over a CustomDataset with this rank's batches, moving each batch to the device."""
 
     def __init__(self, dataset: CustomDataset, batches: ShardedBatches, num_workers: int, pin_memory: bool,
-                 persistent_workers: bool, device: torch.device):
+                 persistent_workers: bool, device: torch.device, dtype: torch.dtype = torch.float32,
+                 channels_last: bool = False):
         self.dataset = dataset
         self.batches = batches
         self.device = device
+        self.dtype = dtype
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, pin_memory=pin_memory,
                                  persistent_workers=persistent_workers and num_workers > 0)
 
@@ -129,5 +136,6 @@ class PlainLoader:
 
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         for images, labels in self.loader:
-            # async host->device copies from pinned memory; no-ops on CPU
-            yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+            # async host->device copies from pinned memory, then dtype and layout on the device
+            images = images.to(self.device, non_blocking=True).to(self.dtype, memory_format=self.memory_format)
+            yield images, labels.to(self.device, non_blocking=True)

@@ -7,11 +7,10 @@ from typing import List
 from torchvision import transforms as T
 
 from fasttrain.config import AugConfig, DataConfig
+from fasttrain.errors import ConfigError
 
 
-def _per_channel(values: List[float], channels: int, key: str) -> List[float]:
-    from fasttrain.errors import ConfigError
-
+def per_channel(values: List[float], channels: int, key: str) -> List[float]:
     if len(values) == 1:
         return list(values) * channels
     if len(values) != channels:
@@ -21,7 +20,7 @@ def _per_channel(values: List[float], channels: int, key: str) -> List[float]:
 
 
 def normalize(data: DataConfig, channels: int) -> T.Normalize:
-    return T.Normalize(_per_channel(data.mean, channels, "data.mean"), _per_channel(data.std, channels, "data.std"))
+    return T.Normalize(per_channel(data.mean, channels, "data.mean"), per_channel(data.std, channels, "data.std"))
 
 
 def train_transform(data: DataConfig, aug: AugConfig, image_size: int, channels: int) -> T.Compose:

@@ -1,0 +1,94 @@
+"""The `gpu` loader: the whole split resident on the device as uint8, augmented in whole batches.
+
+The split is copied to the device once. Each epoch, this rank's sample order comes from the same
+`ShardedBatches` plan as the plain loader (one host->device copy of the index list per epoch),
+and every sample's crop offset and flip are drawn once per epoch from (seed, epoch) for the whole
+split, so augmentation is a function of (seed, epoch, index) whatever the world size. A batch is
+one gather (crop and flip together, zeros outside the image as with RandomCrop(padding=p)), then
+normalization straight into the requested dtype and memory format. No per-sample Python, no
+host round trip in the step loop.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from fasttrain.data.plain import ShardedBatches
+
+
+def crop_flip(images: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor, padding: int) -> torch.Tensor:
+    """Batched RandomCrop(size, padding) + horizontal flip of uint8 NCHW images.
+
+    `offsets` (B, 2) are the crop's top-left corner in the zero-padded image, in 0..2*padding
+    (torchvision's i, j); `flips` (B,) bool. Output pixels that fall in the padding are zero.
+    """
+    batch, channels, height, width = images.shape
+    padded = torch.nn.functional.pad(images, (padding, padding, padding, padding))
+    device = images.device
+    rows = offsets[:, 0:1] + torch.arange(height, device=device)  # (B, H) rows of the padded image
+    cols = torch.arange(width, device=device).expand(batch, width)
+    cols = torch.where(flips[:, None], width - 1 - cols, cols) + offsets[:, 1:2]  # flip = read columns backwards
+    b = torch.arange(batch, device=device)[:, None, None, None]
+    c = torch.arange(channels, device=device)[None, :, None, None]
+    return padded[b, c, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+class GpuLoader:
+    """Loader contract as in `fasttrain.data.plain`: (images, labels) on the device, set_epoch, len."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, batches: ShardedBatches, device: torch.device,
+                 mean: Sequence[float], std: Sequence[float], dtype: torch.dtype, channels_last: bool,
+                 crop_padding: int = 0, hflip: bool = False, seed: int = 0):
+        # one copy of the split to the device, as uint8 NCHW
+        self.images = torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2).contiguous()
+        self.labels = torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(device)
+        self.batches = batches
+        self.device = device
+        mean_t = torch.tensor(list(mean), dtype=torch.float32, device=device)  # one value per channel
+        std_t = torch.tensor(list(std), dtype=torch.float32, device=device)
+        # normalize as one multiply-add: x/255 -> (x/255 - mean)/std
+        self.scale = (1.0 / (255.0 * std_t)).view(1, -1, 1, 1)
+        self.shift = (-mean_t / std_t).view(1, -1, 1, 1)
+        self.dtype = dtype
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.crop_padding = crop_padding
+        self.hflip = hflip
+        self.seed = seed
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.labels.shape[0])
+
+    def set_epoch(self, epoch: int) -> None:
+        self.batches.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def _epoch_augmentation(self, epoch: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Every sample's crop corner and flip for this epoch, drawn on the host from (seed, epoch)."""
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch + 7_919)
+        n = self.num_samples
+        offsets = torch.randint(0, 2 * self.crop_padding + 1, (n, 2), generator=gen)
+        flips = torch.rand(n, generator=gen) < 0.5 if self.hflip else torch.zeros(n, dtype=torch.bool)
+        return offsets.to(self.device), flips.to(self.device)  # once per epoch, not per step
+
+    def _normalize(self, images: torch.Tensor) -> torch.Tensor:
+        out = images.float().mul_(self.scale).add_(self.shift)
+        return out.to(dtype=self.dtype, memory_format=self.memory_format)
+
+    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        shard = self.batches.shard().to(self.device)  # this rank's order: one copy per epoch
+        augment = self.crop_padding > 0 or self.hflip
+        if augment:
+            offsets, flips = self._epoch_augmentation(self.batches.epoch)
+        size = self.batches.batch_size
+        for start in range(0, shard.shape[0], size):
+            index = shard[start : start + size]
+            images = self.images[index]
+            if augment:
+                images = crop_flip(images, offsets[index], flips[index], self.crop_padding)
+            yield self._normalize(images), self.labels[index]

@@ -1,0 +1,114 @@
+"""The GPU-resident loader (run here on the CPU, which is the device the trainer would use):
+its crops and flips are torchvision's, with the right distribution, labels stay with their
+images, every sample once per epoch across ranks, and evaluation batches equal the plain path's."""
+
+import numpy as np
+import pytest
+import torch
+from torchvision.transforms import functional as TF
+
+from fasttrain.config import load_config
+from fasttrain.data import build_eval_loader
+from fasttrain.data.gpu import GpuLoader, crop_flip
+from fasttrain.data.plain import ShardedBatches
+
+CPU = torch.device("cpu")
+
+
+def test_crop_and_flip_equal_torchvision_for_every_offset():
+    images = torch.randint(0, 256, (162, 3, 32, 32), dtype=torch.uint8)
+    corners = torch.tensor([(i, j) for i in range(9) for j in range(9)] * 2)
+    flips = torch.arange(162) >= 81
+    out = crop_flip(images, corners, flips, padding=4)
+    for k in range(162):
+        ref = TF.crop(TF.pad(images[k], [4]), int(corners[k, 0]), int(corners[k, 1]), 32, 32)
+        assert torch.equal(out[k], TF.hflip(ref) if flips[k] else ref), k
+
+
+def _probe_images(n):
+    """Channel 0 = 100 + column (reveals crop and flip), channel 1 = 10 * label + 5, channel 2 = 255."""
+    labels = np.arange(n) % 10
+    images = np.zeros((n, 32, 32, 3), dtype=np.uint8)
+    images[..., 0] = 100 + np.arange(32)[None, None, :]
+    images[..., 1] = (10 * labels + 5)[:, None, None]
+    images[..., 2] = 255
+    return images, labels
+
+
+def _raw_batches(loader):
+    """Undo normalization (mean 0, std 1 -> x / 255) to get the uint8 pixels back."""
+    for images, labels in loader:
+        yield (images.float() * 255).round().to(torch.uint8), labels
+
+
+def _loader(images, labels, rank=0, world=1, batch=100, **kw):
+    batches = ShardedBatches(len(labels), batch, shuffle=True, seed=3, rank=rank, world_size=world)
+    return GpuLoader(images, labels, batches, CPU, [0.0] * 3, [1.0] * 3, torch.float32, False, seed=3, **kw)
+
+
+def test_augmentation_distribution_and_label_pairing():
+    images, labels = _probe_images(4500)
+    loader = _loader(images, labels, crop_padding=4, hflip=True)
+    # the 162 possible outputs (corner i, j in 0..8, flip or not) of channels 0 and 2, by torchvision
+    base = torch.from_numpy(images[0]).permute(2, 0, 1)[[0, 2]]
+    params = [(i, j, f) for i in range(9) for j in range(9) for f in (False, True)]
+    refs = []
+    for i, j, f in params:
+        crop = TF.crop(TF.pad(base, [4]), i, j, 32, 32)
+        refs.append(TF.hflip(crop) if f else crop)
+    refs = torch.stack(refs)  # (162, 2, 32, 32)
+    drawn = []
+    for pixels, batch_labels in _raw_batches(loader):
+        matches = (pixels[:, None, [0, 2]] == refs[None]).flatten(2).all(2)  # (B, 162)
+        assert (matches.sum(1) == 1).all()  # each output is exactly one of torchvision's crops; zeros outside
+        drawn += [params[k] for k in matches.float().argmax(1).tolist()]
+        inside = pixels[:, 2] == 255
+        expected = (10 * batch_labels + 5).to(torch.uint8)[:, None, None].expand_as(inside)
+        assert torch.equal(pixels[:, 1][inside], expected[inside])  # the label travels with its image
+        assert (pixels[:, 1][~inside] == 0).all()
+    assert len(drawn) == 4500
+    rows = np.bincount([i for i, _, _ in drawn], minlength=9)
+    cols = np.bincount([j for _, j, _ in drawn], minlength=9)
+    flips = sum(f for _, _, f in drawn)
+    # RandomCrop(32, padding=4): offsets -4..4 uniform (500 each); RandomHorizontalFlip: half (2250)
+    assert np.all(np.abs(rows - 500) < 100) and np.all(np.abs(cols - 500) < 100), (rows, cols)
+    assert abs(flips - 2250) < 150
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_every_sample_once_per_epoch_across_ranks(world):
+    n = 1000
+    images = np.zeros((n, 32, 32, 3), dtype=np.uint8)
+    labels = np.arange(n)  # the label is the sample's index
+    for epoch in (0, 1):
+        seen = []
+        for rank in range(world):
+            loader = _loader(images, labels, rank, world, batch=64, crop_padding=4, hflip=True)
+            loader.set_epoch(epoch)
+            steps = 0
+            for _, batch_labels in loader:
+                seen += batch_labels.tolist()
+                steps += 1
+            assert steps == len(loader)
+        assert sorted(seen) == list(range(n))
+
+
+def test_delivers_the_requested_dtype_and_memory_format():
+    images, labels = _probe_images(64)
+    batches = ShardedBatches(64, 32, shuffle=True, seed=0)
+    loader = GpuLoader(images, labels, batches, CPU, [0.5] * 3, [0.5] * 3, torch.bfloat16, True, 4, True)
+    x, y = next(iter(loader))
+    assert x.dtype == torch.bfloat16 and x.is_contiguous(memory_format=torch.channels_last)
+    assert x.shape == (32, 3, 32, 32) and y.dtype == torch.int64
+
+
+def test_evaluation_batches_equal_the_plain_loaders(tmp_path):
+    base = ["data.dataset=synthetic", "data.val_size=100", "train.eval_batch_size=32", "data.num_workers=0",
+            "data.mean=[0.4914,0.4822,0.4465]", "data.std=[0.2470,0.2435,0.2616]", f"output.dir={tmp_path}"]
+    plain, _ = build_eval_loader(load_config(None, base + ["data.loader=plain"]), CPU)
+    gpu, _ = build_eval_loader(load_config(None, base + ["data.loader=gpu"]), CPU)
+    pairs = list(zip(plain, gpu))
+    assert len(pairs) == 4
+    for (xp, yp), (xg, yg) in pairs:
+        assert torch.equal(yp, yg)
+        torch.testing.assert_close(xg, xp, rtol=0, atol=1e-5)
