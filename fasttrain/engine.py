@@ -43,6 +43,24 @@ class EpochStats:
         return self.samples / self.seconds if self.seconds > 0 else 0.0
 
 
+def train_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, optimizer: torch.optim.Optimizer,
+               precision: Precision, grad_clip: float = 0.0) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """One optimizer step. Returns the loss and, under fp16, whether the scaler skipped the step
+    (both device tensors: nothing here waits for the device)."""
+    scaler = precision.scaler
+    with precision.autocast():
+        loss = F.cross_entropy(model(images), labels)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()  # under DDP the gradients are averaged over ranks here
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    skipped = found_inf(scaler, optimizer)
+    scaler.update()
+    return loss.detach(), skipped
+
+
 # (global step, epoch, mean loss over the interval, lr, images/s over the interval)
 StepLogger = Callable[[int, int, float, float, float], None]
 
@@ -54,7 +72,7 @@ def train_one_epoch(model: nn.Module, loader: Iterable[Tuple[torch.Tensor, torch
     """Train for one epoch; losses are means over the samples of all ranks (collectives every
     `log_every` steps and at the end, which every rank reaches at the same step)."""
     model.train()
-    device, scaler = precision.device, precision.scaler
+    device = precision.device
     # [loss sum, sample count, skipped steps] on the device, for the epoch and the current log interval
     epoch_totals = torch.zeros(3, device=device, dtype=torch.float64)
     interval = torch.zeros(3, device=device, dtype=torch.float64)
@@ -66,21 +84,12 @@ def train_one_epoch(model: nn.Module, loader: Iterable[Tuple[torch.Tensor, torch
     for images, labels in loader:
         if max_batches and steps >= max_batches:
             break
-        with precision.autocast():
-            loss = F.cross_entropy(model(images), labels)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()  # DDP averages the gradients over ranks here
-        if grad_clip > 0:
-            scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         last_lr = schedule.lr()  # a Python float: no device sync
-        scaler.step(optimizer)
-        skipped = found_inf(scaler, optimizer)
-        scaler.update()
+        loss, skipped = train_step(model, images, labels, optimizer, precision, grad_clip)
         schedule.after_batch()
 
         batch = labels.shape[0]  # shape is host metadata: no sync
-        interval[0] += loss.detach().double() * batch
+        interval[0] += loss.double() * batch
         interval[1] += batch
         if skipped is not None:
             interval[2] += skipped

@@ -11,6 +11,7 @@ host round trip in the step loop.
 
 from __future__ import annotations
 
+import warnings
 from typing import Iterator, Sequence, Tuple
 
 import numpy as np
@@ -42,9 +43,12 @@ class GpuLoader:
     def __init__(self, images: np.ndarray, labels: np.ndarray, batches: ShardedBatches, device: torch.device,
                  mean: Sequence[float], std: Sequence[float], dtype: torch.dtype, channels_last: bool,
                  crop_padding: int = 0, hflip: bool = False, seed: int = 0):
-        # one copy of the split to the device, as uint8 NCHW
-        self.images = torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2).contiguous()
-        self.labels = torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(device)
+        # one copy of the split to the device, as uint8 NCHW; the cached arrays are read-only and are
+        # only read here (.contiguous() after the permute copies, on the CPU too)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            self.images = torch.from_numpy(images).to(device).permute(0, 3, 1, 2).contiguous()
+        self.labels = torch.tensor(labels, dtype=torch.int64, device=device)
         self.batches = batches
         self.device = device
         mean_t = torch.tensor(list(mean), dtype=torch.float32, device=device)  # one value per channel
