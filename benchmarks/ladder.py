@@ -31,7 +31,8 @@ import torch
 from benchmarks.tutorial_loop import tutorial_loader, tutorial_steps
 from fasttrain import dist
 from fasttrain.config import Config, ModelConfig, load_config
-from fasttrain.data import load_split
+from fasttrain.data import build_loaders, load_split
+from fasttrain.data.dali import dali_available
 from fasttrain.engine import synchronize, train_step
 from fasttrain.models import build_model
 from fasttrain.optim import build_optimizer
@@ -45,6 +46,7 @@ RUNGS: List[Tuple[str, List[str]]] = [
     ("+ bf16 autocast", ["train.precision=bf16"]),
     ("+ torch.compile", ["train.compile=default"]),
 ]
+DALI_RUNG = ("DALI instead of the gpu-resident loader", ["data.loader=dali"])
 
 
 @dataclass
@@ -114,6 +116,53 @@ def fasttrain_rung(cfg: Config, ctx: dist.Dist, args: argparse.Namespace) -> Tup
     return measure(step, args.batch_size, args.warmup, args.steps, args.windows, ctx.device)
 
 
+def train_rows(base: List[str], ctx: dist.Dist, args: argparse.Namespace) -> List[Row]:
+    rows: List[Row] = []
+    rate, rates, losses = tutorial_rung(load_config(None, base), ctx.device, args)
+    _check("tutorial loop", losses)
+    rows.append(Row("tutorial loop (PIL transforms, DataLoader, loss.item() per step)", rate, rates, 1.0,
+                    losses[0], losses[-1]))
+    print(f"  {rows[-1].variant}: {rate:,.0f} img/s", flush=True)
+    rungs: List[Tuple[str, List[str]]] = []
+    overrides: List[str] = []
+    for variant, switch in RUNGS:
+        overrides = overrides + switch
+        rungs.append((variant, overrides))
+    if dali_available():
+        rungs.append((DALI_RUNG[0], rungs[-1][1] + DALI_RUNG[1]))
+    for variant, rung_overrides in rungs:
+        torch._dynamo.reset()  # each rung compiles from scratch
+        rate, rates, losses = fasttrain_rung(load_config(None, base + rung_overrides), ctx, args)
+        _check(variant, losses)
+        rows.append(Row(variant, rate, rates, rate / rows[0].images_per_sec, losses[0], losses[-1]))
+        print(f"  {variant}: {rate:,.0f} img/s", flush=True)
+    return rows
+
+
+def loader_rows(base: List[str], device: torch.device, args: argparse.Namespace) -> List[Row]:
+    """Images/s of each loader alone: batches produced on the device, nothing trained."""
+    cfg = load_config(None, base)
+    images, labels, _ = load_split(cfg.data, train=True)
+    tutorial = tutorial_loader(images, labels, args.batch_size, args.tutorial_workers, pin_memory=device.type == "cuda")
+
+    def tutorial_batches() -> Iterator:
+        while True:
+            for x, y in tutorial:
+                yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+    sources = [("tutorial DataLoader (PIL transforms)", tutorial_batches())]
+    for name in ("plain", "gpu") + (("dali",) if dali_available() else ()):
+        train_loader, _, _ = build_loaders(load_config(None, base + [f"data.loader={name}"]), device)
+        sources.append((f"fasttrain {name}", _cycle(train_loader)))
+    rows: List[Row] = []
+    for variant, batches in sources:
+        rate, rates, _ = measure(lambda: next(batches)[1].sum(), args.batch_size, args.warmup, args.steps,
+                                 args.windows, device)
+        rows.append(Row(variant, rate, rates, rate / (rows[0].images_per_sec if rows else rate), 0.0, 0.0))
+        print(f"  {variant}: {rate:,.0f} img/s", flush=True)
+    return rows
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.ladder", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -127,6 +176,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--windows", type=int, default=3, help="timed windows per rung; the median is reported")
     parser.add_argument("--tutorial-workers", type=int, default=4,
                         help="num_workers of the DataLoaders (the tutorial's 4; fasttrain's plain loader uses the same)")
+    parser.add_argument("--loaders-only", action="store_true",
+                        help="time the loaders alone (no model): tutorial DataLoader, plain, gpu, dali")
     parser.add_argument("--json", type=Path, help="also write the rows and the environment to this JSON file")
     args = parser.parse_args(argv)
 
@@ -145,30 +196,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                   f"{args.batch_size} | data {'CIFAR-10' if real else 'synthetic CIFAR-shaped'} | warm-up "
                   f"{args.warmup} steps, {args.windows} windows x {args.steps} steps, median")
         print(header, flush=True)
-        rows: List[Row] = []
-        cfg = load_config(None, base)
-        rate, rates, losses = tutorial_rung(cfg, device, args)
-        _check("tutorial loop", losses)
-        rows.append(Row("tutorial loop (PIL transforms, DataLoader, loss.item() per step)", rate, rates, 1.0,
-                        losses[0], losses[-1]))
-        print(f"  {rows[-1].variant}: {rate:,.0f} img/s", flush=True)
-        overrides: List[str] = []
-        for variant, switch in RUNGS:
-            overrides += switch
-            torch._dynamo.reset()  # each rung compiles from scratch
-            rate, rates, losses = fasttrain_rung(load_config(None, base + overrides), ctx, args)
-            _check(variant, losses)
-            rows.append(Row(variant, rate, rates, rate / rows[0].images_per_sec, losses[0], losses[-1]))
-            print(f"  {variant}: {rate:,.0f} img/s", flush=True)
+        rows = loader_rows(base, device, args) if args.loaders_only else train_rows(base, ctx, args)
     finally:
         dist.teardown()
 
     print()
-    print("| variant | images/s | speedup vs tutorial loop | loss first -> last timed step |")
-    print("|---|---:|---:|---|")
-    for row in rows:
-        print(f"| {row.variant} | {row.images_per_sec:,.0f} | {row.speedup:.2f}x | "
-              f"{row.first_loss:.3f} -> {row.last_loss:.3f} |")
+    if args.loaders_only:
+        print("| loader (no model) | images/s | vs tutorial DataLoader |")
+        print("|---|---:|---:|")
+        for row in rows:
+            print(f"| {row.variant} | {row.images_per_sec:,.0f} | {row.speedup:.2f}x |")
+    else:
+        print("| variant | images/s | speedup vs tutorial loop | loss first -> last timed step |")
+        print("|---|---:|---:|---|")
+        for row in rows:
+            print(f"| {row.variant} | {row.images_per_sec:,.0f} | {row.speedup:.2f}x | "
+                  f"{row.first_loss:.3f} -> {row.last_loss:.3f} |")
     if args.json:
         env = {"device": name, "torch": torch.__version__, "python": platform.python_version(),
                "model": args.model, "batch_size": args.batch_size, "data": "cifar10" if real else "synthetic",

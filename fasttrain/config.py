@@ -22,7 +22,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 from fasttrain.errors import ConfigError
 
 DATASETS = ("cifar10", "mnist", "synthetic")
-LOADERS = ("plain", "gpu")
+LOADERS = ("plain", "gpu", "dali", "auto")
 PRECISIONS = ("fp32", "bf16", "fp16")
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
 MODELS = ("SimpleModel", "MLP", "MLPSequential", "CNN", "CIFAR10_CNN")
@@ -54,8 +54,8 @@ class DataConfig:
     dataset: str = _field("cifar10", "cifar10 | mnist | synthetic")
     root: str = _field("./data", "folder that contains cifar-10-batches-py/ (or MNIST/)")
     download: bool = _field(True, "download with torchvision when the data are missing")
-    loader: str = _field("plain", "plain (torchvision transforms + DataLoader) | gpu (whole split on the device, batched augmentation)")
-    num_workers: int = _field(4, "DataLoader worker processes (0 = load in the main process)")
+    loader: str = _field("plain", "plain (torchvision transforms + DataLoader) | gpu (whole split on the device, batched augmentation) | dali (NVIDIA DALI pipeline) | auto (the fastest that applies; logged)")
+    num_workers: int = _field(4, "DataLoader worker processes (0 = load in the main process); DALI CPU threads")
     pin_memory: Optional[bool] = _field(None, "pin host memory; null = on when training on CUDA")
     shuffle: bool = _field(True, "reshuffle the training set every epoch")
     drop_last: bool = _field(False, "drop the last incomplete training batch")

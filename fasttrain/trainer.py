@@ -24,7 +24,7 @@ from fasttrain import config as config_mod
 from fasttrain import dist
 from fasttrain.checkpoint import save_checkpoint
 from fasttrain.config import Config
-from fasttrain.data import build_loaders
+from fasttrain.data import build_loaders, resolve_loader
 from fasttrain.device import seed_everything
 from fasttrain.engine import train_one_epoch, validate
 from fasttrain.errors import UserError
@@ -210,6 +210,9 @@ def _run(cfg: Config, ctx: dist.Dist) -> RunState:
         drop_note = "compile: data.drop_last set to true so that every training batch has the same shape"
     else:
         drop_note = ""
+    loader, loader_reason = resolve_loader(cfg, ctx.device)
+    if cfg.data.loader == "auto":
+        cfg.data.loader = loader  # the resolved config records what ran
     run_dir = _prepare_run_dir_on_rank0(cfg, ctx)
     logger = setup_logging(run_dir) if ctx.is_main else _silent_logger()
     started = time.perf_counter()
@@ -219,6 +222,8 @@ def _run(cfg: Config, ctx: dist.Dist) -> RunState:
     logger.info(f"distributed: world size {ctx.world_size}, backend {ctx.backend} | run folder {run_dir}")
     if drop_note:
         logger.info(drop_note)
+    if loader_reason != "as configured":
+        logger.info(f"data.loader=auto chose {loader}: {loader_reason}")
     parts = build_parts(cfg, ctx, logger)
     state = fit(cfg, ctx, parts, run_dir, logger)
     in_sync, digests = dist.digests_match(parts.model)

@@ -50,9 +50,11 @@ def tiny_cifar_root(tmp_path: Path) -> Path:
 
 
 def run_torchrun(nproc: int, *args: str, module: str = "fasttrain.run", timeout: int = 600) -> subprocess.CompletedProcess:
-    """`torchrun --standalone --nproc_per_node=N -m MODULE ARGS`: real processes, gloo on CPU."""
+    """`torchrun --standalone --nproc_per_node=N -m MODULE ARGS` (a script path in ARGS when module
+    is empty): real processes, gloo on CPU."""
     torchrun = Path(sys.executable).parent / "torchrun"
     launcher = [str(torchrun)] if torchrun.exists() else [sys.executable, "-m", "torch.distributed.run"]
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    return subprocess.run([*launcher, "--standalone", f"--nproc_per_node={nproc}", "-m", module, *args], cwd=REPO,
+    target = ["-m", module] if module else []
+    return subprocess.run([*launcher, "--standalone", f"--nproc_per_node={nproc}", *target, *args], cwd=REPO,
                           env=env, text=True, capture_output=True, timeout=timeout)

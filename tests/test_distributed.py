@@ -61,12 +61,16 @@ def small_checkpoint(tmp_path_factory):
     return run_dir / "checkpoints" / "last.pt"
 
 
+@pytest.mark.parametrize("loader", ["plain", "gpu", "dali"])
 @pytest.mark.parametrize("world", [1, 2, 3])
-def test_evaluation_is_exact_for_any_world_size(small_checkpoint, world):
-    single = run_fasttrain("eval", str(small_checkpoint), "--json", module="fasttrain.cli")
+def test_evaluation_is_exact_for_any_world_size(small_checkpoint, world, loader):
+    if loader == "dali":
+        pytest.importorskip("nvidia.dali")
+    single = run_fasttrain("eval", str(small_checkpoint), "--json", module="fasttrain.cli")  # plain, one process
     assert single.returncode == 0, single.stderr
     expected = json.loads(single.stdout.strip().splitlines()[-1])
-    result = run_torchrun(world, "eval", str(small_checkpoint), "--json", module="fasttrain.cli")
+    result = run_torchrun(world, "eval", str(small_checkpoint), f"data.loader={loader}", "--json",
+                          module="fasttrain.cli")
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.strip().splitlines()
     assert len(lines) == 1  # rank 0 reports

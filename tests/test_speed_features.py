@@ -29,12 +29,15 @@ def reference_acc(tmp_path_factory):
 
 @pytest.mark.parametrize("switches", [
     ["data.loader=gpu"],
+    ["data.loader=dali"],
     ["train.precision=bf16"],
     ["train.channels_last=true"],
     ["train.compile=default"],
     ["data.loader=gpu", "train.precision=bf16", "train.channels_last=true", "train.compile=default"],
-], ids=["gpu-loader", "bf16", "channels-last", "compile", "all"])
+], ids=["gpu-loader", "dali-loader", "bf16", "channels-last", "compile", "all"])
 def test_each_switch_trains_to_the_plain_paths_accuracy_band(tmp_path, reference_acc, switches):
+    if "data.loader=dali" in switches:
+        pytest.importorskip("nvidia.dali")
     history = smoke(tmp_path, "run", *switches)
     assert reference_acc > 0.8
     assert history[-1]["val_acc"] > reference_acc - 0.08, (history[-1]["val_acc"], reference_acc)

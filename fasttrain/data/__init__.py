@@ -16,6 +16,7 @@ import torch
 from fasttrain.config import Config, DataConfig
 from fasttrain.data import cifar, mnist, synthetic
 from fasttrain.data.plain import CustomDataset, PlainLoader, ShardedBatches
+from fasttrain.data.dali import DaliLoader, dali_available
 from fasttrain.data.gpu import GpuLoader
 from fasttrain.data.transforms import eval_transform, per_channel, train_transform
 from fasttrain.errors import ConfigError
@@ -60,7 +61,26 @@ def load_split(data: DataConfig, train: bool) -> Tuple[np.ndarray, np.ndarray, D
     return images, labels, info
 
 
-Loader = Union[PlainLoader, GpuLoader]
+Loader = Union[PlainLoader, GpuLoader, DaliLoader]
+
+
+def resolve_loader(cfg: Config, device: torch.device) -> Tuple[str, str]:
+    """(loader name, why): data.loader itself, or what `auto` picks for this device and dataset."""
+    if cfg.data.loader != "auto":
+        return cfg.data.loader, "as configured"
+    if cfg.aug.rotation > 0 or any(v > 0 for v in cfg.aug.color_jitter):
+        return "plain", "aug.rotation / aug.color_jitter are only implemented by the plain loader"
+    if device.type != "cuda":
+        return "gpu", "on the CPU the resident loader's batched augmentation beats per-image PIL transforms"
+    train_images, _, _ = load_split(cfg.data, train=True)
+    test_images, _, _ = load_split(cfg.data, train=False)
+    needed = train_images.nbytes + test_images.nbytes
+    free, _ = torch.cuda.mem_get_info(device)
+    if needed <= 0.25 * free:
+        return "gpu", f"the dataset ({needed / 2**20:,.0f} MiB as uint8) fits in a quarter of the free GPU memory"
+    if dali_available():
+        return "dali", f"the dataset ({needed / 2**20:,.0f} MiB) is too large to keep on the GPU; DALI is installed"
+    return "plain", f"the dataset ({needed / 2**20:,.0f} MiB) is too large to keep on the GPU and DALI is not installed"
 
 
 def build_eval_loader(cfg: Config, device: torch.device, rank: int = 0, world_size: int = 1,
@@ -92,15 +112,18 @@ def build_loaders(cfg: Config, device: torch.device, rank: int = 0, world_size: 
 def _loader(cfg: Config, images: np.ndarray, labels: np.ndarray, info: DatasetInfo, batches: ShardedBatches,
             device: torch.device, dtype: torch.dtype, train: bool) -> Loader:
     channels = info.in_channels
-    if cfg.data.loader == "gpu":
+    name, _ = resolve_loader(cfg, device)
+    if name in ("gpu", "dali"):
         mean, std = per_channel(cfg.data.mean, channels, "data.mean"), per_channel(cfg.data.std, channels, "data.std")
         augment = train and (cfg.aug.rotation > 0 or any(v > 0 for v in cfg.aug.color_jitter))
         if augment:
-            raise ConfigError("config error: data.loader=gpu does random crop and flip only; aug.rotation and "
-                              "aug.color_jitter need data.loader=plain")
-        return GpuLoader(images, labels, batches, device, mean, std, dtype, cfg.train.channels_last,
-                         crop_padding=cfg.aug.crop_padding if train else 0, hflip=cfg.aug.hflip and train,
-                         seed=cfg.train.seed)
+            raise ConfigError(f"config error: data.loader={name} does random crop and flip only; aug.rotation and "
+                              f"aug.color_jitter need data.loader=plain")
+        kind = GpuLoader if name == "gpu" else DaliLoader
+        extra = {"num_threads": max(1, cfg.data.num_workers)} if name == "dali" else {}
+        return kind(images, labels, batches, device, mean, std, dtype, cfg.train.channels_last,
+                    crop_padding=cfg.aug.crop_padding if train else 0, hflip=cfg.aug.hflip and train,
+                    seed=cfg.train.seed, **extra)
     transform = (train_transform(cfg.data, cfg.aug, info.image_size, channels) if train
                  else eval_transform(cfg.data, channels))
     dataset = CustomDataset(images, labels, transform, cfg.train.seed)

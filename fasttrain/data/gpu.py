@@ -37,6 +37,16 @@ def crop_flip(images: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor, 
     return padded[b, c, rows[:, None, :, None], cols[:, None, None, :]]
 
 
+def epoch_augmentation(seed: int, epoch: int, num_samples: int, padding: int,
+                       hflip: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Every sample's crop corner (i, j in 0..2*padding, as torchvision's RandomCrop draws them) and
+    flip for one epoch, drawn on the host from (seed, epoch). Shared by the gpu and dali loaders."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch + 7_919)
+    corners = torch.randint(0, 2 * padding + 1, (num_samples, 2), generator=gen)
+    flips = torch.rand(num_samples, generator=gen) < 0.5 if hflip else torch.zeros(num_samples, dtype=torch.bool)
+    return corners, flips
+
+
 class GpuLoader:
     """Loader contract as in `fasttrain.data.plain`: (images, labels) on the device, set_epoch, len."""
 
@@ -72,14 +82,6 @@ class GpuLoader:
     def __len__(self) -> int:
         return len(self.batches)
 
-    def _epoch_augmentation(self, epoch: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Every sample's crop corner and flip for this epoch, drawn on the host from (seed, epoch)."""
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch + 7_919)
-        n = self.num_samples
-        offsets = torch.randint(0, 2 * self.crop_padding + 1, (n, 2), generator=gen)
-        flips = torch.rand(n, generator=gen) < 0.5 if self.hflip else torch.zeros(n, dtype=torch.bool)
-        return offsets.to(self.device), flips.to(self.device)  # once per epoch, not per step
-
     def _normalize(self, images: torch.Tensor) -> torch.Tensor:
         out = images.float().mul_(self.scale).add_(self.shift)
         return out.to(dtype=self.dtype, memory_format=self.memory_format)
@@ -88,11 +90,13 @@ class GpuLoader:
         shard = self.batches.shard().to(self.device)  # this rank's order: one copy per epoch
         augment = self.crop_padding > 0 or self.hflip
         if augment:
-            offsets, flips = self._epoch_augmentation(self.batches.epoch)
+            corners, flips = epoch_augmentation(self.seed, self.batches.epoch, self.num_samples, self.crop_padding,
+                                                self.hflip)
+            corners, flips = corners.to(self.device), flips.to(self.device)  # once per epoch, not per step
         size = self.batches.batch_size
         for start in range(0, shard.shape[0], size):
             index = shard[start : start + size]
             images = self.images[index]
             if augment:
-                images = crop_flip(images, offsets[index], flips[index], self.crop_padding)
+                images = crop_flip(images, corners[index], flips[index], self.crop_padding)
             yield self._normalize(images), self.labels[index]

@@ -1,0 +1,173 @@
+"""The `dali` loader: one NVIDIA DALI pipeline per rank over the in-memory uint8 split.
+
+An external source feeds each batch (this rank's images as uint8 HWC, labels, and every
+sample's crop corner and flip); DALI pads-and-crops (`fn.slice`, zeros outside the image), flips
+and normalizes (`fn.crop_mirror_normalize`) into NCHW, or NHWC for channels_last. The sample
+order comes from the same `ShardedBatches` plan as the other loaders (sharded by global rank over
+`world size` shards, a fresh permutation per epoch from the seed, equal steps on every rank,
+exact evaluation), and the crops and flips from the same per-epoch draws as the `gpu` loader, so
+the three loaders see the same data and the `dali` and `gpu` loaders produce identical pixels.
+Everything is a function of (seed, epoch): resuming at an epoch replays it exactly.
+
+On CUDA the operators run on the GPU and batches reach PyTorch by a device-to-device copy on the
+current stream; without a GPU the pipeline runs on the CPU (`device_id=None`), which is how CI
+tests it. DALI has no bfloat16: under bf16 it emits float32 and the cast happens on the device.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from fasttrain.data.gpu import epoch_augmentation
+from fasttrain.data.plain import ShardedBatches
+from fasttrain.errors import UserError
+
+INSTALL_HINT = ("pip install nvidia-dali-cuda130 (CUDA 12: nvidia-dali-cuda120), or pip install 'fasttrain[dali]'; "
+                "or choose data.loader=gpu, plain or auto")
+
+
+def dali_available() -> bool:
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _import_dali():
+    try:
+        import nvidia.dali as dali
+        import nvidia.dali.fn as fn
+        import nvidia.dali.types as types
+    except ImportError:
+        raise UserError(f"data.loader=dali needs NVIDIA DALI, which is not installed: {INSTALL_HINT}") from None
+    return dali, fn, types
+
+
+class _EpochSource:
+    """What the external source pulls: this epoch's batches, computed when the epoch's first batch
+    is requested (a generator body runs lazily), i.e. after set_epoch."""
+
+    def __init__(self, loader: "DaliLoader"):
+        self.loader = loader
+
+    def __iter__(self) -> Iterator[Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+        loader = self.loader
+        shard = loader.batches.shard().numpy()
+        corners, flips = epoch_augmentation(loader.seed, loader.batches.epoch, len(loader.labels),
+                                            loader.crop_padding, loader.hflip)
+        anchors = (corners.numpy() - loader.crop_padding).astype(np.int32)  # slice start: may be negative (pad)
+        mirror = flips.numpy().astype(np.int32)
+        size = loader.batches.batch_size
+        for start in range(0, len(shard), size):
+            index = shard[start : start + size]
+            yield loader.images[index], loader.labels[index], anchors[index], mirror[index]
+
+
+class DaliLoader:
+    """Loader contract as in `fasttrain.data.plain`: (images, labels) on the device, set_epoch, len."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, batches: ShardedBatches, device: torch.device,
+                 mean: Sequence[float], std: Sequence[float], dtype: torch.dtype, channels_last: bool,
+                 crop_padding: int = 0, hflip: bool = False, seed: int = 0, num_threads: int = 2):
+        self.dali, self.fn, self.types = _import_dali()
+        self.images = images  # (N, H, W, C) uint8, read-only, shared
+        self.labels = np.ascontiguousarray(labels, dtype=np.int64)
+        self.batches = batches
+        self.device = device
+        self.mean = [255.0 * m for m in mean]  # DALI normalizes raw 0..255 pixels
+        self.std = [255.0 * s for s in std]
+        self.dtype = dtype
+        self.channels_last = channels_last
+        self.crop_padding = crop_padding
+        self.hflip = hflip
+        self.seed = seed
+        self.num_threads = max(1, num_threads)
+        self._pipe = None
+        self._mid_epoch = False  # a consumer stopped early: the pipeline must be drained before reuse
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.labels)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.batches.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def _build(self):
+        fn, types = self.fn, self.types
+        on_gpu = self.device.type == "cuda"
+        height, width = self.images.shape[1:3]
+        half = self.dtype == torch.float16
+
+        @self.dali.pipeline_def(batch_size=self.batches.batch_size, num_threads=self.num_threads,
+                                device_id=self.device.index if on_gpu else None, seed=self.seed,
+                                prefetch_queue_depth=2)
+        def pipeline():
+            images, labels, anchors, mirror = fn.external_source(
+                source=_EpochSource(self), num_outputs=4, cycle="raise", batch=True,
+                layout=["HWC", "", "", ""])
+            if on_gpu:
+                images, labels = images.gpu(), labels.gpu()
+            # the crop window may start at -padding: out-of-bounds pixels are zero, as with RandomCrop(padding=p)
+            cropped = fn.slice(images, start=anchors, shape=[height, width], axis_names="HW",
+                               out_of_bounds_policy="pad", fill_values=0)
+            out = fn.crop_mirror_normalize(cropped, mirror=mirror, mean=self.mean, std=self.std,
+                                           output_layout="HWC" if self.channels_last else "CHW",
+                                           dtype=types.FLOAT16 if half else types.FLOAT)
+            return out, labels
+
+        pipe = pipeline()
+        pipe.build()
+        return pipe
+
+    def _to_torch(self, tensor_list) -> torch.Tensor:
+        if self.device.type == "cuda":
+            from nvidia.dali.plugin.pytorch import feed_ndarray
+
+            dense = tensor_list.as_tensor()
+            out = torch.empty(dense.shape(), dtype=_torch_dtype(dense.dtype), device=self.device)
+            feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream(self.device))  # device to device
+            return out
+        return torch.from_numpy(np.array(tensor_list.as_tensor()))  # copy: DALI reuses its buffers
+
+    def _drain(self) -> None:
+        """Run out the pipeline's current epoch (after an early stop) and rewind it."""
+        try:
+            while True:
+                self._pipe.run()
+        except StopIteration:
+            self._pipe.reset()
+        self._mid_epoch = False
+
+    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        if self._pipe is None:
+            self._pipe = self._build()
+        elif self._mid_epoch:
+            self._drain()
+        self._mid_epoch = True
+        for _ in range(len(self)):
+            images, labels = self._pipe.run()
+            x = self._to_torch(images)
+            if self.channels_last:
+                x = x.permute(0, 3, 1, 2)  # NHWC storage viewed as NCHW: exactly channels_last
+            if x.dtype != self.dtype:
+                x = x.to(self.dtype)  # bf16: DALI has none; preserves channels_last
+            yield x, self._to_torch(labels).to(self.device).view(-1)
+        try:
+            self._pipe.run()  # the source is exhausted: this raises, and the pipeline rewinds
+        except StopIteration:
+            self._pipe.reset()
+            self._mid_epoch = False
+
+
+def _torch_dtype(dali_dtype) -> torch.dtype:
+    import nvidia.dali.types as types
+
+    return {types.FLOAT: torch.float32, types.FLOAT16: torch.float16, types.INT64: torch.int64,
+            types.UINT8: torch.uint8, types.INT32: torch.int32}[dali_dtype]

@@ -1,0 +1,43 @@
+"""Run under torchrun by the tests: one epoch of a loader on every rank, then rank 0 prints which
+sample indices each rank saw (labels carry the index), its steps and len(loader), as JSON."""
+
+import json
+import sys
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from fasttrain.data.dali import DaliLoader
+from fasttrain.data.gpu import GpuLoader
+from fasttrain.data.plain import CustomDataset, PlainLoader, ShardedBatches
+from fasttrain.data.transforms import T
+
+
+def main(kind: str, n: int, batch: int, epoch: int) -> None:
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    images = np.zeros((n, 32, 32, 3), dtype=np.uint8)
+    labels = np.arange(n)  # the label is the sample's index
+    batches = ShardedBatches(n, batch, shuffle=True, seed=11, rank=rank, world_size=world)
+    cpu = torch.device("cpu")
+    if kind == "plain":
+        dataset = CustomDataset(images, labels, T.Compose([T.RandomCrop(32, padding=4), T.ToTensor()]), seed=11)
+        loader = PlainLoader(dataset, batches, 0, False, False, cpu)
+    else:
+        cls = GpuLoader if kind == "gpu" else DaliLoader
+        loader = cls(images, labels, batches, cpu, [0.0] * 3, [1.0] * 3, torch.float32, False, 4, True, seed=11)
+    loader.set_epoch(epoch)
+    seen, steps = [], 0
+    for _, y in loader:
+        seen += y.tolist()
+        steps += 1
+    gathered = [None] * world
+    dist.all_gather_object(gathered, {"rank": rank, "indices": seen, "steps": steps, "len": len(loader)})
+    if rank == 0:
+        print(json.dumps(gathered))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
