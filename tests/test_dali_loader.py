@@ -80,10 +80,13 @@ def test_missing_dali_is_a_clear_error(monkeypatch, tmp_path):
         build_loaders(cfg, CPU)
 
 
-def test_auto_picks_the_resident_loader_on_the_cpu_and_plain_for_rotation(tmp_path):
+def test_auto_on_the_cpu_picks_dali_else_the_resident_loader_and_plain_for_rotation(tmp_path, monkeypatch):
+    from fasttrain.data import dali as dali_module
     from fasttrain.data import resolve_loader
 
     cfg = load_config(None, ["data.loader=auto", f"output.dir={tmp_path}"])
+    assert resolve_loader(cfg, CPU)[0] == ("dali" if dali_module.dali_available() else "gpu")
+    monkeypatch.setitem(sys.modules, "nvidia.dali", None)
     assert resolve_loader(cfg, CPU)[0] == "gpu"
     cfg = load_config(None, ["data.loader=auto", "aug.rotation=10", f"output.dir={tmp_path}"])
     assert resolve_loader(cfg, CPU) == ("plain", "aug.rotation / aug.color_jitter are only implemented by the plain loader")

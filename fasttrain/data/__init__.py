@@ -71,7 +71,9 @@ def resolve_loader(cfg: Config, device: torch.device) -> Tuple[str, str]:
     if cfg.aug.rotation > 0 or any(v > 0 for v in cfg.aug.color_jitter):
         return "plain", "aug.rotation / aug.color_jitter are only implemented by the plain loader"
     if device.type != "cuda":
-        return "gpu", "on the CPU the resident loader's batched augmentation beats per-image PIL transforms"
+        if dali_available():
+            return "dali", "on the CPU, DALI's threaded pipeline is the fastest loader (benchmarks/RESULTS.md)"
+        return "gpu", "on the CPU without DALI, the resident loader's batched augmentation beats per-image PIL"
     train_images, _, _ = load_split(cfg.data, train=True)
     test_images, _, _ = load_split(cfg.data, train=False)
     needed = train_images.nbytes + test_images.nbytes
