@@ -1,9 +1,10 @@
 """A synthetic dataset of CIFAR shape whose classes are learnable.
 
 Each class has a faint smooth random colour pattern (a 4x4x3 grid upsampled to the image size);
-an image is its class pattern plus pixel noise stronger than the pattern. The class survives crops and flips (the
-colour balance carries most of the signal), so a short run reaches well above chance, which is
-what tests and throughput runs need. Deterministic in `seed`.
+an image is its class pattern plus pixel noise stronger than the pattern. The class survives
+crops and flips (the colour balance carries most of the signal), so a short run reaches well
+above chance without being trivial, which is what tests and throughput runs need.
+Deterministic in `seed`.
 """
 
 from __future__ import annotations
