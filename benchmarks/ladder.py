@@ -3,13 +3,15 @@ in turn, on the same model, data and batch size, measured side by side in one ru
 
     python -m benchmarks.ladder                                   # CUDA, CIFAR10_CNN, batch 128 (< 5 min on one GPU)
     python -m benchmarks.ladder --data-root ../shared/data        # where cifar-10-batches-py/ lives
-    python -m benchmarks.ladder --device cpu --model SimpleModel --steps 5 --warmup 2   # a CPU check
+    python -m benchmarks.ladder --loaders-only                    # the loaders alone, no model
+    python -m benchmarks.ladder --device cpu --model SimpleModel --steps 5 --warmup 8   # a CPU check
 
-Each rung: warm-up steps (compilation happens there and is left out), then `--windows` timed
-windows of `--steps` steps, each between device synchronizations; the figure is the median
-window's images/s. Every rung's losses are checked to be finite, so a broken fast path cannot
-post a number. Training steps are the real ones (`fasttrain.engine.train_step`, DDP with world
-size 1, the configured loader), not a mock-up.
+Each rung: guard steps whose losses must be finite and decreasing (a broken fast path cannot post
+a number), more warm-up (compilation happens there and is left out), then `--windows` timed
+windows of `--steps` steps between device synchronizations; the figure is the median window.
+Training steps are the real ones (`fasttrain.engine.train_step`, DDP with world size 1, the
+configured loader). `python -m benchmarks` runs the full suite (ladder, batch sizes, loaders,
+scaling) and writes JSON, markdown and a chart.
 """
 
 from __future__ import annotations
@@ -19,25 +21,24 @@ import itertools
 import json
 import logging
 import platform
-import statistics
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
+from benchmarks.measure import Measurement, flops_per_image, measure, peak_flops
 from benchmarks.tutorial_loop import tutorial_loader, tutorial_steps
 from fasttrain import dist
 from fasttrain.config import Config, ModelConfig, load_config
 from fasttrain.data import build_loaders, load_split
 from fasttrain.data.dali import dali_available
-from fasttrain.engine import synchronize, train_step
+from fasttrain.engine import train_step
 from fasttrain.models import build_model
-from fasttrain.optim import build_optimizer
 from fasttrain.trainer import build_parts
 
+TUTORIAL = "tutorial loop (PIL transforms, DataLoader, loss.item() per step)"
 # each rung adds its switch to the ones above it
 RUNGS: List[Tuple[str, List[str]]] = [
     ("fasttrain, plain loader", ["data.loader=plain"]),
@@ -50,37 +51,46 @@ DALI_RUNG = ("DALI instead of the gpu-resident loader", ["data.loader=dali"])
 
 
 @dataclass
+class Timing:
+    """How long and how hard to measure."""
+    warmup: int = 20
+    steps: int = 50
+    windows: int = 3
+    guard_steps: int = 12
+
+
+@dataclass
 class Row:
     variant: str
+    batch_size: int
     images_per_sec: float
     window_images_per_sec: List[float]
-    speedup: float
-    first_loss: float
-    last_loss: float
+    speedup: float  # over the first row of its table, measured in the same run
+    data_wait_share: Optional[float]  # None for the tutorial loop, whose fetch is inside its step
+    mfu: Optional[float]  # achieved FLOP/s / the device's peak for the precision; None when unknown
+    guard_first_loss: float = 0.0
+    guard_last_loss: float = 0.0
 
 
-def measure(step: Callable[[], object], batch: int, warmup: int, steps: int, windows: int,
-            device: torch.device) -> Tuple[float, List[float], List[float]]:
-    """(median images/s, each window's images/s, the losses of every timed step)."""
-    for _ in range(warmup):
-        step()
-    results: List[object] = []
-    rates = []
-    for _ in range(windows):
-        synchronize(device)  # host sync: the clock starts when the device is idle
-        start = time.perf_counter()
-        for _ in range(steps):
-            results.append(step())
-        synchronize(device)  # host sync: the clock stops when the device is done
-        rates.append(steps * batch / (time.perf_counter() - start))
-    losses = [float(v) for v in (torch.stack(results).float().cpu().tolist() if isinstance(results[0], torch.Tensor)
-                                 else results)]
-    return statistics.median(rates), rates, losses
+def base_overrides(device: str, model: str, batch_size: int, data_root: str, workers: int) -> List[str]:
+    real = (Path(data_root) / "cifar-10-batches-py").is_dir()
+    # a constant AdamW lr 1e-3, as the tutorial loop row uses: the guard needs the loss to move from step one
+    return [f"train.device={device}", f"model.name={model}", f"train.batch_size={batch_size}", "train.epochs=10000",
+            "optim.name=adamw", "optim.lr=0.001", "sched.name=none",
+            "data.drop_last=true", f"data.num_workers={workers}", "output.dir=/nonexistent", f"data.root={data_root}",
+            "data.download=false", "data.dataset=cifar10" if real else "data.dataset=synthetic",
+            "data.train_size=0" if real else "data.train_size=10000"]
 
 
-def _check(variant: str, losses: Sequence[float]) -> None:
-    if not all(torch.isfinite(torch.tensor(losses))):
-        raise SystemExit(f"benchmark: {variant} produced non-finite losses: its figure would be meaningless")
+def ladder_rungs() -> List[Tuple[str, List[str]]]:
+    """(variant, cumulative overrides) for every rung, DALI last when it is installed."""
+    rungs, overrides = [], []
+    for variant, switch in RUNGS:
+        overrides = overrides + switch
+        rungs.append((variant, overrides))
+    if dali_available():
+        rungs.append((DALI_RUNG[0], rungs[-1][1] + DALI_RUNG[1]))
+    return rungs
 
 
 def _cycle(loader) -> Iterator:
@@ -89,61 +99,73 @@ def _cycle(loader) -> Iterator:
         yield from loader
 
 
-def tutorial_rung(cfg: Config, device: torch.device, args: argparse.Namespace) -> Tuple[float, List[float], List[float]]:
+def _silent_logger() -> logging.Logger:
+    logger = logging.getLogger("fasttrain.bench")
+    logger.handlers = [logging.NullHandler()]
+    logger.propagate = False
+    return logger
+
+
+def tutorial_measurement(cfg: Config, device: torch.device, timing: Timing, workers: int) -> Measurement:
     images, labels, info = load_split(cfg.data, train=True)
     torch.manual_seed(cfg.train.seed)
-    model = build_model(ModelConfig(name=args.model), info.in_channels, info.image_size, info.num_classes).to(device)
+    model = build_model(ModelConfig(name=cfg.model.name), info.in_channels, info.image_size,
+                        info.num_classes).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
-    loader = tutorial_loader(images, labels, args.batch_size, args.tutorial_workers, pin_memory=device.type == "cuda")
+    loader = tutorial_loader(images, labels, cfg.train.batch_size, workers, pin_memory=device.type == "cuda")
     steps = tutorial_steps(model, loader, optimizer, device)
-    return measure(lambda: next(steps), args.batch_size, args.warmup, args.steps, args.windows, device)
+    # the tutorial's loop fetches and steps in one go: its data wait is inside the step here
+    return measure(TUTORIAL, lambda: None, lambda _: next(steps), cfg.train.batch_size, device, timing.warmup,
+                   timing.steps, timing.windows, timing.guard_steps)
 
 
-def fasttrain_rung(cfg: Config, ctx: dist.Dist, args: argparse.Namespace) -> Tuple[float, List[float], List[float]]:
-    logger = logging.getLogger("fasttrain.bench")
-    logger.addHandler(logging.NullHandler())
-    logger.propagate = False
-    parts = build_parts(cfg, ctx, logger)
+def fasttrain_measurement(cfg: Config, ctx: dist.Dist, timing: Timing, name: str) -> Tuple[Measurement, float]:
+    """(measurement, forward+backward FLOPs per image of the model)."""
+    parts = build_parts(cfg, ctx, _silent_logger())
     batches = _cycle(parts.train_loader)
     parts.train_model.train()
 
-    def step() -> torch.Tensor:
-        images, labels = next(batches)
+    def step(batch) -> torch.Tensor:
+        images, labels = batch
         loss, _ = train_step(parts.train_model, images, labels, parts.optimizer, parts.precision)
         parts.schedule.after_batch()
         return loss  # stays on the device: no per-step sync
 
-    return measure(step, args.batch_size, args.warmup, args.steps, args.windows, ctx.device)
+    shape = tuple(next(iter(parts.val_loader))[0].shape[1:])
+    flops = flops_per_image(parts.model, shape)
+    return measure(name, lambda: next(batches), step, cfg.train.batch_size, ctx.device, timing.warmup, timing.steps,
+                   timing.windows, timing.guard_steps), flops
 
 
-def train_rows(base: List[str], ctx: dist.Dist, args: argparse.Namespace) -> List[Row]:
-    rows: List[Row] = []
-    rate, rates, losses = tutorial_rung(load_config(None, base), ctx.device, args)
-    _check("tutorial loop", losses)
-    rows.append(Row("tutorial loop (PIL transforms, DataLoader, loss.item() per step)", rate, rates, 1.0,
-                    losses[0], losses[-1]))
-    print(f"  {rows[-1].variant}: {rate:,.0f} img/s", flush=True)
-    rungs: List[Tuple[str, List[str]]] = []
-    overrides: List[str] = []
-    for variant, switch in RUNGS:
-        overrides = overrides + switch
-        rungs.append((variant, overrides))
-    if dali_available():
-        rungs.append((DALI_RUNG[0], rungs[-1][1] + DALI_RUNG[1]))
-    for variant, rung_overrides in rungs:
+def _mfu(ips: float, flops: float, cfg: Config, device: torch.device, peak_override: Optional[float]) -> Optional[float]:
+    peak = peak_flops(device, cfg.train.precision, cfg.train.tf32, peak_override)
+    return ips * flops / peak if peak else None
+
+
+def train_rows(base: List[str], ctx: dist.Dist, timing: Timing, workers: int,
+               peak_override: Optional[float] = None, progress=print) -> List[Row]:
+    cfg = load_config(None, base)
+    first = tutorial_measurement(cfg, ctx.device, timing, workers)
+    rows = [Row(TUTORIAL, cfg.train.batch_size, first.images_per_sec, first.window_images_per_sec, 1.0, None, None, first.guard_losses[0] if first.guard_losses else 0.0,
+                first.guard_losses[-1] if first.guard_losses else 0.0)]
+    progress(f"  {TUTORIAL}: {first.images_per_sec:,.0f} img/s")
+    for variant, overrides in ladder_rungs():
         torch._dynamo.reset()  # each rung compiles from scratch
-        rate, rates, losses = fasttrain_rung(load_config(None, base + rung_overrides), ctx, args)
-        _check(variant, losses)
-        rows.append(Row(variant, rate, rates, rate / rows[0].images_per_sec, losses[0], losses[-1]))
-        print(f"  {variant}: {rate:,.0f} img/s", flush=True)
+        rung_cfg = load_config(None, base + overrides)
+        m, flops = fasttrain_measurement(rung_cfg, ctx, timing, variant)
+        rows.append(Row(variant, rung_cfg.train.batch_size, m.images_per_sec, m.window_images_per_sec,
+                        m.images_per_sec / rows[0].images_per_sec, m.data_wait_share,
+                        _mfu(m.images_per_sec, flops, rung_cfg, ctx.device, peak_override),
+                        m.guard_losses[0] if m.guard_losses else 0.0, m.guard_losses[-1] if m.guard_losses else 0.0))
+        progress(f"  {variant}: {m.images_per_sec:,.0f} img/s")
     return rows
 
 
-def loader_rows(base: List[str], device: torch.device, args: argparse.Namespace) -> List[Row]:
+def loader_rows(base: List[str], device: torch.device, timing: Timing, workers: int, progress=print) -> List[Row]:
     """Images/s of each loader alone: batches produced on the device, nothing trained."""
     cfg = load_config(None, base)
     images, labels, _ = load_split(cfg.data, train=True)
-    tutorial = tutorial_loader(images, labels, args.batch_size, args.tutorial_workers, pin_memory=device.type == "cuda")
+    tutorial = tutorial_loader(images, labels, cfg.train.batch_size, workers, pin_memory=device.type == "cuda")
 
     def tutorial_batches() -> Iterator:
         while True:
@@ -156,11 +178,43 @@ def loader_rows(base: List[str], device: torch.device, args: argparse.Namespace)
         sources.append((f"fasttrain {name}", _cycle(train_loader)))
     rows: List[Row] = []
     for variant, batches in sources:
-        rate, rates, _ = measure(lambda: next(batches)[1].sum(), args.batch_size, args.warmup, args.steps,
-                                 args.windows, device)
-        rows.append(Row(variant, rate, rates, rate / (rows[0].images_per_sec if rows else rate), 0.0, 0.0))
-        print(f"  {variant}: {rate:,.0f} img/s", flush=True)
+        # the "step" touches the batch on the device, so its production must finish inside the window
+        m = measure(variant, lambda: next(batches), lambda b: b[1].sum(), cfg.train.batch_size, device,
+                    timing.warmup, timing.steps, timing.windows)
+        rows.append(Row(variant, cfg.train.batch_size, m.images_per_sec, m.window_images_per_sec,
+                        m.images_per_sec / (rows[0].images_per_sec if rows else m.images_per_sec), None, None))
+        progress(f"  {variant}: {m.images_per_sec:,.0f} img/s")
     return rows
+
+
+def environment(device: torch.device) -> dict:
+    import os
+
+    try:
+        import nvidia.dali as dali_module
+
+        dali_version = dali_module.__version__
+    except ImportError:
+        dali_version = None
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
+    return {"device": name, "device_type": device.type, "torch": torch.__version__, "cuda": torch.version.cuda,
+            "dali": dali_version, "python": platform.python_version(), "cpu_count": os.cpu_count()}
+
+
+def print_table(rows: Sequence[Row], loaders_only: bool) -> None:
+    if loaders_only:
+        print("| loader (no model) | images/s | vs tutorial DataLoader |")
+        print("|---|---:|---:|")
+        for row in rows:
+            print(f"| {row.variant} | {row.images_per_sec:,.0f} | {row.speedup:.2f}x |")
+        return
+    print("| variant | images/s | speedup vs tutorial loop | data wait | MFU | guard loss first -> last |")
+    print("|---|---:|---:|---:|---:|---|")
+    for row in rows:
+        mfu = f"{100 * row.mfu:.1f}%" if row.mfu is not None else "n/a"
+        wait = f"{100 * row.data_wait_share:.0f}%" if row.data_wait_share is not None else "n/a"
+        print(f"| {row.variant} | {row.images_per_sec:,.0f} | {row.speedup:.2f}x | {wait} | "
+              f"{mfu} | {row.guard_first_loss:.3f} -> {row.guard_last_loss:.3f} |")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -171,51 +225,38 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         "of the same shape is used when it is absent")
     parser.add_argument("--model", default="CIFAR10_CNN")
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--warmup", type=int, default=20, help="steps before timing (compilation happens here)")
+    parser.add_argument("--warmup", type=int, default=20, help="steps before timing, guard steps included")
+    parser.add_argument("--guard-steps", type=int, default=12, help="first steps whose losses must be finite and fall")
     parser.add_argument("--steps", type=int, default=50, help="steps per timed window")
     parser.add_argument("--windows", type=int, default=3, help="timed windows per rung; the median is reported")
     parser.add_argument("--tutorial-workers", type=int, default=4,
                         help="num_workers of the DataLoaders (the tutorial's 4; fasttrain's plain loader uses the same)")
+    parser.add_argument("--peak-tflops", type=float, help="the device's peak TFLOP/s for MFU (default: known GPUs)")
     parser.add_argument("--loaders-only", action="store_true",
                         help="time the loaders alone (no model): tutorial DataLoader, plain, gpu, dali")
     parser.add_argument("--json", type=Path, help="also write the rows and the environment to this JSON file")
     args = parser.parse_args(argv)
 
-    real = (Path(args.data_root) / "cifar-10-batches-py").is_dir()
-    base = [f"train.device={args.device}", f"model.name={args.model}", f"train.batch_size={args.batch_size}",
-            "train.epochs=10000", "data.drop_last=true", f"data.num_workers={args.tutorial_workers}",
-            "output.dir=/nonexistent",
-            f"data.root={args.data_root}", "data.download=false",
-            "data.dataset=cifar10" if real else "data.dataset=synthetic",
-            "data.train_size=0" if real else "data.train_size=10000"]
+    timing = Timing(max(args.warmup, args.guard_steps), args.steps, args.windows, args.guard_steps)
+    base = base_overrides(args.device, args.model, args.batch_size, args.data_root, args.tutorial_workers)
+    real = "data.dataset=cifar10" in base
     ctx = dist.setup(args.device)
     try:
-        device = ctx.device
-        name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-        header = (f"device {device} ({name}) | torch {torch.__version__} | model {args.model} | batch "
-                  f"{args.batch_size} | data {'CIFAR-10' if real else 'synthetic CIFAR-shaped'} | warm-up "
-                  f"{args.warmup} steps, {args.windows} windows x {args.steps} steps, median")
-        print(header, flush=True)
-        rows = loader_rows(base, device, args) if args.loaders_only else train_rows(base, ctx, args)
+        env = environment(ctx.device)
+        print(f"device {ctx.device} ({env['device']}) | torch {env['torch']} | model {args.model} | batch "
+              f"{args.batch_size} | data {'CIFAR-10' if real else 'synthetic CIFAR-shaped'} | {timing.guard_steps} "
+              f"guard + warm-up to {timing.warmup} steps, {timing.windows} windows x {timing.steps} steps, median",
+              flush=True)
+        progress = lambda line: print(line, flush=True)  # noqa: E731
+        rows = (loader_rows(base, ctx.device, timing, args.tutorial_workers, progress) if args.loaders_only
+                else train_rows(base, ctx, timing, args.tutorial_workers, args.peak_tflops, progress))
     finally:
         dist.teardown()
-
     print()
-    if args.loaders_only:
-        print("| loader (no model) | images/s | vs tutorial DataLoader |")
-        print("|---|---:|---:|")
-        for row in rows:
-            print(f"| {row.variant} | {row.images_per_sec:,.0f} | {row.speedup:.2f}x |")
-    else:
-        print("| variant | images/s | speedup vs tutorial loop | loss first -> last timed step |")
-        print("|---|---:|---:|---|")
-        for row in rows:
-            print(f"| {row.variant} | {row.images_per_sec:,.0f} | {row.speedup:.2f}x | "
-                  f"{row.first_loss:.3f} -> {row.last_loss:.3f} |")
+    print_table(rows, args.loaders_only)
     if args.json:
-        env = {"device": name, "torch": torch.__version__, "python": platform.python_version(),
-               "model": args.model, "batch_size": args.batch_size, "data": "cifar10" if real else "synthetic",
-               "warmup": args.warmup, "steps": args.steps, "windows": args.windows}
+        env.update({"model": args.model, "batch_size": args.batch_size, "data": "cifar10" if real else "synthetic",
+                    **asdict(timing)})
         args.json.write_text(json.dumps({"environment": env, "rows": [asdict(r) for r in rows]}, indent=2))
     return 0
 

@@ -3,6 +3,13 @@
 import json
 import math
 
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from benchmarks.measure import BrokenVariant, flops_per_image, guard, measure
+
 from conftest import run_fasttrain
 from fasttrain.data.dali import dali_available
 
@@ -10,7 +17,7 @@ from fasttrain.data.dali import dali_available
 def test_ladder_runs_every_rung_and_writes_its_table(tmp_path):
     out = tmp_path / "ladder.json"
     result = run_fasttrain("--device", "cpu", "--model", "SimpleModel", "--batch-size", "32", "--steps", "3",
-                           "--warmup", "1", "--windows", "1", "--tutorial-workers", "0", "--data-root",
+                           "--warmup", "12", "--guard-steps", "12", "--windows", "1", "--tutorial-workers", "0", "--data-root",
                            str(tmp_path), "--json", str(out), module="benchmarks.ladder")
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
@@ -19,8 +26,11 @@ def test_ladder_runs_every_rung_and_writes_its_table(tmp_path):
     assert [r["variant"].split(" (")[0] for r in rows] == expected
     table = [line for line in result.stdout.splitlines() if line.startswith("| ")]
     assert len(table) == 1 + len(expected)
-    assert all(r["images_per_sec"] > 0 and math.isfinite(r["last_loss"]) for r in rows)
+    assert all(r["images_per_sec"] > 0 for r in rows)
+    assert all(math.isfinite(r["guard_last_loss"]) and r["guard_last_loss"] < r["guard_first_loss"] for r in rows)
+    assert rows[0]["data_wait_share"] is None and all(0.0 <= r["data_wait_share"] <= 1.0 for r in rows[1:])
     assert rows[0]["speedup"] == 1.0
+    assert all(r["mfu"] is None for r in rows)  # no known peak for a CPU: "n/a", not a made-up figure
 
 
 def test_loader_only_mode_times_every_loader(tmp_path):
@@ -33,3 +43,40 @@ def test_loader_only_mode_times_every_loader(tmp_path):
     assert [r["variant"] for r in rows] == ["tutorial DataLoader (PIL transforms)", "fasttrain plain", "fasttrain gpu"] + (
         ["fasttrain dali"] if dali_available() else [])
     assert all(r["images_per_sec"] > 0 for r in rows)
+
+
+def test_guard_refuses_a_variant_whose_loss_is_not_finite_or_does_not_fall():
+    with pytest.raises(BrokenVariant, match="non-finite"):
+        guard("x", [2.3, float("nan"), 2.1, 2.0])
+    with pytest.raises(BrokenVariant, match="did not decrease"):
+        guard("x", [2.3, 2.3, 2.4, 2.5])
+    guard("x", [2.3, 2.2, 2.2, 2.0])
+    with pytest.raises(BrokenVariant):  # a broken fast path: its timing is never reached
+        measure("broken", lambda: None, lambda _: torch.tensor(float("inf")), 32, torch.device("cpu"), 4, 2, 1, 4)
+
+
+def test_flops_per_image_are_counted_on_the_model():
+    from fasttrain.models import CIFAR10_CNN
+
+    flops = flops_per_image(CIFAR10_CNN(), (3, 32, 32))
+    # forward multiply-adds of the convolutions and linears, x2 FLOPs each, x3 for forward + backward
+    convs = [(3, 32, 32), (32, 32, 32), (32, 64, 16), (64, 64, 16), (64, 128, 8), (128, 128, 8)]
+    forward = sum(2 * cin * cout * 9 * side * side for cin, cout, side in convs) + 2 * (2048 * 256 + 256 * 10)
+    assert flops == pytest.approx(3 * forward, rel=0.01)
+
+
+def test_suite_smoke_preset_writes_json_markdown_and_a_chart(tmp_path):
+    result = run_fasttrain("--preset", "cpu-smoke", "--data-root", str(tmp_path), "--out", str(tmp_path / "out"),
+                           module="benchmarks")
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert {"device", "torch", "cuda", "dali", "cpu_count", "python", "git_commit"} <= set(data["environment"])
+    assert len(data["ladder"]) == len(data["best_batch"]) + 1  # every fasttrain variant got a batch sweep
+    assert [s["world_size"] for s in data["scaling"]] == [1, 2] and data["scaling"][0]["efficiency"] == 1.0
+    assert len(data["loaders"]) >= 3
+    markdown = (tmp_path / "out" / "results.md").read_text()
+    assert markdown.count("| tutorial loop") == 1 and "per-rank efficiency" in markdown
+    image = Image.open(tmp_path / "out" / "results.png")
+    assert image.format == "PNG" and image.size[0] > 500 and image.size[1] > 300
+    pixels = np.asarray(image.convert("L"))
+    assert pixels.std() > 10  # bars and text, not a blank canvas

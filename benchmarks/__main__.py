@@ -1,0 +1,150 @@
+"""The benchmark suite: `python -m benchmarks --preset cpu-smoke | gpu [--out DIR] [--data-root ...]`.
+
+In one run, side by side: the speed ladder (the tutorial's loop, then fasttrain with each feature
+added in turn, with data-wait share and MFU), the best batch size of every variant, the loaders
+alone, and scaling over 1..N ranks with per-rank efficiency. Writes DIR/results.json (with the
+environment), DIR/results.md and DIR/results.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import torch
+
+from benchmarks.ladder import Row, Timing, base_overrides, environment, fasttrain_measurement, ladder_rungs, loader_rows, train_rows
+from benchmarks.report import write_chart, write_markdown
+from fasttrain import dist
+from fasttrain.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Preset:
+    device: str
+    model: str
+    batch_size: int
+    sweep: Sequence[int]  # batch sizes tried for each variant's best
+    timing: Timing
+    loader_timing: Timing
+    workers: int
+    ranks: Sequence[int]  # world sizes of the scaling runs
+
+
+PRESETS = {
+    # CI-sized: checks that every part runs and writes well-formed results; its figures are noise
+    "cpu-smoke": Preset("cpu", "SimpleModel", 32, (32, 64), Timing(12, 10, 3, 12), Timing(3, 10, 3, 0), 0, (1, 2)),
+    # the case study on a CPU: minutes, for machines without a GPU
+    "cpu": Preset("cpu", "CIFAR10_CNN", 128, (128, 256), Timing(16, 10, 3, 12), Timing(5, 20, 3, 0), 2, (1, 2)),
+    # the case study on GPUs: every variant, batch sizes up to 512, all the node's GPUs for scaling
+    "gpu": Preset("cuda", "CIFAR10_CNN", 128, (128, 256, 512), Timing(30, 50, 3, 12), Timing(10, 50, 3, 0), 4, ()),
+}
+
+
+def git_commit() -> Optional[str]:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def best_batch_rows(preset: Preset, base: List[str], ctx: dist.Dist, progress) -> List[dict]:
+    """Every variant at every batch size of the sweep: the fastest, in images/s."""
+    results = []
+    for variant, overrides in ladder_rungs():
+        tried = {}
+        for batch in preset.sweep:
+            torch._dynamo.reset()
+            cfg = load_config(None, base + overrides + [f"train.batch_size={batch}"])
+            measurement, _ = fasttrain_measurement(cfg, ctx, replace(preset.timing, guard_steps=0), variant)
+            tried[batch] = measurement.images_per_sec
+        best = max(tried, key=tried.get)
+        results.append({"variant": variant, "images_per_sec_by_batch": tried, "best_batch_size": best,
+                        "best_images_per_sec": tried[best]})
+        progress(f"  {variant}: best batch {best} ({tried[best]:,.0f} img/s)")
+    return results
+
+
+def scaling_rows(preset: Preset, base: List[str], progress) -> List[dict]:
+    """The top rung at 1..N ranks under torchrun; efficiency = images/s / (N x images/s at 1 rank)."""
+    ranks = list(preset.ranks) or list(range(1, max(torch.cuda.device_count(), 1) + 1))
+    # on a GPU every feature; on the CPU the resident loader without compile (compiling per process is slow)
+    variant = "+ torch.compile" if preset.device == "cuda" else "+ gpu-resident loader"
+    overrides = dict(ladder_rungs())[variant]
+    rows: List[dict] = []
+    for world in ranks:
+        env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        if preset.device == "cpu":
+            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // world))
+        t = preset.loader_timing
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
+               "-m", "benchmarks.scaling_worker", "--warmup", str(preset.timing.warmup), "--steps", str(t.steps),
+               "--windows", str(t.windows), *base, *overrides]
+        result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
+        if result.returncode != 0:
+            raise SystemExit(f"scaling run with {world} rank(s) failed:\n{result.stderr[-3000:]}")
+        ips = json.loads(result.stdout.strip().splitlines()[-1])["images_per_sec"]
+        rows.append({"variant": variant, "world_size": world, "images_per_sec": ips,
+                     "efficiency": ips / (world * rows[0]["images_per_sec"]) if rows else 1.0})
+        progress(f"  {world} rank(s): {ips:,.0f} img/s")
+    return rows
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="gpu")
+    parser.add_argument("--data-root", default="./data", help="folder holding cifar-10-batches-py/ (synthetic data "
+                        "of the same shape when absent)")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/out"), help="where results.{json,md,png} go")
+    parser.add_argument("--peak-tflops", type=float, help="the device's peak TFLOP/s for MFU (default: known GPUs)")
+    args = parser.parse_args(argv)
+    preset = PRESETS[args.preset]
+    if preset.device == "cuda" and not torch.cuda.is_available():
+        print("benchmarks: --preset gpu needs a CUDA device; use --preset cpu-smoke here", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    progress = lambda line: print(line, flush=True)  # noqa: E731
+    base = base_overrides(preset.device, preset.model, preset.batch_size, args.data_root, preset.workers)
+
+    ctx = dist.setup(preset.device)
+    try:
+        env = environment(ctx.device)
+        env.update({"preset": args.preset, "model": preset.model, "batch_size": preset.batch_size,
+                    "data": "cifar10" if "data.dataset=cifar10" in base else "synthetic", "timing": asdict(preset.timing),
+                    "date": datetime.datetime.now().isoformat(timespec="seconds"), "git_commit": git_commit()})
+        progress(f"benchmarks: preset {args.preset} on {env['device']} (torch {env['torch']}, data {env['data']})")
+        progress("ladder:")
+        ladder: List[Row] = train_rows(base, ctx, preset.timing, preset.workers, args.peak_tflops, progress)
+        progress("best batch size per variant:")
+        best = best_batch_rows(preset, base, ctx, progress)
+        progress("loaders alone:")
+        loaders = loader_rows(base, ctx.device, preset.loader_timing, preset.workers, progress)
+    finally:
+        dist.teardown()
+    progress("scaling:")
+    scaling = scaling_rows(preset, base, progress)
+
+    results = {"environment": env, "ladder": [asdict(r) for r in ladder], "best_batch": best,
+               "loaders": [asdict(r) for r in loaders], "scaling": scaling}
+    (args.out / "results.json").write_text(json.dumps(results, indent=2))
+    markdown = write_markdown(results, args.out / "results.md")
+    write_chart(results, args.out / "results.png")
+    print()
+    print(markdown)
+    print(f"wrote {args.out / 'results.json'}, {args.out / 'results.md'}, {args.out / 'results.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

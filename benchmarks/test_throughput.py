@@ -1,0 +1,103 @@
+"""pytest-benchmark versions of the key comparisons, CPU-sized: `pytest benchmarks/`.
+
+Benchmarks, not assertions about speed: save them (`--benchmark-autosave`) and compare commits
+(`--benchmark-compare`). Each group puts the tutorial's way next to fasttrain's.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from benchmarks.tutorial_loop import tutorial_loader
+from fasttrain import dist
+from fasttrain.config import ModelConfig, load_config
+from fasttrain.data import build_loaders
+from fasttrain.data.dali import dali_available
+from fasttrain.data.synthetic import make_synthetic
+from fasttrain.engine import train_step
+from fasttrain.models import build_model
+from fasttrain.precision import build_precision
+
+CPU = torch.device("cpu")
+BATCH = 64
+
+
+@pytest.fixture(scope="module")
+def process_group():
+    ctx = dist.setup("cpu")  # fasttrain's step runs under DDP, world size 1 included
+    yield ctx
+    dist.teardown()
+
+
+@pytest.fixture(scope="module")
+def batch():
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(BATCH, 3, 32, 32, generator=gen), torch.randint(0, 10, (BATCH,), generator=gen)
+
+
+def _model():
+    torch.manual_seed(0)
+    return build_model(ModelConfig(name="CNN"), 3, 32, 10)
+
+
+@pytest.mark.benchmark(group="train step (CNN, batch 64)")
+def test_step_tutorial_loop(benchmark, batch):
+    model, (images, labels) = _model(), batch
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    criterion = torch.nn.CrossEntropyLoss()
+
+    def step():  # the tutorial's step, with its per-step loss.item()
+        optimizer.zero_grad()
+        loss = criterion(model(images), labels)
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+
+    benchmark.pedantic(step, rounds=5, iterations=1, warmup_rounds=1)
+
+
+@pytest.mark.benchmark(group="train step (CNN, batch 64)")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_step_fasttrain(benchmark, batch, process_group, precision):
+    model = _model()
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    prec = build_precision(precision, CPU, tf32=False)
+    images, labels = batch
+    benchmark.pedantic(lambda: train_step(ddp, images, labels, optimizer, prec), rounds=5, iterations=1,
+                       warmup_rounds=1)
+
+
+def _next_batch(loader):
+    batches = itertools.chain.from_iterable(_epochs(loader))
+    return lambda: next(batches)[1].sum()
+
+
+def _epochs(loader):
+    for epoch in itertools.count():
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        yield loader
+
+
+@pytest.mark.benchmark(group="loader alone (batch 64)")
+def test_loader_tutorial_dataloader(benchmark):
+    images, labels = make_synthetic(2048, seed=0)
+    loader = tutorial_loader(images, labels, BATCH, num_workers=0, pin_memory=False)
+    benchmark.pedantic(_next_batch(loader), rounds=20, iterations=1, warmup_rounds=2)
+
+
+@pytest.mark.benchmark(group="loader alone (batch 64)")
+@pytest.mark.parametrize("kind", ["plain", "gpu", "dali"])
+def test_loader_fasttrain(benchmark, kind, tmp_path):
+    if kind == "dali" and not dali_available():
+        pytest.skip("DALI is not installed")
+    cfg = load_config(None, ["data.dataset=synthetic", "data.train_size=2048", f"data.loader={kind}",
+                             f"train.batch_size={BATCH}", "data.num_workers=0", f"output.dir={tmp_path}"])
+    loader, _, _ = build_loaders(cfg, CPU)
+    benchmark.pedantic(_next_batch(loader), rounds=20, iterations=1, warmup_rounds=2)
