@@ -50,4 +50,5 @@ def epoch_line(record: Dict[str, Any], epochs: int) -> str:
     return (f"epoch {record['epoch']:>3}/{epochs} | train_loss {record['train_loss']:.4f} | "
             f"val_loss {record['val_loss']:.4f} | val_acc {100 * record['val_acc']:.2f}% | lr {record['lr']:.3g} | "
             f"{record['images_per_sec']:,.0f} img/s | {record['epoch_seconds']:.1f}s"
+            + (f" | {record['skipped_steps']} fp16 steps skipped" if record.get("skipped_steps") else "")
             + (" | best" if record.get("is_best") else ""))

@@ -1,4 +1,5 @@
-"""The GPU-resident loader (run here on the CPU, which is the device the trainer would use):
+"""The GPU-resident loader (run here on the CPU, which is the device the trainer would use), and
+the DALI loader where it shares its checks:
 its crops and flips are torchvision's, with the right distribution, labels stay with their
 images, every sample once per epoch across ranks, and evaluation batches equal the plain path's."""
 
@@ -41,14 +42,20 @@ def _raw_batches(loader):
         yield (images.float() * 255).round().to(torch.uint8), labels
 
 
-def _loader(images, labels, rank=0, world=1, batch=100, **kw):
+def _loader(images, labels, rank=0, world=1, batch=100, kind="gpu", **kw):
     batches = ShardedBatches(len(labels), batch, shuffle=True, seed=3, rank=rank, world_size=world)
-    return GpuLoader(images, labels, batches, CPU, [0.0] * 3, [1.0] * 3, torch.float32, False, seed=3, **kw)
+    if kind == "dali":
+        pytest.importorskip("nvidia.dali")
+        from fasttrain.data.dali import DaliLoader as cls
+    else:
+        cls = GpuLoader
+    return cls(images, labels, batches, CPU, [0.0] * 3, [1.0] * 3, torch.float32, False, seed=3, **kw)
 
 
-def test_augmentation_distribution_and_label_pairing():
+@pytest.mark.parametrize("kind", ["gpu", "dali"])
+def test_augmentation_distribution_and_label_pairing(kind):
     images, labels = _probe_images(4500)
-    loader = _loader(images, labels, crop_padding=4, hflip=True)
+    loader = _loader(images, labels, kind=kind, crop_padding=4, hflip=True)
     # the 162 possible outputs (corner i, j in 0..8, flip or not) of channels 0 and 2, by torchvision
     base = torch.from_numpy(images[0]).permute(2, 0, 1)[[0, 2]]
     params = [(i, j, f) for i in range(9) for j in range(9) for f in (False, True)]
