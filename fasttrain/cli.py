@@ -1,4 +1,4 @@
-"""The `fasttrain` console script: `fasttrain train ...` and `fasttrain eval CHECKPOINT ...`."""
+"""The `fasttrain` console script: `fasttrain train ...`, `fasttrain eval CHECKPOINT ...`, `fasttrain plot RUN_DIR`."""
 
 from __future__ import annotations
 
@@ -45,13 +45,30 @@ def _eval(argv: Sequence[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": "train a model (same as python -m fasttrain.run)", "eval": "evaluate a checkpoint"}
+def _plot(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="fasttrain plot", description="Write curves.png and throughput.png "
+                                     "into a run folder from its metrics.")
+    parser.add_argument("run_dir", help="a run folder written by fasttrain, e.g. runs/<run>")
+    args = parser.parse_args(argv)
+    try:
+        from fasttrain.plots import plot_run
+
+        for path in plot_run(args.run_dir):
+            print(f"wrote {path}")
+    except UserError as err:
+        report(err)
+        return EXIT_USER_ERROR
+    return 0
+
+
+COMMANDS = {"train": "train a model (same as python -m fasttrain.run)", "eval": "evaluate a checkpoint",
+            "plot": "plot a run folder's loss, accuracy, learning rate and throughput"}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        usage = "usage: fasttrain {train,eval} ...\n\n" + "\n".join(f"  {k:<6} {v}" for k, v in COMMANDS.items())
+        usage = "usage: fasttrain {train,eval,plot} ...\n\n" + "\n".join(f"  {k:<6} {v}" for k, v in COMMANDS.items())
         if argv and argv[0] not in ("-h", "--help"):
             print(f"fasttrain: error: unknown command '{argv[0]}'\n{usage}", file=sys.stderr)
             return EXIT_USER_ERROR
@@ -59,6 +76,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0 if argv else EXIT_USER_ERROR
     if argv[0] == "train":
         return run.main(argv[1:], prog="fasttrain train")
+    if argv[0] == "plot":
+        return _plot(argv[1:])
     return _eval(argv[1:])
 
 

@@ -8,6 +8,7 @@ train_one_epoch + validate, writes metrics, and keeps `checkpoints/last.pt` and
 
 from __future__ import annotations
 
+import json
 import logging
 import platform
 import time
@@ -21,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import fasttrain
 from fasttrain import config as config_mod
-from fasttrain import dist
+from fasttrain import dist, environment
 from fasttrain.checkpoint import save_checkpoint
 from fasttrain.config import Config
 from fasttrain.data import build_loaders, resolve_loader
@@ -31,6 +32,7 @@ from fasttrain.errors import UserError
 from fasttrain.models import build_model, summarize
 from fasttrain.observe import JsonLines, close_logging, epoch_line, setup_logging
 from fasttrain.optim import Schedule, build_optimizer
+from fasttrain.plots import plot_run
 from fasttrain.precision import Precision, build_precision
 
 
@@ -63,6 +65,8 @@ def _prepare_run_dir_on_rank0(cfg: Config, ctx: dist.Dist) -> Path:
             header = (f"# fasttrain {fasttrain.__version__} resolved config; world size {ctx.world_size}: "
                       f"train.batch_size is per process, global batch {cfg.train.batch_size * ctx.world_size}\n")
             (run_dir / "config.yaml").write_text(header + config_mod.to_yaml(cfg))
+            env = environment.describe(ctx.device, ctx.world_size, ctx.backend)
+            (run_dir / "env.json").write_text(json.dumps(env, indent=2) + "\n")
         except UserError as err:
             error = str(err)
     dist.agree_on_error(error)
@@ -229,11 +233,17 @@ def _run(cfg: Config, ctx: dist.Dist) -> RunState:
     in_sync, digests = dist.digests_match(parts.model)
     if not in_sync:
         raise RuntimeError(f"weights differ across ranks at the end of training (sha256 per rank: {digests})")
-    elapsed = time.perf_counter() - started
     logger.info(f"weights identical on all {ctx.world_size} rank(s) (sha256 {digests[0][:16]})")
+    plotted = ""
+    if ctx.is_main:
+        try:
+            plotted = ", " + ", ".join(p.name for p in plot_run(run_dir))
+        except Exception as err:  # a plot must never cost a finished run
+            logger.info(f"warning: plots not written ({type(err).__name__}: {err}); try `fasttrain plot {run_dir}`")
+    elapsed = time.perf_counter() - started
     logger.info(f"done: best val_acc {100 * state.best_val_acc:.2f}% at epoch {state.best_epoch} | {state.epoch} "
-                f"epochs in {elapsed:.1f}s | outputs in {run_dir} (config.yaml, metrics.jsonl, steps.jsonl, "
-                f"train.log, checkpoints/)")
+                f"epochs in {elapsed:.1f}s | outputs in {run_dir} (config.yaml, env.json, metrics.jsonl, steps.jsonl, "
+                f"train.log{plotted}, checkpoints/)")
     return state
 
 

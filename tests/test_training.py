@@ -2,9 +2,11 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 import yaml
+from PIL import Image
 
 from conftest import read_jsonl, run_fasttrain
 from fasttrain.config import load_config
@@ -116,3 +118,39 @@ def test_same_seed_gives_the_same_losses_and_another_seed_does_not(tmp_path):
 def test_worker_processes_do_not_change_the_data(tmp_path):
     # each sample's augmentation is seeded by (seed, epoch, index), not by which worker drew it
     assert _losses(tmp_path, "w0", "data.num_workers=0") == _losses(tmp_path, "w2", "data.num_workers=2")
+
+
+def _assert_plot(path, min_width=600):
+    image = Image.open(path)
+    assert image.format == "PNG" and image.size[0] >= min_width and image.size[1] >= 300
+    assert np.asarray(image.convert("L")).std() > 10  # curves and text, not a blank canvas
+
+
+def test_smoke_run_writes_its_environment_and_plots(smoke_run):
+    run_dir, result = smoke_run
+    env = json.loads((run_dir / "env.json").read_text())
+    assert {"fasttrain", "torch", "torchvision", "python", "device", "world_size", "git_commit", "command"} <= set(env)
+    assert env["world_size"] == 1 and env["device"] == "cpu"
+    _assert_plot(run_dir / "curves.png", min_width=1000)
+    _assert_plot(run_dir / "throughput.png")
+    assert "curves.png, throughput.png" in result.stdout
+
+
+def test_fasttrain_plot_redraws_a_run_folder(smoke_run, tmp_path):
+    run_dir, _ = smoke_run
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name in ("metrics.jsonl", "steps.jsonl"):
+        (copy / name).write_text((run_dir / name).read_text())
+    result = run_fasttrain("plot", str(copy), module="fasttrain.cli")
+    assert result.returncode == 0, result.stderr
+    _assert_plot(copy / "curves.png", min_width=1000)
+    _assert_plot(copy / "throughput.png")
+
+
+def test_fasttrain_plot_reports_bad_input_with_exit_2(tmp_path):
+    result = run_fasttrain("plot", str(tmp_path / "nothing"), module="fasttrain.cli")
+    assert result.returncode == 2 and "has no metrics.jsonl" in result.stderr
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 1, "train_loss": 2.0, "val_lo')
+    result = run_fasttrain("plot", str(tmp_path), module="fasttrain.cli")
+    assert result.returncode == 2 and "line 1 is not valid JSON" in result.stderr and "Traceback" not in result.stderr

@@ -1,0 +1,52 @@
+"""What a run ran on: versions, devices, world size, git commit, command line (`env.json`)."""
+
+from __future__ import annotations
+
+import platform
+import socket
+import subprocess
+import sys
+from typing import Optional
+
+import torch
+
+import fasttrain
+
+
+def _git_commit() -> Optional[str]:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def _version(module: str) -> Optional[str]:
+    try:
+        return __import__(module, fromlist=["__version__"]).__version__
+    except ImportError:
+        return None
+
+
+def describe(device: torch.device, world_size: int, backend: str) -> dict:
+    cuda = device.type == "cuda"
+    return {
+        "fasttrain": fasttrain.__version__,
+        "torch": torch.__version__,
+        "torchvision": _version("torchvision"),
+        "dali": _version("nvidia.dali"),
+        "python": platform.python_version(),
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if cuda else None,
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if cuda else (platform.processor() or "cpu"),
+        "world_size": world_size,
+        "backend": backend,
+        "hostname": socket.gethostname(),
+        "git_commit": _git_commit(),
+        "command": sys.argv,
+    }
