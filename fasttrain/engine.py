@@ -68,7 +68,8 @@ StepLogger = Callable[[int, int, float, float, float], None]
 def train_one_epoch(model: nn.Module, loader: Iterable[Tuple[torch.Tensor, torch.Tensor]],
                     optimizer: torch.optim.Optimizer, schedule: Schedule, precision: Precision, *, epoch: int,
                     global_step: int, max_batches: int = 0, grad_clip: float = 0.0, log_every: int = 50,
-                    log_step: Optional[StepLogger] = None, time_first_step: bool = False) -> EpochStats:
+                    log_step: Optional[StepLogger] = None, time_first_step: bool = False,
+                    tick: Optional[Callable[[], None]] = None) -> EpochStats:
     """Train for one epoch; losses are means over the samples of all ranks (collectives every
     `log_every` steps and at the end, which every rank reaches at the same step)."""
     model.train()
@@ -95,6 +96,8 @@ def train_one_epoch(model: nn.Module, loader: Iterable[Tuple[torch.Tensor, torch
             interval[2] += skipped
         steps += 1
         global_step += 1
+        if tick is not None:
+            tick()  # host-only progress (a bar), no device value read
         if time_first_step and steps == 1:
             synchronize(device)  # host sync, once: the first step holds the compilation
             first_step_seconds = time.perf_counter() - start

@@ -30,7 +30,7 @@ from fasttrain.device import seed_everything
 from fasttrain.engine import train_one_epoch, validate
 from fasttrain.errors import UserError
 from fasttrain.models import build_model, summarize
-from fasttrain.observe import JsonLines, close_logging, epoch_line, setup_logging
+from fasttrain.observe import JsonLines, Progress, close_logging, epoch_line, setup_logging
 from fasttrain.optim import Schedule, build_optimizer
 from fasttrain.plots import plot_run
 from fasttrain.precision import Precision, build_precision
@@ -104,16 +104,23 @@ def fit(cfg: Config, ctx: dist.Dist, parts: Parts, run_dir: Path, logger: loggin
     steps = JsonLines(run_dir / "steps.jsonl")
     compiling = cfg.train.compile != "off"
 
+    progress = Progress(enabled=ctx.is_main, log=logger.info)
+    steps_per_epoch = min(len(parts.train_loader), cfg.train.limit_train_batches or len(parts.train_loader))
+
     def log_step(step: int, epoch: int, loss: float, lr: float, ips: float) -> None:
         steps.write({"step": step, "epoch": epoch, "loss": loss, "lr": lr, "images_per_sec": ips})
+        progress.interval(step, loss, lr, ips)
 
     for epoch in range(state.epoch + 1, cfg.train.epochs + 1):
         parts.train_loader.set_epoch(epoch - 1)
+        progress.start_epoch(epoch, cfg.train.epochs, steps_per_epoch)
         stats = train_one_epoch(parts.train_model, parts.train_loader, parts.optimizer, parts.schedule,
                                 parts.precision, epoch=epoch, global_step=state.global_step,
                                 max_batches=cfg.train.limit_train_batches, grad_clip=cfg.train.grad_clip,
                                 log_every=cfg.train.log_every, log_step=log_step if ctx.is_main else None,
-                                time_first_step=compiling and epoch == 1)
+                                time_first_step=compiling and epoch == 1,
+                                tick=progress.tick if ctx.is_main else None)
+        progress.end_epoch()
         if stats.first_step_seconds:
             logger.info(f"compile: the first training step took {stats.first_step_seconds:.1f}s (compilation "
                         f"included); epoch 1 images/s leave it out")

@@ -1,5 +1,6 @@
 """Training end to end, as a user runs it: exit codes, files written, accuracy, reproducibility."""
 
+import io
 import json
 
 import numpy as np
@@ -10,6 +11,7 @@ from PIL import Image
 
 from conftest import read_jsonl, run_fasttrain
 from fasttrain.config import load_config
+from fasttrain.observe import Progress
 from fasttrain.trainer import train
 
 EPOCH_FIELDS = {"epoch", "train_loss", "val_loss", "val_acc", "lr", "images_per_sec"}
@@ -154,3 +156,29 @@ def test_fasttrain_plot_reports_bad_input_with_exit_2(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"epoch": 1, "train_loss": 2.0, "val_lo')
     result = run_fasttrain("plot", str(tmp_path), module="fasttrain.cli")
     assert result.returncode == 2 and "line 1 is not valid JSON" in result.stderr and "Traceback" not in result.stderr
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_is_a_bar_on_a_terminal_and_clean_lines_otherwise(smoke_run):
+    _, result = smoke_run  # stdout was a pipe: no bar, one line per log interval
+    assert "\r" not in result.stdout and "it/s" not in result.stdout
+    assert "epoch 1 step 8/32 (global 8) | loss" in result.stdout and "epoch eta" in result.stdout
+    terminal = _Terminal()
+    progress = Progress(enabled=True, stream=terminal)
+    progress.start_epoch(1, 3, 10)
+    for _ in range(10):
+        progress.tick()
+    progress.interval(10, 1.2345, 0.01, 512.0)
+    progress.end_epoch()
+    assert "epoch 1/3" in terminal.getvalue() and "/10 [" in terminal.getvalue()  # a tqdm bar was drawn
+    quiet = _Terminal()
+    silent = Progress(enabled=False, stream=quiet)  # ranks other than 0
+    silent.start_epoch(1, 3, 10)
+    silent.tick()
+    silent.interval(1, 1.0, 0.01, 1.0)
+    silent.end_epoch()
+    assert quiet.getvalue() == ""
