@@ -1,4 +1,5 @@
-"""The `fasttrain` console script: `fasttrain train ...`, `fasttrain eval CHECKPOINT ...`, `fasttrain plot RUN_DIR`."""
+"""The `fasttrain` console script: `fasttrain train ...`, `fasttrain eval CHECKPOINT ...`,
+`fasttrain bench --preset ...`, `fasttrain plot RUN_DIR`."""
 
 from __future__ import annotations
 
@@ -61,14 +62,25 @@ def _plot(argv: Sequence[str]) -> int:
     return 0
 
 
+def _bench(argv: Sequence[str]) -> int:
+    try:
+        from benchmarks.__main__ import main as bench_main
+    except ImportError:
+        report(UserError("fasttrain bench runs the suite in benchmarks/ of a source checkout: run it from the "
+                         "project folder (the one holding benchmarks/), or use python -m benchmarks there"))
+        return EXIT_USER_ERROR
+    return bench_main(list(argv))
+
+
 COMMANDS = {"train": "train a model (same as python -m fasttrain.run)", "eval": "evaluate a checkpoint",
+            "bench": "the benchmark suite against the tutorial's loop (same as python -m benchmarks)",
             "plot": "plot a run folder's loss, accuracy, learning rate and throughput"}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        usage = "usage: fasttrain {train,eval,plot} ...\n\n" + "\n".join(f"  {k:<6} {v}" for k, v in COMMANDS.items())
+        usage = "usage: fasttrain {train,eval,bench,plot} ...\n\n" + "\n".join(f"  {k:<6} {v}" for k, v in COMMANDS.items())
         if argv and argv[0] not in ("-h", "--help"):
             print(f"fasttrain: error: unknown command '{argv[0]}'\n{usage}", file=sys.stderr)
             return EXIT_USER_ERROR
@@ -78,6 +90,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return run.main(argv[1:], prog="fasttrain train")
     if argv[0] == "plot":
         return _plot(argv[1:])
+    if argv[0] == "bench":
+        return _bench(argv[1:])
     return _eval(argv[1:])
 
 

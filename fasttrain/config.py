@@ -174,6 +174,8 @@ class TrainConfig:
     tf32: bool = _field(True, "allow TF32 matmuls and convolutions on CUDA")
     channels_last: bool = _field(False, "model and input batches in channels_last memory format")
     compile: str = _field("off", "torch.compile mode: off | default | reduce-overhead | max-autotune")
+    peak_tflops: float = _field(0.0, "the device's peak TFLOP/s for MFU (0 = fasttrain's table of known GPUs; "
+                                     "no MFU where unknown, e.g. CPUs)")
 
     def __post_init__(self) -> None:
         _require(self.epochs >= 1, "train.epochs", self.epochs, "an integer >= 1")
@@ -186,6 +188,7 @@ class TrainConfig:
         _require(self.log_every >= 1, "train.log_every", self.log_every, "an integer >= 1")
         _require(self.grad_clip >= 0, "train.grad_clip", self.grad_clip, "a float >= 0 (0 = off)")
         _choice("train.precision", self.precision, PRECISIONS)
+        _require(self.peak_tflops >= 0, "train.peak_tflops", self.peak_tflops, "a float >= 0 (0 = known GPUs)")
         if str(self.compile).lower() in ("false", "no", "none", "0"):
             self.compile = "off"  # YAML `compile: false`
         _choice("train.compile", self.compile, COMPILE_MODES)
@@ -203,9 +206,16 @@ class DistConfig:
 
 @dataclass
 class OutputConfig:
-    dir: str = _field("", "run folder (empty = runs/<config name>-<timestamp>)")
+    dir: str = _field("", "run folder (empty = runs/<output.name>, or runs/<config name>-<timestamp>)")
+    name: str = _field("", "run name: the run folder is runs/<name> when output.dir is empty")
     save_checkpoints: bool = _field(True, "write checkpoints/best.pt and checkpoints/last.pt")
     overwrite: bool = _field(False, "allow a run folder that already holds checkpoints to be replaced")
+    tensorboard: bool = _field(False, "also write TensorBoard event files to <output.dir>/tensorboard "
+                                      "(needs the tensorboard package)")
+
+    def __post_init__(self) -> None:
+        _require("/" not in self.name and self.name not in (".", ".."), "output.name", self.name,
+                 "a folder name without '/' (use output.dir for a path)")
 
 
 @dataclass
@@ -304,7 +314,7 @@ def load_config(path: Optional[str], overrides: Sequence[str] = ()) -> Config:
     assert isinstance(cfg, Config)
     if not cfg.output.dir:
         stem = Path(path).stem if path else "run"
-        cfg.output.dir = str(Path("runs") / f"{stem}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
+        cfg.output.dir = str(Path("runs") / (cfg.output.name or f"{stem}-{datetime.datetime.now():%Y%m%d-%H%M%S}"))
     return cfg
 
 

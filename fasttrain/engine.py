@@ -34,6 +34,7 @@ class EpochStats:
     last_lr: float
     skipped_steps: int = 0  # fp16 steps the GradScaler skipped (inf/nan gradients)
     first_step_seconds: float = 0.0  # measured apart when asked (compilation happens there)
+    data_wait_seconds: float = 0.0  # host time blocked waiting for the next batch (rank 0's view)
 
     @property
     def images_per_sec(self) -> float:
@@ -80,11 +81,17 @@ def train_one_epoch(model: nn.Module, loader: Iterable[Tuple[torch.Tensor, torch
     steps = 0
     first_step_seconds = 0.0
     last_lr = schedule.lr()
+    data_wait = 0.0
+    batches = iter(loader)
     synchronize(device)
     start = interval_start = time.perf_counter()
-    for images, labels in loader:
-        if max_batches and steps >= max_batches:
+    while not (max_batches and steps >= max_batches):
+        fetch_start = time.perf_counter()
+        batch = next(batches, None)
+        data_wait += time.perf_counter() - fetch_start  # host time blocked on the loader
+        if batch is None:
             break
+        images, labels = batch
         last_lr = schedule.lr()  # a Python float: no device sync
         loss, skipped = train_step(model, images, labels, optimizer, precision, grad_clip)
         schedule.after_batch()
@@ -116,7 +123,7 @@ def train_one_epoch(model: nn.Module, loader: Iterable[Tuple[torch.Tensor, torch
     # every rank skips the same steps (gradients are all-reduced before the inf check): count one rank's
     skipped_steps = int(round(skipped_total / max(get_world_size(), 1)))
     return EpochStats(loss_sum / max(samples, 1), int(samples), steps, seconds, last_lr, skipped_steps,
-                      first_step_seconds)
+                      first_step_seconds, data_wait)
 
 
 @dataclass

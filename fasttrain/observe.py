@@ -1,14 +1,16 @@
-"""What a run leaves behind and prints: the log, metrics.jsonl (per epoch), steps.jsonl (per
-log interval) and the one summary line per epoch."""
+"""What a run leaves behind and prints: the log, metrics.jsonl and metrics.csv (per epoch),
+steps.jsonl (per log interval), optional TensorBoard events, the progress display and the one
+summary line per epoch."""
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, List
 
 LOGGER_NAME = "fasttrain"
 
@@ -47,10 +49,59 @@ class JsonLines:
             f.write(json.dumps(record) + "\n")
 
 
+class CsvRows:
+    """metrics.csv: the epoch records as a table, one fixed set of columns, flushed every row."""
+
+    def __init__(self, path: Path, columns: List[str]):
+        self.path, self.columns = path, columns
+        with open(path, "w", newline="") as f:
+            csv.writer(f).writerow(columns)
+
+    def write(self, record: Dict[str, Any]) -> None:
+        with open(self.path, "a", newline="") as f:
+            csv.writer(f).writerow(["" if record.get(c) is None else record.get(c) for c in self.columns])
+
+
+class TensorBoard:
+    """Epoch and log-interval scalars as TensorBoard events, when output.tensorboard is on."""
+
+    def __init__(self, log_dir: Path):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            from fasttrain.errors import UserError
+
+            raise UserError("output.tensorboard=true needs the tensorboard package: pip install tensorboard "
+                            "(or pip install 'fasttrain[tensorboard]'), or set output.tensorboard=false") from None
+        self.writer = SummaryWriter(log_dir=str(log_dir))
+
+    def scalars(self, prefix: str, values: Dict[str, Any], step: int) -> None:
+        for key, value in values.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.add_scalar(f"{prefix}/{key}", value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def peak_memory_mb(device) -> float:
+    """Peak memory since the last reset: CUDA memory allocated by tensors, or the process's peak RSS on CPUs."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
 def epoch_line(record: Dict[str, Any], epochs: int) -> str:
     return (f"epoch {record['epoch']:>3}/{epochs} | train_loss {record['train_loss']:.4f} | "
             f"val_loss {record['val_loss']:.4f} | val_acc {100 * record['val_acc']:.2f}% | lr {record['lr']:.3g} | "
-            f"{record['images_per_sec']:,.0f} img/s | {record['epoch_seconds']:.1f}s"
+            f"{record['images_per_sec']:,.0f} img/s"
+            + (f" | MFU {100 * record['mfu']:.1f}%" if record.get("mfu") is not None else "")
+            + f" | {record['epoch_seconds']:.1f}s"
             + (f" | {record['skipped_steps']} fp16 steps skipped" if record.get("skipped_steps") else "")
             + (" | best" if record.get("is_best") else ""))
 

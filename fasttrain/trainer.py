@@ -30,7 +30,9 @@ from fasttrain.device import seed_everything
 from fasttrain.engine import train_one_epoch, validate
 from fasttrain.errors import UserError
 from fasttrain.models import build_model, summarize
-from fasttrain.observe import JsonLines, Progress, close_logging, epoch_line, setup_logging
+from fasttrain.flops import flops_per_image, peak_flops
+from fasttrain.observe import (CsvRows, JsonLines, Progress, TensorBoard, close_logging, epoch_line,
+                               peak_memory_mb, setup_logging)
 from fasttrain.optim import Schedule, build_optimizer
 from fasttrain.plots import plot_run
 from fasttrain.precision import Precision, build_precision
@@ -51,7 +53,7 @@ def prepare_run_dir(cfg: Config) -> Path:
     except OSError as err:
         raise UserError(f"output.dir {run_dir} is not writable ({err.strerror or err}): set output.dir to a "
                         f"folder you can write") from None
-    for name in ("metrics.jsonl", "steps.jsonl"):
+    for name in ("metrics.jsonl", "steps.jsonl", "metrics.csv"):
         (run_dir / name).unlink(missing_ok=True)  # overwrite=true: start the history afresh
     return run_dir
 
@@ -96,6 +98,13 @@ class Parts:
     precision: Precision
     train_loader: Any
     val_loader: Any
+    flops_per_image: float = 0.0  # forward + backward, counted on the model
+    peak_flops: Optional[float] = None  # the device's, for this precision; None when unknown
+
+
+EPOCH_COLUMNS = ["epoch", "step", "train_loss", "val_loss", "val_acc", "val_correct", "val_total", "lr",
+                 "images_per_sec", "mfu", "epoch_seconds", "data_wait_seconds", "compute_seconds", "val_seconds",
+                 "peak_memory_mb", "skipped_steps", "world_size", "is_best", "compiled_graphs"]
 
 
 def fit(cfg: Config, ctx: dist.Dist, parts: Parts, run_dir: Path, logger: logging.Logger) -> RunState:
@@ -104,15 +113,27 @@ def fit(cfg: Config, ctx: dist.Dist, parts: Parts, run_dir: Path, logger: loggin
     steps = JsonLines(run_dir / "steps.jsonl")
     compiling = cfg.train.compile != "off"
 
+    table = CsvRows(run_dir / "metrics.csv", EPOCH_COLUMNS) if ctx.is_main else None
+    board = TensorBoard(run_dir / "tensorboard") if cfg.output.tensorboard and ctx.is_main else None
     progress = Progress(enabled=ctx.is_main, log=logger.info)
     steps_per_epoch = min(len(parts.train_loader), cfg.train.limit_train_batches or len(parts.train_loader))
 
+    def mfu(images_per_sec: float) -> Optional[float]:
+        if not parts.peak_flops:
+            return None
+        return images_per_sec * parts.flops_per_image / (parts.peak_flops * ctx.world_size)
+
     def log_step(step: int, epoch: int, loss: float, lr: float, ips: float) -> None:
-        steps.write({"step": step, "epoch": epoch, "loss": loss, "lr": lr, "images_per_sec": ips})
+        interval = {"step": step, "epoch": epoch, "loss": loss, "lr": lr, "images_per_sec": ips, "mfu": mfu(ips)}
+        steps.write(interval)
         progress.interval(step, loss, lr, ips)
+        if board is not None:
+            board.scalars("step", interval, step)
 
     for epoch in range(state.epoch + 1, cfg.train.epochs + 1):
         parts.train_loader.set_epoch(epoch - 1)
+        if ctx.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(ctx.device)
         progress.start_epoch(epoch, cfg.train.epochs, steps_per_epoch)
         stats = train_one_epoch(parts.train_model, parts.train_loader, parts.optimizer, parts.schedule,
                                 parts.precision, epoch=epoch, global_step=state.global_step,
@@ -135,17 +156,24 @@ def fit(cfg: Config, ctx: dist.Dist, parts: Parts, run_dir: Path, logger: loggin
             state.best_val_acc, state.best_epoch = evaluation.accuracy, epoch
         record = {"epoch": epoch, "step": state.global_step, "train_loss": stats.loss, "val_loss": evaluation.loss,
                   "val_acc": evaluation.accuracy, "val_correct": evaluation.correct, "val_total": evaluation.total,
-                  "lr": stats.last_lr, "images_per_sec": stats.images_per_sec, "epoch_seconds": stats.seconds,
-                  "val_seconds": val_seconds, "skipped_steps": stats.skipped_steps, "world_size": ctx.world_size,
-                  "is_best": is_best}
+                  "lr": stats.last_lr, "images_per_sec": stats.images_per_sec, "mfu": mfu(stats.images_per_sec),
+                  "epoch_seconds": stats.seconds, "data_wait_seconds": stats.data_wait_seconds,
+                  "compute_seconds": stats.seconds - stats.data_wait_seconds, "val_seconds": val_seconds,
+                  "peak_memory_mb": peak_memory_mb(ctx.device), "skipped_steps": stats.skipped_steps,
+                  "world_size": ctx.world_size, "is_best": is_best}
         if compiling:
             record["compiled_graphs"] = compiled_graph_count()
         state.history.append(record)
         if ctx.is_main:
             metrics.write(record)
+            table.write(record)
+            if board is not None:
+                board.scalars("epoch", record, epoch)
             logger.info(epoch_line(record, cfg.train.epochs))
         if cfg.output.save_checkpoints:
             _save_checkpoints(cfg, ctx, parts, state, evaluation.accuracy, evaluation.loss, is_best, run_dir)
+    if board is not None:
+        board.close()
     return state
 
 
@@ -212,7 +240,12 @@ def build_parts(cfg: Config, ctx: dist.Dist, logger: logging.Logger) -> Parts:
                 f"{steps_per_epoch} steps")
     logger.info(f"speed: precision {cfg.train.precision}, channels_last {str(cfg.train.channels_last).lower()}, "
                 f"compile {cfg.train.compile}" + (f", tf32 {str(cfg.train.tf32).lower()}" if device.type == "cuda" else ""))
-    return Parts(model, train_model, step_model, optimizer, schedule, precision, train_loader, val_loader)
+    flops = flops_per_image(model, (info.in_channels, info.image_size, info.image_size))
+    peak = peak_flops(device, cfg.train.precision, cfg.train.tf32, cfg.train.peak_tflops or None)
+    logger.info(f"model cost: {flops / 1e6:,.1f} MFLOP per image (forward + backward); MFU "
+                + (f"against {peak / 1e12:,.1f} TFLOP/s per device" if peak else "not reported (peak FLOP/s of "
+                   "this device unknown: set train.peak_tflops)"))
+    return Parts(model, train_model, step_model, optimizer, schedule, precision, train_loader, val_loader, flops, peak)
 
 
 def _run(cfg: Config, ctx: dist.Dist) -> RunState:
@@ -249,8 +282,9 @@ def _run(cfg: Config, ctx: dist.Dist) -> RunState:
             logger.info(f"warning: plots not written ({type(err).__name__}: {err}); try `fasttrain plot {run_dir}`")
     elapsed = time.perf_counter() - started
     logger.info(f"done: best val_acc {100 * state.best_val_acc:.2f}% at epoch {state.best_epoch} | {state.epoch} "
-                f"epochs in {elapsed:.1f}s | outputs in {run_dir} (config.yaml, env.json, metrics.jsonl, steps.jsonl, "
-                f"train.log{plotted}, checkpoints/)")
+                f"epochs in {elapsed:.1f}s | outputs in {run_dir} (config.yaml, env.json, metrics.jsonl, metrics.csv, "
+                f"steps.jsonl, train.log{plotted}, " + ("tensorboard/, " if cfg.output.tensorboard else "")
+                + "checkpoints/)")
     return state
 
 

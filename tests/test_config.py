@@ -96,3 +96,21 @@ def test_help_lists_every_config_key_with_its_default():
     for key in ("data.dataset = 'cifar10'", "data.root = './data'", "model.name = 'CIFAR10_CNN'", "train.epochs = 100",
                 "optim.lr = 0.001", "sched.name = 'onecycle'", "output.dir"):
         assert key in result.stdout
+
+
+def test_console_script_lists_its_subcommands():
+    result = run_fasttrain("--help", module="fasttrain.cli")
+    assert result.returncode == 0
+    for command in ("train", "eval", "bench", "plot"):
+        assert f"  {command} " in result.stdout
+    bench = run_fasttrain("bench", "--help", module="fasttrain.cli")
+    assert bench.returncode == 0 and "--preset" in bench.stdout
+    unknown = run_fasttrain("fit", module="fasttrain.cli")
+    assert unknown.returncode == 2 and "unknown command 'fit'" in unknown.stderr
+
+
+def test_run_folder_is_named_by_output_name_or_config_and_time():
+    assert load_config(str(REPO / "configs" / "smoke.yaml"), ["output.name=baseline"]).output.dir == "runs/baseline"
+    assert load_config(str(REPO / "configs" / "smoke.yaml")).output.dir.startswith("runs/smoke-")
+    with pytest.raises(ConfigError, match="output.name"):
+        load_config(None, ["output.name=a/b"])

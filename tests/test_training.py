@@ -1,7 +1,9 @@
 """Training end to end, as a user runs it: exit codes, files written, accuracy, reproducibility."""
 
+import csv
 import io
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -11,8 +13,9 @@ from PIL import Image
 
 from conftest import read_jsonl, run_fasttrain
 from fasttrain.config import load_config
+from fasttrain.errors import UserError
 from fasttrain.observe import Progress
-from fasttrain.trainer import train
+from fasttrain.trainer import EPOCH_COLUMNS, train
 
 EPOCH_FIELDS = {"epoch", "train_loss", "val_loss", "val_acc", "lr", "images_per_sec"}
 
@@ -103,6 +106,7 @@ def test_cuda_requested_without_cuda_exits_2(tmp_path):
 
 
 TINY = ["data.dataset=synthetic", "data.train_size=256", "data.val_size=64", "model.name=CNN", "train.epochs=2",
+        "data.num_workers=0",
         "train.batch_size=32", "train.device=cpu", "output.save_checkpoints=false"]
 
 
@@ -182,3 +186,40 @@ def test_progress_is_a_bar_on_a_terminal_and_clean_lines_otherwise(smoke_run):
     silent.interval(1, 1.0, 0.01, 1.0)
     silent.end_epoch()
     assert quiet.getvalue() == ""
+
+
+def test_metrics_csv_mirrors_the_json_lines(smoke_run):
+    run_dir, _ = smoke_run
+    with open(run_dir / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    history = read_jsonl(run_dir / "metrics.jsonl")
+    assert len(rows) == len(history) == 3
+    assert list(rows[0]) == EPOCH_COLUMNS
+    for row, record in zip(rows, history):
+        assert float(row["val_acc"]) == record["val_acc"] and int(row["epoch"]) == record["epoch"]
+    for record in history:
+        assert record["data_wait_seconds"] + record["compute_seconds"] == pytest.approx(record["epoch_seconds"])
+        assert 0 <= record["data_wait_seconds"] <= record["epoch_seconds"] and record["peak_memory_mb"] > 0
+        assert record["mfu"] is None  # a CPU has no known peak: no made-up MFU
+
+
+def test_mfu_uses_the_models_flops_and_the_given_peak(tmp_path):
+    state = train(load_config(None, TINY + [f"output.dir={tmp_path / 'mfu'}", "train.peak_tflops=0.5"]))
+    cnn_flops = 35.0e6  # CNN forward + backward per 3x32x32 image (FlopCounterMode)
+    for record in state.history:
+        assert record["mfu"] == pytest.approx(record["images_per_sec"] * cnn_flops / 0.5e12, rel=0.01)
+
+
+def test_tensorboard_events_only_when_enabled(tmp_path):
+    pytest.importorskip("tensorboard")
+    train(load_config(None, TINY + [f"output.dir={tmp_path / 'on'}", "output.tensorboard=true"]))
+    events = list((tmp_path / "on" / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(events) == 1 and events[0].stat().st_size > 0
+    train(load_config(None, TINY + [f"output.dir={tmp_path / 'off'}"]))
+    assert not (tmp_path / "off" / "tensorboard").exists()
+
+
+def test_tensorboard_missing_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    with pytest.raises(UserError, match="output.tensorboard=true needs the tensorboard package"):
+        train(load_config(None, TINY + [f"output.dir={tmp_path / 'x'}", "output.tensorboard=true"]))
