@@ -114,3 +114,14 @@ def test_run_folder_is_named_by_output_name_or_config_and_time():
     assert load_config(str(REPO / "configs" / "smoke.yaml")).output.dir.startswith("runs/smoke-")
     with pytest.raises(ConfigError, match="output.name"):
         load_config(None, ["output.name=a/b"])
+
+
+def test_readme_config_reference_lists_every_key():
+    import dataclasses
+
+    from fasttrain.config import Config
+
+    readme = (REPO / "README.md").read_text()
+    for section in dataclasses.fields(Config):
+        for key in dataclasses.fields(getattr(Config(), section.name)):
+            assert f"| `{section.name}.{key.name}` |" in readme, f"{section.name}.{key.name} missing from README"
