@@ -90,3 +90,18 @@ def test_auto_on_the_cpu_picks_dali_else_the_resident_loader_and_plain_for_rotat
     assert resolve_loader(cfg, CPU)[0] == "gpu"
     cfg = load_config(None, ["data.loader=auto", "aug.rotation=10", f"output.dir={tmp_path}"])
     assert resolve_loader(cfg, CPU) == ("plain", "aug.rotation / aug.color_jitter are only implemented by the plain loader")
+
+
+@pytest.mark.parametrize("kind", ["gpu", "dali"])
+def test_a_resumed_epoch_continues_with_the_batches_not_yet_trained(kind):
+    if kind == "dali":
+        pytest.importorskip("nvidia.dali")
+    dali, gpu = _pair()
+    loader = dali if kind == "dali" else gpu
+    loader.set_epoch(1)
+    full = list(loader)
+    loader.set_epoch(1, start_sample=2 * 64)  # two steps of 64 were trained before the stop
+    resumed = list(loader)
+    assert len(resumed) == len(full) - 2
+    for (x, y), (xf, yf) in zip(resumed, full[2:]):
+        assert torch.equal(y, yf) and torch.equal(x, xf)

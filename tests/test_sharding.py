@@ -85,3 +85,16 @@ def test_bad_launcher_environment_is_a_clear_error():
                                             ("a100-[3,5]", "a100-3"), ("n1,n2", "n1")])
 def test_first_host_of_a_slurm_node_list(nodelist, first):
     assert first_host(nodelist) == first
+
+
+@pytest.mark.parametrize("n,batch,world,drop_last", [(100, 16, 1, False), (100, 16, 2, False), (100, 8, 3, True),
+                                                     (13, 3, 3, False)])
+def test_an_epoch_resumed_after_k_steps_yields_exactly_the_batches_not_yet_trained(n, batch, world, drop_last):
+    for k in range(len(epoch_batches(n, batch, world, epoch=2, drop_last=drop_last)[0]) + 1):
+        for rank, full in enumerate(epoch_batches(n, batch, world, epoch=2, drop_last=drop_last)):
+            sampler = ShardedBatches(n, batch, shuffle=True, seed=7, rank=rank, world_size=world, drop_last=drop_last)
+            sampler.set_epoch(2, start_sample=k * batch * world)
+            assert [[i for _, i in b] for b in sampler] == full[k:]
+            assert sampler.batches_left() == len(full) - k and len(sampler) == len(full)
+        sampler.set_epoch(3)  # the next epoch is whole again
+        assert sampler.batches_left() == len(sampler)

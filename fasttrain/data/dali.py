@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from fasttrain.data.gpu import epoch_augmentation
-from fasttrain.data.plain import ShardedBatches
+from fasttrain.data.plain import ShardedBatches, ShardLoader
 from fasttrain.errors import UserError
 
 INSTALL_HINT = ("pip install nvidia-dali-cuda130 (CUDA 12: nvidia-dali-cuda120), or pip install 'fasttrain[dali]'; "
@@ -67,7 +67,7 @@ class _EpochSource:
             yield loader.images[index], loader.labels[index], anchors[index], mirror[index]
 
 
-class DaliLoader:
+class DaliLoader(ShardLoader):
     """Loader contract as in `fasttrain.data.plain`: (images, labels) on the device, set_epoch, len."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, batches: ShardedBatches, device: torch.device,
@@ -92,12 +92,6 @@ class DaliLoader:
     @property
     def num_samples(self) -> int:
         return len(self.labels)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.batches.set_epoch(epoch)
-
-    def __len__(self) -> int:
-        return len(self.batches)
 
     def _build(self):
         fn, types = self.fn, self.types
@@ -151,7 +145,7 @@ class DaliLoader:
         elif self._mid_epoch:
             self._drain()
         self._mid_epoch = True
-        for _ in range(len(self)):
+        for _ in range(self.batches.batches_left()):
             images, labels = self._pipe.run()
             x = self._to_torch(images)
             if self.channels_last:

@@ -17,7 +17,7 @@ from typing import Iterator, Sequence, Tuple
 import numpy as np
 import torch
 
-from fasttrain.data.plain import ShardedBatches
+from fasttrain.data.plain import ShardedBatches, ShardLoader
 
 
 def crop_flip(images: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor, padding: int) -> torch.Tensor:
@@ -47,7 +47,7 @@ def epoch_augmentation(seed: int, epoch: int, num_samples: int, padding: int,
     return corners, flips
 
 
-class GpuLoader:
+class GpuLoader(ShardLoader):
     """Loader contract as in `fasttrain.data.plain`: (images, labels) on the device, set_epoch, len."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, batches: ShardedBatches, device: torch.device,
@@ -75,12 +75,6 @@ class GpuLoader:
     @property
     def num_samples(self) -> int:
         return int(self.labels.shape[0])
-
-    def set_epoch(self, epoch: int) -> None:
-        self.batches.set_epoch(epoch)
-
-    def __len__(self) -> int:
-        return len(self.batches)
 
     def _normalize(self, images: torch.Tensor) -> torch.Tensor:
         out = images.float().mul_(self.scale).add_(self.shift)

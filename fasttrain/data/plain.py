@@ -1,8 +1,9 @@
 """The `plain` loader: the tutorial's Dataset + torchvision transforms + DataLoader.
 
 Loader contract (shared by every loader): iterating yields `(images, labels)` already on the
-training device; `len()` is the number of batches; `set_epoch(e)` selects epoch e's order.
-Epoch e's order is a permutation drawn from (seed, e), and the augmentation of sample i in
+training device; `len()` is the number of batches of a whole epoch; `set_epoch(e, start_sample)`
+selects epoch e's order, and resumes it after its first `start_sample` samples (a checkpoint's
+position; those samples were trained on before the stop). Epoch e's order is a permutation drawn from (seed, e), and the augmentation of sample i in
 epoch e is seeded by (seed, e, i), so the data a run sees does not depend on num_workers.
 """
 
@@ -78,9 +79,16 @@ class ShardedBatches(Sampler):
         self.drop_last = drop_last
         self.exact = exact
         self.epoch = 0
+        self.start_sample = 0
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, start_sample: int = 0) -> None:
+        """Epoch `epoch`'s order, from position `start_sample` of it on (0 = the whole epoch). With the
+        world size the checkpoint was written with, start_sample = steps done x batch x world size, and
+        each rank's remaining batches are exactly the ones it had not yet trained on."""
+        if start_sample < 0:
+            raise ValueError(f"start_sample must be >= 0, got {start_sample}")
         self.epoch = epoch
+        self.start_sample = start_sample
 
     def order(self) -> torch.Tensor:
         if not self.shuffle:
@@ -100,7 +108,7 @@ class ShardedBatches(Sampler):
 
     def shard(self) -> torch.Tensor:
         """This rank's sample indices for the current epoch, in order (batches are consecutive slices)."""
-        return self.order()[: self.used_samples][self.rank :: self.world_size]
+        return self.order()[self.start_sample : self.used_samples][self.rank :: self.world_size]
 
     def __iter__(self) -> Iterator[List[Tuple[int, int]]]:
         epoch, size = self.epoch, self.batch_size
@@ -108,11 +116,30 @@ class ShardedBatches(Sampler):
         return iter([[(epoch, i) for i in shard[start : start + size]] for start in range(0, len(shard), size)])
 
     def __len__(self) -> int:
+        """Batches in a whole epoch (what schedules are built on)."""
         shard = len(range(self.rank, self.used_samples, self.world_size))
         return -(-shard // self.batch_size)
 
+    def batches_left(self) -> int:
+        """Batches this rank yields in the current epoch, from start_sample on."""
+        shard = len(range(self.start_sample + self.rank, self.used_samples, self.world_size))
+        return -(-shard // self.batch_size)
 
-class PlainLoader:
+
+class ShardLoader:
+    """The loader contract's bookkeeping, shared by every loader: a `ShardedBatches` plan decides
+    which samples a rank sees; the subclass decides how they become device batches."""
+
+    batches: ShardedBatches
+
+    def set_epoch(self, epoch: int, start_sample: int = 0) -> None:
+        self.batches.set_epoch(epoch, start_sample)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class PlainLoader(ShardLoader):
     """DataLoader over a CustomDataset with this rank's batches, moving each batch to the device."""
 
     def __init__(self, dataset: CustomDataset, batches: ShardedBatches, num_workers: int, pin_memory: bool,
@@ -123,18 +150,15 @@ class PlainLoader:
         self.device = device
         self.dtype = dtype
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        # its own generator: a DataLoader otherwise draws its workers' base seed from the global RNG
+        # each epoch, shifting the dropout stream (and breaking exact resume); samples seed themselves
         self.loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, pin_memory=pin_memory,
-                                 persistent_workers=persistent_workers and num_workers > 0)
+                                 persistent_workers=persistent_workers and num_workers > 0,
+                                 generator=torch.Generator().manual_seed(batches.seed))
 
     @property
     def num_samples(self) -> int:
         return len(self.dataset)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.batches.set_epoch(epoch)
-
-    def __len__(self) -> int:
-        return len(self.batches)
 
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         for images, labels in self.loader:
