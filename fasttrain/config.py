@@ -176,6 +176,9 @@ class TrainConfig:
     compile: str = _field("off", "torch.compile mode: off | default | reduce-overhead | max-autotune")
     peak_tflops: float = _field(0.0, "the device's peak TFLOP/s for MFU (0 = fasttrain's table of known GPUs; "
                                      "no MFU where unknown, e.g. CPUs)")
+    stop_after_steps: int = _field(0, "stop with a resumable checkpoint once this many optimizer steps are done in "
+                                      "all (0 = train every epoch); the schedule still spans train.epochs, so a "
+                                      "later resume=auto continues it exactly")
 
     def __post_init__(self) -> None:
         _require(self.epochs >= 1, "train.epochs", self.epochs, "an integer >= 1")
@@ -189,6 +192,8 @@ class TrainConfig:
         _require(self.grad_clip >= 0, "train.grad_clip", self.grad_clip, "a float >= 0 (0 = off)")
         _choice("train.precision", self.precision, PRECISIONS)
         _require(self.peak_tflops >= 0, "train.peak_tflops", self.peak_tflops, "a float >= 0 (0 = known GPUs)")
+        _require(self.stop_after_steps >= 0, "train.stop_after_steps", self.stop_after_steps,
+                 "an integer >= 0 (0 = no early stop)")
         if str(self.compile).lower() in ("false", "no", "none", "0"):
             self.compile = "off"  # YAML `compile: false`
         _choice("train.compile", self.compile, COMPILE_MODES)
@@ -204,12 +209,36 @@ class DistConfig:
         _require(self.timeout_s >= 1, "dist.timeout_s", self.timeout_s, "an integer >= 1")
 
 
+PREEMPT_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP", "SIGCONT")
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = _field(0, "also write a resumable checkpoint every N optimizer steps, mid-epoch included "
+                                 "(0 = at epoch ends only)")
+    keep: int = _field(3, "how many of those step checkpoints to keep (the newest; last.pt and best.pt are kept "
+                          "apart)")
+    signals: List[str] = _field(["SIGTERM", "SIGUSR1"], "signals that mean 'preempted': the run saves a checkpoint "
+                                "at the next step boundary on every rank and exits with code 75 ([] = none)")
+    signal_check_every: int = _field(1, "steps between the ranks' checks of the preemption flag (one small CPU "
+                                        "collective, no device sync)")
+
+    def __post_init__(self) -> None:
+        _require(self.every_steps >= 0, "checkpoint.every_steps", self.every_steps, "an integer >= 0 (0 = epoch ends)")
+        _require(self.keep >= 1, "checkpoint.keep", self.keep, "an integer >= 1")
+        for name in self.signals:
+            _choice("checkpoint.signals", name, PREEMPT_SIGNALS)
+        _require(self.signal_check_every >= 1, "checkpoint.signal_check_every", self.signal_check_every,
+                 "an integer >= 1")
+
+
 @dataclass
 class OutputConfig:
     dir: str = _field("", "run folder (empty = runs/<output.name>, or runs/<config name>-<timestamp>)")
     name: str = _field("", "run name: the run folder is runs/<name> when output.dir is empty")
     save_checkpoints: bool = _field(True, "write checkpoints/best.pt and checkpoints/last.pt")
-    overwrite: bool = _field(False, "allow a run folder that already holds checkpoints to be replaced")
+    overwrite: bool = _field(False, "with resume=none: allow a run folder that already holds checkpoints to be "
+                                    "started over (its checkpoints are replaced)")
     tensorboard: bool = _field(False, "also write TensorBoard event files to <output.dir>/tensorboard "
                                       "(needs the tensorboard package)")
 
@@ -227,7 +256,13 @@ class Config:
     sched: SchedConfig = field(default_factory=SchedConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    resume: str = _field("none", "none (start fresh) | auto (the newest valid checkpoint in output.dir, or fresh "
+                                 "when it has none) | PATH (that checkpoint file)")
+
+    def __post_init__(self) -> None:
+        _require(bool(self.resume), "resume", self.resume, "none, auto or the path of a checkpoint file")
 
 
 # --------------------------------------------------------------------------- loading
@@ -344,10 +379,20 @@ def describe_keys() -> List[str]:
     """One line per config key with its type, default and doc: the `--help` reference."""
     lines = []
     defaults = Config()
-    for section in dataclasses.fields(Config):
-        sec_obj = getattr(defaults, section.name)
-        for f in dataclasses.fields(sec_obj):
-            value = getattr(sec_obj, f.name)
-            shown = "null" if value is None else repr(value) if isinstance(value, str) else str(value).lower() if isinstance(value, bool) else str(value)
-            lines.append(f"  {section.name}.{f.name} = {shown}    {f.metadata.get('doc', '')}")
+    for key, value, doc in all_keys(defaults):
+        shown = "null" if value is None else repr(value) if isinstance(value, str) else str(value).lower() if isinstance(value, bool) else str(value)
+        lines.append(f"  {key} = {shown}    {doc}")
     return lines
+
+
+def all_keys(cfg: Config) -> List[tuple]:
+    """(dotted key, value, doc) for every leaf key: section keys, then top-level ones (resume)."""
+    keys = []
+    for top in dataclasses.fields(Config):
+        value = getattr(cfg, top.name)
+        if dataclasses.is_dataclass(value):
+            keys += [(f"{top.name}.{f.name}", getattr(value, f.name), f.metadata.get("doc", ""))
+                     for f in dataclasses.fields(value)]
+        else:
+            keys.append((top.name, value, top.metadata.get("doc", "")))
+    return keys

@@ -121,8 +121,12 @@ def setup(device_name: str, backend: str = "auto", timeout_s: int = 1800) -> Dis
     else:
         os.environ.setdefault("MASTER_ADDR", env.master_addr or "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(env.master_port))
-        dist.init_process_group(chosen, init_method="env://", rank=env.rank, world_size=env.world_size,
-                                timeout=timeout)
+        store, _, _ = next(dist.rendezvous("env://", rank=env.rank, world_size=env.world_size, timeout=timeout))
+        # torchrun keeps its store across `--max-restarts` restarts: the restarted group meets under a
+        # key prefix of its own, or it would read the dead ranks' addresses from the attempt before
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group(chosen, store=dist.PrefixStore(f"fasttrain/attempt_{attempt}/", store),
+                                rank=env.rank, world_size=env.world_size, timeout=timeout)
     return Dist(env, device, chosen)
 
 
@@ -162,6 +166,11 @@ def agree_on_error(message: Optional[str]) -> None:
     first = next((m for m in messages if m), None)
     if first:
         raise UserError(first)
+
+
+def broadcast_object(box: List) -> None:
+    """Rank 0's list of picklable objects, copied into `box` on every rank."""
+    dist.broadcast_object_list(box, src=0)
 
 
 def barrier() -> None:

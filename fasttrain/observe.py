@@ -52,10 +52,13 @@ class JsonLines:
 class CsvRows:
     """metrics.csv: the epoch records as a table, one fixed set of columns, flushed every row."""
 
-    def __init__(self, path: Path, columns: List[str]):
+    def __init__(self, path: Path, columns: List[str], rows: List[Dict[str, Any]] = ()):
+        """Start the file with the header and `rows` (a resumed run's history up to its checkpoint)."""
         self.path, self.columns = path, columns
         with open(path, "w", newline="") as f:
             csv.writer(f).writerow(columns)
+        for row in rows:
+            self.write(row)
 
     def write(self, record: Dict[str, Any]) -> None:
         with open(self.path, "a", newline="") as f:
@@ -123,14 +126,15 @@ class Progress:
         self.epoch = self.total = self.done = 0
         self.started = 0.0
 
-    def start_epoch(self, epoch: int, epochs: int, total_steps: int) -> None:
-        self.epoch, self.total, self.done = epoch, total_steps, 0
+    def start_epoch(self, epoch: int, epochs: int, total_steps: int, done: int = 0) -> None:
+        """`done`: steps of this epoch trained before a resume."""
+        self.epoch, self.total, self.done = epoch, total_steps, done
         self.started = time.perf_counter()
         if self.use_bar:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total_steps, desc=f"epoch {epoch}/{epochs}", file=self.stream, leave=False,
-                            dynamic_ncols=True, unit="step")
+            self.bar = tqdm(total=total_steps, initial=done, desc=f"epoch {epoch}/{epochs}", file=self.stream,
+                            leave=False, dynamic_ncols=True, unit="step")
 
     def tick(self) -> None:
         self.done += 1

@@ -6,6 +6,7 @@ Parse, build, train, clean up; everything else lives in the components.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -29,10 +30,18 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m fasttrain.
         cfg = load_config(args.config, args.overrides)
         from fasttrain.trainer import train  # imported after the config is known good: fail fast
 
-        train(cfg)
+        state = train(cfg)
     except UserError as err:
         report(err)
         return EXIT_USER_ERROR
+    if state.stopped_by and state.stopped_by != "stop_after_steps":
+        from fasttrain.preemption import EXIT_PREEMPTED
+
+        rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
+        sys.stderr.write(f"[rank {rank}] fasttrain: preempted by {state.stopped_by} after step "
+                         f"{state.global_step}: checkpoint saved; exit code {EXIT_PREEMPTED}\n")  # one write: no interleaving
+        sys.stderr.flush()
+        return EXIT_PREEMPTED
     return 0
 
 

@@ -1,18 +1,22 @@
 """Build a run from a Config and fit it: the tutorial's train_model, distributed and with a run folder.
 
 `train(cfg)` joins the process group (world size 1 included), prepares the run folder (rank 0),
-builds data, model (wrapped in DDP), optimizer and schedule, then `fit` runs epochs of
-train_one_epoch + validate, writes metrics, and keeps `checkpoints/last.pt` and
-`checkpoints/best.pt` (by validation accuracy). Rank 0 alone prints and writes files.
+builds data, model (wrapped in DDP), optimizer and schedule, puts back the checkpoint it resumes
+from (resume=auto|PATH), then `fit` runs epochs of train_one_epoch + validate, writes metrics,
+and keeps `checkpoints/last.pt`, `checkpoints/best.pt` (by validation accuracy) and step
+checkpoints (checkpoint.every_steps). A preemption signal, or train.stop_after_steps, stops the
+run at a step boundary with a checkpoint it can resume from. Rank 0 alone prints and writes
+files; every rank takes part in a checkpoint (each contributes its own random states).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import platform
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -23,7 +27,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import fasttrain
 from fasttrain import config as config_mod
 from fasttrain import dist, environment
-from fasttrain.checkpoint import save_checkpoint
+from fasttrain.checkpoint import (load_checkpoint, prune_step_checkpoints, remove_stale_temporaries, save_checkpoint,
+                                  step_checkpoint_name)
 from fasttrain.config import Config
 from fasttrain.data import build_loaders, resolve_loader
 from fasttrain.device import seed_everything
@@ -36,15 +41,21 @@ from fasttrain.observe import (CsvRows, JsonLines, Progress, TensorBoard, close_
 from fasttrain.optim import Schedule, build_optimizer
 from fasttrain.plots import plot_run
 from fasttrain.precision import Precision, build_precision
+from fasttrain.preemption import EXIT_PREEMPTED, MARKER, PreemptionWatch, clear_marker, write_marker
+from fasttrain.resume import RunState, capture, choose_checkpoint, restore
 
 
 def prepare_run_dir(cfg: Config) -> Path:
-    """Create output.dir; refuse to overwrite an earlier run's checkpoints unless told to."""
+    """Create output.dir. A fresh run (resume=none) refuses a folder with an earlier run's
+    checkpoints unless output.overwrite=true; a resumed run keeps the folder's history."""
     run_dir = Path(cfg.output.dir)
     ckpt_dir = run_dir / "checkpoints"
-    if ckpt_dir.is_dir() and any(ckpt_dir.glob("*.pt")) and not cfg.output.overwrite:
-        raise UserError(f"output.dir {run_dir} already holds checkpoints of an earlier run: choose another "
-                        f"output.dir, or set output.overwrite=true to replace them")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"output.dir {run_dir} is a file, not a folder: set output.dir to a folder path")
+    if (cfg.resume == "none" and ckpt_dir.is_dir() and any(ckpt_dir.glob("*.pt"))
+            and not cfg.output.overwrite):
+        raise UserError(f"output.dir {run_dir} already holds checkpoints of an earlier run: continue it with "
+                        f"resume=auto, choose another output.dir, or set output.overwrite=true to start over")
     try:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / ".write_test"
@@ -53,9 +64,25 @@ def prepare_run_dir(cfg: Config) -> Path:
     except OSError as err:
         raise UserError(f"output.dir {run_dir} is not writable ({err.strerror or err}): set output.dir to a "
                         f"folder you can write") from None
-    for name in ("metrics.jsonl", "steps.jsonl", "metrics.csv"):
-        (run_dir / name).unlink(missing_ok=True)  # overwrite=true: start the history afresh
+    if cfg.resume == "none":
+        for name in ("metrics.jsonl", "steps.jsonl", "metrics.csv", MARKER):
+            (run_dir / name).unlink(missing_ok=True)  # overwrite=true: start the history afresh
+        if cfg.output.overwrite:
+            for old in ckpt_dir.glob("step-*.pt"):
+                old.unlink()  # an earlier run's step checkpoints must not be taken for this run's
+    remove_stale_temporaries(ckpt_dir)
     return run_dir
+
+
+def trim_history(run_dir: Path, state: RunState) -> None:
+    """A resumed run rewrites its records up to the checkpoint's position: steps and epochs logged
+    after that checkpoint are trained again, and must not appear twice."""
+    steps_file = run_dir / "steps.jsonl"
+    if steps_file.is_file():
+        kept = [line for line in steps_file.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= state.global_step]
+        steps_file.write_text("".join(line + "\n" for line in kept))
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in state.history))
 
 
 def _prepare_run_dir_on_rank0(cfg: Config, ctx: dist.Dist) -> Path:
@@ -73,16 +100,6 @@ def _prepare_run_dir_on_rank0(cfg: Config, ctx: dist.Dist) -> Path:
             error = str(err)
     dist.agree_on_error(error)
     return Path(cfg.output.dir)
-
-
-@dataclass
-class RunState:
-    """What fit carries from epoch to epoch (and into checkpoints)."""
-    epoch: int = 0  # completed epochs
-    global_step: int = 0
-    best_val_acc: float = -1.0
-    best_epoch: int = 0
-    history: List[Dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -107,16 +124,21 @@ EPOCH_COLUMNS = ["epoch", "step", "train_loss", "val_loss", "val_acc", "val_corr
                  "peak_memory_mb", "skipped_steps", "world_size", "is_best", "compiled_graphs"]
 
 
-def fit(cfg: Config, ctx: dist.Dist, parts: Parts, run_dir: Path, logger: logging.Logger) -> RunState:
-    state = RunState()
+def fit(cfg: Config, ctx: dist.Dist, parts: Parts, run_dir: Path, logger: logging.Logger,
+        state: Optional[RunState] = None) -> RunState:
+    """Train the remaining epochs. Returns the final state; `stopped_by` says when it stopped early
+    (a signal's name, or "stop_after_steps"), `last_checkpoint` what it wrote last."""
+    state = state or RunState()
     metrics = JsonLines(run_dir / "metrics.jsonl")
     steps = JsonLines(run_dir / "steps.jsonl")
     compiling = cfg.train.compile != "off"
+    saving = cfg.output.save_checkpoints
 
-    table = CsvRows(run_dir / "metrics.csv", EPOCH_COLUMNS) if ctx.is_main else None
+    table = CsvRows(run_dir / "metrics.csv", EPOCH_COLUMNS, state.history) if ctx.is_main else None
     board = TensorBoard(run_dir / "tensorboard") if cfg.output.tensorboard and ctx.is_main else None
     progress = Progress(enabled=ctx.is_main, log=logger.info)
     steps_per_epoch = min(len(parts.train_loader), cfg.train.limit_train_batches or len(parts.train_loader))
+    watch = PreemptionWatch(cfg.checkpoint.signals, cfg.checkpoint.signal_check_every, ctx.backend)
 
     def mfu(images_per_sec: float) -> Optional[float]:
         if not parts.peak_flops:
@@ -130,50 +152,83 @@ def fit(cfg: Config, ctx: dist.Dist, parts: Parts, run_dir: Path, logger: loggin
         if board is not None:
             board.scalars("step", interval, step)
 
-    for epoch in range(state.epoch + 1, cfg.train.epochs + 1):
-        parts.train_loader.set_epoch(epoch - 1)
-        if ctx.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(ctx.device)
-        progress.start_epoch(epoch, cfg.train.epochs, steps_per_epoch)
-        stats = train_one_epoch(parts.train_model, parts.train_loader, parts.optimizer, parts.schedule,
-                                parts.precision, epoch=epoch, global_step=state.global_step,
-                                max_batches=cfg.train.limit_train_batches, grad_clip=cfg.train.grad_clip,
-                                log_every=cfg.train.log_every, log_step=log_step if ctx.is_main else None,
-                                time_first_step=compiling and epoch == 1,
-                                tick=progress.tick if ctx.is_main else None)
-        progress.end_epoch()
-        if stats.first_step_seconds:
-            logger.info(f"compile: the first training step took {stats.first_step_seconds:.1f}s (compilation "
-                        f"included); epoch 1 images/s leave it out")
-        dist.average_buffers(parts.model)  # the same BN statistics on every rank, before evaluating and saving
-        val_start = time.perf_counter()
-        evaluation = validate(parts.eval_model, parts.val_loader, parts.precision)
-        val_seconds = time.perf_counter() - val_start  # validate ended with a host sync
-        parts.schedule.after_epoch(evaluation.loss)
-        state.epoch, state.global_step = epoch, state.global_step + stats.steps
-        is_best = evaluation.accuracy > state.best_val_acc
-        if is_best:
-            state.best_val_acc, state.best_epoch = evaluation.accuracy, epoch
-        record = {"epoch": epoch, "step": state.global_step, "train_loss": stats.loss, "val_loss": evaluation.loss,
-                  "val_acc": evaluation.accuracy, "val_correct": evaluation.correct, "val_total": evaluation.total,
-                  "lr": stats.last_lr, "images_per_sec": stats.images_per_sec, "mfu": mfu(stats.images_per_sec),
-                  "epoch_seconds": stats.seconds, "data_wait_seconds": stats.data_wait_seconds,
-                  "compute_seconds": stats.seconds - stats.data_wait_seconds, "val_seconds": val_seconds,
-                  "peak_memory_mb": peak_memory_mb(ctx.device), "skipped_steps": stats.skipped_steps,
-                  "world_size": ctx.world_size, "is_best": is_best}
-        if compiling:
-            record["compiled_graphs"] = compiled_graph_count()
-        state.history.append(record)
-        if ctx.is_main:
-            metrics.write(record)
-            table.write(record)
-            if board is not None:
-                board.scalars("epoch", record, epoch)
-            logger.info(epoch_line(record, cfg.train.epochs))
-        if cfg.output.save_checkpoints:
-            _save_checkpoints(cfg, ctx, parts, state, evaluation.accuracy, evaluation.loss, is_best, run_dir)
-    if board is not None:
-        board.close()
+    def after_step(global_step: int, step_in_epoch: int, totals) -> bool:
+        """Every rank, every step: periodic checkpoints, and the agreed stops (preemption, stop_after_steps)."""
+        signal_name = watch.agreed(global_step)  # collective: same steps on every rank
+        stop = signal_name or ("stop_after_steps" if global_step == cfg.train.stop_after_steps else None)
+        periodic = cfg.checkpoint.every_steps and global_step % cfg.checkpoint.every_steps == 0
+        # the epoch's last step is followed by the epoch-end checkpoint (last.pt): no step file for it
+        if saving and (stop or periodic) and step_in_epoch < steps_per_epoch:
+            here = dataclasses.replace(state, global_step=global_step, step_in_epoch=step_in_epoch)
+            state.last_checkpoint = _save_step_checkpoint(cfg, ctx, parts, here, totals(), run_dir)
+        if stop:
+            state.stopped_by = stop
+        return bool(stop)
+
+    try:
+        if cfg.train.stop_after_steps and state.global_step >= cfg.train.stop_after_steps:
+            state.stopped_by = "stop_after_steps"  # nothing left to do before the requested stop
+            return state
+        first_epoch = state.epoch + 1
+        for epoch in range(first_epoch, cfg.train.epochs + 1):
+            start_step, carried = state.step_in_epoch, state.carried
+            parts.train_loader.set_epoch(epoch - 1, state.start_sample)
+            state.step_in_epoch, state.carried, state.start_sample = 0, None, 0
+            if ctx.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(ctx.device)
+            progress.start_epoch(epoch, cfg.train.epochs, steps_per_epoch, done=start_step)
+            stats = train_one_epoch(parts.train_model, parts.train_loader, parts.optimizer, parts.schedule,
+                                    parts.precision, epoch=epoch, global_step=state.global_step,
+                                    max_batches=cfg.train.limit_train_batches, grad_clip=cfg.train.grad_clip,
+                                    log_every=cfg.train.log_every, log_step=log_step if ctx.is_main else None,
+                                    time_first_step=compiling and epoch == first_epoch,
+                                    tick=progress.tick if ctx.is_main else None, start_step=start_step,
+                                    carried=carried, after_step=after_step)
+            progress.end_epoch()
+            state.global_step += stats.timed_steps
+            if stats.stopped_early and stats.steps < steps_per_epoch:
+                state.step_in_epoch = stats.steps
+                return state  # stopped mid-epoch: the step checkpoint holds everything
+            if stats.first_step_seconds:
+                logger.info(f"compile: the first training step took {stats.first_step_seconds:.1f}s (compilation "
+                            f"included); epoch {epoch} images/s leave it out")
+            dist.average_buffers(parts.model)  # the same BN statistics on every rank, before evaluating and saving
+            val_start = time.perf_counter()
+            evaluation = validate(parts.eval_model, parts.val_loader, parts.precision)
+            val_seconds = time.perf_counter() - val_start  # validate ended with a host sync
+            parts.schedule.after_epoch(evaluation.loss)
+            state.epoch = epoch
+            is_best = evaluation.accuracy > state.best_val_acc
+            if is_best:
+                state.best_val_acc, state.best_epoch = evaluation.accuracy, epoch
+            record = {"epoch": epoch, "step": state.global_step, "train_loss": stats.loss,
+                      "val_loss": evaluation.loss, "val_acc": evaluation.accuracy, "val_correct": evaluation.correct,
+                      "val_total": evaluation.total, "lr": stats.last_lr, "images_per_sec": stats.images_per_sec,
+                      "mfu": mfu(stats.images_per_sec), "epoch_seconds": stats.seconds,
+                      "data_wait_seconds": stats.data_wait_seconds,
+                      "compute_seconds": stats.seconds - stats.data_wait_seconds, "val_seconds": val_seconds,
+                      "peak_memory_mb": peak_memory_mb(ctx.device), "skipped_steps": stats.skipped_steps,
+                      "world_size": ctx.world_size, "is_best": is_best}
+            if compiling:
+                record["compiled_graphs"] = compiled_graph_count()
+            state.history.append(record)
+            if ctx.is_main:
+                metrics.write(record)
+                table.write(record)
+                if board is not None:
+                    board.scalars("epoch", record, epoch)
+                logger.info(epoch_line(record, cfg.train.epochs))
+            if saving:
+                state.last_checkpoint = _save_epoch_checkpoints(cfg, ctx, parts, state, evaluation.accuracy,
+                                                             evaluation.loss, is_best, run_dir)
+            if stats.stopped_early:
+                if epoch == cfg.train.epochs:
+                    state.stopped_by = None  # the stop came with the last step: the run is complete
+                return state  # stopped at the epoch's last step: the epoch-end checkpoint holds everything
+    finally:
+        watch.close()
+        if board is not None:
+            board.close()
     return state
 
 
@@ -184,23 +239,42 @@ def compiled_graph_count() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
-def _save_checkpoints(cfg: Config, ctx: dist.Dist, parts: Parts, state: RunState, val_acc: float, val_loss: float,
-                      is_best: bool, run_dir: Path) -> None:
-    """Rank 0 writes (weights are identical on every rank); the others wait, and all learn of a failure."""
+def _write_on_rank0(ctx: dist.Dist, ckpt: Optional[Dict[str, Any]], paths: List[Path]) -> None:
+    """Rank 0 writes (atomically); the others wait, and every rank learns of a failure."""
     error: Optional[str] = None
     if ctx.is_main:
-        ckpt = {"model": parts.model.state_dict(), "optimizer": parts.optimizer.state_dict(),
-                "scheduler": parts.schedule.state_dict(), "scaler": parts.precision.scaler.state_dict(),
-                "epoch": state.epoch, "global_step": state.global_step, "val_acc": val_acc, "val_loss": val_loss,
-                "best_val_acc": state.best_val_acc, "world_size": ctx.world_size, "config": config_mod.to_dict(cfg),
-                "history": state.history, "versions": {"fasttrain": fasttrain.__version__, "torch": torch.__version__}}
         try:
-            save_checkpoint(ckpt, run_dir / "checkpoints" / "last.pt")
-            if is_best:
-                save_checkpoint(ckpt, run_dir / "checkpoints" / "best.pt")
+            for path in paths:
+                save_checkpoint(ckpt, path)  # type: ignore[arg-type]
         except UserError as err:
             error = str(err)
     dist.agree_on_error(error)  # also the barrier that keeps the other ranks from running ahead
+
+
+def _capture(cfg: Config, ctx: dist.Dist, parts: Parts, state: RunState, totals: Optional[torch.Tensor],
+             extra: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    return capture(cfg, ctx.world_size, parts.model, parts.optimizer, parts.schedule, parts.precision.scaler, state,
+                   ctx.device, totals, extra)
+
+
+def _save_step_checkpoint(cfg: Config, ctx: dist.Dist, parts: Parts, state: RunState, totals: torch.Tensor,
+                          run_dir: Path) -> Path:
+    """Mid-epoch: step-NNNNNNNN.pt with every rank's state; the oldest beyond checkpoint.keep go."""
+    ckpt_dir = run_dir / "checkpoints"
+    path = ckpt_dir / step_checkpoint_name(state.global_step)
+    _write_on_rank0(ctx, _capture(cfg, ctx, parts, state, totals, {}), [path])
+    if ctx.is_main:
+        prune_step_checkpoints(ckpt_dir, cfg.checkpoint.keep)
+    return path
+
+
+def _save_epoch_checkpoints(cfg: Config, ctx: dist.Dist, parts: Parts, state: RunState, val_acc: float,
+                            val_loss: float, is_best: bool, run_dir: Path) -> Path:
+    """End of an epoch: last.pt, and best.pt when validation accuracy improved."""
+    ckpt = _capture(cfg, ctx, parts, state, None, {"val_acc": val_acc, "val_loss": val_loss})
+    last = run_dir / "checkpoints" / "last.pt"
+    _write_on_rank0(ctx, ckpt, [last] + ([run_dir / "checkpoints" / "best.pt"] if is_best else []))
+    return last
 
 
 def _silent_logger() -> logging.Logger:
@@ -268,8 +342,14 @@ def _run(cfg: Config, ctx: dist.Dist) -> RunState:
         logger.info(drop_note)
     if loader_reason != "as configured":
         logger.info(f"data.loader=auto chose {loader}: {loader_reason}")
+    resume_from = _choose_checkpoint_on_rank0(cfg, ctx, run_dir, logger)
     parts = build_parts(cfg, ctx, logger)
-    state = fit(cfg, ctx, parts, run_dir, logger)
+    state = _restore_on_every_rank(cfg, ctx, parts, resume_from, run_dir, logger) if resume_from else None
+    if resume_from is None and cfg.resume == "auto":
+        logger.info(f"resume=auto: no checkpoint in {run_dir / 'checkpoints'} yet: starting fresh")
+    state = fit(cfg, ctx, parts, run_dir, logger, state)
+    if state.stopped_by:
+        return _report_stop(cfg, ctx, state, run_dir, logger)
     in_sync, digests = dist.digests_match(parts.model)
     if not in_sync:
         raise RuntimeError(f"weights differ across ranks at the end of training (sha256 per rank: {digests})")
@@ -285,6 +365,64 @@ def _run(cfg: Config, ctx: dist.Dist) -> RunState:
                 f"epochs in {elapsed:.1f}s | outputs in {run_dir} (config.yaml, env.json, metrics.jsonl, metrics.csv, "
                 f"steps.jsonl, train.log{plotted}, " + ("tensorboard/, " if cfg.output.tensorboard else "")
                 + "checkpoints/)")
+    return state
+
+
+def _choose_checkpoint_on_rank0(cfg: Config, ctx: dist.Dist, run_dir: Path,
+                                logger: logging.Logger) -> Optional[Path]:
+    """Rank 0 picks the checkpoint to continue from (warning about broken ones); all ranks learn it."""
+    error: Optional[str] = None
+    chosen: List[Optional[str]] = [None]
+    if ctx.is_main:
+        try:
+            path = choose_checkpoint(cfg, run_dir, logger.info)
+            chosen = [str(path) if path else None]
+        except UserError as err:
+            error = str(err)
+    dist.agree_on_error(error)
+    dist.broadcast_object(chosen)
+    return Path(chosen[0]) if chosen[0] else None
+
+
+def _restore_on_every_rank(cfg: Config, ctx: dist.Dist, parts: Parts, path: Path, run_dir: Path,
+                           logger: logging.Logger) -> RunState:
+    """Every rank reads the checkpoint (a shared file system, as multi-node runs need anyway) and
+    takes its own random states from it. The last thing before training: nothing may draw random
+    numbers between this and the first step."""
+    error: Optional[str] = None
+    state = RunState()
+    steps_per_epoch = min(len(parts.train_loader), cfg.train.limit_train_batches or len(parts.train_loader))
+    try:
+        ckpt = load_checkpoint(path)
+        state = restore(ckpt, path, cfg, ctx.rank, ctx.world_size, parts.model, parts.optimizer, parts.schedule,
+                        parts.precision.scaler, ctx.device, steps_per_epoch, logger)
+    except UserError as err:
+        error = f"{err}" if ctx.is_main else f"[rank {ctx.rank}] {err}"
+    dist.agree_on_error(error)
+    if ctx.is_main:
+        trim_history(run_dir, state)
+        clear_marker(run_dir)
+    where = (f"{state.step_in_epoch} of {steps_per_epoch} steps into epoch {state.epoch + 1}" if state.step_in_epoch
+             else f"after epoch {state.epoch}")
+    logger.info(f"resumed from {path}: {where} (step {state.global_step}); best val_acc so far "
+                f"{100 * max(state.best_val_acc, 0):.2f}%")
+    return state
+
+
+def _report_stop(cfg: Config, ctx: dist.Dist, state: RunState, run_dir: Path, logger: logging.Logger) -> RunState:
+    """A stop before the last epoch: say where the run can be continued from (and, when preempted,
+    leave the marker a job script requeues on)."""
+    saved = (f"checkpoint {state.last_checkpoint}" if cfg.output.save_checkpoints and state.last_checkpoint
+             else "no checkpoint (output.save_checkpoints=false)")
+    if state.stopped_by == "stop_after_steps":
+        logger.info(f"stopped after step {state.global_step} as train.stop_after_steps asks; {saved}; continue "
+                    f"with resume=auto output.dir={run_dir}")
+        return state
+    if ctx.is_main:
+        write_marker(run_dir, state.stopped_by or "", state.global_step, state.last_checkpoint)
+    logger.info(f"preempted ({state.stopped_by}): every rank stopped after step {state.global_step}; {saved}; "
+                f"exiting with code {EXIT_PREEMPTED} so that a job script can requeue; continue with resume=auto "
+                f"output.dir={run_dir}")
     return state
 
 

@@ -58,3 +58,63 @@ def run_torchrun(nproc: int, *args: str, module: str = "fasttrain.run", timeout:
     target = ["-m", module] if module else []
     return subprocess.run([*launcher, "--standalone", f"--nproc_per_node={nproc}", *target, *args], cwd=REPO,
                           env=env, text=True, capture_output=True, timeout=timeout)
+
+
+def torchrun_command(nproc: int, *args: str, launcher_args: tuple = (), module: str = "fasttrain.run") -> List[str]:
+    torchrun = Path(sys.executable).parent / "torchrun"
+    launcher = [str(torchrun)] if torchrun.exists() else [sys.executable, "-m", "torch.distributed.run"]
+    return [*launcher, "--standalone", f"--nproc_per_node={nproc}", *launcher_args, "-m", module, *args]
+
+
+def start(command: List[str]) -> subprocess.Popen:
+    """A training job in its own session (as a scheduler would start it), output captured."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    return subprocess.Popen(command, cwd=REPO, env=env, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def child_pids(pid: int) -> List[int]:
+    """The direct children of a process (torchrun's workers), from /proc."""
+    children = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                children.append(int(entry.name))
+    return sorted(children)
+
+
+def wait_for_step(run_dir: Path, step: int, job: subprocess.Popen, timeout: float = 300) -> int:
+    """Block until the run has logged `step` (train.log_every=1) and return the newest logged step."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    steps = run_dir / "steps.jsonl"
+    while time.monotonic() < deadline:
+        if job.poll() is not None:
+            raise AssertionError(f"the job ended before step {step}:\n{job.stdout.read()[-3000:]}")
+        if steps.is_file():
+            logged = [json.loads(line)["step"] for line in steps.read_text().splitlines() if line.strip()]
+            if logged and logged[-1] >= step:
+                return logged[-1]
+        time.sleep(0.02)
+    raise AssertionError(f"step {step} not reached in {timeout}s")
+
+
+def final_weights(run_dir: Path) -> dict:
+    import torch
+
+    return torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)["model"]
+
+
+def assert_same_weights(run_a: Path, run_b: Path) -> None:
+    """Bit for bit: every parameter and buffer of the two runs' final checkpoints."""
+    import torch
+
+    a, b = final_weights(run_a), final_weights(run_b)
+    assert a.keys() == b.keys()
+    differing = [name for name in a if not torch.equal(a[name], b[name])]
+    assert not differing, f"weights differ in {differing[:5]}"

@@ -1,0 +1,127 @@
+"""Exact resume: training N steps straight, or k steps, stopping and resuming to N, gives the same
+weights bit for bit (same world size, on CPU), for the plain and GPU loaders, one process and two
+gloo ranks. The model has dropout and BatchNorm, so per-rank random states and buffers matter."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import assert_same_weights, read_jsonl, run_fasttrain, run_torchrun
+
+# 256 images: 8 steps per epoch for one process of batch 32, 4 for two ranks; 2 epochs
+RUN = ["--config", "configs/smoke.yaml", "data.train_size=256", "data.val_size=64", "model.name=CIFAR10_CNN",
+       "train.batch_size=32", "train.epochs=2", "train.log_every=1"]
+LOADER_ARGS = {"plain": ["data.loader=plain", "data.num_workers=2"], "gpu": ["data.loader=gpu"]}
+
+
+def train(world: int, *args: str):
+    if world == 1:
+        return run_fasttrain(*RUN, *args)
+    return run_torchrun(world, *RUN, *args)
+
+
+@pytest.fixture(scope="module")
+def straight_runs(tmp_path_factory):
+    """Uninterrupted runs, one per (loader, world size), made when first asked for."""
+    made = {}
+
+    def get(loader: str, world: int) -> Path:
+        if (loader, world) not in made:
+            out = tmp_path_factory.mktemp(f"straight-{loader}-{world}")
+            result = train(world, *LOADER_ARGS[loader], f"output.dir={out}")
+            assert result.returncode == 0, result.stderr[-3000:]
+            made[loader, world] = out
+        return made[loader, world]
+
+    return get
+
+
+# (loader, world size, stop after step): mid-epoch stops, and one at an epoch's last step
+CASES = [("plain", 1, 5), ("plain", 2, 3), ("gpu", 1, 8), ("gpu", 2, 6)]
+
+
+@pytest.mark.parametrize("loader,world,stop", CASES, ids=[f"{l}-{w}rank-stop{s}" for l, w, s in CASES])
+def test_stop_and_resume_gives_the_same_weights_bit_for_bit(straight_runs, tmp_path, loader, world, stop):
+    out = tmp_path / "run"
+    first = train(world, *LOADER_ARGS[loader], f"output.dir={out}", f"train.stop_after_steps={stop}")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert f"stopped after step {stop} as train.stop_after_steps asks" in first.stdout
+    second = train(world, *LOADER_ARGS[loader], f"output.dir={out}", "resume=auto")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed from" in second.stdout
+
+    straight = straight_runs(loader, world)
+    assert_same_weights(straight, out)
+    # the history reads as one run: the same epochs, losses and accuracies, each step logged once
+    keys = ("epoch", "step", "train_loss", "val_loss", "val_acc")
+    assert [[r[k] for k in keys] for r in read_jsonl(out / "metrics.jsonl")] == \
+        [[r[k] for k in keys] for r in read_jsonl(straight / "metrics.jsonl")]
+    assert [r["step"] for r in read_jsonl(out / "steps.jsonl")] == [r["step"] for r in read_jsonl(straight / "steps.jsonl")]
+
+
+def test_a_truncated_newest_checkpoint_is_skipped_for_the_one_before(straight_runs, tmp_path):
+    out = tmp_path / "run"
+    first = run_fasttrain(*RUN, f"output.dir={out}", "checkpoint.every_steps=1", "checkpoint.keep=3",
+                          "train.stop_after_steps=5")
+    assert first.returncode == 0, first.stderr[-3000:]
+    ckpts = out / "checkpoints"
+    # a bounded number kept: the newest three step checkpoints
+    assert sorted(p.name for p in ckpts.glob("*.pt")) == ["step-00000003.pt", "step-00000004.pt", "step-00000005.pt"]
+    newest = ckpts / "step-00000005.pt"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # a crash mid-copy, a full disk, ...
+    (ckpts / ".step-00000006.pt.x1y2.tmp").write_bytes(b"half a checkpoint")  # a write a crash interrupted
+
+    resumed = run_fasttrain(*RUN, f"output.dir={out}", "resume=auto")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "step-00000005.pt is truncated or corrupt" in resumed.stdout
+    assert f"resumed from {ckpts / 'step-00000004.pt'}" in resumed.stdout
+    assert not list(ckpts.glob(".*.tmp"))
+    assert_same_weights(straight_runs("plain", 1), out)
+
+
+def test_resume_with_another_world_size_warns_that_the_data_order_changes(tmp_path):
+    two_ranks = tmp_path / "two"
+    first = run_torchrun(2, *RUN, f"output.dir={two_ranks}", "train.stop_after_steps=3")
+    assert first.returncode == 0, first.stderr[-3000:]
+    step_file = two_ranks / "checkpoints" / "step-00000003.pt"
+    # resume=PATH: continue that checkpoint in a new folder, with one process instead of two
+    one = tmp_path / "one"
+    resumed = run_fasttrain(*RUN, f"output.dir={one}", f"resume={step_file}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "written by 2 process(es) and this run has 1" in resumed.stdout
+    assert "will not match an uninterrupted run bit for bit" in resumed.stdout
+    # 3 steps of 64 images were done: the 1-process run continues at image 192 of epoch 1 (step 6 of 8)
+    assert "6 of 8 steps into epoch 1" in resumed.stdout
+    assert [r["epoch"] for r in read_jsonl(one / "metrics.jsonl")] == [1, 2]
+    assert torch.load(one / "checkpoints" / "last.pt", weights_only=False)["world_size"] == 1
+
+
+def test_resume_auto_in_an_empty_folder_starts_fresh_and_a_finished_run_stays_finished(tmp_path):
+    out = tmp_path / "run"
+    first = run_fasttrain(*RUN, "model.name=CNN", "train.epochs=1", f"output.dir={out}", "resume=auto")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "no checkpoint in" in first.stdout and "starting fresh" in first.stdout
+    before = (out / "checkpoints" / "last.pt").read_bytes()
+    again = run_fasttrain(*RUN, "model.name=CNN", "train.epochs=1", f"output.dir={out}", "resume=auto")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "after epoch 1" in again.stdout
+    assert (out / "checkpoints" / "last.pt").read_bytes() == before  # nothing left to train: nothing rewritten
+    assert len(read_jsonl(out / "metrics.jsonl")) == 1
+
+
+def test_the_checkpoint_holds_each_ranks_random_state_and_position(tmp_path):
+    out = tmp_path / "run"
+    result = run_torchrun(2, *RUN, f"output.dir={out}", "train.stop_after_steps=3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    ckpt = torch.load(out / "checkpoints" / "step-00000003.pt", weights_only=False)
+    assert (ckpt["epoch"], ckpt["global_step"], ckpt["step_in_epoch"], ckpt["world_size"]) == (0, 3, 3, 2)
+    assert len(ckpt["ranks"]) == 2
+    assert {"python", "numpy", "torch"} <= set(ckpt["ranks"][0]["rng"])
+    # dropout streams are seeded per rank: the two ranks' states differ
+    assert not torch.equal(ckpt["ranks"][0]["rng"]["torch"], ckpt["ranks"][1]["rng"]["torch"])
+    assert ckpt["ranks"][0]["epoch_totals"][1] == 3 * 32  # samples this rank trained on in the epoch so far
+    shutil.rmtree(out)
