@@ -22,7 +22,7 @@ train: $(BIN)/.installed
 	$(BIN)/python -m fasttrain.run --config configs/cifar10_cnn.yaml data.root=$(DATA_ROOT) $(ARGS)
 
 test: $(BIN)/.installed
-	$(BIN)/python -m pytest -q tests benchmarks
+	$(BIN)/python -m pytest -q --durations=15 tests benchmarks
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

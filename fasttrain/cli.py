@@ -40,9 +40,10 @@ def _eval(argv: Sequence[str]) -> int:
     if args.json:
         print(json.dumps(result))
     else:
+        recorded = (f"recorded at training time {100 * ckpt['val_acc']:.2f}%" if "val_acc" in ckpt else
+                    f"a mid-epoch checkpoint (step {ckpt.get('global_step')}): no accuracy was recorded with it")
         print(f"{args.checkpoint} (epoch {ckpt['epoch']}): test accuracy {100 * stats.accuracy:.2f}% "
-              f"({stats.correct:,}/{stats.total:,}), loss {stats.loss:.4f}; recorded at training time "
-              f"{100 * ckpt.get('val_acc', float('nan')):.2f}%")
+              f"({stats.correct:,}/{stats.total:,}), loss {stats.loss:.4f}; {recorded}")
     return 0
 
 

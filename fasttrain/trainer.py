@@ -68,8 +68,8 @@ def prepare_run_dir(cfg: Config) -> Path:
         for name in ("metrics.jsonl", "steps.jsonl", "metrics.csv", MARKER):
             (run_dir / name).unlink(missing_ok=True)  # overwrite=true: start the history afresh
         if cfg.output.overwrite:
-            for old in ckpt_dir.glob("step-*.pt"):
-                old.unlink()  # an earlier run's step checkpoints must not be taken for this run's
+            for old in ckpt_dir.glob("*.pt"):
+                old.unlink()  # starting over: a later resume=auto must never pick the earlier run's checkpoints
     remove_stale_temporaries(ckpt_dir)
     return run_dir
 

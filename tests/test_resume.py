@@ -4,7 +4,6 @@ gloo ranks. The model has dropout and BatchNorm, so per-rank random states and b
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -88,6 +87,14 @@ def test_resume_with_another_world_size_warns_that_the_data_order_changes(tmp_pa
     first = run_torchrun(2, *RUN, f"output.dir={two_ranks}", "train.stop_after_steps=3")
     assert first.returncode == 0, first.stderr[-3000:]
     step_file = two_ranks / "checkpoints" / "step-00000003.pt"
+    # what the checkpoint holds: the position, and each rank's own random states and running sums
+    ckpt = torch.load(step_file, weights_only=False)
+    assert (ckpt["epoch"], ckpt["global_step"], ckpt["step_in_epoch"], ckpt["world_size"]) == (0, 3, 3, 2)
+    assert len(ckpt["ranks"]) == 2 and {"python", "numpy", "torch"} <= set(ckpt["ranks"][0]["rng"])
+    assert not torch.equal(ckpt["ranks"][0]["rng"]["torch"], ckpt["ranks"][1]["rng"]["torch"])  # seeded per rank
+    assert ckpt["ranks"][0]["epoch_totals"][1] == 3 * 32  # samples rank 0 trained on in the epoch so far
+    evaluated = run_fasttrain("eval", str(step_file), module="fasttrain.cli")
+    assert evaluated.returncode == 0 and "a mid-epoch checkpoint (step 3)" in evaluated.stdout, evaluated.stderr
     # resume=PATH: continue that checkpoint in a new folder, with one process instead of two
     one = tmp_path / "one"
     resumed = run_fasttrain(*RUN, f"output.dir={one}", f"resume={step_file}")
@@ -111,17 +118,3 @@ def test_resume_auto_in_an_empty_folder_starts_fresh_and_a_finished_run_stays_fi
     assert "after epoch 1" in again.stdout
     assert (out / "checkpoints" / "last.pt").read_bytes() == before  # nothing left to train: nothing rewritten
     assert len(read_jsonl(out / "metrics.jsonl")) == 1
-
-
-def test_the_checkpoint_holds_each_ranks_random_state_and_position(tmp_path):
-    out = tmp_path / "run"
-    result = run_torchrun(2, *RUN, f"output.dir={out}", "train.stop_after_steps=3")
-    assert result.returncode == 0, result.stderr[-3000:]
-    ckpt = torch.load(out / "checkpoints" / "step-00000003.pt", weights_only=False)
-    assert (ckpt["epoch"], ckpt["global_step"], ckpt["step_in_epoch"], ckpt["world_size"]) == (0, 3, 3, 2)
-    assert len(ckpt["ranks"]) == 2
-    assert {"python", "numpy", "torch"} <= set(ckpt["ranks"][0]["rng"])
-    # dropout streams are seeded per rank: the two ranks' states differ
-    assert not torch.equal(ckpt["ranks"][0]["rng"]["torch"], ckpt["ranks"][1]["rng"]["torch"])
-    assert ckpt["ranks"][0]["epoch_totals"][1] == 3 * 32  # samples this rank trained on in the epoch so far
-    shutil.rmtree(out)
