@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import platform
 import socket
 import subprocess
@@ -25,11 +26,15 @@ def _git_commit() -> Optional[str]:
     return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
-def _version(module: str) -> Optional[str]:
-    try:
-        return __import__(module, fromlist=["__version__"]).__version__
-    except ImportError:
-        return None
+def _version(*distributions: str) -> Optional[str]:
+    """The installed version of the first of these packages, read from its metadata: importing
+    torchvision or DALI only to ask would cost seconds of startup."""
+    for name in distributions:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
 
 
 def describe(device: torch.device, world_size: int, backend: str) -> dict:
@@ -38,7 +43,7 @@ def describe(device: torch.device, world_size: int, backend: str) -> dict:
         "fasttrain": fasttrain.__version__,
         "torch": torch.__version__,
         "torchvision": _version("torchvision"),
-        "dali": _version("nvidia.dali"),
+        "dali": _version("nvidia-dali-cuda130", "nvidia-dali-cuda120", "nvidia-dali-cuda110", "nvidia-dali"),
         "python": platform.python_version(),
         "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if cuda else None,

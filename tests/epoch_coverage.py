@@ -11,7 +11,7 @@ import torch.distributed as dist
 from fasttrain.data.dali import DaliLoader
 from fasttrain.data.gpu import GpuLoader
 from fasttrain.data.plain import CustomDataset, PlainLoader, ShardedBatches
-from fasttrain.data.transforms import T
+from torchvision import transforms as T
 
 
 def main(kind: str, n: int, batch: int, epoch: int) -> None:

@@ -1,13 +1,18 @@
-"""The tutorial's torchvision transforms, built from the config."""
+"""The tutorial's torchvision transforms, built from the config.
+
+torchvision is imported when a transform is built, not with this module: importing it pulls in
+torch._dynamo (about 2 s of startup on a slow CPU) that the gpu and dali loaders never need.
+"""
 
 from __future__ import annotations
 
-from typing import List
-
-from torchvision import transforms as T
+from typing import TYPE_CHECKING, List
 
 from fasttrain.config import AugConfig, DataConfig
 from fasttrain.errors import ConfigError
+
+if TYPE_CHECKING:
+    from torchvision import transforms as T
 
 
 def per_channel(values: List[float], channels: int, key: str) -> List[float]:
@@ -19,12 +24,16 @@ def per_channel(values: List[float], channels: int, key: str) -> List[float]:
     return list(values)
 
 
-def normalize(data: DataConfig, channels: int) -> T.Normalize:
+def normalize(data: DataConfig, channels: int) -> "T.Normalize":
+    from torchvision import transforms as T
+
     return T.Normalize(per_channel(data.mean, channels, "data.mean"), per_channel(data.std, channels, "data.std"))
 
 
-def train_transform(data: DataConfig, aug: AugConfig, image_size: int, channels: int) -> T.Compose:
+def train_transform(data: DataConfig, aug: AugConfig, image_size: int, channels: int) -> "T.Compose":
     """Augmentations (in the tutorial's order), then ToTensor and Normalize."""
+    from torchvision import transforms as T
+
     steps: list = []
     if aug.crop_padding > 0:
         steps.append(T.RandomCrop(image_size, padding=aug.crop_padding))
@@ -38,5 +47,7 @@ def train_transform(data: DataConfig, aug: AugConfig, image_size: int, channels:
     return T.Compose(steps + [T.ToTensor(), normalize(data, channels)])
 
 
-def eval_transform(data: DataConfig, channels: int) -> T.Compose:
+def eval_transform(data: DataConfig, channels: int) -> "T.Compose":
+    from torchvision import transforms as T
+
     return T.Compose([T.ToTensor(), normalize(data, channels)])
