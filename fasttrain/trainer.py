@@ -18,7 +18,7 @@ import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -27,8 +27,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import fasttrain
 from fasttrain import config as config_mod
 from fasttrain import dist, environment
-from fasttrain.checkpoint import (load_checkpoint, prune_step_checkpoints, remove_stale_temporaries, save_checkpoint,
-                                  step_checkpoint_name)
+from fasttrain.checkpoint import remove_stale_temporaries
+from fasttrain.checkpointing import choose_on_rank0, restore_on_every_rank, save_epoch_checkpoints, save_step_checkpoint
 from fasttrain.config import Config
 from fasttrain.data import build_loaders, resolve_loader
 from fasttrain.device import seed_everything
@@ -41,8 +41,8 @@ from fasttrain.observe import (CsvRows, JsonLines, Progress, TensorBoard, close_
 from fasttrain.optim import Schedule, build_optimizer
 from fasttrain.plots import plot_run
 from fasttrain.precision import Precision, build_precision
-from fasttrain.preemption import EXIT_PREEMPTED, MARKER, PreemptionWatch, clear_marker, write_marker
-from fasttrain.resume import RunState, capture, choose_checkpoint, restore
+from fasttrain.preemption import EXIT_PREEMPTED, MARKER, PreemptionWatch, write_marker
+from fasttrain.resume import RunState
 
 
 def prepare_run_dir(cfg: Config) -> Path:
@@ -72,17 +72,6 @@ def prepare_run_dir(cfg: Config) -> Path:
                 old.unlink()  # starting over: a later resume=auto must never pick the earlier run's checkpoints
     remove_stale_temporaries(ckpt_dir)
     return run_dir
-
-
-def trim_history(run_dir: Path, state: RunState) -> None:
-    """A resumed run rewrites its records up to the checkpoint's position: steps and epochs logged
-    after that checkpoint are trained again, and must not appear twice."""
-    steps_file = run_dir / "steps.jsonl"
-    if steps_file.is_file():
-        kept = [line for line in steps_file.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= state.global_step]
-        steps_file.write_text("".join(line + "\n" for line in kept))
-    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in state.history))
 
 
 def _prepare_run_dir_on_rank0(cfg: Config, ctx: dist.Dist) -> Path:
@@ -160,7 +149,7 @@ def fit(cfg: Config, ctx: dist.Dist, parts: Parts, run_dir: Path, logger: loggin
         # the epoch's last step is followed by the epoch-end checkpoint (last.pt): no step file for it
         if saving and (stop or periodic) and step_in_epoch < steps_per_epoch:
             here = dataclasses.replace(state, global_step=global_step, step_in_epoch=step_in_epoch)
-            state.last_checkpoint = _save_step_checkpoint(cfg, ctx, parts, here, totals(), run_dir)
+            state.last_checkpoint = save_step_checkpoint(cfg, ctx, parts, here, totals(), run_dir)
         if stop:
             state.stopped_by = stop
         return bool(stop)
@@ -219,7 +208,7 @@ def fit(cfg: Config, ctx: dist.Dist, parts: Parts, run_dir: Path, logger: loggin
                     board.scalars("epoch", record, epoch)
                 logger.info(epoch_line(record, cfg.train.epochs))
             if saving:
-                state.last_checkpoint = _save_epoch_checkpoints(cfg, ctx, parts, state, evaluation.accuracy,
+                state.last_checkpoint = save_epoch_checkpoints(cfg, ctx, parts, state, evaluation.accuracy,
                                                              evaluation.loss, is_best, run_dir)
             if stats.stopped_early:
                 if epoch == cfg.train.epochs:
@@ -237,44 +226,6 @@ def compiled_graph_count() -> int:
     from torch._dynamo.utils import counters
 
     return int(counters["stats"]["unique_graphs"])
-
-
-def _write_on_rank0(ctx: dist.Dist, ckpt: Optional[Dict[str, Any]], paths: List[Path]) -> None:
-    """Rank 0 writes (atomically); the others wait, and every rank learns of a failure."""
-    error: Optional[str] = None
-    if ctx.is_main:
-        try:
-            for path in paths:
-                save_checkpoint(ckpt, path)  # type: ignore[arg-type]
-        except UserError as err:
-            error = str(err)
-    dist.agree_on_error(error)  # also the barrier that keeps the other ranks from running ahead
-
-
-def _capture(cfg: Config, ctx: dist.Dist, parts: Parts, state: RunState, totals: Optional[torch.Tensor],
-             extra: Dict[str, Any]) -> Optional[Dict[str, Any]]:
-    return capture(cfg, ctx.world_size, parts.model, parts.optimizer, parts.schedule, parts.precision.scaler, state,
-                   ctx.device, totals, extra)
-
-
-def _save_step_checkpoint(cfg: Config, ctx: dist.Dist, parts: Parts, state: RunState, totals: torch.Tensor,
-                          run_dir: Path) -> Path:
-    """Mid-epoch: step-NNNNNNNN.pt with every rank's state; the oldest beyond checkpoint.keep go."""
-    ckpt_dir = run_dir / "checkpoints"
-    path = ckpt_dir / step_checkpoint_name(state.global_step)
-    _write_on_rank0(ctx, _capture(cfg, ctx, parts, state, totals, {}), [path])
-    if ctx.is_main:
-        prune_step_checkpoints(ckpt_dir, cfg.checkpoint.keep)
-    return path
-
-
-def _save_epoch_checkpoints(cfg: Config, ctx: dist.Dist, parts: Parts, state: RunState, val_acc: float,
-                            val_loss: float, is_best: bool, run_dir: Path) -> Path:
-    """End of an epoch: last.pt, and best.pt when validation accuracy improved."""
-    ckpt = _capture(cfg, ctx, parts, state, None, {"val_acc": val_acc, "val_loss": val_loss})
-    last = run_dir / "checkpoints" / "last.pt"
-    _write_on_rank0(ctx, ckpt, [last] + ([run_dir / "checkpoints" / "best.pt"] if is_best else []))
-    return last
 
 
 def _silent_logger() -> logging.Logger:
@@ -342,9 +293,9 @@ def _run(cfg: Config, ctx: dist.Dist) -> RunState:
         logger.info(drop_note)
     if loader_reason != "as configured":
         logger.info(f"data.loader=auto chose {loader}: {loader_reason}")
-    resume_from = _choose_checkpoint_on_rank0(cfg, ctx, run_dir, logger)
+    resume_from = choose_on_rank0(cfg, ctx, run_dir, logger)
     parts = build_parts(cfg, ctx, logger)
-    state = _restore_on_every_rank(cfg, ctx, parts, resume_from, run_dir, logger) if resume_from else None
+    state = restore_on_every_rank(cfg, ctx, parts, resume_from, run_dir, logger) if resume_from else None
     if resume_from is None and cfg.resume == "auto":
         logger.info(f"resume=auto: no checkpoint in {run_dir / 'checkpoints'} yet: starting fresh")
     state = fit(cfg, ctx, parts, run_dir, logger, state)
@@ -365,47 +316,6 @@ def _run(cfg: Config, ctx: dist.Dist) -> RunState:
                 f"epochs in {elapsed:.1f}s | outputs in {run_dir} (config.yaml, env.json, metrics.jsonl, metrics.csv, "
                 f"steps.jsonl, train.log{plotted}, " + ("tensorboard/, " if cfg.output.tensorboard else "")
                 + "checkpoints/)")
-    return state
-
-
-def _choose_checkpoint_on_rank0(cfg: Config, ctx: dist.Dist, run_dir: Path,
-                                logger: logging.Logger) -> Optional[Path]:
-    """Rank 0 picks the checkpoint to continue from (warning about broken ones); all ranks learn it."""
-    error: Optional[str] = None
-    chosen: List[Optional[str]] = [None]
-    if ctx.is_main:
-        try:
-            path = choose_checkpoint(cfg, run_dir, logger.info)
-            chosen = [str(path) if path else None]
-        except UserError as err:
-            error = str(err)
-    dist.agree_on_error(error)
-    dist.broadcast_object(chosen)
-    return Path(chosen[0]) if chosen[0] else None
-
-
-def _restore_on_every_rank(cfg: Config, ctx: dist.Dist, parts: Parts, path: Path, run_dir: Path,
-                           logger: logging.Logger) -> RunState:
-    """Every rank reads the checkpoint (a shared file system, as multi-node runs need anyway) and
-    takes its own random states from it. The last thing before training: nothing may draw random
-    numbers between this and the first step."""
-    error: Optional[str] = None
-    state = RunState()
-    steps_per_epoch = min(len(parts.train_loader), cfg.train.limit_train_batches or len(parts.train_loader))
-    try:
-        ckpt = load_checkpoint(path)
-        state = restore(ckpt, path, cfg, ctx.rank, ctx.world_size, parts.model, parts.optimizer, parts.schedule,
-                        parts.precision.scaler, ctx.device, steps_per_epoch, logger)
-    except UserError as err:
-        error = f"{err}" if ctx.is_main else f"[rank {ctx.rank}] {err}"
-    dist.agree_on_error(error)
-    if ctx.is_main:
-        trim_history(run_dir, state)
-        clear_marker(run_dir)
-    where = (f"{state.step_in_epoch} of {steps_per_epoch} steps into epoch {state.epoch + 1}" if state.step_in_epoch
-             else f"after epoch {state.epoch}")
-    logger.info(f"resumed from {path}: {where} (step {state.global_step}); best val_acc so far "
-                f"{100 * max(state.best_val_acc, 0):.2f}%")
     return state
 
 

@@ -1,0 +1,117 @@
+"""Checkpoints in a distributed run: which one to continue from, putting it back on every rank,
+and writing one from every rank's state.
+
+Rank 0 chooses and writes; every rank contributes its own state to a checkpoint and reads the
+chosen one back (a shared file system, as multi-node runs need anyway). Each step that can fail
+on one rank ends in `agree_on_error`, so all ranks fail together with the same message instead
+of leaving the others waiting in a collective.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
+
+import torch
+
+from fasttrain import dist
+from fasttrain.checkpoint import load_checkpoint, prune_step_checkpoints, save_checkpoint, step_checkpoint_name
+from fasttrain.config import Config
+from fasttrain.errors import UserError
+from fasttrain.preemption import clear_marker
+from fasttrain.resume import RunState, capture, choose_checkpoint, restore
+
+if TYPE_CHECKING:
+    from fasttrain.trainer import Parts
+
+
+def trim_history(run_dir: Path, state: RunState) -> None:
+    """A resumed run rewrites its records up to the checkpoint's position: steps and epochs logged
+    after that checkpoint are trained again, and must not appear twice."""
+    steps_file = run_dir / "steps.jsonl"
+    if steps_file.is_file():
+        kept = [line for line in steps_file.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= state.global_step]
+        steps_file.write_text("".join(line + "\n" for line in kept))
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in state.history))
+
+
+def _write_on_rank0(ctx: dist.Dist, ckpt: Optional[Dict[str, Any]], paths: List[Path]) -> None:
+    """Rank 0 writes (atomically); the others wait, and every rank learns of a failure."""
+    error: Optional[str] = None
+    if ctx.is_main:
+        try:
+            for path in paths:
+                save_checkpoint(ckpt, path)  # type: ignore[arg-type]
+        except UserError as err:
+            error = str(err)
+    dist.agree_on_error(error)  # also the barrier that keeps the other ranks from running ahead
+
+
+def _capture(cfg: Config, ctx: dist.Dist, parts: "Parts", state: RunState, totals: Optional[torch.Tensor],
+             extra: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    return capture(cfg, ctx.world_size, parts.model, parts.optimizer, parts.schedule, parts.precision.scaler, state,
+                   ctx.device, totals, extra)
+
+
+def save_step_checkpoint(cfg: Config, ctx: dist.Dist, parts: "Parts", state: RunState, totals: torch.Tensor,
+                          run_dir: Path) -> Path:
+    """Mid-epoch: step-NNNNNNNN.pt with every rank's state; the oldest beyond checkpoint.keep go."""
+    ckpt_dir = run_dir / "checkpoints"
+    path = ckpt_dir / step_checkpoint_name(state.global_step)
+    _write_on_rank0(ctx, _capture(cfg, ctx, parts, state, totals, {}), [path])
+    if ctx.is_main:
+        prune_step_checkpoints(ckpt_dir, cfg.checkpoint.keep)
+    return path
+
+
+def save_epoch_checkpoints(cfg: Config, ctx: dist.Dist, parts: "Parts", state: RunState, val_acc: float,
+                            val_loss: float, is_best: bool, run_dir: Path) -> Path:
+    """End of an epoch: last.pt, and best.pt when validation accuracy improved."""
+    ckpt = _capture(cfg, ctx, parts, state, None, {"val_acc": val_acc, "val_loss": val_loss})
+    last = run_dir / "checkpoints" / "last.pt"
+    _write_on_rank0(ctx, ckpt, [last] + ([run_dir / "checkpoints" / "best.pt"] if is_best else []))
+    return last
+
+
+def choose_on_rank0(cfg: Config, ctx: dist.Dist, run_dir: Path,
+                                logger: logging.Logger) -> Optional[Path]:
+    """Rank 0 picks the checkpoint to continue from (warning about broken ones); all ranks learn it."""
+    error: Optional[str] = None
+    chosen: List[Optional[str]] = [None]
+    if ctx.is_main:
+        try:
+            path = choose_checkpoint(cfg, run_dir, logger.info)
+            chosen = [str(path) if path else None]
+        except UserError as err:
+            error = str(err)
+    dist.agree_on_error(error)
+    dist.broadcast_object(chosen)
+    return Path(chosen[0]) if chosen[0] else None
+
+
+def restore_on_every_rank(cfg: Config, ctx: dist.Dist, parts: "Parts", path: Path, run_dir: Path,
+                           logger: logging.Logger) -> RunState:
+    """Every rank reads the checkpoint (a shared file system, as multi-node runs need anyway) and
+    takes its own random states from it. The last thing before training: nothing may draw random
+    numbers between this and the first step."""
+    error: Optional[str] = None
+    state = RunState()
+    steps_per_epoch = min(len(parts.train_loader), cfg.train.limit_train_batches or len(parts.train_loader))
+    try:
+        ckpt = load_checkpoint(path)
+        state = restore(ckpt, path, cfg, ctx.rank, ctx.world_size, parts.model, parts.optimizer, parts.schedule,
+                        parts.precision.scaler, ctx.device, steps_per_epoch, logger)
+    except UserError as err:
+        error = f"{err}" if ctx.is_main else f"[rank {ctx.rank}] {err}"
+    dist.agree_on_error(error)
+    if ctx.is_main:
+        trim_history(run_dir, state)
+        clear_marker(run_dir)
+    where = (f"{state.step_in_epoch} of {steps_per_epoch} steps into epoch {state.epoch + 1}" if state.step_in_epoch
+             else f"after epoch {state.epoch}")
+    logger.info(f"resumed from {path}: {where} (step {state.global_step}); best val_acc so far "
+                f"{100 * max(state.best_val_acc, 0):.2f}%")
+    return state
