@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import itertools
 
-import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from benchmarks.tutorial_loop import tutorial_loader
 from fasttrain import dist

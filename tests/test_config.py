@@ -1,7 +1,5 @@
 """Configs: shipped recipes load, bad input stops with exit 2 and one line naming the key."""
 
-from pathlib import Path
-
 import pytest
 import yaml
 

@@ -17,7 +17,7 @@ import sys
 
 import pytest
 
-from conftest import (assert_same_weights, child_pids, read_jsonl, run_torchrun, start,
+from conftest import (assert_same_weights, child_pids, read_jsonl, run_fasttrain, run_torchrun, start,
                       torchrun_command, wait_for_step)
 
 # 1024 images, batch 32 per rank: 16 steps per epoch for two ranks, 2 epochs; a step takes ~0.1 s
@@ -78,7 +78,8 @@ def test_a_worker_killed_under_max_restarts_is_resumed_by_the_restarted_group(un
 
 
 def test_sigusr1_to_a_single_process_exits_75_and_resume_auto_finishes(tmp_path):
-    """One process, SIGUSR1 (SLURM's advance warning): the exit code is the process's own."""
+    """One process, SIGUSR1 (SLURM's advance warning): the exit code is the process's own. (Bitwise
+    equality after such a stop is shown by the two-rank test above.)"""
     small = [*RUN, "data.train_size=512", "train.batch_size=16"]  # 32 steps per epoch
     out = tmp_path / "run"
     job = start([sys.executable, "-m", "fasttrain.run", *small, f"output.dir={out}"])
@@ -87,10 +88,7 @@ def test_sigusr1_to_a_single_process_exits_75_and_resume_auto_finishes(tmp_path)
     output, _ = job.communicate(timeout=120)
     assert job.returncode == EXIT_PREEMPTED, output[-3000:]
     assert "preempted (SIGUSR1)" in output and (out / "preempted.json").is_file()
-    # the same thread count as the interrupted part (start() sets OMP_NUM_THREADS=1): same kernels, same bits
-    rerun = start([sys.executable, "-m", "fasttrain.run", *small, f"output.dir={out}", "resume=auto"])
-    reference = start([sys.executable, "-m", "fasttrain.run", *small, f"output.dir={tmp_path / 'reference'}"])
-    for finished in (rerun, reference):
-        output, _ = finished.communicate(timeout=300)
-        assert finished.returncode == 0, output[-3000:]
-    assert_same_weights(tmp_path / "reference", out)
+    rerun = run_fasttrain(*small, f"output.dir={out}", "resume=auto")
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "resumed from" in rerun.stdout and not (out / "preempted.json").exists()
+    assert [r["epoch"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2]

@@ -4,6 +4,7 @@ gloo ranks. The model has dropout and BatchNorm, so per-rank random states and b
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -39,16 +40,30 @@ def straight_runs(tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="module")
+def two_rank_stop(tmp_path_factory) -> Path:
+    """A 2-rank plain-loader run stopped after step 3 (mid-epoch 1), shared by two tests."""
+    out = tmp_path_factory.mktemp("two-rank-stop") / "run"
+    first = train(2, *LOADER_ARGS["plain"], f"output.dir={out}", "train.stop_after_steps=3")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "stopped after step 3 as train.stop_after_steps asks" in first.stdout
+    return out
+
+
 # (loader, world size, stop after step): mid-epoch stops, and one at an epoch's last step
 CASES = [("plain", 1, 5), ("plain", 2, 3), ("gpu", 1, 8), ("gpu", 2, 6)]
 
 
 @pytest.mark.parametrize("loader,world,stop", CASES, ids=[f"{l}-{w}rank-stop{s}" for l, w, s in CASES])
-def test_stop_and_resume_gives_the_same_weights_bit_for_bit(straight_runs, tmp_path, loader, world, stop):
+def test_stop_and_resume_gives_the_same_weights_bit_for_bit(straight_runs, two_rank_stop, tmp_path, loader, world,
+                                                            stop):
     out = tmp_path / "run"
-    first = train(world, *LOADER_ARGS[loader], f"output.dir={out}", f"train.stop_after_steps={stop}")
-    assert first.returncode == 0, first.stderr[-3000:]
-    assert f"stopped after step {stop} as train.stop_after_steps asks" in first.stdout
+    if (loader, world, stop) == ("plain", 2, 3):
+        shutil.copytree(two_rank_stop, out)
+    else:
+        first = train(world, *LOADER_ARGS[loader], f"output.dir={out}", f"train.stop_after_steps={stop}")
+        assert first.returncode == 0, first.stderr[-3000:]
+        assert f"stopped after step {stop} as train.stop_after_steps asks" in first.stdout
     second = train(world, *LOADER_ARGS[loader], f"output.dir={out}", "resume=auto")
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed from" in second.stdout
@@ -65,8 +80,9 @@ def test_stop_and_resume_gives_the_same_weights_bit_for_bit(straight_runs, tmp_p
 def test_a_truncated_newest_checkpoint_is_skipped_for_the_one_before(straight_runs, tmp_path):
     out = tmp_path / "run"
     first = run_fasttrain(*RUN, f"output.dir={out}", "checkpoint.every_steps=1", "checkpoint.keep=3",
-                          "train.stop_after_steps=5")
+                          "train.stop_after_steps=5", "resume=auto")
     assert first.returncode == 0, first.stderr[-3000:]
+    assert "no checkpoint in" in first.stdout and "starting fresh" in first.stdout  # resume=auto, first start
     ckpts = out / "checkpoints"
     # a bounded number kept: the newest three step checkpoints
     assert sorted(p.name for p in ckpts.glob("*.pt")) == ["step-00000003.pt", "step-00000004.pt", "step-00000005.pt"]
@@ -81,12 +97,17 @@ def test_a_truncated_newest_checkpoint_is_skipped_for_the_one_before(straight_ru
     assert not list(ckpts.glob(".*.tmp"))
     assert_same_weights(straight_runs("plain", 1), out)
 
+    # the same command once more: the run is finished, nothing is trained or rewritten
+    before = (ckpts / "last.pt").read_bytes()
+    again = run_fasttrain(*RUN, f"output.dir={out}", "resume=auto")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "after epoch 2" in again.stdout
+    assert (ckpts / "last.pt").read_bytes() == before
+    assert len(read_jsonl(out / "metrics.jsonl")) == 2
 
-def test_resume_with_another_world_size_warns_that_the_data_order_changes(tmp_path):
-    two_ranks = tmp_path / "two"
-    first = run_torchrun(2, *RUN, f"output.dir={two_ranks}", "train.stop_after_steps=3")
-    assert first.returncode == 0, first.stderr[-3000:]
-    step_file = two_ranks / "checkpoints" / "step-00000003.pt"
+
+def test_resume_with_another_world_size_warns_that_the_data_order_changes(two_rank_stop, tmp_path):
+    step_file = two_rank_stop / "checkpoints" / "step-00000003.pt"
     # what the checkpoint holds: the position, and each rank's own random states and running sums
     ckpt = torch.load(step_file, weights_only=False)
     assert (ckpt["epoch"], ckpt["global_step"], ckpt["step_in_epoch"], ckpt["world_size"]) == (0, 3, 3, 2)
@@ -97,7 +118,7 @@ def test_resume_with_another_world_size_warns_that_the_data_order_changes(tmp_pa
     assert evaluated.returncode == 0 and "a mid-epoch checkpoint (step 3)" in evaluated.stdout, evaluated.stderr
     # resume=PATH: continue that checkpoint in a new folder, with one process instead of two
     one = tmp_path / "one"
-    resumed = run_fasttrain(*RUN, f"output.dir={one}", f"resume={step_file}")
+    resumed = run_fasttrain(*RUN, *LOADER_ARGS["plain"], f"output.dir={one}", f"resume={step_file}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "written by 2 process(es) and this run has 1" in resumed.stdout
     assert "will not match an uninterrupted run bit for bit" in resumed.stdout
@@ -105,16 +126,3 @@ def test_resume_with_another_world_size_warns_that_the_data_order_changes(tmp_pa
     assert "6 of 8 steps into epoch 1" in resumed.stdout
     assert [r["epoch"] for r in read_jsonl(one / "metrics.jsonl")] == [1, 2]
     assert torch.load(one / "checkpoints" / "last.pt", weights_only=False)["world_size"] == 1
-
-
-def test_resume_auto_in_an_empty_folder_starts_fresh_and_a_finished_run_stays_finished(tmp_path):
-    out = tmp_path / "run"
-    first = run_fasttrain(*RUN, "model.name=CNN", "train.epochs=1", f"output.dir={out}", "resume=auto")
-    assert first.returncode == 0, first.stderr[-3000:]
-    assert "no checkpoint in" in first.stdout and "starting fresh" in first.stdout
-    before = (out / "checkpoints" / "last.pt").read_bytes()
-    again = run_fasttrain(*RUN, "model.name=CNN", "train.epochs=1", f"output.dir={out}", "resume=auto")
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "after epoch 1" in again.stdout
-    assert (out / "checkpoints" / "last.pt").read_bytes() == before  # nothing left to train: nothing rewritten
-    assert len(read_jsonl(out / "metrics.jsonl")) == 1
