@@ -37,7 +37,7 @@ def _fake_slurm(tmp_path, script, *args, preempt=False, srun_exit=0, **slurm_env
     bin_dir.mkdir()
     record, requeues = tmp_path / "srun.args", tmp_path / "scontrol.args"
     marker = ('for a in "$@"; do case $a in output.dir=*) d=${a#output.dir=}; mkdir -p "$d"; '
-              'echo \'{"signal": "SIGUSR1", "global_step": 12}\' > "$d/preempted.json";; esac; done\n') if preempt else ""
+              'echo \'{"signal": "SIGTERM", "global_step": 12}\' > "$d/preempted.json";; esac; done\n') if preempt else ""
     (bin_dir / "srun").write_text(f'#!/usr/bin/env bash\nprintf "%s\\n" "$@" > {record}\n{marker}exit {srun_exit}\n')
     # scontrol: records requeues; anything else fails, as without SLURM tools (host names then come from Python)
     (bin_dir / "scontrol").write_text(f'#!/usr/bin/env bash\n[[ $1 == requeue ]] || exit 1\n'

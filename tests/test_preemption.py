@@ -66,6 +66,22 @@ def test_sigterm_to_a_two_rank_job_saves_one_checkpoint_and_a_rerun_finishes_ide
     assert [r["step"] for r in read_jsonl(out / "steps.jsonl")] == list(range(1, 33))
 
 
+def test_sigterm_to_torchrun_and_its_workers_together_stops_them_cleanly(tmp_path):
+    """What SLURM's --signal=TERM@120 and preemption do: every process of the job step, torchrun
+    included, gets SIGTERM. torchrun passes it on and waits; the workers still stop together."""
+    out = tmp_path / "run"
+    job = start(torchrun_command(2, *RUN, f"output.dir={out}", "resume=auto"))
+    wait_for_step(out, 6, job)
+    os.killpg(job.pid, signal.SIGTERM)  # the job's session: torchrun and both workers
+    output, _ = job.communicate(timeout=120)
+    assert job.returncode != 0  # torchrun reports the signal; the marker tells the job script to requeue
+    stops = re.findall(r"\[rank (\d)\] fasttrain: preempted by SIGTERM after step (\d+)", output)
+    assert sorted(rank for rank, _ in stops) == ["0", "1"], output[-3000:]
+    stop_step = int(stops[0][1])
+    assert json.loads((out / "preempted.json").read_text())["global_step"] == stop_step
+    assert (out / "checkpoints" / f"step-{stop_step:08d}.pt").is_file()
+
+
 def test_a_worker_killed_under_max_restarts_is_resumed_by_the_restarted_group(uninterrupted, tmp_path):
     out = tmp_path / "run"
     job = start(torchrun_command(2, *RUN, f"output.dir={out}", "resume=auto", launcher_args=("--max-restarts=1",)))

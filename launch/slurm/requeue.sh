@@ -1,15 +1,17 @@
 # shellcheck shell=bash
 # Sourced by the sbatch scripts (after `cd "$SLURM_SUBMIT_DIR"`): preemption and requeue.
 #
-# SLURM signals a job before it ends it: SIGUSR1 120 s before the time limit (--signal=USR1@120 in
-# the scripts) and SIGTERM on preemption. fasttrain treats both as "preempted": every rank saves one
-# checkpoint together at the next step boundary, writes RUN_DIR/preempted.json and exits with code
-# 75. Then this script puts the job back in the queue (it keeps its job ID, so RUN_DIR, and
-# resume=auto continues from the checkpoint). Any other exit is passed on unchanged.
-
-# torchrun dies on SIGUSR1 unless told to handle it (it then passes it on to the workers and waits
-# for them); torch versions without the variable ignore it, and the workers get the signal from SLURM
-export TORCHELASTIC_SIGNALS_TO_HANDLE=${TORCHELASTIC_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}
+# SLURM signals a job before it ends it: SIGTERM to the job steps 120 s before the time limit
+# (--signal=TERM@120 in the scripts), and SIGTERM to everything on preemption. fasttrain treats it as
+# "preempted": every rank saves one checkpoint together at the next step boundary, writes
+# RUN_DIR/preempted.json and exits with code 75. Then this script puts the job back in the queue (it
+# keeps its job ID, so RUN_DIR, and resume=auto continues from the checkpoint). Any other exit is
+# passed on unchanged.
+#
+# Why SIGTERM and not SIGUSR1 for the advance warning: torchrun passes SIGTERM on to its workers and
+# waits for them (30 s) in every torch version, while SIGUSR1 kills a torchrun that was not started
+# with --signals-to-handle (and torchrun overwrites TORCHELASTIC_SIGNALS_TO_HANDLE with that
+# option). fasttrain itself also stops on SIGUSR1 (checkpoint.signals), e.g. under srun without torchrun.
 
 # SIGTERM also reaches this batch shell: survive it, so that the requeue below still runs
 trap 'echo "batch script: SIGTERM received; fasttrain saves a checkpoint and stops"' TERM
