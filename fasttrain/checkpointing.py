@@ -57,7 +57,7 @@ def _capture(cfg: Config, ctx: dist.Dist, parts: "Parts", state: RunState, total
 
 
 def save_step_checkpoint(cfg: Config, ctx: dist.Dist, parts: "Parts", state: RunState, totals: torch.Tensor,
-                          run_dir: Path) -> Path:
+                         run_dir: Path) -> Path:
     """Mid-epoch: step-NNNNNNNN.pt with every rank's state; the oldest beyond checkpoint.keep go."""
     ckpt_dir = run_dir / "checkpoints"
     path = ckpt_dir / step_checkpoint_name(state.global_step)
@@ -68,7 +68,7 @@ def save_step_checkpoint(cfg: Config, ctx: dist.Dist, parts: "Parts", state: Run
 
 
 def save_epoch_checkpoints(cfg: Config, ctx: dist.Dist, parts: "Parts", state: RunState, val_acc: float,
-                            val_loss: float, is_best: bool, run_dir: Path) -> Path:
+                           val_loss: float, is_best: bool, run_dir: Path) -> Path:
     """End of an epoch: last.pt, and best.pt when validation accuracy improved."""
     ckpt = _capture(cfg, ctx, parts, state, None, {"val_acc": val_acc, "val_loss": val_loss})
     last = run_dir / "checkpoints" / "last.pt"
@@ -76,8 +76,7 @@ def save_epoch_checkpoints(cfg: Config, ctx: dist.Dist, parts: "Parts", state: R
     return last
 
 
-def choose_on_rank0(cfg: Config, ctx: dist.Dist, run_dir: Path,
-                                logger: logging.Logger) -> Optional[Path]:
+def choose_on_rank0(cfg: Config, ctx: dist.Dist, run_dir: Path, logger: logging.Logger) -> Optional[Path]:
     """Rank 0 picks the checkpoint to continue from (warning about broken ones); all ranks learn it."""
     error: Optional[str] = None
     chosen: List[Optional[str]] = [None]
@@ -93,13 +92,13 @@ def choose_on_rank0(cfg: Config, ctx: dist.Dist, run_dir: Path,
 
 
 def restore_on_every_rank(cfg: Config, ctx: dist.Dist, parts: "Parts", path: Path, run_dir: Path,
-                           logger: logging.Logger) -> RunState:
+                          logger: logging.Logger) -> RunState:
     """Every rank reads the checkpoint (a shared file system, as multi-node runs need anyway) and
     takes its own random states from it. The last thing before training: nothing may draw random
     numbers between this and the first step."""
     error: Optional[str] = None
     state = RunState()
-    steps_per_epoch = min(len(parts.train_loader), cfg.train.limit_train_batches or len(parts.train_loader))
+    steps_per_epoch = parts.steps_per_epoch
     try:
         ckpt = load_checkpoint(path)
         state = restore(ckpt, path, cfg, ctx.rank, ctx.world_size, parts.model, parts.optimizer, parts.schedule,

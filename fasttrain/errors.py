@@ -16,13 +16,20 @@ class ConfigError(UserError):
     """A config key, type or value that is not accepted."""
 
 
+def launcher_rank() -> str:
+    """This process's rank as the launcher set it (torchrun's RANK, else SLURM's), "0" without one:
+    readable before (and after) the process group exists."""
+    import os
+
+    return os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
+
+
 def report(err: UserError) -> None:
     """Print a user error as one line on stderr; under a multi-process launch, config errors
     (the same on every rank) are printed by rank 0 only, other errors with their rank."""
-    import os
     import sys
 
-    rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
+    rank = launcher_rank()
     if rank != "0" and isinstance(err, ConfigError):
         return
     prefix = "" if rank == "0" else f"[rank {rank}] "

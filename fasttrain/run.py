@@ -6,12 +6,11 @@ Parse, build, train, clean up; everything else lives in the components.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Optional, Sequence
 
 from fasttrain.config import describe_keys, load_config
-from fasttrain.errors import EXIT_USER_ERROR, UserError, report
+from fasttrain.errors import EXIT_USER_ERROR, UserError, launcher_rank, report
 
 
 def train_parser(prog: str = "python -m fasttrain.run") -> argparse.ArgumentParser:
@@ -37,8 +36,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m fasttrain.
     if state.stopped_by and state.stopped_by != "stop_after_steps":
         from fasttrain.preemption import EXIT_PREEMPTED
 
-        rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
-        sys.stderr.write(f"[rank {rank}] fasttrain: preempted by {state.stopped_by} after step "
+        sys.stderr.write(f"[rank {launcher_rank()}] fasttrain: preempted by {state.stopped_by} after step "
                          f"{state.global_step}: checkpoint saved; exit code {EXIT_PREEMPTED}\n")  # one write: no interleaving
         sys.stderr.flush()
         return EXIT_PREEMPTED

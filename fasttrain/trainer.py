@@ -106,6 +106,7 @@ class Parts:
     val_loader: Any
     flops_per_image: float = 0.0  # forward + backward, counted on the model
     peak_flops: Optional[float] = None  # the device's, for this precision; None when unknown
+    steps_per_epoch: int = 0  # optimizer steps in a whole epoch (train.limit_train_batches applied)
 
 
 EPOCH_COLUMNS = ["epoch", "step", "train_loss", "val_loss", "val_acc", "val_correct", "val_total", "lr",
@@ -126,7 +127,7 @@ def fit(cfg: Config, ctx: dist.Dist, parts: Parts, run_dir: Path, logger: loggin
     table = CsvRows(run_dir / "metrics.csv", EPOCH_COLUMNS, state.history) if ctx.is_main else None
     board = TensorBoard(run_dir / "tensorboard") if cfg.output.tensorboard and ctx.is_main else None
     progress = Progress(enabled=ctx.is_main, log=logger.info)
-    steps_per_epoch = min(len(parts.train_loader), cfg.train.limit_train_batches or len(parts.train_loader))
+    steps_per_epoch = parts.steps_per_epoch
     watch = PreemptionWatch(cfg.checkpoint.signals, cfg.checkpoint.signal_check_every, ctx.backend)
 
     def mfu(images_per_sec: float) -> Optional[float]:
@@ -270,7 +271,8 @@ def build_parts(cfg: Config, ctx: dist.Dist, logger: logging.Logger) -> Parts:
     logger.info(f"model cost: {flops / 1e6:,.1f} MFLOP per image (forward + backward); MFU "
                 + (f"against {peak / 1e12:,.1f} TFLOP/s per device" if peak else "not reported (peak FLOP/s of "
                    "this device unknown: set train.peak_tflops)"))
-    return Parts(model, train_model, step_model, optimizer, schedule, precision, train_loader, val_loader, flops, peak)
+    return Parts(model, train_model, step_model, optimizer, schedule, precision, train_loader, val_loader, flops, peak,
+                 steps_per_epoch)
 
 
 def _run(cfg: Config, ctx: dist.Dist) -> RunState:
