@@ -28,13 +28,14 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-from benchmarks.measure import Measurement, flops_per_image, measure, peak_flops
+from benchmarks.measure import Measurement, measure
 from benchmarks.tutorial_loop import tutorial_loader, tutorial_steps
 from fasttrain import dist
 from fasttrain.config import Config, ModelConfig, load_config
 from fasttrain.data import build_loaders, load_split
 from fasttrain.data.dali import dali_available
 from fasttrain.engine import train_step
+from fasttrain.flops import flops_per_image, peak_flops
 from fasttrain.models import build_model
 from fasttrain.trainer import build_parts
 

@@ -10,7 +10,6 @@ from typing import Callable, List, Sequence
 
 import torch
 from fasttrain.engine import synchronize
-from fasttrain.flops import PEAK_TFLOPS, flops_per_image, peak_flops  # noqa: F401 (re-exported for the suite)
 
 class BrokenVariant(RuntimeError):
     """A variant whose losses are not finite or do not decrease: its speed must not be posted."""

@@ -8,7 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from benchmarks.measure import BrokenVariant, flops_per_image, guard, measure
+from benchmarks.measure import BrokenVariant, guard, measure
+from fasttrain.flops import flops_per_image
 
 from conftest import run_fasttrain
 from fasttrain.data.dali import dali_available

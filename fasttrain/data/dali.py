@@ -16,6 +16,7 @@ tests it. DALI has no bfloat16: under bf16 it emits float32 and the cast happens
 
 from __future__ import annotations
 
+import importlib
 from typing import Iterator, Sequence, Tuple
 
 import numpy as np
@@ -31,7 +32,7 @@ INSTALL_HINT = ("pip install nvidia-dali-cuda130 (CUDA 12: nvidia-dali-cuda120),
 
 def dali_available() -> bool:
     try:
-        import nvidia.dali  # noqa: F401
+        importlib.import_module("nvidia.dali")  # a real import: a broken install counts as unavailable
     except ImportError:
         return False
     return True
