@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Optional, Sequence
+from typing import NoReturn, Optional, Sequence
 
 from fasttrain import run
 from fasttrain.errors import EXIT_USER_ERROR, UserError, report
@@ -96,5 +96,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return _eval(argv[1:])
 
 
+def entry() -> NoReturn:
+    """The `fasttrain` console script: a training command ends as `python -m fasttrain.run` does."""
+    code = main()
+    if sys.argv[1:2] == ["train"]:
+        run.exit_now(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -12,6 +12,7 @@ files; every rank takes part in a checkpoint (each contributes its own random st
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import logging
 import platform
@@ -345,4 +346,5 @@ def train(cfg: Config) -> RunState:
         return _run(cfg, ctx)
     finally:
         close_logging()
+        gc.collect()  # loaders and the DDP wrapper in reference cycles end now (DataLoader workers, gloo handles)
         dist.teardown()

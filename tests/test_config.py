@@ -107,6 +107,18 @@ def test_console_script_lists_its_subcommands():
     assert unknown.returncode == 2 and "unknown command 'fit'" in unknown.stderr
 
 
+def test_a_train_command_exits_with_its_code_after_printing_everything(tmp_path):
+    """`fasttrain train` and `python -m fasttrain.run` end with os._exit once the run is complete (see
+    run.exit_now): the code is still the run's own, 0 or 2, and the last line is printed and logged."""
+    tiny = ["--config", "configs/smoke.yaml", "data.train_size=128", "data.val_size=64", "train.epochs=1"]
+    done = run_fasttrain("train", *tiny, f"output.dir={tmp_path / 'done'}", module="fasttrain.cli")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines()[-1].startswith("done: best val_acc")
+    assert " done: best val_acc" in (tmp_path / "done" / "train.log").read_text().splitlines()[-1]
+    refused = run_fasttrain("train", *tiny, f"output.dir={tmp_path / 'done'}", module="fasttrain.cli")
+    assert refused.returncode == 2 and refused.stderr.splitlines()[-1].startswith("fasttrain: error: ")
+
+
 def test_run_folder_is_named_by_output_name_or_config_and_time():
     assert load_config(str(REPO / "configs" / "smoke.yaml"), ["output.name=baseline"]).output.dir == "runs/baseline"
     assert load_config(str(REPO / "configs" / "smoke.yaml")).output.dir.startswith("runs/smoke-")
