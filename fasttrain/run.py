@@ -49,7 +49,7 @@ def exit_now(code: int) -> NoReturn:
     the process group destroyed, so nothing is left to tear down but the interpreter itself. That teardown
     is skipped (os._exit) because it can still change the exit code of a run that is already complete:
     torch 2.14 on gloo now and then aborts there ("terminate called without an active exception", SIGABRT,
-    after the last Python frame; seen about once in 30 test runs on a loaded 2-core machine), and Python
+    after the last Python frame; seen in CI-like load on a 2-core machine, not when idle), and Python
     puts the default signal handlers back first, so torchrun's SIGTERM to a rank that stopped cleanly for a
     preemption kills it (-15 instead of 75). A job script acts on that code: requeue, or give up."""
     sys.stdout.flush()
