@@ -21,6 +21,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from benchmarks.ladder import Row, Timing, base_overrides, environment, fasttrain_measurement, ladder_rungs, loader_rows, train_rows
+from benchmarks import host_overhead
 from benchmarks.report import write_chart, write_markdown
 from fasttrain import dist
 from fasttrain.config import load_config
@@ -38,15 +39,22 @@ class Preset:
     loader_timing: Timing
     workers: int
     ranks: Sequence[int]  # world sizes of the scaling runs
+    log_every: int = 50  # fasttrain's log interval: its sync points, and the timed windows' edges
+    host_model: str = "CIFAR10_CNN"  # the host-overhead section: model whose ops per step are counted,
+    host_steps: int = 100  # ... over this many steps
+    host_images: int = 50000  # synthetic training images of the host-overhead runs (ops; host time: a tenth)
 
 
 PRESETS = {
     # CI-sized: checks that every part runs and writes well-formed results; its figures are noise
-    "cpu-smoke": Preset("cpu", "SimpleModel", 32, (32, 64), Timing(12, 10, 3, 12), Timing(3, 10, 3, 0), 0, (1, 2)),
-    # the case study on a CPU: minutes, for machines without a GPU
-    "cpu": Preset("cpu", "CIFAR10_CNN", 128, (128, 256), Timing(16, 10, 3, 12), Timing(5, 20, 3, 0), 2, (1, 2)),
-    # the case study on GPUs: every variant, batch sizes up to 512, all the node's GPUs for scaling
-    "gpu": Preset("cuda", "CIFAR10_CNN", 128, (128, 256, 512), Timing(30, 50, 3, 12), Timing(10, 50, 3, 0), 4, ()),
+    "cpu-smoke": Preset("cpu", "SimpleModel", 32, (32, 64), Timing(12, 10, 2, 12, 0.05), Timing(3, 10, 3, 0, 0.05), 0,
+                        (1, 2), log_every=2, host_model="SimpleModel", host_steps=5, host_images=1280),
+    # the case study on a CPU: minutes, for machines without a GPU (log every 10 steps: windows of ~1 s)
+    "cpu": Preset("cpu", "CIFAR10_CNN", 128, (128, 256), Timing(16, 10, 5, 12, 1.0), Timing(5, 20, 3, 0, 1.0), 2,
+                  (1, 2), log_every=10),
+    # the case study on GPUs: every variant, batch sizes up to 2048, all the node's GPUs for scaling
+    "gpu": Preset("cuda", "CIFAR10_CNN", 128, (128, 256, 512, 1024, 2048), Timing(30, 50, 5, 12, 1.0),
+                  Timing(10, 50, 3, 0, 1.0), 4, ()),
 }
 
 
@@ -89,7 +97,7 @@ def scaling_rows(preset: Preset, base: List[str], progress) -> List[dict]:
         t = preset.loader_timing
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
                "-m", "benchmarks.scaling_worker", "--warmup", str(preset.timing.warmup), "--steps", str(t.steps),
-               "--windows", str(t.windows), *base, *overrides]
+               "--windows", str(t.windows), "--min-seconds", str(t.min_seconds), *base, *overrides]
         result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
         if result.returncode != 0:
             raise SystemExit(f"scaling run with {world} rank(s) failed:\n{result.stderr[-3000:]}")
@@ -115,13 +123,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     progress = lambda line: print(line, flush=True)  # noqa: E731
-    base = base_overrides(preset.device, preset.model, preset.batch_size, args.data_root, preset.workers)
+    base = base_overrides(preset.device, preset.model, preset.batch_size, args.data_root, preset.workers,
+                          preset.log_every)
 
     ctx = dist.setup(preset.device)
     try:
         env = environment(ctx.device)
         env.update({"preset": args.preset, "model": preset.model, "batch_size": preset.batch_size,
                     "data": "cifar10" if "data.dataset=cifar10" in base else "synthetic", "timing": asdict(preset.timing),
+                    "log_every": preset.log_every,
                     "date": datetime.datetime.now().isoformat(timespec="seconds"), "git_commit": git_commit()})
         progress(f"benchmarks: preset {args.preset} on {env['device']} (torch {env['torch']}, data {env['data']})")
         progress("ladder:")
@@ -132,11 +142,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         loaders = loader_rows(base, ctx.device, preset.loader_timing, preset.workers, progress)
     finally:
         dist.teardown()
+    progress("host overhead: ops per step")
+    ops = [asdict(r) for r in host_overhead.ops_rows(preset.device, preset.host_model, preset.host_steps, progress,
+                                                     preset.host_images)]
+    progress("host overhead: host time per step (one thread)")
+    host = [asdict(r) for r in host_overhead.host_time_rows(preset.device, preset.timing.min_seconds,
+                                                            preset.timing.windows, 1, progress,
+                                                            max(preset.host_images // 10, 128))]
     progress("scaling:")
     scaling = scaling_rows(preset, base, progress)
 
     results = {"environment": env, "ladder": [asdict(r) for r in ladder], "best_batch": best,
-               "loaders": [asdict(r) for r in loaders], "scaling": scaling}
+               "loaders": [asdict(r) for r in loaders], "host_overhead": {"model": preset.host_model, "ops": ops,
+                                                                          "host_time": host},
+               "scaling": scaling}
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
     markdown = write_markdown(results, args.out / "results.md")
     write_chart(results, args.out / "results.png")

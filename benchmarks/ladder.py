@@ -7,11 +7,13 @@ in turn, on the same model, data and batch size, measured side by side in one ru
     python -m benchmarks.ladder --device cpu --model SimpleModel --steps 5 --warmup 8   # a CPU check
 
 Each rung: guard steps whose losses must be finite and decreasing (a broken fast path cannot post
-a number), more warm-up (compilation happens there and is left out), then `--windows` timed
-windows of `--steps` steps between device synchronizations; the figure is the median window.
-Training steps are the real ones (`fasttrain.engine.train_step`, DDP with world size 1, the
-configured loader). `python -m benchmarks` runs the full suite (ladder, batch sizes, loaders,
-scaling) and writes JSON, markdown and a chart.
+a number), more warm-up (compilation and capture happen there and are left out), then
+`--windows` timed windows of at least `--min-seconds` each; the figure is the median window.
+fasttrain's rungs run its real epoch loop (`fasttrain.engine.train_one_epoch` with the trainer's
+step, schedule, loader, log-interval reductions and preemption flag; benchmarks.epoch_loop), so
+per-epoch costs and periodic syncs land in the windows as they do in a run; the tutorial's loop
+runs its own loop. `python -m benchmarks` runs the full suite (ladder, batch sizes, loaders, host
+overhead, scaling) and writes JSON, markdown and a chart.
 """
 
 from __future__ import annotations
@@ -28,13 +30,13 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-from benchmarks.measure import Measurement, measure
+from benchmarks.epoch_loop import EpochLoopTimer, LoopMeasurement
+from benchmarks.measure import Measurement, measure, measure_for
 from benchmarks.tutorial_loop import tutorial_loader, tutorial_steps
 from fasttrain import dist
 from fasttrain.config import Config, ModelConfig, load_config
 from fasttrain.data import build_loaders, load_split
 from fasttrain.data.dali import dali_available
-from fasttrain.engine import train_step
 from fasttrain.flops import flops_per_image, peak_flops
 from fasttrain.models import build_model
 from fasttrain.trainer import build_parts
@@ -47,6 +49,7 @@ RUNGS: List[Tuple[str, List[str]]] = [
     ("+ channels_last", ["train.channels_last=true"]),
     ("+ bf16 autocast", ["train.precision=bf16"]),
     ("+ torch.compile", ["train.compile=default"]),
+    ("+ whole-step capture", ["train.capture=true"]),
 ]
 DALI_RUNG = ("DALI instead of the gpu-resident loader", ["data.loader=dali"])
 
@@ -54,10 +57,11 @@ DALI_RUNG = ("DALI instead of the gpu-resident loader", ["data.loader=dali"])
 @dataclass
 class Timing:
     """How long and how hard to measure."""
-    warmup: int = 20
-    steps: int = 50
-    windows: int = 3
+    warmup: int = 20  # steps before timing, guard steps included
+    steps: int = 50  # steps per window where windows count steps (the loaders alone)
+    windows: int = 5
     guard_steps: int = 12
+    min_seconds: float = 1.0  # each training window runs at least this long
 
 
 @dataclass
@@ -73,10 +77,12 @@ class Row:
     guard_last_loss: float = 0.0
 
 
-def base_overrides(device: str, model: str, batch_size: int, data_root: str, workers: int) -> List[str]:
+def base_overrides(device: str, model: str, batch_size: int, data_root: str, workers: int,
+                   log_every: int = 50) -> List[str]:
     real = (Path(data_root) / "cifar-10-batches-py").is_dir()
     # a constant AdamW lr 1e-3, as the tutorial loop row uses: the guard needs the loss to move from step one
     return [f"train.device={device}", f"model.name={model}", f"train.batch_size={batch_size}", "train.epochs=10000",
+            f"train.log_every={log_every}",
             "optim.name=adamw", "optim.lr=0.001", "sched.name=none",
             "data.drop_last=true", f"data.num_workers={workers}", "output.dir=/nonexistent", f"data.root={data_root}",
             "data.download=false", "data.dataset=cifar10" if real else "data.dataset=synthetic",
@@ -116,26 +122,20 @@ def tutorial_measurement(cfg: Config, device: torch.device, timing: Timing, work
     loader = tutorial_loader(images, labels, cfg.train.batch_size, workers, pin_memory=device.type == "cuda")
     steps = tutorial_steps(model, loader, optimizer, device)
     # the tutorial's loop fetches and steps in one go: its data wait is inside the step here
-    return measure(TUTORIAL, lambda: None, lambda _: next(steps), cfg.train.batch_size, device, timing.warmup,
-                   timing.steps, timing.windows, timing.guard_steps)
+    return measure_for(TUTORIAL, lambda: None, lambda _: next(steps), cfg.train.batch_size, device, timing.warmup,
+                       timing.min_seconds, timing.windows, timing.guard_steps)
 
 
-def fasttrain_measurement(cfg: Config, ctx: dist.Dist, timing: Timing, name: str) -> Tuple[Measurement, float]:
-    """(measurement, forward+backward FLOPs per image of the model)."""
+def fasttrain_measurement(cfg: Config, ctx: dist.Dist, timing: Timing, name: str) -> Tuple[LoopMeasurement, float]:
+    """(measurement of the real epoch loop, forward+backward FLOPs per image of the model)."""
     parts = build_parts(cfg, ctx, _silent_logger())
-    batches = _cycle(parts.train_loader)
-    parts.train_model.train()
-
-    def step(batch) -> torch.Tensor:
-        images, labels = batch
-        loss, _ = train_step(parts.train_model, images, labels, parts.optimizer, parts.precision)
-        parts.schedule.after_batch()
-        return loss  # stays on the device: no per-step sync
-
+    timer = EpochLoopTimer(parts, cfg.train.log_every, ctx.backend, ctx.world_size)
+    guard_losses = timer.guard(name, timing.guard_steps)
+    timer.warm_up(timing.warmup - timing.guard_steps)
+    measurement = timer.time_windows(timing.min_seconds, timing.windows)
+    measurement.guard_losses = guard_losses
     shape = tuple(next(iter(parts.val_loader))[0].shape[1:])
-    flops = flops_per_image(parts.model, shape)
-    return measure(name, lambda: next(batches), step, cfg.train.batch_size, ctx.device, timing.warmup, timing.steps,
-                   timing.windows, timing.guard_steps), flops
+    return measurement, flops_per_image(parts.model, shape)
 
 
 def _mfu(ips: float, flops: float, cfg: Config, device: torch.device, peak_override: Optional[float]) -> Optional[float]:
@@ -228,8 +228,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--warmup", type=int, default=20, help="steps before timing, guard steps included")
     parser.add_argument("--guard-steps", type=int, default=12, help="first steps whose losses must be finite and fall")
-    parser.add_argument("--steps", type=int, default=50, help="steps per timed window")
-    parser.add_argument("--windows", type=int, default=3, help="timed windows per rung; the median is reported")
+    parser.add_argument("--steps", type=int, default=50, help="steps per timed window of the loaders alone")
+    parser.add_argument("--min-seconds", type=float, default=1.0, help="each training window runs at least this long")
+    parser.add_argument("--windows", type=int, default=5, help="timed windows per rung; the median is reported")
+    parser.add_argument("--log-every", type=int, default=50, help="fasttrain's train.log_every: its log intervals "
+                        "are the loop's sync points, and the windows' edges")
     parser.add_argument("--tutorial-workers", type=int, default=4,
                         help="num_workers of the DataLoaders (the tutorial's 4; fasttrain's plain loader uses the same)")
     parser.add_argument("--peak-tflops", type=float, help="the device's peak TFLOP/s for MFU (default: known GPUs)")
@@ -238,15 +241,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the rows and the environment to this JSON file")
     args = parser.parse_args(argv)
 
-    timing = Timing(max(args.warmup, args.guard_steps), args.steps, args.windows, args.guard_steps)
-    base = base_overrides(args.device, args.model, args.batch_size, args.data_root, args.tutorial_workers)
+    timing = Timing(max(args.warmup, args.guard_steps), args.steps, args.windows, args.guard_steps, args.min_seconds)
+    base = base_overrides(args.device, args.model, args.batch_size, args.data_root, args.tutorial_workers,
+                          args.log_every)
     real = "data.dataset=cifar10" in base
     ctx = dist.setup(args.device)
     try:
         env = environment(ctx.device)
         print(f"device {ctx.device} ({env['device']}) | torch {env['torch']} | model {args.model} | batch "
               f"{args.batch_size} | data {'CIFAR-10' if real else 'synthetic CIFAR-shaped'} | {timing.guard_steps} "
-              f"guard + warm-up to {timing.warmup} steps, {timing.windows} windows x {timing.steps} steps, median",
+              f"guard + warm-up to {timing.warmup} steps, "
+              + (f"{timing.windows} windows x {timing.steps} steps" if args.loaders_only else
+                 f"{timing.windows} windows of >= {timing.min_seconds:g} s (fasttrain: cut at log intervals of "
+                 f"{args.log_every} steps)") + ", median",
               flush=True)
         progress = lambda line: print(line, flush=True)  # noqa: E731
         rows = (loader_rows(base, ctx.device, timing, args.tutorial_workers, progress) if args.loaders_only

@@ -18,7 +18,8 @@ def write_markdown(results: dict, path: Path) -> str:
         f"{env['cpu_count']} CPUs, commit {str(env['git_commit'])[:10]}; model {env['model']}, batch "
         f"{env['batch_size']} per process, data {env['data']}; timing: {env['timing']['guard_steps']} guard steps "
         f"(finite, falling losses), warm-up to {env['timing']['warmup']} steps, median of {env['timing']['windows']} "
-        f"windows x {env['timing']['steps']} steps.",
+        f"windows of at least {env['timing']['min_seconds']:g} s (fasttrain: its real epoch loop, windows cut at "
+        f"its log intervals of {env.get('log_every', 50)} steps).",
         "",
         "Data wait: the share of the timed time the host spent waiting for the next batch. MFU: achieved "
         "FLOP/s (forward + backward FLOPs per image, counted on the model) over the device's dense peak for the "
@@ -36,6 +37,14 @@ def write_markdown(results: dict, path: Path) -> str:
     lines += ["", "| loader alone (no model) | images/s | vs tutorial DataLoader |", "|---|---:|---:|"]
     for row in results["loaders"]:
         lines.append(f"| {row['variant']} | {row['images_per_sec']:,.0f} | {row['speedup']:.2f}x |")
+    host = results.get("host_overhead")
+    if host:
+        from benchmarks.host_overhead import markdown as host_markdown
+
+        lines += ["", "Host overhead: ATen ops called per step (torch.profiler, outermost calls), and host time per "
+                  "step of a model small enough that the host dominates, against a bare hand-written loop over the "
+                  "same data, optimizer and schedule (same run, alternating windows).", "",
+                  host_markdown(host["ops"], host["host_time"], host["model"])]
     if results["scaling"]:
         lines += ["", f"| ranks ({results['scaling'][0]['variant']}) | images/s (all ranks) | per-rank efficiency |",
                   "|---:|---:|---:|"]

@@ -12,24 +12,17 @@ import pytest
 import torch
 
 from benchmarks.tutorial_loop import tutorial_loader
-from fasttrain import dist
-from fasttrain.config import ModelConfig, load_config
+from fasttrain.config import ModelConfig, OptimConfig, load_config
 from fasttrain.data import build_loaders
 from fasttrain.data.dali import dali_available
 from fasttrain.data.synthetic import make_synthetic
-from fasttrain.engine import train_step
+from fasttrain.step import EagerStep
 from fasttrain.models import build_model
+from fasttrain.optim import build_optimizer
 from fasttrain.precision import build_precision
 
 CPU = torch.device("cpu")
 BATCH = 64
-
-
-@pytest.fixture(scope="module")
-def process_group():
-    ctx = dist.setup("cpu")  # fasttrain's step runs under DDP, world size 1 included
-    yield ctx
-    dist.teardown()
 
 
 @pytest.fixture(scope="module")
@@ -61,14 +54,13 @@ def test_step_tutorial_loop(benchmark, batch):
 
 @pytest.mark.benchmark(group="train step (CNN, batch 64)")
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_step_fasttrain(benchmark, batch, process_group, precision):
+def test_step_fasttrain(benchmark, batch, precision):
+    """fasttrain's eager step at world size 1: no DDP wrapper (nothing to average), fused AdamW."""
     model = _model()
-    ddp = torch.nn.parallel.DistributedDataParallel(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    prec = build_precision(precision, CPU, tf32=False)
+    optimizer = build_optimizer(OptimConfig(), model, CPU)
+    step = EagerStep(model, optimizer, build_precision(precision, CPU, tf32=False))
     images, labels = batch
-    benchmark.pedantic(lambda: train_step(ddp, images, labels, optimizer, prec), rounds=5, iterations=1,
-                       warmup_rounds=1)
+    benchmark.pedantic(lambda: step(images, labels), rounds=5, iterations=1, warmup_rounds=1)
 
 
 def _next_batch(loader):

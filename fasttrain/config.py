@@ -174,6 +174,10 @@ class TrainConfig:
     tf32: bool = _field(True, "allow TF32 matmuls and convolutions on CUDA")
     channels_last: bool = _field(False, "model and input batches in channels_last memory format")
     compile: str = _field("off", "torch.compile mode: off | default | reduce-overhead | max-autotune")
+    capture: bool = _field(False, "compile the whole training step (forward, loss, backward, gradient all-reduce, "
+                                  "optimizer, running sums) and on CUDA replay it as one CUDA graph: the host's "
+                                  "cost per step becomes a few launches; needs train.compile=default or "
+                                  "max-autotune, optim adam/adamw, precision fp32/bf16")
     peak_tflops: float = _field(0.0, "the device's peak TFLOP/s for MFU (0 = fasttrain's table of known GPUs; "
                                      "no MFU where unknown, e.g. CPUs)")
     stop_after_steps: int = _field(0, "stop with a resumable checkpoint once this many optimizer steps are done in "
@@ -220,16 +224,17 @@ class CheckpointConfig:
                           "apart)")
     signals: List[str] = _field(["SIGTERM", "SIGUSR1"], "signals that mean 'preempted': the run saves a checkpoint "
                                 "at the next step boundary on every rank and exits with code 75 ([] = none)")
-    signal_check_every: int = _field(1, "steps between the ranks' checks of the preemption flag (one small CPU "
-                                        "collective, no device sync)")
+    signal_check_every: int = _field(0, "0 = the ranks agree on the preemption flag at every log interval, inside "
+                                        "the reduction that runs there anyway (stop within train.log_every steps); "
+                                        "N = also every N steps, with one small CPU collective of its own")
 
     def __post_init__(self) -> None:
         _require(self.every_steps >= 0, "checkpoint.every_steps", self.every_steps, "an integer >= 0 (0 = epoch ends)")
         _require(self.keep >= 1, "checkpoint.keep", self.keep, "an integer >= 1")
         for name in self.signals:
             _choice("checkpoint.signals", name, PREEMPT_SIGNALS)
-        _require(self.signal_check_every >= 1, "checkpoint.signal_check_every", self.signal_check_every,
-                 "an integer >= 1")
+        _require(self.signal_check_every >= 0, "checkpoint.signal_check_every", self.signal_check_every,
+                 "an integer >= 0 (0 = at log intervals only)")
 
 
 @dataclass
@@ -263,6 +268,16 @@ class Config:
 
     def __post_init__(self) -> None:
         _require(bool(self.resume), "resume", self.resume, "none, auto or the path of a checkpoint file")
+        if self.train.capture:
+            _require(self.train.compile in ("default", "max-autotune"), "train.compile", self.train.compile,
+                     "default or max-autotune with train.capture=true (the captured step is compiled; "
+                     "reduce-overhead would record CUDA graphs of its own inside it)")
+            _require(self.train.precision != "fp16", "train.precision", self.train.precision,
+                     "fp32 or bf16 with train.capture=true (fp16's GradScaler decides on the host whether to "
+                     "step; bf16 needs no scaler)")
+            _require(self.optim.name in ("adam", "adamw"), "optim.name", self.optim.name,
+                     "adam or adamw with train.capture=true (their learning rate and betas can be device "
+                     "tensors that the schedule updates; SGD's momentum cannot)")
 
 
 # --------------------------------------------------------------------------- loading

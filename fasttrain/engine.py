@@ -1,16 +1,19 @@
 """One training epoch and one validation pass: the tutorial's train_one_epoch and validate.
 
-Losses and counts accumulate on the device; they are summed over ranks and read by the host once
-per log interval and once at the end of the epoch, so the step loop itself has no host-device sync.
-A non-finite loss is noted on the device too (the first step it happened at) and is found at that
-same read, so a diverged run stops within one log interval, naming the step.
+The step loop does per step only what a step needs: fetch a batch, run the step (`fasttrain.step`),
+advance the schedule (host floats), count samples on the host. Everything else happens at
+boundaries that every rank reaches at the same global step: every `train.log_every` steps the
+running sums are taken from the step, summed over ranks with the preemption flag riding along,
+and read by the host once (a non-finite sum means a non-finite loss: the run stops, naming the
+step); periodic checkpoints and train.stop_after_steps have boundaries of their own. Between
+boundaries nothing reads a device value and no collective runs.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional, Sequence, Tuple
+from typing import Callable, Iterable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -18,10 +21,15 @@ from torch import nn
 
 from fasttrain.dist import all_reduce_sum_tensor, get_world_size
 from fasttrain.errors import UserError
-from fasttrain.precision import Precision, found_inf
 from fasttrain.optim import Schedule
+from fasttrain.precision import Precision
+from fasttrain.step import LOSS_SUM, NONFINITE, SKIPPED, SUMS
 
-# the per-rank running sums of an epoch, on the device: [loss sum, samples, skipped steps, non-finite losses]
+# the vector summed over ranks at a log interval: the step's SUMS, then samples and the preemption flag
+SAMPLES, SIGNALLED = SUMS, SUMS + 1
+REDUCED = SUMS + 2
+# what a checkpoint carries as a rank's running sums of the epoch in progress: [loss sum, samples,
+# skipped steps, non-finite losses] (the layout checkpoints have always had)
 TOTALS = 4
 
 
@@ -40,14 +48,16 @@ class EpochStats:
     loss: float  # mean training loss per sample, over all ranks (a resumed epoch: the part before the stop too)
     samples: int  # over all ranks, in the whole epoch
     steps: int  # steps done in the epoch
-    seconds: float  # wall time of this process's steps, first step included
+    seconds: float  # wall time of this process's steps, first steps included
     last_lr: float
     skipped_steps: int = 0  # fp16 steps the GradScaler skipped (inf/nan gradients)
-    first_step_seconds: float = 0.0  # measured apart when asked (compilation happens there)
+    first_step_seconds: float = 0.0  # the first `first_steps` steps, measured apart when asked (compilation)
     data_wait_seconds: float = 0.0  # host time blocked waiting for the next batch (rank 0's view)
-    stopped_early: bool = False  # after_step asked to stop before the epoch's end
+    stopped_early: bool = False  # a boundary asked to stop before the epoch's end
     timed_samples: int = -1  # samples of the steps this process ran (-1 = samples): what images/s counts
     timed_steps: int = -1  # steps this process ran (-1 = steps)
+    first_steps: int = 1  # how many steps first_step_seconds covers
+    signal_at_end: Optional[str] = None  # a preemption signal agreed at the epoch's end (stop after saving)
 
     def __post_init__(self) -> None:
         self.timed_samples = self.samples if self.timed_samples < 0 else self.timed_samples
@@ -55,75 +65,99 @@ class EpochStats:
 
     @property
     def images_per_sec(self) -> float:
-        """Throughput over the steady part: the first step is left out when it was timed apart."""
-        samples, steps = self.timed_samples, self.timed_steps
-        if self.first_step_seconds and steps > 1:
-            return samples * (steps - 1) / steps / max(self.seconds - self.first_step_seconds, 1e-9)
+        """Throughput over the steady part: the first steps are left out when they were timed apart."""
+        samples, steps, first = self.timed_samples, self.timed_steps, self.first_steps
+        if self.first_step_seconds and steps > first:
+            return samples * (steps - first) / steps / max(self.seconds - self.first_step_seconds, 1e-9)
         return samples / self.seconds if self.seconds > 0 else 0.0
-
-
-def train_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, optimizer: torch.optim.Optimizer,
-               precision: Precision, grad_clip: float = 0.0) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """One optimizer step. Returns the loss and, under fp16, whether the scaler skipped the step
-    (both device tensors: nothing here waits for the device)."""
-    scaler = precision.scaler
-    with precision.autocast():
-        loss = F.cross_entropy(model(images), labels)
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()  # under DDP the gradients are averaged over ranks here
-    if grad_clip > 0:
-        scaler.unscale_(optimizer)
-        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    scaler.step(optimizer)
-    skipped = found_inf(scaler, optimizer)
-    scaler.update()
-    return loss.detach(), skipped
 
 
 # (global step, epoch, mean loss over the interval, lr, images/s over the interval)
 StepLogger = Callable[[int, int, float, float, float], None]
-# (global step, steps done in this epoch, the epoch's running sums so far) -> stop the epoch now?
-AfterStep = Callable[[int, int, Callable[[], torch.Tensor]], bool]
 
 
-def raise_if_diverged(reduced: Sequence[float], first_bad_step: torch.Tensor, epoch: int) -> None:
-    """`reduced` holds the running sums summed over ranks; its 4th value counts non-finite losses."""
-    if reduced[3] > 0:
-        step = int(first_bad_step.item())  # host sync, only once it has gone wrong
-        where = f"at step {step}" if step else "on another rank"
+@dataclass
+class Boundaries:
+    """The global steps at which the loop leaves its per-step path, and what it does there.
+
+    Every `log_every` steps: the sums are reduced over ranks, logged, checked for divergence, and
+    the preemption flag is agreed (one collective that was needed anyway). `every`: another
+    boundary every N steps (periodic checkpoints; 0 = none). `stop_at`: a boundary at that step
+    (train.stop_after_steps; 0 = none). `signal_every`: an extra host-side agreement on the
+    preemption flag every N steps (0 = only with the log reduction). At each boundary, after the
+    reduction, `at_boundary(global step, steps in the epoch, running sums, agreed signal)` runs on
+    every rank and returns whether to stop the epoch there."""
+    log_every: int
+    every: int = 0
+    stop_at: int = 0
+    signal_every: int = 0
+    at_boundary: Optional[Callable[[int, int, Callable[[], torch.Tensor], Optional[str]], bool]] = None
+    signal_flag: Callable[[], bool] = lambda: False  # this rank's flag: a host bool, set by a signal handler
+    # called when the reduction says a rank was signalled: the signal's name (this rank's, or another's)
+    signal_agreed: Callable[[], str] = lambda: "a signal on another rank"
+    agree_on_signal: Optional[Callable[[], Optional[str]]] = None  # the extra host-side check (signal_every)
+
+    def next_after(self, global_step: int) -> int:
+        """The first boundary after `global_step`."""
+        def next_multiple(every: int) -> int:
+            return (global_step // every + 1) * every
+
+        candidates = [next_multiple(self.log_every)]
+        if self.every:
+            candidates.append(next_multiple(self.every))
+        if self.signal_every:
+            candidates.append(next_multiple(self.signal_every))
+        if self.stop_at > global_step:
+            candidates.append(self.stop_at)
+        return min(candidates)
+
+
+def _raise_if_diverged(nonfinite: float, step, interval_start: int, epoch: int) -> None:
+    """`nonfinite`: non-finite losses summed over ranks; one anywhere stops every rank here."""
+    if nonfinite > 0:
+        offset = step.first_bad_offset()  # host sync, only once it has gone wrong
+        where = f"at step {interval_start + offset}" if offset else "on another rank"
         raise TrainingDiverged(f"training diverged: the loss became nan/inf {where} (epoch {epoch}); the run stops "
                                f"and keeps its last good checkpoint: lower optim.lr or sched.max_lr, set "
                                f"train.grad_clip, or use train.precision=fp32, then continue with resume=auto")
 
 
-def train_one_epoch(model: nn.Module, loader: Iterable[Tuple[torch.Tensor, torch.Tensor]],
-                    optimizer: torch.optim.Optimizer, schedule: Schedule, precision: Precision, *, epoch: int,
-                    global_step: int, max_batches: int = 0, grad_clip: float = 0.0, log_every: int = 50,
-                    log_step: Optional[StepLogger] = None, time_first_step: bool = False,
-                    tick: Optional[Callable[[], None]] = None, start_step: int = 0,
-                    carried: Optional[torch.Tensor] = None, after_step: Optional[AfterStep] = None) -> EpochStats:
-    """Train for one epoch; losses are means over the samples of all ranks (collectives every
-    `log_every` steps and at the end, which every rank reaches at the same step).
+def _as_totals(sums: torch.Tensor, samples: int) -> torch.Tensor:
+    """The step's SUMS and a sample count, in the checkpoint layout (TOTALS)."""
+    totals = torch.zeros(TOTALS, dtype=torch.float64, device=sums.device)
+    totals[0], totals[2], totals[3] = sums[LOSS_SUM], sums[SKIPPED], sums[NONFINITE]
+    totals[1] = samples
+    return totals
 
-    A resumed epoch starts at `start_step` (the loader already skips those batches) with the running
-    sums `carried` from before the stop; `after_step` runs after every step on every rank and may
-    stop the epoch (a checkpoint, preemption, train.stop_after_steps)."""
-    model.train()
-    device = precision.device
-    # running sums (see TOTALS) on the device, for the epoch and for the current log interval
-    epoch_totals = torch.zeros(TOTALS, device=device, dtype=torch.float64)
+
+def train_one_epoch(step, loader: Iterable[Tuple[torch.Tensor, torch.Tensor]], schedule: Schedule,
+                    device: torch.device, *, epoch: int, global_step: int, boundaries: Boundaries,
+                    max_batches: int = 0, log_step: Optional[StepLogger] = None, time_first_steps: int = 0,
+                    tick: Optional[Callable[[], None]] = None, start_step: int = 0,
+                    carried: Optional[torch.Tensor] = None) -> EpochStats:
+    """Train for one epoch with `step` (an EagerStep or CapturedStep, model in train mode); losses
+    are means over the samples of all ranks.
+
+    A resumed epoch starts at `start_step` (the loader already skips those batches) with the
+    running sums `carried` (TOTALS) from before the stop. `time_first_steps`: synchronize after
+    that many steps and time them apart (compilation and capture happen there)."""
+    # running sums on the device: the epoch's, and the current log interval's (the step's SUMS layout)
+    epoch_sums = torch.zeros(SUMS, dtype=torch.float64, device=device)
+    interval = torch.zeros(SUMS, dtype=torch.float64, device=device)
+    epoch_samples = interval_samples = 0  # this rank's, counted on the host
     # what this rank had summed before the stop: counted in the epoch's loss, not in its images/s
     before = (torch.zeros(TOTALS, dtype=torch.float64) if carried is None else carried.double()).to(device)
-    interval = torch.zeros(TOTALS, device=device, dtype=torch.float64)
-    first_bad_step = torch.zeros((), device=device, dtype=torch.int64)  # 0 = none yet
     steps = start_step
     first_step_seconds = 0.0
     last_lr = schedule.lr()
     data_wait = 0.0
     stopped_early = False
+    interval_start_step = global_step  # the global step before this log interval's first
+    next_boundary = boundaries.next_after(global_step)
+    step.start_interval()
     batches = iter(loader)
     synchronize(device)
-    start = interval_start = time.perf_counter()
+    start = interval_clock = time.perf_counter()
     while not (max_batches and steps >= max_batches):
         fetch_start = time.perf_counter()
         batch = next(batches, None)
@@ -132,49 +166,67 @@ def train_one_epoch(model: nn.Module, loader: Iterable[Tuple[torch.Tensor, torch
             break
         images, labels = batch
         last_lr = schedule.lr()  # a Python float: no device sync
-        loss, skipped = train_step(model, images, labels, optimizer, precision, grad_clip)
+        step(images, labels)
         schedule.after_batch()
-
         steps += 1
         global_step += 1
-        batch = labels.shape[0]  # shape is host metadata: no sync
-        finite = torch.isfinite(loss)
-        # a step the fp16 scaler skipped changed no weight: its inf loss is counted as skipped, not as divergence
-        bad = ~finite if skipped is None else ~finite & (skipped == 0)
-        first_bad_step = torch.where(bad & (first_bad_step == 0), global_step, first_bad_step)
-        interval[0] += torch.where(finite, loss.double(), 0.0) * batch
-        interval[1] += batch
-        if skipped is not None:
-            interval[2] += skipped
-        interval[3] += bad.double()
+        interval_samples += labels.shape[0]  # shape is host metadata: no sync
         if tick is not None:
             tick()  # host-only progress (a bar), no device value read
-        if time_first_step and steps == start_step + 1:
-            synchronize(device)  # host sync, once: the first step holds the compilation
+        if time_first_steps and steps == start_step + time_first_steps:
+            synchronize(device)  # host sync, once: the first steps hold the compilation
             first_step_seconds = time.perf_counter() - start
-        if global_step % log_every == 0:
-            epoch_totals += interval
-            reduced = all_reduce_sum_tensor(interval.clone()).tolist()  # host sync, once per log interval
-            raise_if_diverged(reduced, first_bad_step, epoch)
+        if global_step < next_boundary:
+            continue
+        # ---- a boundary: every rank is here at the same global step
+        interval += step.take_sums()
+        signal: Optional[str] = None
+        if global_step % boundaries.log_every == 0:
+            vector = torch.zeros(REDUCED, dtype=torch.float64, device=device)
+            vector[:SUMS] = interval
+            vector[SAMPLES] = interval_samples
+            vector[SIGNALLED] = 1.0 if boundaries.signal_flag() else 0.0
+            reduced = all_reduce_sum_tensor(vector).tolist()  # host sync, once per log interval
+            _raise_if_diverged(reduced[NONFINITE], step, interval_start_step, epoch)
             now = time.perf_counter()
             if log_step is not None:
-                loss_sum, samples = reduced[0], reduced[1]
-                log_step(global_step, epoch, loss_sum / max(samples, 1), last_lr, samples / max(now - interval_start, 1e-9))
+                log_step(global_step, epoch, reduced[LOSS_SUM] / max(reduced[SAMPLES], 1), last_lr,
+                         reduced[SAMPLES] / max(now - interval_clock, 1e-9))
+            if reduced[SIGNALLED] > 0:
+                signal = boundaries.signal_agreed()
+            epoch_sums += interval
+            epoch_samples += interval_samples
             interval.zero_()
-            interval_start = now
-        if after_step is not None and after_step(global_step, steps, lambda: before + epoch_totals + interval):
-            stopped_early = True
-            break
-    epoch_totals += interval
-    now_sums, before_sums = all_reduce_sum_tensor(torch.stack([epoch_totals, before])).tolist()  # host sync, per epoch
-    raise_if_diverged(now_sums, first_bad_step, epoch)
+            interval_samples = 0
+            interval_clock = now
+            interval_start_step = global_step
+            step.start_interval()
+        elif boundaries.signal_every and global_step % boundaries.signal_every == 0 and boundaries.agree_on_signal:
+            signal = boundaries.agree_on_signal()  # a host-side collective, every signal_every steps
+        next_boundary = boundaries.next_after(global_step)
+        if boundaries.at_boundary is not None:
+            so_far = lambda: before + _as_totals(epoch_sums + interval, epoch_samples + interval_samples)  # noqa: E731
+            if boundaries.at_boundary(global_step, steps, so_far, signal):
+                stopped_early = True
+                break
+    interval += step.take_sums()
+    epoch_sums += interval
+    epoch_samples += interval_samples
+    now_totals = _as_totals(epoch_sums, epoch_samples)
+    flag = torch.zeros(TOTALS, dtype=torch.float64, device=device)
+    flag[0] = 1.0 if boundaries.signal_flag() and not stopped_early else 0.0
+    reduced_now, reduced_before, reduced_flag = all_reduce_sum_tensor(
+        torch.stack([now_totals, before, flag])).tolist()  # host sync, per epoch
+    _raise_if_diverged(reduced_now[3], step, interval_start_step, epoch)
     synchronize(device)
     seconds = time.perf_counter() - start
-    loss_sum, samples, skipped_total = (now_sums[i] + before_sums[i] for i in range(3))
+    loss_sum, samples, skipped_total = (reduced_now[i] + reduced_before[i] for i in range(3))
     # every rank skips the same steps (gradients are all-reduced before the inf check): count one rank's
     skipped_steps = int(round(skipped_total / max(get_world_size(), 1)))
+    signal_at_end = boundaries.signal_agreed() if reduced_flag[0] > 0 else None
     return EpochStats(loss_sum / max(samples, 1), int(samples), steps, seconds, last_lr, skipped_steps,
-                      first_step_seconds, data_wait, stopped_early, int(now_sums[1]), steps - start_step)
+                      first_step_seconds, data_wait, stopped_early, int(reduced_now[1]), steps - start_step,
+                      max(time_first_steps, 1), signal_at_end)
 
 
 @dataclass

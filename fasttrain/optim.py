@@ -17,18 +17,70 @@ from torch.optim import lr_scheduler
 from fasttrain.config import OptimConfig, SchedConfig
 
 
-def build_optimizer(cfg: OptimConfig, model: nn.Module, device: torch.device | None = None) -> torch.optim.Optimizer:
-    """The configured optimizer; Adam/AdamW use the fused kernels on CUDA (one launch per step for
-    all parameters); elsewhere PyTorch's default (multi-tensor `foreach` where it helps)."""
+def _fused_supported(device: torch.device) -> bool:
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+    except ImportError:  # an older torch: its own default kernels
+        return False
+    return device.type in _get_fused_kernels_supported_devices()
+
+
+def build_optimizer(cfg: OptimConfig, model: nn.Module, device: torch.device | None = None,
+                    capture: bool = False) -> torch.optim.Optimizer:
+    """The configured optimizer, with the fewest kernel launches per step that its device allows.
+
+    Eager steps use the fused kernels (CUDA and CPU): one launch for every parameter's update, and
+    under fp16 the GradScaler's inf check runs inside that kernel instead of syncing every step.
+    A captured step (train.capture) takes the learning rate and betas as device tensors (see
+    `step.DeviceHyperparameters`), so that a compiled or CUDA-graph step reads the schedule's values
+    from memory instead of baking them in: on CUDA the multi-tensor path with `capturable=True` (the
+    fused kernel takes its betas as host floats); on the CPU, where `capturable` is not supported
+    outside compiled code, the single-tensor path, which takes tensor hyperparameters as they are."""
     params = [p for p in model.parameters() if p.requires_grad]
-    on_cuda = device is not None and device.type == "cuda"
+    device = device or torch.device("cpu")
+    if capture:
+        if cfg.name == "sgd":  # config validation refuses this; a direct caller gets the same message
+            raise ValueError("train.capture=true supports optim.name=adam and adamw")
+        kernels = {"foreach": True, "capturable": True} if device.type == "cuda" else {"foreach": False}
+    else:
+        kernels = {"fused": True} if _fused_supported(device) else {}
     if cfg.name == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                               weight_decay=cfg.weight_decay)
-    kernels = {"fused": True} if on_cuda else {}
-    if cfg.name == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, **kernels)
-    return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, **kernels)
+                               weight_decay=cfg.weight_decay, **kernels)
+    kind = torch.optim.Adam if cfg.name == "adam" else torch.optim.AdamW
+    return kind(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, **kernels)
+
+
+# the kernel choices of a param group: this run's, whatever a checkpoint was written with
+_KERNEL_FLAGS = ("foreach", "fused", "capturable", "differentiable")
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """`optimizer.load_state_dict`, then the state put in the form this run's kernels need.
+
+    A checkpoint carries the param groups' kernel flags of the run that wrote it; load_state_dict
+    would take them over (an eager run resumed as a captured one would lose `capturable`). The
+    step counters live on the parameter's device for fused and capturable kernels, on the CPU
+    otherwise. And each moment takes its parameter's memory layout: a checkpoint from a contiguous
+    run resumed with train.channels_last=true has contiguous moments, which CUDA's fused AdamW
+    refuses (it needs matching strides; the CPU kernel does not check)."""
+    own_flags = [{k: group[k] for k in _KERNEL_FLAGS if k in group} for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, flags in zip(optimizer.param_groups, own_flags):
+        group.update(flags)
+        on_device = bool(group.get("fused") or group.get("capturable"))
+        for param in group["params"]:
+            param_state = optimizer.state.get(param)
+            if not param_state:
+                continue
+            for key, value in list(param_state.items()):
+                if not isinstance(value, torch.Tensor):
+                    continue
+                if key == "step":
+                    param_state[key] = (value.to(dtype=torch.float32, device=param.device) if on_device
+                                        else value.to("cpu"))
+                elif value.shape == param.shape and value.stride() != param.stride():
+                    param_state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
 
 
 class Schedule:

@@ -30,6 +30,7 @@ from fasttrain.config import Config
 from fasttrain.device import rng_state, set_rng_state
 from fasttrain.engine import TrainingDiverged
 from fasttrain.errors import UserError
+from fasttrain.optim import load_optimizer_state
 
 # config keys that may change between a run and its resumption without changing what is computed
 NEUTRAL_KEYS = ("resume", "output.", "checkpoint.", "train.stop_after_steps", "train.log_every", "train.device",
@@ -117,7 +118,7 @@ def restore(ckpt: Dict[str, Any], source: Path, cfg: Config, rank: int, world_si
                         f"optim.name={cfg.optim.name}: resume with the same optimizer, or start a new run")
     load_model_state(model, ckpt["model"], str(source))
     try:
-        optimizer.load_state_dict(ckpt["optimizer"])
+        load_optimizer_state(optimizer, ckpt["optimizer"])
         schedule.load_state_dict(ckpt["scheduler"])
     except (ValueError, KeyError) as err:
         raise UserError(f"checkpoint {source}: its optimizer or schedule state does not fit this config "

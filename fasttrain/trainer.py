@@ -1,8 +1,9 @@
 """Build a run from a Config and fit it: the tutorial's train_model, distributed and with a run folder.
 
 `train(cfg)` joins the process group (world size 1 included), prepares the run folder (rank 0),
-builds data, model (wrapped in DDP), optimizer and schedule, puts back the checkpoint it resumes
-from (resume=auto|PATH), then `fit` runs epochs of train_one_epoch + validate, writes metrics,
+builds data, model, optimizer, schedule and the step (`fasttrain.step`: eager, with DDP where there
+are other ranks, or the whole step captured), puts back the checkpoint it resumes from
+(resume=auto|PATH), then `fit` runs epochs of train_one_epoch + validate, writes metrics,
 and keeps `checkpoints/last.pt`, `checkpoints/best.pt` (by validation accuracy) and step
 checkpoints (checkpoint.every_steps). A preemption signal, or train.stop_after_steps, stops the
 run at a step boundary with a checkpoint it can resume from. Rank 0 alone prints and writes
@@ -33,7 +34,7 @@ from fasttrain.checkpointing import choose_on_rank0, restore_on_every_rank, save
 from fasttrain.config import Config
 from fasttrain.data import build_loaders, resolve_loader
 from fasttrain.device import seed_everything
-from fasttrain.engine import train_one_epoch, validate
+from fasttrain.engine import Boundaries, train_one_epoch, validate
 from fasttrain.errors import UserError
 from fasttrain.models import build_model, summarize
 from fasttrain.flops import flops_per_image, peak_flops
@@ -44,6 +45,7 @@ from fasttrain.plots import plot_run
 from fasttrain.precision import Precision, build_precision
 from fasttrain.preemption import EXIT_PREEMPTED, MARKER, PreemptionWatch, write_marker
 from fasttrain.resume import RunState
+from fasttrain.step import WARMUP_STEPS, CapturedStep, EagerStep
 
 
 def prepare_run_dir(cfg: Config) -> Path:
@@ -95,10 +97,11 @@ def _prepare_run_dir_on_rank0(cfg: Config, ctx: dist.Dist) -> Path:
 @dataclass
 class Parts:
     """What a run is built from. `model` is the plain module (checkpoints, weight digests);
-    `train_model` wraps it for the step (compiled, then DDP); `eval_model` is what validation
-    calls (compiled when compiling, never DDP: ranks may run different numbers of eval batches)."""
+    `step` runs one optimizer step on it (`fasttrain.step`: eager, with the model compiled and
+    DDP-wrapped as configured, or captured); `eval_model` is what validation calls (compiled when
+    compiling, never DDP: ranks may run different numbers of eval batches)."""
     model: nn.Module
-    train_model: nn.Module
+    step: Any  # EagerStep | CapturedStep
     eval_model: nn.Module
     optimizer: torch.optim.Optimizer
     schedule: Schedule
@@ -112,7 +115,7 @@ class Parts:
 
 EPOCH_COLUMNS = ["epoch", "step", "train_loss", "val_loss", "val_acc", "val_correct", "val_total", "lr",
                  "images_per_sec", "mfu", "epoch_seconds", "data_wait_seconds", "compute_seconds", "val_seconds",
-                 "peak_memory_mb", "skipped_steps", "world_size", "is_best", "compiled_graphs"]
+                 "peak_memory_mb", "skipped_steps", "world_size", "is_best", "compiled_graphs", "cudagraph_skips"]
 
 
 def fit(cfg: Config, ctx: dist.Dist, parts: Parts, run_dir: Path, logger: logging.Logger,
@@ -130,6 +133,8 @@ def fit(cfg: Config, ctx: dist.Dist, parts: Parts, run_dir: Path, logger: loggin
     progress = Progress(enabled=ctx.is_main, log=logger.info)
     steps_per_epoch = parts.steps_per_epoch
     watch = PreemptionWatch(cfg.checkpoint.signals, cfg.checkpoint.signal_check_every, ctx.backend)
+    # compiled steps are timed apart: the first (eager compiled), or the warm-up and capture (captured)
+    compile_steps = (WARMUP_STEPS + 1) if cfg.train.capture else (1 if compiling else 0)
 
     def mfu(images_per_sec: float) -> Optional[float]:
         if not parts.peak_flops:
@@ -143,9 +148,9 @@ def fit(cfg: Config, ctx: dist.Dist, parts: Parts, run_dir: Path, logger: loggin
         if board is not None:
             board.scalars("step", interval, step)
 
-    def after_step(global_step: int, step_in_epoch: int, totals) -> bool:
-        """Every rank, every step: periodic checkpoints, and the agreed stops (preemption, stop_after_steps)."""
-        signal_name = watch.agreed(global_step)  # collective: same steps on every rank
+    def at_boundary(global_step: int, step_in_epoch: int, totals, signal_name: Optional[str]) -> bool:
+        """Every rank, at the same boundaries (see engine.Boundaries): periodic checkpoints, and the
+        agreed stops (preemption, stop_after_steps)."""
         stop = signal_name or ("stop_after_steps" if global_step == cfg.train.stop_after_steps else None)
         periodic = cfg.checkpoint.every_steps and global_step % cfg.checkpoint.every_steps == 0
         # the epoch's last step is followed by the epoch-end checkpoint (last.pt): no step file for it
@@ -155,6 +160,11 @@ def fit(cfg: Config, ctx: dist.Dist, parts: Parts, run_dir: Path, logger: loggin
         if stop:
             state.stopped_by = stop
         return bool(stop)
+
+    boundaries = Boundaries(log_every=cfg.train.log_every, every=cfg.checkpoint.every_steps,
+                            stop_at=cfg.train.stop_after_steps, signal_every=cfg.checkpoint.signal_check_every,
+                            at_boundary=at_boundary, signal_flag=watch.flag, signal_agreed=watch.agreed_elsewhere,
+                            agree_on_signal=watch.agreed)
 
     try:
         if cfg.train.stop_after_steps and state.global_step >= cfg.train.stop_after_steps:
@@ -168,21 +178,25 @@ def fit(cfg: Config, ctx: dist.Dist, parts: Parts, run_dir: Path, logger: loggin
             if ctx.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(ctx.device)
             progress.start_epoch(epoch, cfg.train.epochs, steps_per_epoch, done=start_step)
-            stats = train_one_epoch(parts.train_model, parts.train_loader, parts.optimizer, parts.schedule,
-                                    parts.precision, epoch=epoch, global_step=state.global_step,
-                                    max_batches=cfg.train.limit_train_batches, grad_clip=cfg.train.grad_clip,
-                                    log_every=cfg.train.log_every, log_step=log_step if ctx.is_main else None,
-                                    time_first_step=compiling and epoch == first_epoch,
+            parts.model.train()
+            stats = train_one_epoch(parts.step, parts.train_loader, parts.schedule, ctx.device, epoch=epoch,
+                                    global_step=state.global_step, boundaries=boundaries,
+                                    max_batches=cfg.train.limit_train_batches,
+                                    log_step=log_step if ctx.is_main else None,
+                                    time_first_steps=compile_steps if epoch == first_epoch else 0,
                                     tick=progress.tick if ctx.is_main else None, start_step=start_step,
-                                    carried=carried, after_step=after_step)
+                                    carried=carried)
             progress.end_epoch()
             state.global_step += stats.timed_steps
             if stats.stopped_early and stats.steps < steps_per_epoch:
                 state.step_in_epoch = stats.steps
                 return state  # stopped mid-epoch: the step checkpoint holds everything
             if stats.first_step_seconds:
-                logger.info(f"compile: the first training step took {stats.first_step_seconds:.1f}s (compilation "
-                            f"included); epoch {epoch} images/s leave it out")
+                what = (f"the first {stats.first_steps} training steps (compilation, warm-up"
+                        + (" and CUDA graph capture)" if ctx.device.type == "cuda" else ")")
+                        if stats.first_steps > 1 else "the first training step (compilation included)")
+                logger.info(f"compile: {what} took {stats.first_step_seconds:.1f}s; epoch {epoch} images/s leave "
+                            f"{'them' if stats.first_steps > 1 else 'it'} out")
             dist.average_buffers(parts.model)  # the same BN statistics on every rank, before evaluating and saving
             val_start = time.perf_counter()
             evaluation = validate(parts.eval_model, parts.val_loader, parts.precision)
@@ -202,6 +216,12 @@ def fit(cfg: Config, ctx: dist.Dist, parts: Parts, run_dir: Path, logger: loggin
                       "world_size": ctx.world_size, "is_best": is_best}
             if compiling:
                 record["compiled_graphs"] = compiled_graph_count()
+                record["cudagraph_skips"] = cudagraph_skip_count()
+                if record["cudagraph_skips"] and ctx.is_main and epoch == first_epoch:
+                    logger.info(f"warning: torch.compile skipped CUDA graphs {record['cudagraph_skips']} time(s) "
+                                f"(its reasons are in the 'skipping cudagraphs due to' lines above; BatchNorm under "
+                                f"DDP is a known one, pytorch#139207): train.capture=true records the whole step "
+                                f"as one graph instead")
             state.history.append(record)
             if ctx.is_main:
                 metrics.write(record)
@@ -212,7 +232,9 @@ def fit(cfg: Config, ctx: dist.Dist, parts: Parts, run_dir: Path, logger: loggin
             if saving:
                 state.last_checkpoint = save_epoch_checkpoints(cfg, ctx, parts, state, evaluation.accuracy,
                                                              evaluation.loss, is_best, run_dir)
-            if stats.stopped_early:
+            if stats.signal_at_end and not stats.stopped_early:
+                state.stopped_by = stats.signal_at_end  # agreed in the epoch-end reduction
+            if stats.stopped_early or stats.signal_at_end:
                 if epoch == cfg.train.epochs:
                     state.stopped_by = None  # the stop came with the last step: the run is complete
                 return state  # stopped at the epoch's last step: the epoch-end checkpoint holds everything
@@ -228,6 +250,15 @@ def compiled_graph_count() -> int:
     from torch._dynamo.utils import counters
 
     return int(counters["stats"]["unique_graphs"])
+
+
+def cudagraph_skip_count() -> int:
+    """Times torch.compile's CUDA graphs (mode reduce-overhead) were skipped in this process: each
+    such skip also logs "skipping cudagraphs due to <reason>". Zero on the CPU, and under
+    train.capture=true, which records its own graph (a failed capture raises)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["inductor"]["cudagraph_skips"])
 
 
 def _silent_logger() -> logging.Logger:
@@ -253,32 +284,45 @@ def build_parts(cfg: Config, ctx: dist.Dist, logger: logging.Logger) -> Parts:
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     logger.info(summarize(model, cfg.model.name))
-    step_model: nn.Module = model
-    if cfg.train.compile != "off":
-        # compiled before DDP wrapping; train batches have one shape (drop_last), so no recompiles per epoch
-        step_model = torch.compile(model, mode=None if cfg.train.compile == "default" else cfg.train.compile)
-    train_model = DDP(step_model, device_ids=[device.index] if device.type == "cuda" else None)
+    compile_mode = None if cfg.train.compile == "default" else cfg.train.compile
+    # train batches have one shape (drop_last), so the compiled model does not recompile per epoch
+    eval_model: nn.Module = torch.compile(model, mode=compile_mode) if cfg.train.compile != "off" else model
     torch.manual_seed(cfg.train.seed + ctx.rank)  # per-rank streams for dropout; data randomness is seeded apart
-    optimizer = build_optimizer(cfg.optim, model, device)
+    optimizer = build_optimizer(cfg.optim, model, device, capture=cfg.train.capture)
+    step: Any
+    if cfg.train.capture:
+        step = CapturedStep(model, optimizer, precision, cfg.train.grad_clip, compile_mode, ctx.world_size)
+    else:
+        train_model = eval_model
+        if ctx.world_size > 1:
+            # only where there are gradients to average (world size 1 pays nothing for a wrapper); BatchNorm
+            # buffers are averaged at every epoch's end, so broadcasting them on every forward buys nothing
+            train_model = DDP(train_model, device_ids=[device.index] if device.type == "cuda" else None,
+                              broadcast_buffers=False, gradient_as_bucket_view=True)
+        step = EagerStep(train_model, optimizer, precision, cfg.train.grad_clip)
     steps_per_epoch = min(len(train_loader), cfg.train.limit_train_batches or len(train_loader))
     schedule = Schedule(cfg.sched, optimizer, cfg.train.epochs, steps_per_epoch)
     logger.info(f"optim {cfg.optim.name} lr {cfg.optim.lr:g} wd {cfg.optim.weight_decay:g} | sched {cfg.sched.name} "
                 f"({'per batch' if schedule.per_batch else 'per epoch'}) | {cfg.train.epochs} epochs x "
                 f"{steps_per_epoch} steps")
     logger.info(f"speed: precision {cfg.train.precision}, channels_last {str(cfg.train.channels_last).lower()}, "
-                f"compile {cfg.train.compile}" + (f", tf32 {str(cfg.train.tf32).lower()}" if device.type == "cuda" else ""))
+                f"compile {cfg.train.compile}, capture {str(cfg.train.capture).lower()}"
+                + (" (whole step as one CUDA graph)" if cfg.train.capture and device.type == "cuda" else
+                   " (whole step compiled)" if cfg.train.capture else "")
+                + (f", tf32 {str(cfg.train.tf32).lower()}" if device.type == "cuda" else "")
+                + (f" | DDP over {ctx.world_size} ranks" if ctx.world_size > 1 and not cfg.train.capture else ""))
     flops = flops_per_image(model, (info.in_channels, info.image_size, info.image_size))
     peak = peak_flops(device, cfg.train.precision, cfg.train.tf32, cfg.train.peak_tflops or None)
     logger.info(f"model cost: {flops / 1e6:,.1f} MFLOP per image (forward + backward); MFU "
                 + (f"against {peak / 1e12:,.1f} TFLOP/s per device" if peak else "not reported (peak FLOP/s of "
                    "this device unknown: set train.peak_tflops)"))
-    return Parts(model, train_model, step_model, optimizer, schedule, precision, train_loader, val_loader, flops, peak,
+    return Parts(model, step, eval_model, optimizer, schedule, precision, train_loader, val_loader, flops, peak,
                  steps_per_epoch)
 
 
 def _run(cfg: Config, ctx: dist.Dist) -> RunState:
     if cfg.train.compile != "off" and not cfg.data.drop_last:
-        cfg.data.drop_last = True  # one training batch shape: no recompilation at the end of every epoch
+        cfg.data.drop_last = True  # one training batch shape: no recompilation (or re-capture) per epoch
         drop_note = "compile: data.drop_last set to true so that every training batch has the same shape"
     else:
         drop_note = ""

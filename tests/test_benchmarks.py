@@ -17,17 +17,19 @@ from fasttrain.data.dali import dali_available
 
 def test_ladder_runs_every_rung_and_writes_its_table(tmp_path):
     out = tmp_path / "ladder.json"
-    result = run_fasttrain("--device", "cpu", "--model", "SimpleModel", "--batch-size", "32", "--steps", "3",
-                           "--warmup", "12", "--guard-steps", "12", "--windows", "1", "--tutorial-workers", "0", "--data-root",
-                           str(tmp_path), "--json", str(out), module="benchmarks.ladder")
+    result = run_fasttrain("--device", "cpu", "--model", "SimpleModel", "--batch-size", "32", "--min-seconds", "0.05",
+                           "--log-every", "2", "--warmup", "12", "--guard-steps", "12", "--windows", "2",
+                           "--tutorial-workers", "0", "--data-root", str(tmp_path), "--json", str(out),
+                           module="benchmarks.ladder")
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
     expected = ["tutorial loop", "fasttrain, plain loader", "+ gpu-resident loader", "+ channels_last",
-                "+ bf16 autocast", "+ torch.compile"] + (["DALI instead of the gpu-resident loader"] if dali_available() else [])
+                "+ bf16 autocast", "+ torch.compile", "+ whole-step capture"] + (
+        ["DALI instead of the gpu-resident loader"] if dali_available() else [])
     assert [r["variant"].split(" (")[0] for r in rows] == expected
     table = [line for line in result.stdout.splitlines() if line.startswith("| ")]
     assert len(table) == 1 + len(expected)
-    assert all(r["images_per_sec"] > 0 for r in rows)
+    assert all(r["images_per_sec"] > 0 and len(r["window_images_per_sec"]) == 2 for r in rows)
     assert all(math.isfinite(r["guard_last_loss"]) and r["guard_last_loss"] < r["guard_first_loss"] for r in rows)
     assert rows[0]["data_wait_share"] is None and all(0.0 <= r["data_wait_share"] <= 1.0 for r in rows[1:])
     assert rows[0]["speedup"] == 1.0
@@ -75,8 +77,14 @@ def test_suite_smoke_preset_writes_json_markdown_and_a_chart(tmp_path):
     assert len(data["ladder"]) == len(data["best_batch"]) + 1  # every fasttrain variant got a batch sweep
     assert [s["world_size"] for s in data["scaling"]] == [1, 2] and data["scaling"][0]["efficiency"] == 1.0
     assert len(data["loaders"]) >= 3
+    host = data["host_overhead"]
+    assert [r["path"].split(" (")[0] for r in host["ops"]] == ["tutorial loop", "fasttrain eager step",
+                                                               "fasttrain captured step"]
+    assert all(r["ops_per_step"] > r["model_ops_per_step"] > 0 for r in host["ops"][:2])
+    assert [r["vs_bare"] for r in host["host_time"]][0] == 1.0 and all(r["us_per_step"] > 0 for r in host["host_time"])
     markdown = (tmp_path / "out" / "results.md").read_text()
-    assert markdown.count("| tutorial loop") == 1 and "per-rank efficiency" in markdown
+    assert markdown.count("| tutorial loop") == 3 and "per-rank efficiency" in markdown  # ladder, ops, host time
+    assert "| bare hand-written loop" in markdown
     image = Image.open(tmp_path / "out" / "results.png")
     assert image.format == "PNG" and image.size[0] > 500 and image.size[1] > 300
     pixels = np.asarray(image.convert("L"))

@@ -76,10 +76,14 @@ def resolve_loader(cfg: Config, device: torch.device) -> Tuple[str, str]:
         return "gpu", "on the CPU without DALI, the resident loader's batched augmentation beats per-image PIL"
     train_images, _, _ = load_split(cfg.data, train=True)
     test_images, _, _ = load_split(cfg.data, train=False)
-    needed = train_images.nbytes + test_images.nbytes
+    # both splits as uint8, plus one epoch of the training split augmented in the input dtype (at most
+    # the whole split, on one rank)
+    input_bytes = 4 if cfg.train.precision == "fp32" else 2
+    needed = train_images.nbytes + test_images.nbytes + train_images.nbytes * input_bytes
     free, _ = torch.cuda.mem_get_info(device)
     if needed <= 0.25 * free:
-        return "gpu", f"the dataset ({needed / 2**20:,.0f} MiB as uint8) fits in a quarter of the free GPU memory"
+        return "gpu", (f"the dataset ({needed / 2**20:,.0f} MiB: uint8 splits and one augmented epoch) fits in a "
+                       f"quarter of the free GPU memory")
     if dali_available():
         return "dali", f"the dataset ({needed / 2**20:,.0f} MiB) is too large to keep on the GPU; DALI is installed"
     return "plain", f"the dataset ({needed / 2**20:,.0f} MiB) is too large to keep on the GPU and DALI is not installed"

@@ -1,0 +1,242 @@
+"""The training step against its reference: the captured (compiled whole) step gives the eager
+step's losses from the same weights and batches, reads the schedule's learning rate and betas
+from the device, and averages gradients over ranks like DDP; the eager step keeps its
+bookkeeping off the per-step path; optimizer state comes back in the form the run's kernels need."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import REPO, read_jsonl, run_fasttrain, run_torchrun
+from fasttrain.config import ModelConfig, OptimConfig, SchedConfig, load_config
+from fasttrain.models import build_model
+from fasttrain.optim import Schedule, build_optimizer, load_optimizer_state
+from fasttrain.precision import build_precision
+from fasttrain.step import LOSS_SUM, NONFINITE, CapturedStep, EagerStep
+
+CPU = torch.device("cpu")
+STEPS = 10
+
+
+def _batches(n=STEPS, batch=32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(batch, 3, 32, 32, generator=gen), torch.randint(0, 10, (batch,), generator=gen))
+            for _ in range(n)]
+
+
+def _losses(step, schedule, batches):
+    """Per-step losses through the step's own sums (one take per step: fine in a test)."""
+    losses = []
+    for images, labels in batches:
+        step(images, labels)
+        schedule.after_batch()
+        losses.append(float(step.take_sums()[LOSS_SUM]) / labels.shape[0])
+    return losses
+
+
+def _run(kind, model, batches, precision="fp32"):
+    model = copy.deepcopy(model)
+    capture = kind == "captured"
+    optimizer = build_optimizer(OptimConfig(name="adamw", lr=1e-3), model, CPU, capture=capture)
+    # OneCycle changes the learning rate and beta1 every step: a captured step that baked them in
+    # would drift from the eager one within a few steps
+    schedule = Schedule(SchedConfig(name="onecycle", max_lr=0.001, pct_start=0.5), optimizer, 1, len(batches))
+    prec = build_precision(precision, CPU, tf32=False)
+    step = CapturedStep(model, optimizer, prec) if capture else EagerStep(model, optimizer, prec)
+    return _losses(step, schedule, batches), model
+
+
+@pytest.fixture(scope="module")
+def cnn():
+    torch.manual_seed(0)
+    return build_model(ModelConfig(name="CNN"), 3, 32, 10)  # conv + BatchNorm, no dropout
+
+
+def test_captured_step_gives_the_eager_steps_losses_and_weights(cnn):
+    batches = _batches(2) * (STEPS // 2)  # two batches seen again and again: the loss must fall
+    eager, eager_model = _run("eager", cnn, batches)
+    captured, captured_model = _run("captured", cnn, batches)
+    # compiled kernels sum in another order: agreement to ~1e-4 relative over 8 AdamW steps
+    assert captured == pytest.approx(eager, rel=1e-4, abs=1e-5)
+    assert eager[-1] < eager[0]
+    for (name, a), b in zip(eager_model.state_dict().items(), captured_model.state_dict().values()):
+        if name.endswith(("conv.bias", "bn.running_mean")):
+            continue  # a bias before BatchNorm has a gradient of pure rounding noise, which Adam scales up
+        assert torch.allclose(a.float(), b.float(), rtol=1e-3, atol=1e-4), name  # BN buffers included
+
+
+def test_captured_step_reads_the_schedules_learning_rate_from_the_device(cnn):
+    """Freezing the learning rate at the first value (what a baked-in float would do) changes the
+    losses; the captured step follows the schedule like the eager one."""
+    model = copy.deepcopy(cnn)
+    optimizer = build_optimizer(OptimConfig(name="adamw", lr=1e-3), model, CPU, capture=True)
+    step = CapturedStep(model, optimizer, build_precision("fp32", CPU, tf32=False))
+    batches = _batches()
+    losses = []
+    for i, (images, labels) in enumerate(batches):
+        optimizer.param_groups[0]["lr"] = 0.0 if i >= 2 else 1e-3  # a schedule that stops learning at step 3
+        step(images, labels)
+        losses.append(float(step.take_sums()[LOSS_SUM]))
+    frozen = {k: v.clone() for k, v in model.state_dict().items() if "running" not in k and "num_batches" not in k}
+    images, labels = batches[0]
+    step(images, labels)  # lr 0: the weights must not move (AdamW's decay is lr x wd = 0 too)
+    after = {k: v for k, v in model.state_dict().items() if k in frozen}
+    assert all(torch.equal(frozen[k], after[k]) for k in frozen)
+
+
+def test_captured_step_counts_a_non_finite_loss_and_names_its_position(cnn):
+    model = copy.deepcopy(cnn)
+    optimizer = build_optimizer(OptimConfig(name="adamw"), model, CPU, capture=True)
+    step = CapturedStep(model, optimizer, build_precision("fp32", CPU, tf32=False))
+    batches = _batches(4)
+    step.start_interval()
+    for i, (images, labels) in enumerate(batches):
+        step(images * (float("nan") if i == 2 else 1.0), labels)
+    sums = step.take_sums()
+    assert sums[NONFINITE] >= 1 and step.first_bad_offset() == 3
+    step.start_interval()
+    assert step.first_bad_offset() == 0
+
+
+def test_eager_step_sums_weight_each_loss_by_its_batch_and_name_the_first_bad_step():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name="MLP", hidden_sizes=[16], dropout=0.0), 3, 32, 10)
+    step = EagerStep(model, build_optimizer(OptimConfig(lr=1e-3), model, CPU), build_precision("fp32", CPU, False))
+    step.optimizer.param_groups[0]["lr"] = 0.0  # weights stay put: the expected losses can be computed apart
+    batches = [(x[:n], y[:n]) for (x, y), n in zip(_batches(4), (32, 32, 7, 32))]
+    batches[3] = (batches[3][0] * float("inf"), batches[3][1])
+    with torch.no_grad():
+        expected = sum(float(F.cross_entropy(model(x), y)) * y.shape[0] for x, y in batches[:3])
+    step.start_interval()
+    for images, labels in batches[:2]:
+        step(images, labels)
+    first = step.take_sums()  # a boundary between log intervals (a checkpoint) takes the sums too
+    for images, labels in batches[2:]:
+        step(images, labels)
+    second = step.take_sums()
+    assert float(first[LOSS_SUM] + second[LOSS_SUM]) == pytest.approx(expected, rel=1e-6)  # the inf loss left out
+    assert first[NONFINITE] == 0 and second[NONFINITE] == 1
+    assert step.first_bad_offset() == 4  # counted from start_interval(), across both takes
+    step.start_interval()
+    assert step.first_bad_offset() == 0
+
+
+def test_optimizer_state_takes_the_runs_kernels_and_each_parameters_layout():
+    """A checkpoint from an eager, contiguous run resumed as a captured, channels_last one: the
+    group keeps this run's kernel flags (not the checkpoint's fused), the step counters are where
+    those kernels want them, and every moment gets its parameter's strides (CUDA's fused AdamW
+    requires them)."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name="CNN"), 3, 32, 10)
+    optimizer = build_optimizer(OptimConfig(), model, CPU)
+    assert optimizer.param_groups[0]["fused"]
+    images, labels = _batches(1)[0]
+    EagerStep(model, optimizer, build_precision("fp32", CPU, tf32=False))(images, labels)
+    saved = optimizer.state_dict()
+
+    cl_model = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    resumed = build_optimizer(OptimConfig(), cl_model, CPU, capture=True)
+    load_optimizer_state(resumed, saved)
+    group = resumed.param_groups[0]
+    assert not group["fused"] and group["foreach"] is False  # the captured step's CPU kernels, not the checkpoint's
+    conv = cl_model.features[0].conv.weight
+    assert not conv.is_contiguous() and conv.is_contiguous(memory_format=torch.channels_last)
+    for param in cl_model.parameters():
+        state = resumed.state[param]
+        assert state["exp_avg"].stride() == param.stride() and state["exp_avg_sq"].stride() == param.stride()
+        assert state["step"].device == param.device
+    # and the values are the saved ones
+    assert torch.equal(resumed.state[conv]["exp_avg"], optimizer.state[model.features[0].conv.weight]["exp_avg"])
+
+
+def test_fused_kernels_are_chosen_for_every_optimizer_on_cuda_and_the_cpu():
+    """SGD too: unfused SGD under fp16 makes the GradScaler sync every step to decide whether to step."""
+    model = build_model(ModelConfig(name="SimpleModel"), 3, 32, 10)
+    for name in ("sgd", "adam", "adamw"):
+        for device in (CPU, torch.device("cuda")):  # the flag only; the kernel runs where the parameters are
+            assert build_optimizer(OptimConfig(name=name), model, device).param_groups[0]["fused"], (name, device)
+
+
+# --------------------------------------------------------------------------- whole runs
+
+RUN = ["--config", "configs/smoke.yaml", "model.name=MLP", "model.hidden_sizes=[64]", "model.dropout=0.0",
+       "data.train_size=512", "data.val_size=128", "train.batch_size=32", "train.epochs=2", "train.log_every=4"]
+
+
+def test_a_captured_run_matches_the_compiled_eager_run_and_does_not_recompile(tmp_path):
+    captured = run_fasttrain(*RUN, "train.compile=default", "train.capture=true", f"output.dir={tmp_path / 'c'}")
+    assert captured.returncode == 0, captured.stderr[-3000:]
+    assert "capture true (whole step compiled)" in captured.stdout
+    eager = run_fasttrain(*RUN, "train.compile=default", f"output.dir={tmp_path / 'e'}")
+    assert eager.returncode == 0, eager.stderr[-3000:]
+    a, b = read_jsonl(tmp_path / "c" / "metrics.jsonl"), read_jsonl(tmp_path / "e" / "metrics.jsonl")
+    assert [r["train_loss"] for r in a] == pytest.approx([r["train_loss"] for r in b], rel=1e-4)
+    assert [r["val_acc"] for r in a] == pytest.approx([r["val_acc"] for r in b], abs=0.01)
+    graphs = [r["compiled_graphs"] for r in a]
+    assert graphs[0] > 0 and graphs[1] == graphs[0], graphs  # no recompilation after the first epoch
+    assert all(r["cudagraph_skips"] == 0 for r in a)
+
+
+def test_a_captured_two_rank_run_averages_gradients_like_ddp(tmp_path):
+    """Two gloo ranks: the captured step's own all-reduce (one flat buffer) against DDP's."""
+    args = [*RUN, "train.compile=default", "checkpoint.every_steps=0"]
+    captured = run_torchrun(2, *args, "train.capture=true", f"output.dir={tmp_path / 'c'}")
+    assert captured.returncode == 0, captured.stderr[-3000:]
+    ddp = run_torchrun(2, *args, f"output.dir={tmp_path / 'd'}")
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert "DDP over 2 ranks" in ddp.stdout and "DDP over" not in captured.stdout
+    a, b = read_jsonl(tmp_path / "c" / "metrics.jsonl"), read_jsonl(tmp_path / "d" / "metrics.jsonl")
+    assert [r["train_loss"] for r in a] == pytest.approx([r["train_loss"] for r in b], rel=1e-4)
+    assert "weights identical on all 2 rank(s)" in captured.stdout
+
+
+def test_a_captured_run_stopped_and_resumed_ends_with_the_same_weights(tmp_path):
+    from conftest import assert_same_weights
+
+    args = [*RUN, "train.compile=default", "train.capture=true"]
+    straight = run_fasttrain(*args, f"output.dir={tmp_path / 's'}")
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    first = run_fasttrain(*args, f"output.dir={tmp_path / 'r'}", "train.stop_after_steps=6")
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = run_fasttrain(*args, f"output.dir={tmp_path / 'r'}", "resume=auto")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert_same_weights(tmp_path / "s", tmp_path / "r")
+
+
+@pytest.mark.parametrize("setting,expect", [
+    (["train.compile=off"], "train.compile='off' is not valid: expected default or max-autotune with train.capture"),
+    (["train.compile=reduce-overhead"], "reduce-overhead would record CUDA graphs of its own"),
+    (["train.compile=default", "optim.name=sgd"], "adam or adamw with train.capture=true"),
+])
+def test_capture_refuses_what_it_cannot_capture(setting, expect):
+    from fasttrain.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="config error") as err:
+        load_config(str(REPO / "configs" / "smoke.yaml"), ["train.capture=true", *setting])
+    assert expect in str(err.value)
+
+
+def test_capture_refuses_fp16_with_a_clear_message():
+    from fasttrain.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["train.capture=true", "train.compile=default", "train.precision=fp16"])
+    assert "fp32 or bf16 with train.capture=true" in str(err.value)
+
+
+def test_world_size_one_trains_without_ddp(tmp_path):
+    from fasttrain import dist
+    from fasttrain.trainer import build_parts
+
+    cfg = load_config(str(REPO / "configs" / "smoke.yaml"), [f"output.dir={tmp_path}"])
+    ctx = dist.setup("cpu")
+    try:
+        parts = build_parts(cfg, ctx, logging.getLogger("test-quiet"))
+    finally:
+        dist.teardown()
+    assert isinstance(parts.step, EagerStep) and parts.step.model is parts.model  # no wrapper at all
