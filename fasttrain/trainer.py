@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import inspect
 import json
 import logging
 import platform
@@ -295,10 +296,8 @@ def build_parts(cfg: Config, ctx: dist.Dist, logger: logging.Logger) -> Parts:
     else:
         train_model = eval_model
         if ctx.world_size > 1:
-            # only where there are gradients to average (world size 1 pays nothing for a wrapper); BatchNorm
-            # buffers are averaged at every epoch's end, so broadcasting them on every forward buys nothing
-            train_model = DDP(train_model, device_ids=[device.index] if device.type == "cuda" else None,
-                              broadcast_buffers=False, gradient_as_bucket_view=True)
+            # only where there are gradients to average: world size 1 pays nothing for a wrapper
+            train_model = wrap_ddp(train_model, model, device, cfg.train.compile != "off")
         step = EagerStep(train_model, optimizer, precision, cfg.train.grad_clip)
     steps_per_epoch = min(len(train_loader), cfg.train.limit_train_batches or len(train_loader))
     schedule = Schedule(cfg.sched, optimizer, cfg.train.epochs, steps_per_epoch)
@@ -318,6 +317,30 @@ def build_parts(cfg: Config, ctx: dist.Dist, logger: logging.Logger) -> Parts:
                    "this device unknown: set train.peak_tflops)"))
     return Parts(model, step, eval_model, optimizer, schedule, precision, train_loader, val_loader, flops, peak,
                  steps_per_epoch)
+
+
+DDP_BUCKET_MB = 25  # DDP's default bucket_cap_mb
+
+
+def wrap_ddp(train_model: nn.Module, model: nn.Module, device: torch.device, compiled: bool) -> nn.Module:
+    """DDP without per-forward buffer broadcasts (BatchNorm buffers are averaged at every epoch's
+    end), with gradients as views of its buckets (no copy in or out per step).
+
+    Compiled models: `torch._dynamo.config.optimize_ddp` splits the graph at bucket boundaries so
+    that an all-reduce can overlap the rest of the backward. When all gradients fit in one bucket
+    there is nothing to overlap and the split only adds graphs (CIFAR10_CNN: 2 forward + 2 backward
+    instead of 1 + 1) and launches; measured on 2 gloo ranks (benchmarks/ddp_graphs.py,
+    benchmarks/RESULTS.md), one graph was as fast or faster. So: off for models whose gradients
+    fit in one bucket, PyTorch's default (on) for larger ones."""
+    if compiled:
+        grad_mb = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad) / 2**20
+        torch._dynamo.config.optimize_ddp = grad_mb > DDP_BUCKET_MB
+    kwargs: dict = {"gradient_as_bucket_view": True}
+    if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters:
+        kwargs["forward_sync_buffers"] = False  # torch >= 2.14's name (it still syncs once, at construction)
+    else:
+        kwargs["broadcast_buffers"] = False
+    return DDP(train_model, device_ids=[device.index] if device.type == "cuda" else None, **kwargs)
 
 
 def _run(cfg: Config, ctx: dist.Dist) -> RunState:

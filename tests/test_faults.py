@@ -196,3 +196,18 @@ def test_a_diverging_run_stops_naming_the_step_and_keeps_its_last_good_checkpoin
         ckpt = torch.load(path, weights_only=False)
         assert ckpt["global_step"] < bad_step
         assert all(torch.isfinite(t).all() for t in ckpt["model"].values() if t.is_floating_point())
+
+
+def test_divergence_found_at_a_log_interval_still_names_the_exact_step(tmp_path):
+    """The loss is checked where the sums are read (every train.log_every steps), not every step;
+    the step named is still the first one whose loss was nan/inf, as a check at every step finds."""
+    named = []
+    for log_every in (1, 4):
+        result = run_fasttrain("--config", "configs/smoke.yaml", "data.train_size=512", "optim.name=sgd",
+                               "optim.lr=10", "sched.name=none", "train.epochs=2", f"train.log_every={log_every}",
+                               "output.save_checkpoints=false", f"output.dir={tmp_path / str(log_every)}")
+        assert result.returncode == 2, result.stderr[-2000:]
+        error = result.stderr.strip().splitlines()[-1]
+        assert "training diverged: the loss became nan/inf at step " in error, error
+        named.append(int(error.split("at step ")[1].split()[0]))
+    assert named[0] == named[1] and named[0] % 4 != 0, named  # found mid-interval, and named exactly

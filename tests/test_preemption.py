@@ -115,3 +115,44 @@ def test_sigusr1_to_a_single_process_exits_75_and_resume_auto_finishes(tmp_path)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "resumed from" in rerun.stdout and not (out / "preempted.json").exists()
     assert [r["epoch"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2]
+
+
+def _wait_for_file(path, job, timeout=300):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if job.poll() is not None:
+            raise AssertionError(f"the job ended before {path} appeared:\n{job.stdout.read()[-3000:]}")
+        if path.exists():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"{path} did not appear in {timeout}s")
+
+
+def test_the_agreed_stop_comes_at_the_next_log_interval_without_a_collective_of_its_own(tmp_path):
+    """Default (checkpoint.signal_check_every=0): the flag rides in the sums reduced every
+    train.log_every steps, so the stop is at a log step, at most one interval after the signal."""
+    small = [*RUN, "data.train_size=512", "train.batch_size=16", "train.log_every=5"]  # 32 steps per epoch
+    out = tmp_path / "run"
+    job = start([sys.executable, "-m", "fasttrain.run", *small, f"output.dir={out}"])
+    seen = wait_for_step(out, 5, job)
+    job.send_signal(signal.SIGTERM)
+    output, _ = job.communicate(timeout=120)
+    assert job.returncode == EXIT_PREEMPTED, output[-3000:]
+    stop = json.loads((out / "preempted.json").read_text())["global_step"]
+    assert stop % 5 == 0 and seen < stop <= seen + 10, (seen, stop)
+    assert (out / "checkpoints" / f"step-{stop:08d}.pt").is_file()
+
+
+def test_signal_check_every_adds_a_host_side_check_between_long_log_intervals(tmp_path):
+    small = [*RUN, "data.train_size=512", "train.batch_size=16", "train.log_every=50",
+             "checkpoint.signal_check_every=2", "checkpoint.every_steps=6"]
+    out = tmp_path / "run"
+    job = start([sys.executable, "-m", "fasttrain.run", *small, f"output.dir={out}"])
+    _wait_for_file(out / "checkpoints" / "step-00000006.pt", job)
+    job.send_signal(signal.SIGTERM)
+    output, _ = job.communicate(timeout=120)
+    assert job.returncode == EXIT_PREEMPTED, output[-3000:]
+    stop = json.loads((out / "preempted.json").read_text())["global_step"]
+    assert stop % 2 == 0 and 6 < stop <= 16 and stop < 50, stop  # well before the log interval at 50
