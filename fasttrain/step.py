@@ -26,8 +26,10 @@ step runs as it is (there are no CUDA graphs to replay).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
-from typing import List, Optional, Tuple
+import logging
+from typing import Callable, Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as torch_dist
@@ -175,6 +177,12 @@ class FlatGradients:
         self.buffer.div_(self.world_size)  # ... then the mean, as DDP
 
 
+def _quiet_profiler_notice(record: logging.LogRecord) -> bool:
+    """Dynamo announces, once per process, that it drops the profiler ranges in optimizer.step()
+    while compiling it: expected here, and not something a user can act on."""
+    return not str(record.msg).startswith("Profiler record function")
+
+
 class CapturedStep:
     """The whole step compiled, and on CUDA replayed as one CUDA graph (train.capture=true)."""
 
@@ -196,11 +204,13 @@ class CapturedStep:
         self.sums = torch.zeros(SUMS, dtype=torch.float64, device=self.device)
         self.first_bad = torch.zeros((), dtype=torch.int64, device=self.device)  # 0 = none this interval
         self.counter = torch.zeros((), dtype=torch.int64, device=self.device)  # steps this interval
+        logging.getLogger("torch._dynamo.variables.ctx_manager").addFilter(_quiet_profiler_notice)
         self._forward_loss = torch.compile(self._forward_loss_eager, mode=compile_mode)
         self._update = torch.compile(self._update_eager, mode=compile_mode)
         self.on_cuda = self.device.type == "cuda"
         self.steps_run = 0
         self.graph: Optional["torch.cuda.CUDAGraph"] = None
+        self.replay: Optional[Callable[[], None]] = None
         self.static_images: Optional[torch.Tensor] = None
         self.static_labels: Optional[torch.Tensor] = None
 
@@ -242,36 +252,42 @@ class CapturedStep:
             if self.grads is None:
                 self.optimizer.zero_grad(set_to_none=True)  # the next backward writes fresh gradients
             return
-        if self.graph is not None:
+        if self.replay is not None:
             self.static_images.copy_(images)  # the graph reads its inputs from fixed addresses
             self.static_labels.copy_(labels)
-            self.graph.replay()
+            self.replay()
             return
         if self.steps_run < WARMUP_STEPS:
-            self._warmup_step(images, labels)
+            with self._side_stream():  # real steps, where CUDA graph capture wants its warm-up
+                if self.grads is None:
+                    self.optimizer.zero_grad(set_to_none=True)
+                self._body(images, labels)
         else:
-            self._capture(images, labels)
-            self.graph.replay()  # the capture recorded this batch's step without running it
+            self.static_images = images.clone(memory_format=torch.preserve_format)
+            self.static_labels = labels.clone()
+            if self.grads is None:
+                self.optimizer.zero_grad(set_to_none=True)  # gradients come from the graph's own memory pool
+            self.replay = self._record(lambda: self._body(self.static_images, self.static_labels))
+            self.replay()  # the capture recorded this batch's step without running it
         self.steps_run += 1
 
-    def _warmup_step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
-        """A real step, on a side stream as CUDA graph capture requires of the work it warms up."""
+    @contextlib.contextmanager
+    def _side_stream(self) -> Iterator[None]:
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
-            if self.grads is None:
-                self.optimizer.zero_grad(set_to_none=True)
-            self._body(images, labels)
+            yield
         torch.cuda.current_stream(self.device).wait_stream(side)
 
-    def _capture(self, images: torch.Tensor, labels: torch.Tensor) -> None:
-        self.static_images = images.clone(memory_format=torch.preserve_format)
-        self.static_labels = labels.clone()
-        if self.grads is None:
-            self.optimizer.zero_grad(set_to_none=True)  # gradients come from the graph's own memory pool
+    def _record(self, body: Callable[[], None]) -> Callable[[], None]:
+        """Capture `body` as a CUDA graph (recorded, not run); returns what replays it."""
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self._body(self.static_images, self.static_labels)
+        # thread_local: CUDA calls of other threads (a DataLoader's pin-memory thread, DALI's workers) must
+        # not invalidate the capture; work on the captured stream is recorded whichever thread issues it
+        # (the autograd engine's backward included)
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            body()
+        return self.graph.replay
 
     # ------------------------------------------------------------------ the contract's reads
 

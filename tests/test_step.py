@@ -17,7 +17,7 @@ from fasttrain.config import ModelConfig, OptimConfig, SchedConfig, load_config
 from fasttrain.models import build_model
 from fasttrain.optim import Schedule, build_optimizer, load_optimizer_state
 from fasttrain.precision import build_precision
-from fasttrain.step import LOSS_SUM, NONFINITE, CapturedStep, EagerStep
+from fasttrain.step import LOSS_SUM, NONFINITE, WARMUP_STEPS, CapturedStep, EagerStep
 
 CPU = torch.device("cpu")
 STEPS = 10
@@ -68,6 +68,44 @@ def test_captured_step_gives_the_eager_steps_losses_and_weights(cnn):
         if name.endswith(("conv.bias", "bn.running_mean")):
             continue  # a bias before BatchNorm has a gradient of pure rounding noise, which Adam scales up
         assert torch.allclose(a.float(), b.float(), rtol=1e-3, atol=1e-4), name  # BN buffers included
+
+
+class RecordedStep(CapturedStep):
+    """The CUDA path's control flow on the CPU: warm-up steps, then one recording, then replays of it
+    with the batch copied into the static inputs. A stand-in for the graph: recording keeps the body
+    without running it (as capture does), replaying runs it on the static inputs, gradients written
+    fresh each time (as the captured backward does)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.on_cuda = True
+        self.recorded = 0
+
+    def _side_stream(self):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def _record(self, body):
+        self.recorded += 1
+
+        def replay():
+            self.optimizer.zero_grad(set_to_none=True)
+            body()
+
+        return replay
+
+
+def test_the_cuda_paths_warm_up_record_and_replay_give_the_eager_steps_losses(cnn):
+    batches = _batches(2) * (STEPS // 2)
+    eager, _ = _run("eager", cnn, batches)
+    model = copy.deepcopy(cnn)
+    optimizer = build_optimizer(OptimConfig(name="adamw", lr=1e-3), model, CPU, capture=True)
+    schedule = Schedule(SchedConfig(name="onecycle", max_lr=0.001, pct_start=0.5), optimizer, 1, len(batches))
+    step = RecordedStep(model, optimizer, build_precision("fp32", CPU, tf32=False))
+    replayed = _losses(step, schedule, batches)
+    assert step.recorded == 1 and step.steps_run == WARMUP_STEPS + 1  # recorded once, at the step after warm-up
+    assert replayed == pytest.approx(eager, rel=1e-4, abs=1e-5)  # the replays read each new batch and lr
 
 
 def test_captured_step_reads_the_schedules_learning_rate_from_the_device(cnn):
