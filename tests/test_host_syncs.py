@@ -75,3 +75,28 @@ def test_a_run_reads_no_tensor_on_the_host_between_log_intervals(tmp_path, monke
     assert not between, f"host reads between log intervals: {between[:5]}"
     at_intervals = {r[0] for r in reads.reads if 0 < r[0] < 32}
     assert at_intervals == set(range(LOG_EVERY, 32, LOG_EVERY))  # the counter works: the log reads are seen
+
+
+def test_the_eager_step_adds_at_most_40_ops_per_step_around_the_model(tmp_path):
+    """ATen calls per step of the real epoch loop (bf16, channels_last, gpu loader, world size 1),
+    minus the model's own forward and backward: the loader, loss, optimizer, schedule and bookkeeping
+    fasttrain adds. A count, not a timing: the same on every machine."""
+    from benchmarks.host_overhead import OpCounter, TrainerLoop, _config, _model_ops, _quiet
+    from fasttrain import dist
+    from fasttrain.trainer import build_parts
+
+    cfg = _config("cpu", ["model.name=CIFAR10_CNN", "train.batch_size=32", "data.train_size=2048",
+                          "data.loader=gpu", "train.precision=bf16", "train.channels_last=true"])
+    ctx = dist.setup("cpu")
+    try:
+        parts = build_parts(cfg, ctx, _quiet())
+        loop = TrainerLoop(parts, cfg, ctx, tmp_path / "steps.jsonl")
+        loop.run(max_batches=3)
+        images = torch.randn(32, 3, 32, 32, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+        model_ops = _model_ops(parts.model, images, parts.precision.autocast)
+        with OpCounter() as counter:
+            steps = loop.run()  # a whole epoch of 64 steps: its start and end (and a log interval) amortized
+    finally:
+        dist.teardown()
+    added = sum(counter.ops.values()) / steps - model_ops
+    assert steps == 64 and 0 < added <= 40, (added, counter.ops.most_common(15))
