@@ -1,9 +1,9 @@
 """How every benchmark figure is measured: warm-up, a correctness guard, timed windows between
 device synchronizations, the data-wait share, and MFU from the model's own FLOP count.
 
-`measure` times a step function in windows of a fixed step count (the loaders alone, and callers
-that need exact step counts); `measure_for` times it in windows of at least `min_seconds` each
-(the tutorial loop's rows; fasttrain's own rows time its real epoch loop, benchmarks.epoch_loop)."""
+`measure` times a step function in windows of a fixed step count (the loaders alone) or of at
+least `min_seconds` each (the tutorial loop's rows); fasttrain's own rows time its real epoch loop
+(benchmarks.epoch_loop)."""
 
 from __future__ import annotations
 
@@ -45,35 +45,11 @@ def guard(name: str, losses: Sequence[float]) -> None:
 
 
 def measure(name: str, next_batch: Callable[[], object], step: Callable[[object], object], batch_size: int,
-            device: torch.device, warmup: int, steps: int, windows: int, guard_steps: int = 0) -> Measurement:
-    """Guard steps (checked, then counted as warm-up), more warm-up, then timed windows."""
-    guard_losses: List[float] = []
-    if guard_steps:
-        guard_losses = _as_floats([step(next_batch()) for _ in range(guard_steps)])
-        guard(name, guard_losses)
-    for _ in range(max(0, warmup - guard_steps)):
-        step(next_batch())
-    rates, waits, totals = [], 0.0, 0.0
-    for _ in range(windows):
-        synchronize(device)  # host sync: the clock starts with an idle device
-        start = time.perf_counter()
-        for _ in range(steps):
-            before = time.perf_counter()
-            batch = next_batch()
-            waits += time.perf_counter() - before
-            step(batch)
-        synchronize(device)  # host sync: the clock stops when the device is done
-        elapsed = time.perf_counter() - start
-        totals += elapsed
-        rates.append(steps * batch_size / elapsed)
-    return Measurement(statistics.median(rates), rates, waits / totals if totals else 0.0, guard_losses)
-
-
-def measure_for(name: str, next_batch: Callable[[], object], step: Callable[[object], object], batch_size: int,
-                device: torch.device, warmup: int, min_seconds: float, windows: int,
-                guard_steps: int = 0) -> Measurement:
-    """As `measure`, with time-based windows: each runs whole steps until at least `min_seconds` have
-    passed (device synchronized at both ends), so a slow step or a periodic cost cannot fall outside."""
+            device: torch.device, warmup: int, steps: int, windows: int, guard_steps: int = 0,
+            min_seconds: float = 0.0) -> Measurement:
+    """Guard steps (checked, then counted as warm-up), more warm-up, then timed windows: of `steps`
+    steps each, or (steps=0) of whole steps until at least `min_seconds` have passed, so that a
+    slow step or a periodic cost cannot fall outside a window."""
     guard_losses: List[float] = []
     if guard_steps:
         guard_losses = _as_floats([step(next_batch()) for _ in range(guard_steps)])
@@ -91,13 +67,12 @@ def measure_for(name: str, next_batch: Callable[[], object], step: Callable[[obj
             waits += time.perf_counter() - before
             step(batch)
             done += 1
-            if time.perf_counter() - start >= min_seconds:
-                synchronize(device)  # host sync: the window closes when the device is done
-                elapsed = time.perf_counter() - start
-                if elapsed >= min_seconds:
-                    break
+            if (done < steps) if steps else (time.perf_counter() - start < min_seconds):
+                continue
+            synchronize(device)  # host sync: the clock stops when the device is done
+            elapsed = time.perf_counter() - start
+            if steps or elapsed >= min_seconds:
+                break
         totals += elapsed
         rates.append(done * batch_size / elapsed)
     return Measurement(statistics.median(rates), rates, waits / totals if totals else 0.0, guard_losses)
-
-
