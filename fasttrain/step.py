@@ -116,6 +116,14 @@ class EagerStep:
         self._bad = []
 
 
+# The capturable Adam update, which compiled optimizers always trace, divides by the step size
+# (denom = sqrt(v) / (sqrt(bc2) * -lr/bc1) + eps / (-lr/bc1)): at a learning rate of exactly 0
+# (cosine annealing down to eta_min=0) an element with a zero second moment becomes 0/0 = nan. The
+# device copy of the learning rate is floored here instead; an update of lr 1e-30 moves no float32
+# weight (and the weight decay factor 1 - 1e-30 x wd rounds to 1).
+MIN_DEVICE_LR = 1e-30
+
+
 class DeviceHyperparameters:
     """The learning rate and betas of each param group as device tensors, for a compiled or captured
     optimizer step: the schedule keeps stepping the groups' Python floats (checkpoints, logs and the
@@ -128,16 +136,16 @@ class DeviceHyperparameters:
         self.values: List[Tuple[float, float, float]] = []
         for group in optimizer.param_groups:
             beta1, beta2 = group["betas"]
-            self.tensors.append(tuple(torch.tensor(float(v), dtype=torch.float32, device=device)
-                                      for v in (group["lr"], beta1, beta2)))
-            self.values.append((float(group["lr"]), float(beta1), float(beta2)))
+            values = (max(float(group["lr"]), MIN_DEVICE_LR), float(beta1), float(beta2))
+            self.tensors.append(tuple(torch.tensor(v, dtype=torch.float32, device=device) for v in values))
+            self.values.append(values)
         self._saved: list = []
 
     def refresh(self) -> None:
         """Host floats -> device tensors; a fill only for a value that changed (OneCycle: lr and beta1)."""
         for i, group in enumerate(self.optimizer.param_groups):
             beta1, beta2 = group["betas"]
-            new = (float(group["lr"]), float(beta1), float(beta2))
+            new = (max(float(group["lr"]), MIN_DEVICE_LR), float(beta1), float(beta2))
             for tensor, old_value, new_value in zip(self.tensors[i], self.values[i], new):
                 if new_value != old_value:
                     tensor.fill_(new_value)  # a device op with a host scalar: no sync
