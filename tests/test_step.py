@@ -206,13 +206,20 @@ RUN = ["--config", "configs/smoke.yaml", "model.name=MLP", "model.hidden_sizes=[
        "data.train_size=512", "data.val_size=128", "train.batch_size=32", "train.epochs=2", "train.log_every=4"]
 
 
-def test_a_captured_run_matches_the_compiled_eager_run_and_does_not_recompile(tmp_path):
-    captured = run_fasttrain(*RUN, "train.compile=default", "train.capture=true", f"output.dir={tmp_path / 'c'}")
-    assert captured.returncode == 0, captured.stderr[-3000:]
-    assert "capture true (whole step compiled)" in captured.stdout
+@pytest.fixture(scope="module")
+def captured_run(tmp_path_factory):
+    """One uninterrupted captured run (2 epochs), shared by the tests below."""
+    out = tmp_path_factory.mktemp("captured") / "run"
+    result = run_fasttrain(*RUN, "train.compile=default", "train.capture=true", f"output.dir={out}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "capture true (whole step compiled)" in result.stdout
+    return out
+
+
+def test_a_captured_run_matches_the_compiled_eager_run_and_does_not_recompile(captured_run, tmp_path):
     eager = run_fasttrain(*RUN, "train.compile=default", f"output.dir={tmp_path / 'e'}")
     assert eager.returncode == 0, eager.stderr[-3000:]
-    a, b = read_jsonl(tmp_path / "c" / "metrics.jsonl"), read_jsonl(tmp_path / "e" / "metrics.jsonl")
+    a, b = read_jsonl(captured_run / "metrics.jsonl"), read_jsonl(tmp_path / "e" / "metrics.jsonl")
     assert [r["train_loss"] for r in a] == pytest.approx([r["train_loss"] for r in b], rel=1e-4)
     assert [r["val_acc"] for r in a] == pytest.approx([r["val_acc"] for r in b], abs=0.01)
     graphs = [r["compiled_graphs"] for r in a]
@@ -233,17 +240,15 @@ def test_a_captured_two_rank_run_averages_gradients_like_ddp(tmp_path):
     assert "weights identical on all 2 rank(s)" in captured.stdout
 
 
-def test_a_captured_run_stopped_and_resumed_ends_with_the_same_weights(tmp_path):
+def test_a_captured_run_stopped_and_resumed_ends_with_the_same_weights(captured_run, tmp_path):
     from conftest import assert_same_weights
 
     args = [*RUN, "train.compile=default", "train.capture=true"]
-    straight = run_fasttrain(*args, f"output.dir={tmp_path / 's'}")
-    assert straight.returncode == 0, straight.stderr[-3000:]
     first = run_fasttrain(*args, f"output.dir={tmp_path / 'r'}", "train.stop_after_steps=6")
     assert first.returncode == 0, first.stderr[-3000:]
     second = run_fasttrain(*args, f"output.dir={tmp_path / 'r'}", "resume=auto")
     assert second.returncode == 0, second.stderr[-3000:]
-    assert_same_weights(tmp_path / "s", tmp_path / "r")
+    assert_same_weights(captured_run, tmp_path / "r")
 
 
 @pytest.mark.parametrize("setting,expect", [
