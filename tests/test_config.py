@@ -134,7 +134,7 @@ def test_readme_config_reference_lists_every_key():
         assert f"| `{key}` |" in readme, f"{key} missing from README"
 
 
-def test_the_fast_recipe_is_the_case_study_with_only_speed_keys_and_its_batch_lr_changed():
+def test_the_fast_recipe_is_the_case_study_with_only_speed_keys_and_its_batch_changed():
     from fasttrain.config import all_keys
 
     case = dict((k, v) for k, v, _ in all_keys(load_config(str(REPO / "configs" / "cifar10_cnn.yaml"))))
@@ -142,5 +142,5 @@ def test_the_fast_recipe_is_the_case_study_with_only_speed_keys_and_its_batch_lr
     speed_keys = {"data.loader", "data.drop_last", "data.num_workers", "train.precision", "train.channels_last",
                   "train.compile", "train.capture", "train.log_every", "output.dir"}
     changed = {k for k in case if case[k] != fast[k]} - speed_keys
-    assert changed == {"train.batch_size", "sched.max_lr"}, changed  # the large-batch recipe's own two
+    assert changed == {"train.batch_size"}, changed  # the same peak lr and warm-up (measured: RESULTS.md)
     assert fast["train.batch_size"] >= 1024 and fast["train.capture"] and fast["train.compile"] == "default"
