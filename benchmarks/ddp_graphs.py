@@ -56,13 +56,13 @@ def main() -> None:
             parts = build_parts(cfg, ctx, quiet)
             torch._dynamo.config.optimize_ddp = setting  # after build_parts, which sets fasttrain's choice
             timer = EpochLoopTimer(parts, cfg.train.log_every, ctx.backend, ctx.world_size)
-            timer.warm_up(20)  # compiles under this setting
+            timer.measure("warm-up", 0, 20, 0.0, 1)  # compiles under this setting
             timers[setting], graphs[setting] = timer, aot_graphs() - before
         rates = {True: [], False: []}
         for _ in range(args.windows):
             for setting, timer in timers.items():
                 torch._dynamo.config.optimize_ddp = setting  # guards of each compiled model expect its own
-                rates[setting] += timer.time_windows(args.min_seconds, 1).window_images_per_sec
+                rates[setting] += timer.measure("ddp", 0, 0, args.min_seconds, 1).window_images_per_sec
         if ctx.is_main:
             print(json.dumps({"world_size": ctx.world_size, "device": str(ctx.device),
                               "images_per_sec_per_rank": {str(k).lower(): statistics.median(v) for k, v in rates.items()},

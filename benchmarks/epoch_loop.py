@@ -1,13 +1,14 @@
 """Timing fasttrain the way it trains: the real epoch loop, not a bare step.
 
-`EpochLoopTimer` drives `fasttrain.engine.train_one_epoch` with what the trainer gives it (the
-step, the loader, the schedule, log-interval reductions with the preemption flag riding along, a
-progress counter and a steps.jsonl-like sink), epoch after epoch. Windows are cut at log intervals,
-where the loop has already synchronized with the device: a window closes at the first log
-interval at least `min_seconds` after it opened, so per-epoch costs (the resident loader's
-epoch augmentation, the epoch-end reduction) and the periodic syncs fall inside the windows as
-often as they do in a run. Guard steps first (log interval 1: their losses must be finite and
-fall), then warm-up (compilation, capture), then the timed windows.
+`EpochLoopTimer.measure` drives `fasttrain.engine.train_one_epoch` with what the trainer gives it
+(the step, the loader, the schedule, log-interval reductions with the preemption flag riding along,
+a progress counter and a steps.jsonl-like sink), epoch after epoch, in one continuous run: guard
+steps first (logged one by one: their losses must be finite and fall), then warm-up (compilation,
+capture), then the timed windows, without restarting an epoch between the phases. Windows are cut
+at log intervals, where the loop has already synchronized with the device: a window closes at the
+first log interval at least `min_seconds` after it opened. So per-epoch costs (the resident
+loader's epoch augmentation, the epoch-end reduction) and the periodic syncs fall inside the
+windows as often as they do in a run, no more.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import json
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Callable, List
+from typing import Iterator, List
 
 import torch
 import torch.distributed
@@ -38,6 +39,31 @@ class LoopMeasurement:
     seconds_timed: float = 0.0
 
 
+class _TimedLoader:
+    """The loader as it is, with the host time spent waiting in next() added up."""
+
+    def __init__(self, loader):
+        self.loader = loader
+        self.batches = loader.batches
+        self.wait = 0.0
+
+    def set_epoch(self, epoch: int, start_sample: int = 0) -> None:
+        self.loader.set_epoch(epoch, start_sample)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator:
+        batches = iter(self.loader)
+        while True:
+            start = time.perf_counter()
+            batch = next(batches, None)
+            self.wait += time.perf_counter() - start
+            if batch is None:
+                return
+            yield batch
+
+
 class EpochLoopTimer:
     """fasttrain's epoch loop on `parts` (from trainer.build_parts), as the trainer runs it."""
 
@@ -45,87 +71,71 @@ class EpochLoopTimer:
         self.parts = parts
         self.log_every = log_every
         self.world_size = world_size
-        self.epoch = 0
-        self.global_step = 0
+        self.loader = _TimedLoader(parts.train_loader)
         self.watch = PreemptionWatch([], 0, backend)  # no handlers: the flag is still read and reduced
         self.sink = io.StringIO()  # what steps.jsonl would receive
         self.progress = Progress(enabled=True, stream=io.StringIO(), log=lambda line: None)
-        self._marks: List[tuple] = []  # (clock, global step) at each log interval
-        self._losses: List[float] = []
-        self.data_wait = 0.0
-        self.loop_seconds = 0.0
+        self.epoch = self.global_step = 0
 
-    def _log_step(self, step: int, epoch: int, loss: float, lr: float, ips: float) -> None:
-        self._marks.append((time.perf_counter(), step))  # the reduction before this synchronized the device
-        self._losses.append(loss)
-        self.sink.write(json.dumps({"step": step, "epoch": epoch, "loss": loss, "lr": lr, "images_per_sec": ips}))
-        self.progress.interval(step, loss, lr, ips)
-
-    def _phase(self, log_every: int, until: Callable[[], bool]) -> None:
-        """Epochs of the real loop until `until()` says so (checked at every log interval)."""
-        device = self.parts.precision.device
-
-        def agreed_until(*_) -> bool:
-            if self.world_size == 1:
-                return until()
-            # every rank must stop at the same boundary: rank 0's clock decides (a benchmark-only collective)
-            decision = torch.tensor([1.0 if until() else 0.0], device=device)
-            torch.distributed.broadcast(decision, src=0)
-            return bool(decision.item())
-
-        boundaries = Boundaries(log_every=log_every, at_boundary=agreed_until,
+    def measure(self, name: str, guard_steps: int, warmup: int, min_seconds: float,
+                windows: int) -> LoopMeasurement:
+        """Guard, warm up to `warmup` steps from here (guard included), then `windows` timed windows."""
+        losses: List[float] = []
+        marks: List[tuple] = []  # (clock, global step, loader wait) at each log interval while timing
+        edges: List[int] = []  # indices into marks where windows open and close
+        phase = "guard" if guard_steps else "warmup"
+        start = self.global_step
+        boundaries = Boundaries(log_every=1 if guard_steps else self.log_every,
                                 signal_flag=self.watch.flag, signal_agreed=self.watch.agreed_elsewhere)
+
+        def log_step(step: int, epoch: int, loss: float, lr: float, ips: float) -> None:
+            if phase == "guard":
+                losses.append(loss)
+            elif phase == "timing":
+                marks.append((time.perf_counter(), step, self.loader.wait))  # the reduction just synchronized
+            self.sink.write(json.dumps({"step": step, "epoch": epoch, "loss": loss, "lr": lr, "images_per_sec": ips}))
+            self.progress.interval(step, loss, lr, ips)
+
+        def at_boundary(global_step: int, *_) -> bool:
+            nonlocal phase
+            if phase == "guard" and len(losses) >= guard_steps:
+                guard(name, losses[:guard_steps])
+                phase, boundaries.log_every = "warmup", self.log_every  # read by the loop's next_after()
+            elif phase == "warmup" and global_step >= start + warmup and global_step % self.log_every == 0:
+                synchronize(self.parts.precision.device)
+                phase = "timing"
+                marks.append((time.perf_counter(), global_step, self.loader.wait))
+                edges.append(0)
+            elif phase == "timing" and marks[-1][0] - marks[edges[-1]][0] >= min_seconds:
+                edges.append(len(marks) - 1)
+            return self._agree(phase == "timing" and len(edges) > windows)
+
+        boundaries.at_boundary = at_boundary
         self.parts.model.train()
         while True:
-            self.parts.train_loader.set_epoch(self.epoch)
-            self.progress.start_epoch(self.epoch + 1, 10**9, len(self.parts.train_loader))
-            stats = train_one_epoch(self.parts.step, self.parts.train_loader, self.parts.schedule,
-                                    self.parts.precision.device, epoch=self.epoch + 1, global_step=self.global_step,
-                                    boundaries=boundaries, log_step=self._log_step, tick=self.progress.tick)
+            self.loader.set_epoch(self.epoch)
+            self.progress.start_epoch(self.epoch + 1, 10**9, len(self.loader))
+            stats = train_one_epoch(self.parts.step, self.loader, self.parts.schedule, self.parts.precision.device,
+                                    epoch=self.epoch + 1, global_step=self.global_step, boundaries=boundaries,
+                                    log_step=log_step, tick=self.progress.tick)
             self.global_step += stats.timed_steps
-            self.data_wait += stats.data_wait_seconds
-            self.loop_seconds += stats.seconds
-            self.epoch += 1  # whole or not, the next pass draws a fresh epoch
+            self.epoch += 1
             if stats.stopped_early:
-                return
-
-    def guard(self, name: str, steps: int) -> List[float]:
-        """`steps` steps logged one by one: their losses must be finite and fall (measure.guard)."""
-        if steps <= 0:
-            return []
-        self._losses = []
-        self._phase(1, lambda: len(self._losses) >= steps)
-        losses = self._losses[:steps]
-        guard(name, losses)
-        return losses
-
-    def warm_up(self, steps: int) -> None:
-        """At least `steps` more steps (to the next log interval), untimed: compilation and capture."""
-        if steps <= 0:
-            return
-        start, self._marks = self.global_step, []
-        self._phase(self.log_every, lambda: bool(self._marks) and self._marks[-1][1] >= start + steps)
-
-    def time_windows(self, min_seconds: float, windows: int) -> LoopMeasurement:
-        synchronize(self.parts.precision.device)
-        self._marks = [(time.perf_counter(), self.global_step)]
-        wait_before, loop_before = self.data_wait, self.loop_seconds
-        edges = [0]  # indices into marks where windows start/end
-
-        def enough() -> bool:
-            clock, _ = self._marks[-1]
-            if clock - self._marks[edges[-1]][0] >= min_seconds:
-                edges.append(len(self._marks) - 1)
-            return len(edges) > windows
-
-        self._phase(self.log_every, enough)
-        batch = self.parts.train_loader.batches.batch_size * self.world_size
+                break
+        batch = self.loader.batches.batch_size * self.world_size
         rates = []
         for a, b in zip(edges, edges[1:]):
-            (t0, s0), (t1, s1) = self._marks[a], self._marks[b]
+            (t0, s0, _), (t1, s1, _) = marks[a], marks[b]
             rates.append((s1 - s0) * batch / (t1 - t0))
-        timed = self.loop_seconds - loop_before
-        first, last = self._marks[edges[0]], self._marks[edges[-1]]
-        return LoopMeasurement(statistics.median(rates), rates,
-                               (self.data_wait - wait_before) / timed if timed > 0 else 0.0,
-                               steps_timed=last[1] - first[1], seconds_timed=last[0] - first[0])
+        (t_first, s_first, w_first), (t_last, s_last, w_last) = marks[edges[0]], marks[edges[-1]]
+        return LoopMeasurement(statistics.median(rates), rates, (w_last - w_first) / (t_last - t_first),
+                               losses[:guard_steps], s_last - s_first, t_last - t_first)
+
+    def _agree(self, stop: bool) -> bool:
+        """Every rank must stop at the same boundary: rank 0's clock decides (a benchmark-only collective)."""
+        if self.world_size == 1:
+            return stop
+        decision = torch.tensor([1.0 if stop else 0.0], device=self.parts.precision.device)
+        torch.distributed.broadcast(decision, src=0)
+        return bool(decision.item())
+

@@ -4,7 +4,7 @@ in turn, on the same model, data and batch size, measured side by side in one ru
     python -m benchmarks.ladder                                   # CUDA, CIFAR10_CNN, batch 128 (< 5 min on one GPU)
     python -m benchmarks.ladder --data-root ../shared/data        # where cifar-10-batches-py/ lives
     python -m benchmarks.ladder --loaders-only                    # the loaders alone, no model
-    python -m benchmarks.ladder --device cpu --model SimpleModel --steps 5 --warmup 8   # a CPU check
+    python -m benchmarks.ladder --device cpu --model SimpleModel --min-seconds 0.2 --log-every 5   # a CPU check
 
 Each rung: guard steps whose losses must be finite and decreasing (a broken fast path cannot post
 a number), more warm-up (compilation and capture happen there and are left out), then
@@ -23,10 +23,12 @@ import itertools
 import json
 import logging
 import platform
+import statistics
 import sys
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -37,6 +39,7 @@ from fasttrain import dist
 from fasttrain.config import Config, ModelConfig, load_config
 from fasttrain.data import build_loaders, load_split
 from fasttrain.data.dali import dali_available
+from fasttrain.engine import synchronize
 from fasttrain.flops import flops_per_image, peak_flops
 from fasttrain.models import build_model
 from fasttrain.trainer import build_parts
@@ -57,11 +60,10 @@ DALI_RUNG = ("DALI instead of the gpu-resident loader", ["data.loader=dali"])
 @dataclass
 class Timing:
     """How long and how hard to measure."""
-    warmup: int = 20  # steps before timing, guard steps included
-    steps: int = 50  # steps per window where windows count steps (the loaders alone)
+    warmup: int = 20  # steps before timing, guard steps included (the loaders alone: whole epochs)
     windows: int = 5
     guard_steps: int = 12
-    min_seconds: float = 1.0  # each training window runs at least this long
+    min_seconds: float = 1.0  # each window runs at least this long
 
 
 @dataclass
@@ -100,12 +102,6 @@ def ladder_rungs() -> List[Tuple[str, List[str]]]:
     return rungs
 
 
-def _cycle(loader) -> Iterator:
-    for epoch in itertools.count():
-        loader.set_epoch(epoch)
-        yield from loader
-
-
 def _silent_logger() -> logging.Logger:
     logger = logging.getLogger("fasttrain.bench")
     logger.handlers = [logging.NullHandler()]
@@ -130,10 +126,7 @@ def fasttrain_measurement(cfg: Config, ctx: dist.Dist, timing: Timing, name: str
     """(measurement of the real epoch loop, forward+backward FLOPs per image of the model)."""
     parts = build_parts(cfg, ctx, _silent_logger())
     timer = EpochLoopTimer(parts, cfg.train.log_every, ctx.backend, ctx.world_size)
-    guard_losses = timer.guard(name, timing.guard_steps)
-    timer.warm_up(timing.warmup - timing.guard_steps)
-    measurement = timer.time_windows(timing.min_seconds, timing.windows)
-    measurement.guard_losses = guard_losses
+    measurement = timer.measure(name, timing.guard_steps, timing.warmup, timing.min_seconds, timing.windows)
     shape = tuple(next(iter(parts.val_loader))[0].shape[1:])
     return measurement, flops_per_image(parts.model, shape)
 
@@ -162,30 +155,66 @@ def train_rows(base: List[str], ctx: dist.Dist, timing: Timing, workers: int,
     return rows
 
 
+def _epoch_rates(run_epoch: Callable[[], int], device: torch.device, timing: Timing) -> List[float]:
+    """images/s of windows of whole epochs (at least timing.min_seconds each), after warm-up epochs:
+    a loader that does its work when an epoch starts (the resident one) pays it inside the window."""
+    for _ in range(timing.warmup):
+        run_epoch()
+    rates = []
+    for _ in range(timing.windows):
+        synchronize(device)  # host sync: the clock starts with an idle device
+        start, samples = time.perf_counter(), 0
+        while True:
+            samples += run_epoch()
+            synchronize(device)  # host sync: the window closes when the device is done
+            elapsed = time.perf_counter() - start
+            if elapsed >= timing.min_seconds:
+                break
+        rates.append(samples / elapsed)
+    return rates
+
+
 def loader_rows(base: List[str], device: torch.device, timing: Timing, workers: int, progress=print) -> List[Row]:
-    """Images/s of each loader alone: batches produced on the device, nothing trained."""
+    """Images/s of each loader alone, over whole epochs: batches produced on the device, nothing
+    trained (each batch's labels are summed on the device, so producing it must finish in time)."""
     cfg = load_config(None, base)
     images, labels, _ = load_split(cfg.data, train=True)
     tutorial = tutorial_loader(images, labels, cfg.train.batch_size, workers, pin_memory=device.type == "cuda")
 
-    def tutorial_batches() -> Iterator:
-        while True:
-            for x, y in tutorial:
-                yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    def tutorial_epoch() -> int:
+        samples = 0
+        for x, y in tutorial:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            y.sum()
+            samples += y.shape[0]
+        return samples
 
-    sources = [("tutorial DataLoader (PIL transforms)", tutorial_batches())]
+    sources: List[Tuple[str, Callable[[], int]]] = [("tutorial DataLoader (PIL transforms)", tutorial_epoch)]
     for name in ("plain", "gpu") + (("dali",) if dali_available() else ()):
         train_loader, _, _ = build_loaders(load_config(None, base + [f"data.loader={name}"]), device)
-        sources.append((f"fasttrain {name}", _cycle(train_loader)))
+        sources.append((f"fasttrain {name}", _epochs_of(train_loader)))
     rows: List[Row] = []
-    for variant, batches in sources:
-        # the "step" touches the batch on the device, so its production must finish inside the window
-        m = measure(variant, lambda: next(batches), lambda b: b[1].sum(), cfg.train.batch_size, device,
-                    timing.warmup, timing.steps, timing.windows)
-        rows.append(Row(variant, cfg.train.batch_size, m.images_per_sec, m.window_images_per_sec,
-                        m.images_per_sec / (rows[0].images_per_sec if rows else m.images_per_sec), None, None))
-        progress(f"  {variant}: {m.images_per_sec:,.0f} img/s")
+    for variant, run_epoch in sources:
+        rates = _epoch_rates(run_epoch, device, timing)
+        median = statistics.median(rates)
+        rows.append(Row(variant, cfg.train.batch_size, median, rates,
+                        median / (rows[0].images_per_sec if rows else median), None, None))
+        progress(f"  {variant}: {median:,.0f} img/s")
     return rows
+
+
+def _epochs_of(loader) -> Callable[[], int]:
+    epoch = itertools.count()
+
+    def run_epoch() -> int:
+        loader.set_epoch(next(epoch))
+        samples = 0
+        for _, y in loader:
+            y.sum()
+            samples += y.shape[0]
+        return samples
+
+    return run_epoch
 
 
 def environment(device: torch.device) -> dict:
@@ -226,9 +255,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         "of the same shape is used when it is absent")
     parser.add_argument("--model", default="CIFAR10_CNN")
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--warmup", type=int, default=20, help="steps before timing, guard steps included")
+    parser.add_argument("--warmup", type=int, default=20, help="steps before timing, guard steps included (with "
+                        "--loaders-only: whole epochs)")
     parser.add_argument("--guard-steps", type=int, default=12, help="first steps whose losses must be finite and fall")
-    parser.add_argument("--steps", type=int, default=50, help="steps per timed window of the loaders alone")
     parser.add_argument("--min-seconds", type=float, default=1.0, help="each training window runs at least this long")
     parser.add_argument("--windows", type=int, default=5, help="timed windows per rung; the median is reported")
     parser.add_argument("--log-every", type=int, default=50, help="fasttrain's train.log_every: its log intervals "
@@ -241,7 +270,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the rows and the environment to this JSON file")
     args = parser.parse_args(argv)
 
-    timing = Timing(max(args.warmup, args.guard_steps), args.steps, args.windows, args.guard_steps, args.min_seconds)
+    timing = Timing(args.warmup if args.loaders_only else max(args.warmup, args.guard_steps), args.windows,
+                    args.guard_steps, args.min_seconds)
     base = base_overrides(args.device, args.model, args.batch_size, args.data_root, args.tutorial_workers,
                           args.log_every)
     real = "data.dataset=cifar10" in base
@@ -251,7 +281,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"device {ctx.device} ({env['device']}) | torch {env['torch']} | model {args.model} | batch "
               f"{args.batch_size} | data {'CIFAR-10' if real else 'synthetic CIFAR-shaped'} | {timing.guard_steps} "
               f"guard + warm-up to {timing.warmup} steps, "
-              + (f"{timing.windows} windows x {timing.steps} steps" if args.loaders_only else
+              + (f"{timing.windows} windows of whole epochs >= {timing.min_seconds:g} s" if args.loaders_only else
                  f"{timing.windows} windows of >= {timing.min_seconds:g} s (fasttrain: cut at log intervals of "
                  f"{args.log_every} steps)") + ", median",
               flush=True)

@@ -18,7 +18,6 @@ from fasttrain.config import load_config
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--warmup", type=int, required=True)
-    parser.add_argument("--steps", type=int, required=True)
     parser.add_argument("--windows", type=int, required=True)
     parser.add_argument("--min-seconds", type=float, required=True)
     parser.add_argument("overrides", nargs="*")
@@ -26,7 +25,7 @@ def main() -> None:
     cfg = load_config(None, args.overrides)
     ctx = dist.setup(cfg.train.device)
     try:
-        timing = Timing(args.warmup, args.steps, args.windows, guard_steps=0, min_seconds=args.min_seconds)
+        timing = Timing(args.warmup, args.windows, guard_steps=0, min_seconds=args.min_seconds)
         measurement, _ = fasttrain_measurement(cfg, ctx, timing, "scaling")
         total = torch.tensor([measurement.images_per_sec], dtype=torch.float64, device=ctx.device)
         torch_dist.all_reduce(total)

@@ -38,7 +38,7 @@ def test_ladder_runs_every_rung_and_writes_its_table(tmp_path):
 
 def test_loader_only_mode_times_every_loader(tmp_path):
     out = tmp_path / "loaders.json"
-    result = run_fasttrain("--loaders-only", "--device", "cpu", "--batch-size", "64", "--steps", "3", "--warmup", "1",
+    result = run_fasttrain("--loaders-only", "--device", "cpu", "--batch-size", "64", "--min-seconds", "0.05", "--warmup", "1",
                            "--windows", "1", "--tutorial-workers", "0", "--data-root", str(tmp_path), "--json", str(out),
                            module="benchmarks.ladder")
     assert result.returncode == 0, result.stderr[-3000:]
