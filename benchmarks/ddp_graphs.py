@@ -23,6 +23,7 @@ import torch
 from benchmarks.epoch_loop import EpochLoopTimer
 from fasttrain import dist
 from fasttrain.config import load_config
+from fasttrain.run import exit_now
 from fasttrain.trainer import build_parts
 
 
@@ -73,3 +74,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_now(0)  # past torch's gloo teardown, which can abort a finished rank (see fasttrain.run.exit_now)

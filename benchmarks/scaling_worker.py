@@ -13,6 +13,7 @@ import torch.distributed as torch_dist
 from benchmarks.ladder import Timing, fasttrain_measurement
 from fasttrain import dist
 from fasttrain.config import load_config
+from fasttrain.run import exit_now
 
 
 def main() -> None:
@@ -37,3 +38,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_now(0)  # past torch's gloo teardown, which can abort a finished rank (see fasttrain.run.exit_now)

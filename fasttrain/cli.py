@@ -97,9 +97,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def entry() -> NoReturn:
-    """The `fasttrain` console script: a training command ends as `python -m fasttrain.run` does."""
+    """The `fasttrain` console script: commands that join a process group (train, eval) end as
+    `python -m fasttrain.run` does (run.exit_now: torch's teardown after gloo can abort a finished
+    process, seen under torchrun for eval too)."""
     code = main()
-    if sys.argv[1:2] == ["train"]:
+    if sys.argv[1:2] in (["train"], ["eval"]):
         run.exit_now(code)
     sys.exit(code)
 
