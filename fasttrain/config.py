@@ -178,6 +178,8 @@ class TrainConfig:
                                   "optimizer, running sums) and on CUDA replay it as one CUDA graph: the host's "
                                   "cost per step becomes a few launches; needs train.compile=default or "
                                   "max-autotune, optim adam/adamw, precision fp32/bf16")
+    deterministic: bool = _field(False, "deterministic algorithms only (torch.use_deterministic_algorithms, no cuDNN "
+                                        "autotuning, CUBLAS_WORKSPACE_CONFIG set): bitwise repeatable on a GPU, slower")
     peak_tflops: float = _field(0.0, "the device's peak TFLOP/s for MFU (0 = fasttrain's table of known GPUs; "
                                      "no MFU where unknown, e.g. CPUs)")
     stop_after_steps: int = _field(0, "stop with a resumable checkpoint once this many optimizer steps are done in "

@@ -34,7 +34,7 @@ class Precision:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
 
-def build_precision(name: str, device: torch.device, tf32: bool) -> Precision:
+def build_precision(name: str, device: torch.device, tf32: bool, deterministic: bool = False) -> Precision:
     if name == "fp16" and device.type != "cuda":
         raise UserError(f"train.precision=fp16 needs CUDA (fp16 autocast with a GradScaler) but the device is "
                         f"{device}: use train.precision=bf16 or fp32 on the CPU")
@@ -44,7 +44,8 @@ def build_precision(name: str, device: torch.device, tf32: bool) -> Precision:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = tf32
         torch.backends.cudnn.allow_tf32 = tf32
-        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
+        # fixed input shapes: let cuDNN pick the fastest kernels (its timing-based pick is not repeatable)
+        torch.backends.cudnn.benchmark = not deterministic
     scaler = torch.amp.GradScaler(device.type, enabled=name == "fp16")
     return Precision(name, device, scaler)
 

@@ -34,7 +34,7 @@ from fasttrain.optim import load_optimizer_state
 
 # config keys that may change between a run and its resumption without changing what is computed
 NEUTRAL_KEYS = ("resume", "output.", "checkpoint.", "train.stop_after_steps", "train.log_every", "train.device",
-                "train.peak_tflops", "data.root", "data.download", "data.num_workers", "data.pin_memory",
+                "train.peak_tflops", "train.deterministic", "data.root", "data.download", "data.num_workers", "data.pin_memory",
                 "data.persistent_workers", "dist.")
 
 

@@ -17,6 +17,7 @@ import gc
 import inspect
 import json
 import logging
+import os
 import platform
 import time
 from dataclasses import dataclass
@@ -271,7 +272,7 @@ def _silent_logger() -> logging.Logger:
 
 def build_parts(cfg: Config, ctx: dist.Dist, logger: logging.Logger) -> Parts:
     device = ctx.device
-    precision = build_precision(cfg.train.precision, device, cfg.train.tf32)
+    precision = build_precision(cfg.train.precision, device, cfg.train.tf32, cfg.train.deterministic)
     seed_everything(cfg.train.seed)  # same seed on every rank: identical initial weights
     train_loader, val_loader, info = build_loaders(cfg, device, ctx.rank, ctx.world_size, precision.input_dtype)
     skipped = train_loader.num_samples - train_loader.batches.used_samples
@@ -306,6 +307,7 @@ def build_parts(cfg: Config, ctx: dist.Dist, logger: logging.Logger) -> Parts:
                 f"{steps_per_epoch} steps")
     logger.info(f"speed: precision {cfg.train.precision}, channels_last {str(cfg.train.channels_last).lower()}, "
                 f"compile {cfg.train.compile}, capture {str(cfg.train.capture).lower()}"
+                + (", deterministic algorithms" if cfg.train.deterministic else "")
                 + (" (whole step as one CUDA graph)" if cfg.train.capture and device.type == "cuda" else
                    " (whole step compiled)" if cfg.train.capture else "")
                 + (f", tf32 {str(cfg.train.tf32).lower()}" if device.type == "cuda" else "")
@@ -406,8 +408,17 @@ def _report_stop(cfg: Config, ctx: dist.Dist, state: RunState, run_dir: Path, lo
     return state
 
 
+def use_deterministic_algorithms(on: bool) -> None:
+    """train.deterministic: kernels that give the same bits every run, or an error naming the op that
+    has none. cuBLAS needs its workspace fixed before its first call (so: before anything runs)."""
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(on)
+
+
 def train(cfg: Config) -> RunState:
     """Join the process group, train, and leave it on every exit path."""
+    use_deterministic_algorithms(cfg.train.deterministic)
     ctx = dist.setup(cfg.train.device, cfg.dist.backend, cfg.dist.timeout_s)
     try:
         return _run(cfg, ctx)
