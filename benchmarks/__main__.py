@@ -25,6 +25,7 @@ from benchmarks import host_overhead
 from benchmarks.report import write_chart, write_markdown
 from fasttrain import dist
 from fasttrain.config import load_config
+from fasttrain.environment import git_commit
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -56,14 +57,6 @@ PRESETS = {
     "gpu": Preset("cuda", "CIFAR10_CNN", 128, (128, 256, 512, 1024, 2048), Timing(30, 5, 12, 1.0),
                   Timing(1, 3, 0, 1.0), 4, ()),
 }
-
-
-def git_commit() -> Optional[str]:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def best_batch_rows(preset: Preset, base: List[str], ctx: dist.Dist, progress) -> List[dict]:

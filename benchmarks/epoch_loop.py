@@ -37,6 +37,7 @@ class LoopMeasurement:
     guard_losses: List[float] = field(default_factory=list)
     steps_timed: int = 0
     seconds_timed: float = 0.0
+    host_ms_per_step: float = 0.0  # CPU time of the training thread per step (time.thread_time): its host cost
 
 
 class _TimedLoader:
@@ -81,7 +82,7 @@ class EpochLoopTimer:
                 windows: int) -> LoopMeasurement:
         """Guard, warm up to `warmup` steps from here (guard included), then `windows` timed windows."""
         losses: List[float] = []
-        marks: List[tuple] = []  # (clock, global step, loader wait) at each log interval while timing
+        marks: List[tuple] = []  # (clock, global step, loader wait, thread CPU time) at each log interval
         edges: List[int] = []  # indices into marks where windows open and close
         phase = "guard" if guard_steps else "warmup"
         start = self.global_step
@@ -92,7 +93,7 @@ class EpochLoopTimer:
             if phase == "guard":
                 losses.append(loss)
             elif phase == "timing":
-                marks.append((time.perf_counter(), step, self.loader.wait))  # the reduction just synchronized
+                marks.append((time.perf_counter(), step, self.loader.wait, time.thread_time()))  # just synchronized
             self.sink.write(json.dumps({"step": step, "epoch": epoch, "loss": loss, "lr": lr, "images_per_sec": ips}))
             self.progress.interval(step, loss, lr, ips)
 
@@ -104,7 +105,7 @@ class EpochLoopTimer:
             elif phase == "warmup" and global_step >= start + warmup and global_step % self.log_every == 0:
                 synchronize(self.parts.precision.device)
                 phase = "timing"
-                marks.append((time.perf_counter(), global_step, self.loader.wait))
+                marks.append((time.perf_counter(), global_step, self.loader.wait, time.thread_time()))
                 edges.append(0)
             elif phase == "timing" and marks[-1][0] - marks[edges[-1]][0] >= min_seconds:
                 edges.append(len(marks) - 1)
@@ -125,11 +126,13 @@ class EpochLoopTimer:
         batch = self.loader.batches.batch_size * self.world_size
         rates = []
         for a, b in zip(edges, edges[1:]):
-            (t0, s0, _), (t1, s1, _) = marks[a], marks[b]
+            (t0, s0, _, _), (t1, s1, _, _) = marks[a], marks[b]
             rates.append((s1 - s0) * batch / (t1 - t0))
-        (t_first, s_first, w_first), (t_last, s_last, w_last) = marks[edges[0]], marks[edges[-1]]
+        (t_first, s_first, w_first, c_first), (t_last, s_last, w_last, c_last) = marks[edges[0]], marks[edges[-1]]
+        steps = max(s_last - s_first, 1)
         return LoopMeasurement(statistics.median(rates), rates, (w_last - w_first) / (t_last - t_first),
-                               losses[:guard_steps], s_last - s_first, t_last - t_first)
+                               losses[:guard_steps], s_last - s_first, t_last - t_first,
+                               1000 * (c_last - c_first) / steps)
 
     def _agree(self, stop: bool) -> bool:
         """Every rank must stop at the same boundary: rank 0's clock decides (a benchmark-only collective)."""

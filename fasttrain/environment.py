@@ -14,7 +14,8 @@ import torch
 import fasttrain
 
 
-def _git_commit() -> Optional[str]:
+def git_commit() -> Optional[str]:
+    """HEAD of the checkout in the current folder (+dirty with uncommitted changes), or None."""
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
@@ -52,6 +53,6 @@ def describe(device: torch.device, world_size: int, backend: str) -> dict:
         "world_size": world_size,
         "backend": backend,
         "hostname": socket.gethostname(),
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(),
         "command": sys.argv,
     }
