@@ -189,6 +189,7 @@ def ladder(plan: Plan, deadline: float) -> dict:
     else:
         sweep, timing, workers = (1024, 2048, 512, 128), Timing(20, 3, 12, 0.5), 4
         base = base_overrides(plan.device, "CIFAR10_CNN", 128, str(plan.data_root), workers)
+        base += [] if plan.real_data else ["data.train_size=50000"]  # synthetic: CIFAR-10's epoch length
     ctx = dist.setup(plan.device if not plan.smoke else "cpu")
     rows: List[dict] = []
     skipped: List[str] = []
