@@ -48,7 +48,7 @@ class Preset:
 
 PRESETS = {
     # CI-sized: checks that every part runs and writes well-formed results; its figures are noise
-    "cpu-smoke": Preset("cpu", "SimpleModel", 32, (32, 64), Timing(12, 2, 12, 0.05), Timing(1, 2, 0, 0.05), 0,
+    "cpu-smoke": Preset("cpu", "SimpleModel", 32, (64,), Timing(12, 2, 12, 0.05), Timing(1, 2, 0, 0.05), 0,
                         (1, 2), log_every=2, host_model="SimpleModel", host_steps=5, host_images=1280),
     # the case study on a CPU: minutes, for machines without a GPU (log every 10 steps: windows of ~1 s)
     "cpu": Preset("cpu", "CIFAR10_CNN", 128, (128, 256), Timing(16, 5, 12, 1.0), Timing(1, 3, 0, 1.0), 2,
