@@ -109,8 +109,10 @@ def restore_on_every_rank(cfg: Config, ctx: dist.Dist, parts: "Parts", path: Pat
     if ctx.is_main:
         trim_history(run_dir, state)
         clear_marker(run_dir)
-    where = (f"{state.step_in_epoch} of {steps_per_epoch} steps into epoch {state.epoch + 1}" if state.step_in_epoch
-             else f"after epoch {state.epoch}")
-    logger.info(f"resumed from {path}: {where} (step {state.global_step}); best val_acc so far "
-                f"{100 * max(state.best_val_acc, 0):.2f}%")
+    where = (f"{state.step_in_epoch} of {steps_per_epoch} steps into epoch {state.epoch + 1}"
+             + (f" (from its sample {state.start_sample:,})" if state.start_sample else "")
+             if state.step_in_epoch or state.start_sample else f"after epoch {state.epoch}")
+    best = (f"best val_acc so far {100 * state.best_val_acc:.2f}% (epoch {state.best_epoch})" if state.best_epoch
+            else "no epoch finished yet")
+    logger.info(f"resumed from {path}: {where} (step {state.global_step}); {best}")
     return state

@@ -126,3 +126,21 @@ def test_resume_with_another_world_size_warns_that_the_data_order_changes(two_ra
     assert "6 of 8 steps into epoch 1" in resumed.stdout
     assert [r["epoch"] for r in read_jsonl(one / "metrics.jsonl")] == [1, 2]
     assert torch.load(one / "checkpoints" / "last.pt", weights_only=False)["world_size"] == 1
+
+
+def test_one_process_checkpoint_continued_by_two_ranks_when_the_rest_of_the_epoch_splits_unevenly(tmp_path):
+    """97 images, batch 32: one process stops after step 1 (32 images); the 65 left over two ranks of batch 32
+    are one global batch and one image, which only one rank could take: it is left out, and both ranks take the
+    same number of steps (before: rank 0 waited for rank 1 in a collective until dist.timeout_s)."""
+    run = ["--config", "configs/smoke.yaml", "data.train_size=97", "data.val_size=64", "model.name=MLP",
+           "model.hidden_sizes=[64]", "train.batch_size=32", "train.epochs=2", f"output.dir={tmp_path}",
+           "dist.timeout_s=60"]
+    first = run_fasttrain(*run, "train.stop_after_steps=1")
+    assert first.returncode == 0, first.stderr[-3000:]
+    resumed = run_torchrun(2, *run, "resume=auto")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [r["epoch"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2]
+    last = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=False)
+    assert (last["epoch"], last["world_size"]) == (2, 2)
+    # epoch 1: 1 step of one process, then 1 step of two ranks; epoch 2: 97 images = 2 steps of two ranks
+    assert last["global_step"] == 1 + 1 + 2

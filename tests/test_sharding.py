@@ -98,3 +98,28 @@ def test_an_epoch_resumed_after_k_steps_yields_exactly_the_batches_not_yet_train
             assert sampler.batches_left() == len(full) - k and len(sampler) == len(full)
         sampler.set_epoch(3)  # the next epoch is whole again
         assert sampler.batches_left() == len(sampler)
+
+
+@pytest.mark.parametrize("n,batch,old_world,new_world,drop_last", [(97, 32, 1, 2, False), (100, 10, 1, 3, False),
+                                                                    (97, 16, 2, 3, False), (130, 8, 3, 2, True),
+                                                                    (13, 3, 3, 2, False)])
+def test_an_epoch_resumed_with_another_world_size_gives_every_rank_the_same_number_of_steps(
+        n, batch, old_world, new_world, drop_last):
+    """A checkpoint of `old_world` ranks continued by `new_world`: the resumed position need not be a multiple
+    of the new global batch, and a leftover smaller than the number of ranks would give some ranks one more
+    batch than the others (they would wait forever in its collective)."""
+    old_steps = len(epoch_batches(n, batch, old_world, drop_last=drop_last)[0])
+    for k in range(old_steps + 1):
+        start = k * batch * old_world
+        ranks = []
+        for rank in range(new_world):
+            sampler = ShardedBatches(n, batch, shuffle=True, seed=7, rank=rank, world_size=new_world,
+                                     drop_last=drop_last)
+            sampler.set_epoch(0, start_sample=start)
+            ranks.append([[i for _, i in b] for b in sampler])
+            assert sampler.batches_left() == len(ranks[-1])
+        assert len({len(r) for r in ranks}) == 1, (k, [len(r) for r in ranks])
+        order = sampler.order().tolist()
+        trained = [i for r in ranks for b in r for i in b]
+        assert len(trained) == len(set(trained)) and set(trained) <= set(order[start:])
+        assert len(order[start:]) - len(trained) < (batch * new_world if drop_last else new_world)

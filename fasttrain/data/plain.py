@@ -106,9 +106,23 @@ class ShardedBatches(Sampler):
         leftover = self.num_samples - full
         return full if self.drop_last or leftover < self.world_size else self.num_samples
 
+    def end_sample(self) -> int:
+        """Where the current epoch's part ends in its order: every rank must get the same number of
+        batches. From position 0 that is `used_samples`. A resumed epoch may start at a position that
+        is not a multiple of this run's global batch (a checkpoint of another world size): the rule is
+        then applied to what remains, so a leftover smaller than the number of ranks is left out there
+        too, instead of giving some ranks one batch more than the others (a hang in the next collective)."""
+        if self.exact:
+            return self.num_samples
+        remaining = max(self.num_samples - self.start_sample, 0)
+        global_batch = self.batch_size * self.world_size
+        full = (remaining // global_batch) * global_batch
+        leftover = remaining - full
+        return self.start_sample + (full if self.drop_last or leftover < self.world_size else remaining)
+
     def shard(self) -> torch.Tensor:
         """This rank's sample indices for the current epoch, in order (batches are consecutive slices)."""
-        return self.order()[self.start_sample : self.used_samples][self.rank :: self.world_size]
+        return self.order()[self.start_sample : self.end_sample()][self.rank :: self.world_size]
 
     def __iter__(self) -> Iterator[List[Tuple[int, int]]]:
         epoch, size = self.epoch, self.batch_size
@@ -122,7 +136,7 @@ class ShardedBatches(Sampler):
 
     def batches_left(self) -> int:
         """Batches this rank yields in the current epoch, from start_sample on."""
-        shard = len(range(self.start_sample + self.rank, self.used_samples, self.world_size))
+        shard = len(range(self.start_sample + self.rank, self.end_sample(), self.world_size))
         return -(-shard // self.batch_size)
 
 
