@@ -1,30 +1,49 @@
 # The two set-up commands of the README:
-#   make train   create .venv, install fasttrain, train CIFAR10_CNN on CIFAR-10 (configs/cifar10_cnn.yaml)
-#   make test    create .venv, install fasttrain[dev], run the whole test suite
-# Variables: PYTHON (interpreter that makes the venv), DATA_ROOT (folder holding cifar-10-batches-py/;
-# downloaded there when missing), ARGS (extra key.sub=value overrides for `make train`), PYTEST_ARGS
-# (pytest options of `make test`; PYTEST_ARGS= runs the suite in one process).
+#   make train   create .venv, install fasttrain and its runtime dependencies (torch, torchvision, ...; no
+#                extras), train CIFAR10_CNN on CIFAR-10 (configs/cifar10_cnn.yaml)
+#   make test    create .venv, install fasttrain[dev,dali] (what the test suite needs: pytest, accelerate,
+#                DALI's CUDA 13 build, which the tests run on the CPU), run the whole test suite
+# Variables: PYTHON (interpreter that makes the venv), EXTRAS (extras `make train` adds, comma-separated:
+# dali-cuda12, dali-cuda13, tensorboard, dev; e.g. `make train EXTRAS=dali-cuda12`), TORCH_INDEX (a pip index
+# that torch and torchvision come from when the venv is made, e.g. https://download.pytorch.org/whl/cpu for
+# the CPU build, a tenth of the size; default: PyPI's, CUDA included on Linux), DATA_ROOT (folder holding
+# cifar-10-batches-py/; downloaded there when missing), ARGS (extra key.sub=value overrides for `make train`),
+# PYTEST_ARGS (pytest options of `make test`; PYTEST_ARGS= runs the suite in one process).
 
 PYTHON ?= python3
 VENV ?= .venv
+EXTRAS ?=
+TORCH_INDEX ?=
 DATA_ROOT ?= ./data
 ARGS ?=
 # two test processes (a CI machine has 2 cores); each module stays on one, so its shared runs are made once
 PYTEST_ARGS ?= -n 2 --dist loadscope --durations=15
 BIN := $(VENV)/bin
+comma := ,
+# one stamp per set of extras: `make train EXTRAS=...` installs them even where a plain `make train` ran.
+# The test suite's stamp keeps the name .installed (the venvs made before `make train` lost its extras).
+TRAIN_STAMP := $(BIN)/.installed-train$(if $(EXTRAS),-$(subst $(comma),-,$(EXTRAS)))
+TEST_STAMP := $(BIN)/.installed
 
 .PHONY: train test clean
 
-$(BIN)/.installed: pyproject.toml
+$(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(if $(TORCH_INDEX),$(BIN)/python -m pip install --quiet torch torchvision --index-url $(TORCH_INDEX))
+
+$(TRAIN_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.$(if $(EXTRAS),[$(EXTRAS)])'
+	touch $@
+
+$(TEST_STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[dev,dali]'
 	touch $@
 
-train: $(BIN)/.installed
+train: $(TRAIN_STAMP)
 	$(BIN)/python -m fasttrain.run --config configs/cifar10_cnn.yaml data.root=$(DATA_ROOT) $(ARGS)
 
-test: $(BIN)/.installed
+test: $(TEST_STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS) tests benchmarks
 
 clean:

@@ -1,4 +1,5 @@
-"""The benchmark suite: `python -m benchmarks --preset cpu-smoke | gpu [--out DIR] [--data-root ...]`.
+"""The benchmark suite: `python -m benchmarks --preset cpu-smoke | cpu | gpu [--out DIR] [--data-root ...]`
+(`fasttrain bench ...` in a source checkout; `--list` prints the presets).
 
 In one run, side by side: the speed ladder (the tutorial's loop, then fasttrain with each feature
 added in turn, with data-wait share and MFU), the best batch size of every variant, the loaders
@@ -108,7 +109,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         "of the same shape when absent)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out"), help="where results.{json,md,png} go")
     parser.add_argument("--peak-tflops", type=float, help="the device's peak TFLOP/s for MFU (default: known GPUs)")
+    parser.add_argument("--list", action="store_true", help="print the presets and what each runs, then exit")
     args = parser.parse_args(argv)
+    if args.list:
+        for name, p in sorted(PRESETS.items()):
+            ranks = f"{', '.join(map(str, p.ranks))} rank(s)" if p.ranks else "1..N ranks (N: the node's GPUs)"
+            print(f"{name}: {p.device}, {p.model} batch {p.batch_size} (sweep {', '.join(map(str, p.sweep))}), "
+                  f"{p.workers} loader workers, scaling over {ranks}; writes {args.out}/results.{{json,md,png}}")
+        return 0
     preset = PRESETS[args.preset]
     if preset.device == "cuda" and not torch.cuda.is_available():
         print("benchmarks: --preset gpu needs a CUDA device; use --preset cpu-smoke here", file=sys.stderr)

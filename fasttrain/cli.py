@@ -24,7 +24,7 @@ def _eval(argv: Sequence[str]) -> int:
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
                         help="applied on top of the checkpoint's config, e.g. data.root=/data train.device=cpu")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # --json and overrides in any order
     try:
         from fasttrain.evaluate import evaluate_checkpoint
 
@@ -63,12 +63,31 @@ def _plot(argv: Sequence[str]) -> int:
     return 0
 
 
+def _bench_roots() -> list:
+    """Where a source checkout's benchmarks/ may be: beside the fasttrain package (a clone, installed
+    editable or run from its folder), then the current folder (a clone beside a wheel install)."""
+    from pathlib import Path
+
+    return [Path(__file__).resolve().parents[1], Path.cwd()]
+
+
 def _bench(argv: Sequence[str]) -> int:
+    # a console script does not put the current folder on sys.path (python -m does): the suite is
+    # found by its files, and its folder put first so that no other `benchmarks` module is taken
+    roots = _bench_roots()
+    root = next((r for r in roots if (r / "benchmarks" / "__main__.py").is_file()), None)
+    if root is None:
+        report(UserError(f"fasttrain bench runs the suite in benchmarks/ of a source checkout and found none (looked "
+                         f"in {' and '.join(str(r) for r in roots)}): run it from a clone of the project, the folder "
+                         f"holding benchmarks/"))
+        return EXIT_USER_ERROR
+    if sys.path[:1] != [str(root)]:
+        sys.path.insert(0, str(root))
     try:
         from benchmarks.__main__ import main as bench_main
-    except ImportError:
-        report(UserError("fasttrain bench runs the suite in benchmarks/ of a source checkout: run it from the "
-                         "project folder (the one holding benchmarks/), or use python -m benchmarks there"))
+    except ImportError as err:  # the suite is there but something it imports is not installed
+        report(UserError(f"fasttrain bench: the suite in {root / 'benchmarks'} cannot be imported ({err}): install "
+                         f"the project with pip install -e . in {root}"))
         return EXIT_USER_ERROR
     return bench_main(list(argv))
 

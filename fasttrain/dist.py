@@ -21,6 +21,7 @@ import torch.distributed as dist
 from fasttrain.device import resolve_device
 from fasttrain.errors import UserError
 from fasttrain.hostlist import first_host
+from fasttrain.launcher import check_launch
 
 DEFAULT_MASTER_PORT = 29500
 
@@ -103,8 +104,11 @@ def pick_device(device_name: str, env: DistEnv) -> torch.device:
     return torch.device("cuda", index)
 
 
-def setup(device_name: str, backend: str = "auto", timeout_s: int = 1800) -> Dist:
-    """Pick the device and backend, then join the process group (world size 1 included)."""
+def setup(device_name: str, backend: str = "auto", timeout_s: int = 1800, precision: Optional[str] = None,
+          compile_mode: Optional[str] = None) -> Dist:
+    """Check the launch against the machine and the config (train.precision, train.compile: None when the
+    caller has none), pick the device and backend, then join the process group (world size 1 included)."""
+    check_launch(device_name, precision, compile_mode)
     env = read_env()
     device = pick_device(device_name, env)
     if device.type == "cuda":

@@ -27,7 +27,7 @@ def evaluate_checkpoint(path: str, overrides: Sequence[str] = ()) -> tuple[EvalS
         cfg = config_mod.from_dict(ckpt["config"], overrides)
     except UserError as err:
         raise UserError(f"checkpoint {path}: {err}") from None
-    ctx = dist.setup(cfg.train.device, cfg.dist.backend, cfg.dist.timeout_s)
+    ctx = dist.setup(cfg.train.device, cfg.dist.backend, cfg.dist.timeout_s, cfg.train.precision, cfg.train.compile)
     try:
         precision = build_precision(cfg.train.precision, ctx.device, cfg.train.tf32)
         loader, info = build_eval_loader(cfg, ctx.device, ctx.rank, ctx.world_size, precision.input_dtype)

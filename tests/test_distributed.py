@@ -83,7 +83,8 @@ def test_evaluation_is_exact_for_any_world_size(small_checkpoint, world, loader)
 def test_accelerate_launch_with_two_cpu_processes(tmp_path):
     pytest.importorskip("accelerate")
     run_dir = tmp_path / "run"
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    # the GPU config on a CPU machine: refused unless the launch is said to be for the CPU (test_newcomer.py)
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="true")
     result = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
          "launch/accelerate/single_node_multi_gpu.yaml", "--num_processes", "2", "-m", "fasttrain.run",

@@ -7,6 +7,7 @@ loader. Every loader follows the contract described in `fasttrain.data.plain`.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Tuple, Union
 
@@ -62,6 +63,22 @@ def load_split(data: DataConfig, train: bool) -> Tuple[np.ndarray, np.ndarray, D
 
 
 Loader = Union[PlainLoader, GpuLoader, DaliLoader]
+AUTO_WORKERS_MAX = 4  # the tutorial's DataLoader(num_workers=4)
+
+
+def resolve_workers(num_workers: int) -> int:
+    """data.num_workers, with -1 (auto) as min(4, the CPUs this process may run on / the processes on this
+    node): more workers than CPUs only add switching (and torch warns about it for every loader). Neither
+    the data order nor the augmentation depends on the count (fasttrain.data.plain), so auto is as
+    reproducible as a fixed number."""
+    if num_workers >= 0:
+        return num_workers
+    try:
+        cpus = len(os.sched_getaffinity(0))  # a container's or taskset's share, not the host's count
+    except AttributeError:  # macOS, Windows
+        cpus = os.cpu_count() or 1
+    local = os.environ.get("LOCAL_WORLD_SIZE", "1")  # torchrun's (and accelerate's) processes on this node
+    return min(AUTO_WORKERS_MAX, cpus // max(1, int(local) if local.isdigit() else 1))
 
 
 def resolve_loader(cfg: Config, device: torch.device) -> Tuple[str, str]:
@@ -126,7 +143,7 @@ def _loader(cfg: Config, images: np.ndarray, labels: np.ndarray, info: DatasetIn
             raise ConfigError(f"config error: data.loader={name} does random crop and flip only; aug.rotation and "
                               f"aug.color_jitter need data.loader=plain")
         kind = GpuLoader if name == "gpu" else DaliLoader
-        extra = {"num_threads": max(1, cfg.data.num_workers)} if name == "dali" else {}
+        extra = {"num_threads": max(1, resolve_workers(cfg.data.num_workers))} if name == "dali" else {}
         return kind(images, labels, batches, device, mean, std, dtype, cfg.train.channels_last,
                     crop_padding=cfg.aug.crop_padding if train else 0, hflip=cfg.aug.hflip and train,
                     seed=cfg.train.seed, **extra)
@@ -134,5 +151,5 @@ def _loader(cfg: Config, images: np.ndarray, labels: np.ndarray, info: DatasetIn
                  else eval_transform(cfg.data, channels))
     dataset = CustomDataset(images, labels, transform, cfg.train.seed)
     pin = cfg.data.pin_memory if cfg.data.pin_memory is not None else device.type == "cuda"
-    return PlainLoader(dataset, batches, cfg.data.num_workers, pin, cfg.data.persistent_workers, device, dtype,
-                       cfg.train.channels_last)
+    return PlainLoader(dataset, batches, resolve_workers(cfg.data.num_workers), pin, cfg.data.persistent_workers,
+                       device, dtype, cfg.train.channels_last)
