@@ -11,6 +11,7 @@ checkpoint.keep are kept). Temporary files start with '.' and are never candidat
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import re
@@ -21,9 +22,11 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+from fasttrain.config import Config, from_dict
 from fasttrain.errors import UserError
 
 REQUIRED_KEYS = ("model", "optimizer", "scheduler", "epoch", "config")
+CONFIG_SECTIONS = tuple(f.name for f in dataclasses.fields(Config) if dataclasses.is_dataclass(f.default_factory))
 STEP_FILE = re.compile(r"^step-(\d+)\.pt$")
 
 
@@ -57,8 +60,15 @@ def save_checkpoint(state: Dict[str, Any], path: Path) -> None:
 
 
 def load_checkpoint(path: str | Path) -> Dict[str, Any]:
+    """A checkpoint's dict, checked key by key (`checkpoint_problem`): every reader (eval, resume,
+    resume=auto's choice) may rely on the types below. Raises UserError naming what is wrong."""
     file = Path(path)
-    if not file.is_file():
+    try:
+        found = file.is_file()
+    except OSError as err:  # a path too long for the file system, a folder we may not enter, ...
+        raise UserError(f"checkpoint {_short(file)} cannot be read ({err.strerror or err}): give the path of a .pt "
+                        f"file written by fasttrain (e.g. runs/<run>/checkpoints/last.pt)") from None
+    if not found:
         raise UserError(f"checkpoint {file} not found: give the path of a .pt file written by fasttrain "
                         f"(e.g. runs/<run>/checkpoints/last.pt)")
     try:
@@ -69,7 +79,89 @@ def load_checkpoint(path: str | Path) -> Dict[str, Any]:
     missing = [k for k in REQUIRED_KEYS if not isinstance(state, dict) or k not in state]
     if missing:
         raise UserError(f"checkpoint {file} is not a fasttrain checkpoint (missing {', '.join(missing)})")
+    problem = checkpoint_problem(state)
+    if problem:
+        raise UserError(f"checkpoint {file} is not a valid fasttrain checkpoint ({problem}): use a checkpoint "
+                        f"written by fasttrain")
     return state
+
+
+def _short(path: Path, limit: int = 80) -> str:
+    text = str(path)
+    return text if len(text) <= limit else f"{text[:limit // 2]}...{text[-limit // 4:]} ({len(text)} characters)"
+
+
+def _shown(value: Any) -> str:
+    """A value as an error message shows it: short, one line."""
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    if isinstance(value, (dict, list, tuple)) and len(repr(value)) > 40:
+        return f"a {type(value).__name__} of {len(value)} items"
+    text = repr(value).replace("\n", " ")
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _is_int(value: Any, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_tensor_dict(value: Any) -> bool:
+    return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items())
+
+
+def _is_rank_state(value: Any) -> bool:
+    """One rank's entry of `ranks`, as resume.capture writes it and resume.restore reads it."""
+    if not isinstance(value, dict) or not {"rng", "buffers", "epoch_totals"} <= value.keys():
+        return False
+    rng = value["rng"]
+    return (isinstance(rng, dict) and isinstance(rng.get("python"), tuple) and isinstance(rng.get("numpy"), tuple)
+            and isinstance(rng.get("torch"), torch.Tensor) and _is_tensor_dict(value["buffers"])
+            and (value["epoch_totals"] is None or isinstance(value["epoch_totals"], torch.Tensor)))
+
+
+# key -> (the check, what it must be); the optional keys are checked when present
+_CHECKS: Dict[str, Tuple[Callable[[Any], bool], str]] = {
+    "model": (_is_tensor_dict, "a state dict of named tensors"),
+    "optimizer": (lambda v: isinstance(v, dict) and isinstance(v.get("state"), dict)
+                  and isinstance(v.get("param_groups"), list) and all(isinstance(g, dict) for g in v["param_groups"]),
+                  "an optimizer state dict (state, param_groups)"),
+    "scheduler": (lambda v: isinstance(v, dict), "a scheduler state dict"),
+    "epoch": (lambda v: _is_int(v, 0), "an integer >= 0"),
+    "config": (lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v)
+               and all(isinstance(v[k], dict) for k in CONFIG_SECTIONS if k in v),
+               "a dict of config sections (data, model, optim, train, ...)"),
+    "global_step": (lambda v: _is_int(v, 0), "an integer >= 0"),
+    "step_in_epoch": (lambda v: _is_int(v, 0), "an integer >= 0"),
+    "best_epoch": (lambda v: _is_int(v, 0), "an integer >= 0"),
+    "best_val_acc": (_is_number, "a number"),
+    "val_acc": (_is_number, "a number"),
+    "val_loss": (_is_number, "a number"),
+    "world_size": (lambda v: _is_int(v, 1), "an integer >= 1"),
+    "batch_size": (lambda v: _is_int(v, 1), "an integer >= 1"),
+    "history": (lambda v: isinstance(v, list) and all(isinstance(r, dict) for r in v), "a list of dicts"),
+    "ranks": (lambda v: v is None or (isinstance(v, list) and all(_is_rank_state(r) for r in v)),
+              "a list of per-rank states (rng, buffers, epoch_totals) or None"),
+    "scaler": (lambda v: v is None or isinstance(v, dict), "a GradScaler state dict or None"),
+}
+
+
+def checkpoint_problem(state: Dict[str, Any]) -> Optional[str]:
+    """What is wrong with a checkpoint dict, in words ("epoch is 'abc', expected an integer >= 0"), or
+    None when every key present has the type fasttrain writes and its config is one fasttrain accepts."""
+    for key, (ok, expected) in _CHECKS.items():
+        if key in state and not ok(state[key]):
+            return f"{key} is {_shown(state[key])}, expected {expected}"
+    try:
+        from_dict(state["config"])  # the saved config itself: known keys, accepted values
+    except UserError as err:
+        return f"its config: {str(err).removeprefix('config error: ')}"
+    except Exception as err:  # noqa: BLE001 - untrusted data: OmegaConf may refuse it in other ways
+        return f"its config cannot be read ({type(err).__name__})"
+    return None
 
 
 def load_model_state(model: nn.Module, state: Dict[str, torch.Tensor], source: str) -> None:
@@ -127,7 +219,8 @@ def find_resume_checkpoint(ckpt_dir: Path, warn: Callable[[str], None]) -> Optio
             broken.append(path.name)
             warn(f"warning: {err}; skipping it")
     if not good:
-        raise UserError(f"no usable checkpoint in {ckpt_dir} ({', '.join(broken)} truncated or corrupt): resume "
+        raise UserError(f"no usable checkpoint in {ckpt_dir} ({', '.join(broken)}: truncated, corrupt or not "
+                        f"written by fasttrain): resume "
                         f"from another file with resume=PATH, or start over with resume=none output.overwrite=true")
     return max(good, key=lambda item: position(item[1]))
 
@@ -148,3 +241,35 @@ def remove_stale_temporaries(ckpt_dir: Path) -> List[Path]:
     for path in stale:
         path.unlink(missing_ok=True)
     return stale
+
+
+def restore_best(ckpt_dir: Path, say: Callable[[str], None]) -> Optional[Path]:
+    """Put back best.pt when a stop between two writes left it behind: an epoch's end writes last.pt,
+    then best.pt (the same checkpoint) when validation improved; a kill or a full disk in between
+    leaves best.pt older than the best that last.pt records (or missing). When last.pt is that best
+    epoch, best.pt is rewritten from it; otherwise the best weights are in best.pt already (written
+    before any later epoch ran). Returns the path written, or None."""
+    last, best = ckpt_dir / "last.pt", ckpt_dir / "best.pt"
+    try:
+        last_ckpt = load_checkpoint(last) if last.is_file() else None
+    except UserError:
+        return None  # a broken last.pt was reported when the run chose its checkpoint
+    if not last_ckpt or last_ckpt.get("step_in_epoch") or not last_ckpt.get("best_epoch"):
+        return None
+    best_epoch = int(last_ckpt["best_epoch"])
+    if int(last_ckpt["epoch"]) != best_epoch:
+        if not best.is_file():
+            say(f"warning: {best} is missing and the best epoch ({best_epoch}) is in no other checkpoint: it is "
+                f"written again when validation accuracy improves")
+        return None
+    try:
+        found = load_checkpoint(best).get("epoch") if best.is_file() else None
+    except UserError:
+        found = "broken"
+    if found == best_epoch:
+        return None
+    save_checkpoint(last_ckpt, best)
+    say(f"{best} put back from last.pt (epoch {best_epoch}, the best so far): it was "
+        + ("missing" if found is None else "truncated or corrupt" if found == "broken" else f"of epoch {found}")
+        + " (a stop between writing last.pt and best.pt)")
+    return best

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import io
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +27,9 @@ DATASETS = ("cifar10", "mnist", "synthetic")
 LOADERS = ("plain", "gpu", "dali", "auto")
 PRECISIONS = ("fp32", "bf16", "fp16")
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
+# seeds reach torch (< 2**64), NumPy, DALI (< 2**63) and derived seeds such as seed * 1_000_003 + epoch;
+# 31 bits keeps every one of them valid, and is what most seed APIs take
+SEED_MAX = 2**31 - 1
 MODELS = ("SimpleModel", "MLP", "MLPSequential", "CNN", "CIFAR10_CNN")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("none", "step", "exponential", "cosine", "plateau", "onecycle")
@@ -55,23 +60,26 @@ class DataConfig:
     root: str = _field("./data", "folder that contains cifar-10-batches-py/ (or MNIST/)")
     download: bool = _field(True, "download with torchvision when the data are missing")
     loader: str = _field("plain", "plain (torchvision transforms + DataLoader) | gpu (whole split on the device, batched augmentation) | dali (NVIDIA DALI pipeline) | auto (the fastest that applies; logged)")
-    num_workers: int = _field(4, "DataLoader worker processes (0 = load in the main process); DALI CPU threads")
+    num_workers: int = _field(-1, "DataLoader worker processes (0 = load in the main process; -1 = auto: min(4, CPUs "
+                                  "this process may use / processes on the node), logged); DALI CPU threads")
     pin_memory: Optional[bool] = _field(None, "pin host memory; null = on when training on CUDA")
     shuffle: bool = _field(True, "reshuffle the training set every epoch")
     drop_last: bool = _field(False, "drop the last incomplete training batch")
     persistent_workers: bool = _field(True, "keep DataLoader workers alive between epochs")
     train_size: int = _field(0, "use a seeded random subset of this many training images (0 = all; synthetic: 5000)")
     val_size: int = _field(0, "use a seeded random subset of this many test images (0 = all; synthetic: 1000)")
-    subset_seed: int = _field(0, "seed of the subset choice (independent of train.seed)")
+    subset_seed: int = _field(0, "seed of the subset choice (independent of train.seed; 0 to 2147483647)")
     mean: List[float] = _field([0.5, 0.5, 0.5], "Normalize mean, one value or one per channel")
     std: List[float] = _field([0.5, 0.5, 0.5], "Normalize std, one value or one per channel")
 
     def __post_init__(self) -> None:
         _choice("data.dataset", self.dataset, DATASETS)
         _choice("data.loader", self.loader, LOADERS)
-        _require(self.num_workers >= 0, "data.num_workers", self.num_workers, "an integer >= 0")
+        _require(self.num_workers >= -1, "data.num_workers", self.num_workers, "an integer >= 0, or -1 (auto)")
         _require(self.train_size >= 0, "data.train_size", self.train_size, "an integer >= 0 (0 = all)")
         _require(self.val_size >= 0, "data.val_size", self.val_size, "an integer >= 0 (0 = all)")
+        _require(0 <= self.subset_seed <= SEED_MAX, "data.subset_seed", self.subset_seed,
+                 f"an integer in [0, {SEED_MAX}]")
         _require(len(self.mean) in (1, 3), "data.mean", list(self.mean), "a list of 1 or 3 floats")
         _require(len(self.std) in (1, 3), "data.std", list(self.std), "a list of 1 or 3 floats")
         _require(all(s > 0 for s in self.std), "data.std", list(self.std), "positive values")
@@ -165,7 +173,7 @@ class TrainConfig:
     epochs: int = _field(100, "number of passes over the training set")
     batch_size: int = _field(128, "training batch size per process (global batch = batch_size x world size)")
     eval_batch_size: int = _field(0, "evaluation batch size (0 = train.batch_size)")
-    seed: int = _field(42, "seed of weights, shuffling and augmentation")
+    seed: int = _field(42, "seed of weights, shuffling and augmentation (0 to 2147483647)")
     device: str = _field("auto", "auto | cpu | cuda | cuda:N (auto = cuda when available)")
     limit_train_batches: int = _field(0, "stop each epoch after this many batches (0 = whole epoch)")
     log_every: int = _field(50, "log the mean loss and images/s every N steps (one host sync each)")
@@ -190,7 +198,7 @@ class TrainConfig:
         _require(self.epochs >= 1, "train.epochs", self.epochs, "an integer >= 1")
         _require(self.batch_size >= 1, "train.batch_size", self.batch_size, "an integer >= 1")
         _require(self.eval_batch_size >= 0, "train.eval_batch_size", self.eval_batch_size, "an integer >= 0")
-        _require(self.seed >= 0, "train.seed", self.seed, "an integer >= 0")
+        _require(0 <= self.seed <= SEED_MAX, "train.seed", self.seed, f"an integer in [0, {SEED_MAX}]")
         _require(bool(_DEVICE_RE.match(self.device)), "train.device", self.device, "auto, cpu, cuda or cuda:N")
         _require(self.limit_train_batches >= 0, "train.limit_train_batches", self.limit_train_batches,
                  "an integer >= 0 (0 = whole epoch)")
@@ -212,7 +220,8 @@ class DistConfig:
 
     def __post_init__(self) -> None:
         _choice("dist.backend", self.backend, ("auto", "nccl", "gloo"))
-        _require(self.timeout_s >= 1, "dist.timeout_s", self.timeout_s, "an integer >= 1")
+        _require(1 <= self.timeout_s <= 10**9, "dist.timeout_s", self.timeout_s,
+                 "an integer in [1, 1000000000] (seconds)")
 
 
 PREEMPT_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP", "SIGCONT")
@@ -325,14 +334,99 @@ def _expected_type(full_key: str) -> str:
     return ""
 
 
+_KEY_RE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+_PARSE_ERRORS = (yaml.YAMLError, OmegaConfBaseException, ValueError, TypeError, IndexError, KeyError)
+
+
 def _parse_overrides(overrides: Sequence[str]) -> Any:
     for item in overrides:
         if "=" not in item or item.startswith("="):
             raise ConfigError(f"config error: override '{item}' must look like key.sub=value (e.g. train.epochs=5)")
+        key = item.split("=", 1)[0]
+        if not _KEY_RE.match(key):
+            raise ConfigError(f"config error: override '{_shorten(item)}' has no valid key ('{_shorten(key)}'): "
+                              f"keys are dotted names such as train.epochs, and a list is set whole "
+                              f"(data.mean=[0.4,0.5,0.5])")
+        try:
+            OmegaConf.from_dotlist([item])  # one at a time: the error names the override that is wrong
+        except _PARSE_ERRORS as err:
+            raise ConfigError(f"config error: override '{_shorten(item)}' is not valid YAML "
+                              f"({_first_line(err)}): close its brackets and braces, or quote the value "
+                              f"(e.g. model.hidden_sizes=[64,32])") from None
     try:
         return OmegaConf.from_dotlist(list(overrides))
-    except OmegaConfBaseException as err:
-        raise ConfigError(f"config error: cannot parse overrides {list(overrides)}: {str(err).splitlines()[0]}") from None
+    except _PARSE_ERRORS as err:
+        raise ConfigError(f"config error: cannot combine overrides {list(overrides)}: {_first_line(err)}") from None
+
+
+def _first_line(err: BaseException, line: bool = False) -> str:
+    """What a parse error says, in one line: YAML's problem (with its line in a file when `line`),
+    else the first line of the message, else the error's type."""
+    problem = getattr(err, "problem", None)
+    if problem:
+        mark = getattr(err, "problem_mark", None)
+        return f"{problem} at line {mark.line + 1}" if line and mark is not None else str(problem)
+    lines = [text.strip() for text in str(err).splitlines() if text.strip()]
+    return lines[0] if lines else type(err).__name__
+
+
+def _shorten(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else f"{text[:limit // 2]}...{text[-limit // 4:]} ({len(text)} characters)"
+
+
+def _read_yaml_text(path: str) -> str:
+    """The text of a config file: UTF-8 without NUL bytes (a binary file is not a recipe)."""
+    file = Path(path)
+    try:
+        if not file.is_file():
+            raise ConfigError(f"config error: config file '{path}' not found (see configs/ for the shipped recipes)")
+        data = file.read_bytes()
+    except OSError as err:  # unreadable, or a path too long for the file system
+        raise ConfigError(f"config error: cannot read config file '{_shorten(path)}' ({err.strerror or err}): "
+                          f"give the path of a readable .yaml file (see configs/)") from None
+    bad = data.find(b"\0")  # NUL is valid UTF-8 but never text
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        bad = err.start if bad < 0 else min(bad, err.start)
+    if bad < 0:
+        return text
+    raise ConfigError(f"config error: '{path}' is not a text YAML file (byte {data[bad]:#04x} at offset {bad} is "
+                      f"not UTF-8 text): give a YAML recipe saved as UTF-8, such as configs/cifar10_cnn.yaml")
+
+
+def _check_output_dir(run_dir: str, key: str) -> None:
+    """A run folder whose name the file system can hold: each part within NAME_MAX, the whole
+    (with the files fasttrain writes inside it) within PATH_MAX. Checked before any work."""
+    path = Path(os.path.abspath(run_dir))
+    existing = next((p for p in [path, *path.parents] if _exists(p)), Path("/"))
+    name_max = _pathconf(existing, "PC_NAME_MAX", 255)
+    path_max = _pathconf(existing, "PC_PATH_MAX", 4096)
+    for part in path.parts:
+        if len(os.fsencode(part)) > name_max:
+            raise ConfigError(f"config error: {key} holds a name of {len(os.fsencode(part))} bytes "
+                              f"('{_shorten(part, 40)}'); this file system allows {name_max} per folder name: "
+                              f"use a shorter {key}")
+    inside = 128  # room for the files a run writes inside it (checkpoints/.step-NNNNNNNN.pt.XXXXXXXX.tmp, ...)
+    if len(os.fsencode(str(path))) + inside >= path_max:
+        raise ConfigError(f"config error: {key} makes a run folder path of {len(os.fsencode(str(path)))} bytes "
+                          f"('{_shorten(str(path), 60)}'); this file system allows {path_max - inside - 1} for "
+                          f"a run folder (its files need the rest of {path_max}): use a shorter {key}")
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:  # ENAMETOOLONG and the like: not an existing folder
+        return False
+
+
+def _pathconf(path: Path, name: str, default: int) -> int:
+    try:
+        value = os.pathconf(path, name)
+    except (OSError, ValueError):
+        return default
+    return value if value and value > 0 else default
 
 
 def load_config(path: Optional[str], overrides: Sequence[str] = ()) -> Config:
@@ -340,33 +434,22 @@ def load_config(path: Optional[str], overrides: Sequence[str] = ()) -> Config:
     schema = OmegaConf.structured(Config)
     layers = [schema]
     if path is not None:
-        file = Path(path)
-        if not file.is_file():
-            raise ConfigError(f"config error: config file '{path}' not found (see configs/ for the shipped recipes)")
+        text = _read_yaml_text(path)
         try:
-            loaded = OmegaConf.load(file)
-        except (yaml.YAMLError, OmegaConfBaseException) as err:
-            first = str(err).splitlines()[0] if str(err) else type(err).__name__
-            raise ConfigError(f"config error: '{path}' is not valid YAML: {first}") from None
+            loaded = OmegaConf.load(io.StringIO(text))
+        except (yaml.YAMLError, OmegaConfBaseException, ValueError) as err:
+            raise ConfigError(f"config error: '{path}' is not valid YAML: {_first_line(err, line=True)}") from None
         if not OmegaConf.is_dict(loaded):
             raise ConfigError(f"config error: '{path}' must hold a mapping of sections (data:, model:, ...)")
         layers.append(loaded)
     layers.append(_parse_overrides(overrides))
-    try:
-        merged = OmegaConf.merge(*layers)
-        cfg = OmegaConf.to_object(merged)
-    except ConfigError:
-        raise
-    except OmegaConfBaseException as err:
-        # to_object wraps errors raised in __post_init__; surface ours unchanged
-        cause = err.__cause__ or err.__context__
-        if isinstance(cause, ConfigError):
-            raise cause from None
-        raise ConfigError(_format_omegaconf_error(err)) from None
-    assert isinstance(cfg, Config)
+    cfg = _build(layers)
+    key = "output.dir"
     if not cfg.output.dir:
         stem = Path(path).stem if path else "run"
         cfg.output.dir = str(Path("runs") / (cfg.output.name or f"{stem}-{datetime.datetime.now():%Y%m%d-%H%M%S}"))
+        key = "output.name" if cfg.output.name else "output.dir"
+    _check_output_dir(cfg.output.dir, key)
     return cfg
 
 
@@ -381,15 +464,53 @@ def to_yaml(cfg: Config) -> str:
 def from_dict(data: dict, overrides: Sequence[str] = ()) -> Config:
     """Rebuild a Config from a saved dict (a checkpoint's), applying overrides on top."""
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(data), _parse_overrides(overrides))
-        cfg = OmegaConf.to_object(merged)
+        saved = OmegaConf.create(data)
     except OmegaConfBaseException as err:
+        raise ConfigError(_format_omegaconf_error(err)) from None
+    return _build([OmegaConf.structured(Config), saved, _parse_overrides(overrides)])
+
+
+def _build(layers: List[Any]) -> Config:
+    """The schema merged with the layers (file, saved dict, overrides) -> validated Config."""
+    try:
+        merged = OmegaConf.merge(*layers)
+        _check_list_items(merged)
+        cfg = OmegaConf.to_object(merged)
+    except ConfigError:
+        raise
+    except OmegaConfBaseException as err:
+        # to_object wraps errors raised in __post_init__; surface ours unchanged
         cause = err.__cause__ or err.__context__
         if isinstance(cause, ConfigError):
             raise cause from None
         raise ConfigError(_format_omegaconf_error(err)) from None
+    except (TypeError, ValueError) as err:  # OmegaConf's merge of a mapping into a list key
+        key = _list_given_a_mapping(layers[1:])
+        where = f"{key}={{...}} is not valid: expected {_expected_type(key)}" if key else _first_line(err)
+        raise ConfigError(f"config error: {where} (a list is written [a, b])") from None
     assert isinstance(cfg, Config)
     return cfg
+
+
+def _check_list_items(merged: Any) -> None:
+    """OmegaConf checks a typed list's scalar items but lets a nested list or mapping through."""
+    for section, values in OmegaConf.to_container(merged).items():
+        for key, value in (values.items() if isinstance(values, dict) else ()):
+            if isinstance(value, list) and any(isinstance(item, (list, dict)) for item in value):
+                raise ConfigError(f"config error: {section}.{key}={value} is not valid: expected "
+                                  f"{_expected_type(f'{section}.{key}')} (one value per item)")
+
+
+def _list_given_a_mapping(layers: Sequence[Any]) -> str:
+    """The first dotted key whose default is a list and that a layer sets to a mapping ('' if none)."""
+    defaults = to_dict(Config())
+    for layer in layers:
+        for section, values in OmegaConf.to_container(layer).items():
+            if isinstance(values, dict) and isinstance(defaults.get(section), dict):
+                for key, value in values.items():
+                    if isinstance(value, dict) and isinstance(defaults[section].get(key), list):
+                        return f"{section}.{key}"
+    return ""
 
 
 def describe_keys() -> List[str]:

@@ -140,6 +140,10 @@ def restore(ckpt: Dict[str, Any], source: Path, cfg: Config, rank: int, world_si
     if saved_world == world_size and ranks and len(ranks) == world_size:
         mine = ranks[rank]
         buffers = dict(model.named_buffers())
+        unknown = sorted(set(mine["buffers"]) - set(buffers))
+        if unknown:
+            raise UserError(f"checkpoint {source} holds buffers this model does not have ({', '.join(unknown[:3])}): "
+                            f"use the model.name and dataset it was trained with")
         with torch.no_grad():
             for name, value in mine["buffers"].items():
                 buffers[name].copy_(value)
