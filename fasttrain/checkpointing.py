@@ -20,7 +20,6 @@ from fasttrain import dist
 from fasttrain.checkpoint import load_checkpoint, prune_step_checkpoints, save_checkpoint, step_checkpoint_name
 from fasttrain.config import Config
 from fasttrain.errors import UserError
-from fasttrain.preemption import clear_marker
 from fasttrain.resume import RunState, capture, choose_checkpoint, restore
 
 if TYPE_CHECKING:
@@ -91,7 +90,7 @@ def choose_on_rank0(cfg: Config, ctx: dist.Dist, run_dir: Path, logger: logging.
     return Path(chosen[0]) if chosen[0] else None
 
 
-def restore_on_every_rank(cfg: Config, ctx: dist.Dist, parts: "Parts", path: Path, run_dir: Path,
+def restore_on_every_rank(cfg: Config, ctx: dist.Dist, parts: "Parts", path: Path,
                           logger: logging.Logger) -> RunState:
     """Every rank reads the checkpoint (a shared file system, as multi-node runs need anyway) and
     takes its own random states from it. The last thing before training: nothing may draw random
@@ -106,9 +105,6 @@ def restore_on_every_rank(cfg: Config, ctx: dist.Dist, parts: "Parts", path: Pat
     except UserError as err:
         error = f"{err}" if ctx.is_main else f"[rank {ctx.rank}] {err}"
     dist.agree_on_error(error)
-    if ctx.is_main:
-        trim_history(run_dir, state)
-        clear_marker(run_dir)
     where = (f"{state.step_in_epoch} of {steps_per_epoch} steps into epoch {state.epoch + 1}"
              + (f" (from its sample {state.start_sample:,})" if state.start_sample else "")
              if state.step_in_epoch or state.start_sample else f"after epoch {state.epoch}")

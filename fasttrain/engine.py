@@ -92,9 +92,12 @@ class Boundaries:
     stop_at: int = 0
     signal_every: int = 0
     at_boundary: Optional[Callable[[int, int, Callable[[], torch.Tensor], Optional[str]], bool]] = None
-    signal_flag: Callable[[], bool] = lambda: False  # this rank's flag: a host bool, set by a signal handler
-    # called when the reduction says a rank was signalled: the signal's name (this rank's, or another's)
-    signal_agreed: Callable[[], str] = lambda: "a signal on another rank"
+    # this rank's flag, a host float set by a signal handler: 0 = none; summed over ranks (its kind rides in
+    # its size: preemption.PREEMPT_CODE, INTERRUPT_CODE)
+    signal_flag: Callable[[], float] = lambda: 0.0
+    # called with that sum when the reduction says a rank was signalled: what stops the run (a signal's
+    # name, this rank's or another's; preemption.INTERRUPT for a Ctrl-C anywhere)
+    signal_agreed: Callable[[float], str] = lambda _total: "a signal on another rank"
     agree_on_signal: Optional[Callable[[], Optional[str]]] = None  # the extra host-side check (signal_every)
 
     def next_after(self, global_step: int) -> int:
@@ -185,7 +188,7 @@ def train_one_epoch(step, loader: Iterable[Tuple[torch.Tensor, torch.Tensor]], s
             vector = torch.zeros(REDUCED, dtype=torch.float64, device=device)
             vector[:SUMS] = interval
             vector[SAMPLES] = interval_samples
-            vector[SIGNALLED] = 1.0 if boundaries.signal_flag() else 0.0
+            vector[SIGNALLED] = float(boundaries.signal_flag())
             reduced = all_reduce_sum_tensor(vector).tolist()  # host sync, once per log interval
             _raise_if_diverged(reduced[NONFINITE], step, interval_start_step, epoch)
             now = time.perf_counter()
@@ -193,7 +196,7 @@ def train_one_epoch(step, loader: Iterable[Tuple[torch.Tensor, torch.Tensor]], s
                 log_step(global_step, epoch, reduced[LOSS_SUM] / max(reduced[SAMPLES], 1), last_lr,
                          reduced[SAMPLES] / max(now - interval_clock, 1e-9))
             if reduced[SIGNALLED] > 0:
-                signal = boundaries.signal_agreed()
+                signal = boundaries.signal_agreed(reduced[SIGNALLED])
             epoch_sums += interval
             epoch_samples += interval_samples
             interval.zero_()
@@ -214,7 +217,7 @@ def train_one_epoch(step, loader: Iterable[Tuple[torch.Tensor, torch.Tensor]], s
     epoch_samples += interval_samples
     now_totals = _as_totals(epoch_sums, epoch_samples)
     flag = torch.zeros(TOTALS, dtype=torch.float64, device=device)
-    flag[0] = 1.0 if boundaries.signal_flag() and not stopped_early else 0.0
+    flag[0] = 0.0 if stopped_early else float(boundaries.signal_flag())
     reduced_now, reduced_before, reduced_flag = all_reduce_sum_tensor(
         torch.stack([now_totals, before, flag])).tolist()  # host sync, per epoch
     _raise_if_diverged(reduced_now[3], step, interval_start_step, epoch)
@@ -223,7 +226,7 @@ def train_one_epoch(step, loader: Iterable[Tuple[torch.Tensor, torch.Tensor]], s
     loss_sum, samples, skipped_total = (reduced_now[i] + reduced_before[i] for i in range(3))
     # every rank skips the same steps (gradients are all-reduced before the inf check): count one rank's
     skipped_steps = int(round(skipped_total / max(get_world_size(), 1)))
-    signal_at_end = boundaries.signal_agreed() if reduced_flag[0] > 0 else None
+    signal_at_end = boundaries.signal_agreed(reduced_flag[0]) if reduced_flag[0] > 0 else None
     return EpochStats(loss_sum / max(samples, 1), int(samples), steps, seconds, last_lr, skipped_steps,
                       first_step_seconds, data_wait, stopped_early, int(reduced_now[1]), steps - start_step,
                       max(time_first_steps, 1), signal_at_end)

@@ -15,8 +15,20 @@ from typing import Any, Dict, List
 LOGGER_NAME = "fasttrain"
 
 
-def setup_logging(run_dir: Path | None) -> logging.Logger:
-    """Log to stdout, and to run_dir/train.log when given."""
+class _HeldRecords(logging.Handler):
+    """Log records kept in memory until the run folder is accepted (then written to train.log)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: List[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def setup_logging(run_dir: Path | None, hold: bool = False) -> logging.Logger:
+    """Log to stdout, and to run_dir/train.log when given; with `hold`, keep the records for
+    `attach_run_log` (a run writes nothing into its folder before it is accepted)."""
     logger = logging.getLogger(LOGGER_NAME)
     logger.handlers.clear()
     logger.setLevel(logging.INFO)
@@ -25,10 +37,23 @@ def setup_logging(run_dir: Path | None) -> logging.Logger:
     console.setFormatter(logging.Formatter("%(message)s"))
     logger.addHandler(console)
     if run_dir is not None:
-        file = logging.FileHandler(run_dir / "train.log")
-        file.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-        logger.addHandler(file)
+        attach_run_log(run_dir)
+    elif hold:
+        logger.addHandler(_HeldRecords())
     return logger
+
+
+def attach_run_log(run_dir: Path) -> None:
+    """From now on also log to run_dir/train.log (appended: a resumed run continues it), starting
+    with the records held so far."""
+    logger = logging.getLogger(LOGGER_NAME)
+    file = logging.FileHandler(run_dir / "train.log")
+    file.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    for held in [h for h in logger.handlers if isinstance(h, _HeldRecords)]:
+        for record in held.records:
+            file.handle(record)
+        logger.removeHandler(held)
+    logger.addHandler(file)
 
 
 def close_logging() -> None:

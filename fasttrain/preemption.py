@@ -16,57 +16,195 @@ EXIT_PREEMPTED, which SLURM scripts turn into `scontrol requeue`; the requeued j
 from __future__ import annotations
 
 import json
+import os
 import signal
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
-import torch
-import torch.distributed as dist
+# torch is imported where it is used: `hold_early_signals` runs before the first heavy import
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later", which a requeued job does
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C: stopped on purpose, not to be requeued
 MARKER = "preempted.json"  # in the run folder while the run waits to be resumed
+INTERRUPT = "interrupt"  # RunState.stopped_by for a Ctrl-C (SIGINT not in checkpoint.signals)
+
+# What a rank adds to the vector summed over ranks: a preemption counts 1, a Ctrl-C this much, so the
+# sum still says which kind came (a Ctrl-C on any rank stops the run as interrupted, not to be requeued)
+PREEMPT_CODE, INTERRUPT_CODE = 1.0, float(2**20)
+
+# Every signal that can mean "preempted" (config.PREEMPT_SIGNALS but SIGCONT: a stopped job's resumption,
+# sent to every process, and harmless), and with Ctrl-C's what a DataLoader worker must survive
+EARLY = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGHUP")
+CATCHABLE = EARLY + ("SIGINT",)
+
+_early: Dict[str, Any] = {"received": None, "previous": {}}
+
+
+def _record_early(number: int, _frame: Optional[FrameType]) -> None:
+    if _early["received"] is None:
+        _early["received"] = signal.Signals(number).name
+
+
+def hold_early_signals() -> None:
+    """From the first line of the entry point on: a signal that comes before the run's own handlers
+    exist (while torch is imported, data load, the model compiles) is recorded instead of killing the
+    process. PreemptionWatch then acts on it as if it had come just now (a configured preemption
+    signal: stop with the marker and exit 75; Ctrl-C: stop, exit 130); a signal the config does not
+    handle gets its default action at that point. Ctrl-C is not held: before training starts there is
+    nothing to save, and it stops the process at once (one line, exit 130: run.main)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for name in EARLY:
+        number = getattr(signal, name)
+        if signal.getsignal(number) in (signal.SIG_IGN,):
+            continue  # ignored by whoever started us (nohup): keep it so
+        _early["previous"][number] = signal.signal(number, _record_early)
+
+
+def release_early_signals() -> None:
+    """The entry point's last step: handlers still recording (no run took them over) go back to what
+    they were, so that a caller of run.main in the same process (a test, a notebook) keeps its own."""
+    for number, previous in _early["previous"].items():
+        if signal.getsignal(number) is _record_early:
+            signal.signal(number, previous)
+    _early["previous"].clear()
+    _early["received"] = None
+
+
+def _early_signal() -> Optional[str]:
+    """The signal recorded before the run's handlers existed (consumed: reported once)."""
+    name, _early["received"] = _early["received"], None
+    return name
+
+
+def ignore_in_worker(_worker_id: int = 0) -> None:
+    """DataLoader `worker_init_fn`: a worker process ignores the signals its parent handles. A job
+    scheduler (SLURM at preemption, `kill -TERM -PGID`) or a terminal (Ctrl-C) signals the whole
+    process group; a worker that died of it would make the main process fail ("DataLoader worker
+    is killed by signal") before it could save. The main process ends its workers itself.
+
+    SIGTERM is the one signal a parent also sends on purpose (multiprocessing's terminate() at
+    interpreter exit, DataLoader's shutdown of a stuck worker): it stays blocked, and a thread takes
+    it with its sender, ending the worker when the sender is the parent and dropping it otherwise."""
+    others = [getattr(signal, name) for name in CATCHABLE if name != "SIGTERM"]
+    for number in others:
+        signal.signal(number, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # before the thread starts: it inherits the mask
+    parent = os.getppid()
+
+    def take_sigterm() -> None:
+        while True:
+            info = signal.sigwaitinfo({signal.SIGTERM})
+            if info.si_pid == parent:
+                os._exit(0)
+
+    threading.Thread(target=take_sigterm, name="fasttrain-sigterm", daemon=True).start()
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, others)  # held by `signals_held` while this process forked
+
+
+@contextmanager
+def signals_held() -> Iterator[None]:
+    """Hold (block) the catchable signals while worker processes are started: a signal sent to the
+    process group in that moment stays pending, and is discarded by a worker once it ignores it
+    (ignore_in_worker) or delivered to this process when the block ends. Main thread only."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    numbers = {getattr(signal, name) for name in CATCHABLE}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, numbers)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 class PreemptionWatch:
-    """Handlers for the configured signals, and the ranks' agreement on whether one arrived."""
+    """Handlers for the configured signals and for Ctrl-C, and the ranks' agreement on whether one
+    arrived.
 
-    def __init__(self, signal_names: List[str], check_every: int, backend: str):
+    A configured signal (checkpoint.signals) means preempted: stop at the next boundary with a
+    checkpoint, the marker, exit 75 (requeue). Ctrl-C (SIGINT, unless configured as a preemption
+    signal) means the user stops the run: the same graceful stop with a checkpoint, no marker, exit
+    130; a second Ctrl-C aborts at once (KeyboardInterrupt) and keeps what was saved before. Ctrl-C is
+    handled so with `graceful_interrupt` (the trainer), else left to Python (the benchmarks)."""
+
+    def __init__(self, signal_names: List[str], check_every: int, backend: str, graceful_interrupt: bool = False,
+                 announce: Callable[[str], None] = lambda _line: None):
+        import torch
+        import torch.distributed as dist
+
         self.check_every = check_every
         self.received: Optional[str] = None
+        self.interrupted = False
+        self._announce = announce
         self._previous: Dict[int, Any] = {}
-        self._flag = torch.zeros(1, dtype=torch.int32)
+        self._flag = torch.zeros(1, dtype=torch.float64)
         # the extra check travels over gloo on the host: an NCCL collective would need a device sync to read
         self._group = None if backend == "gloo" or not check_every else dist.new_group(backend="gloo")
+        self._preempting = set(signal_names)
         if threading.current_thread() is threading.main_thread():  # handlers can only be set there
-            for name in signal_names:
+            # Ctrl-C unless whoever started this process made it ignore SIGINT (a background job of a shell)
+            interrupt = graceful_interrupt and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN
+            for name in set(signal_names) | ({"SIGINT"} if interrupt else set()):
                 number = getattr(signal, name)
-                self._previous[number] = signal.signal(number, self._on_signal)
+                previous = signal.signal(number, self._on_signal)
+                self._previous[number] = _early["previous"].get(number, previous)
+            early = _early_signal()
+            if early is not None:
+                self._on_early(early)
+
+    def _on_early(self, name: str) -> None:
+        if name in self._preempting:
+            self._on_signal(getattr(signal, name), None)
+            return
+        # recorded before the config was known, and the config does not handle it: what it would have done
+        signal.signal(getattr(signal, name), signal.SIG_DFL)
+        os.kill(os.getpid(), getattr(signal, name))
 
     def _on_signal(self, number: int, _frame: Optional[FrameType]) -> None:
+        name = signal.Signals(number).name
+        if name == "SIGINT" and name not in self._preempting:
+            if self.interrupted:  # the second Ctrl-C: stop now, keep what is saved
+                signal.signal(number, signal.default_int_handler)
+                raise KeyboardInterrupt
+            self.interrupted = True
+            self.received = self.received or name
+            self._announce("Ctrl-C: stopping at the next log interval with a checkpoint (resume=auto continues "
+                           "it); press Ctrl-C again to stop at once without saving")
+            return
         if self.received is None:
-            self.received = signal.Signals(number).name  # only a flag: the step loop does the rest
+            self.received = name  # only a flag: the step loop does the rest
 
-    def flag(self) -> bool:
-        """This rank's flag (a host bool: no device, no collective)."""
-        return self.received is not None
+    def flag(self) -> float:
+        """This rank's contribution to the sum over ranks (a host float: no device, no collective):
+        0, PREEMPT_CODE, or INTERRUPT_CODE for a Ctrl-C."""
+        if self.interrupted:
+            return INTERRUPT_CODE
+        return PREEMPT_CODE if self.received is not None else 0.0
 
-    def agreed_elsewhere(self) -> str:
-        """The ranks' sums said that some rank was signalled: from now on this rank is stopping too."""
+    def agreed_elsewhere(self, total: float = PREEMPT_CODE) -> str:
+        """The ranks' sums (`total`) said that some rank was signalled: from now on this rank is stopping
+        too. Returns what stops the run: INTERRUPT when any rank had a Ctrl-C, else a signal's name."""
+        if total >= INTERRUPT_CODE:
+            self.interrupted = True
+            self.received = self.received or "SIGINT"
+            return INTERRUPT
         self.received = self.received or "a signal on another rank"
         return self.received
 
     def agreed(self) -> Optional[str]:
-        """Collective, on every rank at the same step: the signal's name when any rank got one.
-        Costs one host-side all_reduce of one integer (checkpoint.signal_check_every)."""
-        self._flag.fill_(1 if self.received else 0)
+        """Collective, on every rank at the same step: what stops the run when any rank got a signal.
+        Costs one host-side all_reduce of one number (checkpoint.signal_check_every)."""
+        import torch.distributed as dist
+
+        self._flag.fill_(self.flag())
         dist.all_reduce(self._flag, op=dist.ReduceOp.SUM, group=self._group)
-        if int(self._flag.item()) == 0:
-            return None
-        self.received = self.received or "a signal on another rank"
-        return self.received
+        total = float(self._flag.item())
+        return self.agreed_elsewhere(total) if total > 0 else None
 
     def close(self) -> None:
         """Put the previous handlers back, unless the run is stopping for a signal: then this process

@@ -10,6 +10,7 @@ import os
 import sys
 from typing import NoReturn, Optional, Sequence
 
+from fasttrain import preemption
 from fasttrain.config import describe_keys, load_config
 from fasttrain.errors import EXIT_USER_ERROR, UserError, launcher_rank, report
 
@@ -25,7 +26,8 @@ def train_parser(prog: str = "python -m fasttrain.run") -> argparse.ArgumentPars
 
 
 def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m fasttrain.run") -> int:
-    args = train_parser(prog).parse_args(argv)
+    args = train_parser(prog).parse_intermixed_args(argv)  # overrides before or after --config
+    preemption.hold_early_signals()  # a preemption signal from here on is acted on, not a kill
     try:
         cfg = load_config(args.config, args.overrides)
         from fasttrain.trainer import train  # imported after the config is known good: fail fast
@@ -34,14 +36,33 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m fasttrain.
     except UserError as err:
         report(err)
         return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        # Ctrl-C before training started, or a second one during it: no traceback, checkpoints already
+        # written are complete (atomic writes) and kept
+        sys.stderr.write(f"{_rank_prefix()}fasttrain: stopped by Ctrl-C; checkpoints written before it are kept "
+                         f"(resume=auto continues from the newest); exit code {preemption.EXIT_INTERRUPTED}\n")
+        return preemption.EXIT_INTERRUPTED
+    finally:
+        preemption.release_early_signals()
+    if state.stopped_by == preemption.INTERRUPT:
+        sys.stderr.write(f"{_rank_prefix()}fasttrain: interrupted by Ctrl-C after step {state.global_step}: "
+                         f"{_saved(state)}; exit code {preemption.EXIT_INTERRUPTED}\n")
+        return preemption.EXIT_INTERRUPTED
     if state.stopped_by and state.stopped_by != "stop_after_steps":
-        from fasttrain.preemption import EXIT_PREEMPTED
-
         sys.stderr.write(f"[rank {launcher_rank()}] fasttrain: preempted by {state.stopped_by} after step "
-                         f"{state.global_step}: checkpoint saved; exit code {EXIT_PREEMPTED}\n")  # one write: no interleaving
+                         f"{state.global_step}: {_saved(state)}; exit code {preemption.EXIT_PREEMPTED}\n")  # one write: no interleaving
         sys.stderr.flush()
-        return EXIT_PREEMPTED
+        return preemption.EXIT_PREEMPTED
     return 0
+
+
+def _saved(state) -> str:
+    return "checkpoint saved" if state.last_checkpoint else "no new checkpoint"
+
+
+def _rank_prefix() -> str:
+    rank = launcher_rank()
+    return "" if rank == "0" else f"[rank {rank}] "
 
 
 def exit_now(code: int) -> NoReturn:

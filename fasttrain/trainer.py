@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import platform
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,8 +32,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import fasttrain
 from fasttrain import config as config_mod
 from fasttrain import dist, environment
-from fasttrain.checkpoint import remove_stale_temporaries
-from fasttrain.checkpointing import choose_on_rank0, restore_on_every_rank, save_epoch_checkpoints, save_step_checkpoint
+from fasttrain.checkpoint import restore_best
+from fasttrain.checkpointing import (choose_on_rank0, restore_on_every_rank, save_epoch_checkpoints, save_step_checkpoint,
+                                     trim_history)
 from fasttrain.config import Config
 from fasttrain.data import build_loaders, resolve_loader
 from fasttrain.device import seed_everything
@@ -40,60 +42,57 @@ from fasttrain.engine import Boundaries, train_one_epoch, validate
 from fasttrain.errors import UserError
 from fasttrain.models import build_model, summarize
 from fasttrain.flops import flops_per_image, peak_flops
-from fasttrain.observe import (CsvRows, JsonLines, Progress, TensorBoard, close_logging, epoch_line,
-                               peak_memory_mb, setup_logging)
+from fasttrain.observe import (CsvRows, JsonLines, Progress, TensorBoard, attach_run_log, close_logging,
+                               epoch_line, peak_memory_mb, setup_logging)
 from fasttrain.optim import Schedule, build_optimizer
 from fasttrain.plots import plot_run
 from fasttrain.precision import Precision, build_precision
-from fasttrain.preemption import EXIT_PREEMPTED, MARKER, PreemptionWatch, write_marker
+from fasttrain.preemption import (EXIT_INTERRUPTED, EXIT_PREEMPTED, INTERRUPT, PreemptionWatch, clear_marker,
+                                  write_marker)
 from fasttrain.resume import RunState
+from fasttrain.run_folder import RunFolder
 from fasttrain.step import WARMUP_STEPS, CapturedStep, EagerStep
 
 
-def prepare_run_dir(cfg: Config) -> Path:
-    """Create output.dir. A fresh run (resume=none) refuses a folder with an earlier run's
-    checkpoints unless output.overwrite=true; a resumed run keeps the folder's history."""
-    run_dir = Path(cfg.output.dir)
-    ckpt_dir = run_dir / "checkpoints"
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"output.dir {run_dir} is a file, not a folder: set output.dir to a folder path")
-    if (cfg.resume == "none" and ckpt_dir.is_dir() and any(ckpt_dir.glob("*.pt"))
-            and not cfg.output.overwrite):
-        raise UserError(f"output.dir {run_dir} already holds checkpoints of an earlier run: continue it with "
-                        f"resume=auto, choose another output.dir, or set output.overwrite=true to start over")
-    try:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write_test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as err:
-        raise UserError(f"output.dir {run_dir} is not writable ({err.strerror or err}): set output.dir to a "
-                        f"folder you can write") from None
-    if cfg.resume == "none":
-        for name in ("metrics.jsonl", "steps.jsonl", "metrics.csv", MARKER):
-            (run_dir / name).unlink(missing_ok=True)  # overwrite=true: start the history afresh
-        if cfg.output.overwrite:
-            for old in ckpt_dir.glob("*.pt"):
-                old.unlink()  # starting over: a later resume=auto must never pick the earlier run's checkpoints
-    remove_stale_temporaries(ckpt_dir)
-    return run_dir
-
-
-def _prepare_run_dir_on_rank0(cfg: Config, ctx: dist.Dist) -> Path:
-    """Rank 0 creates the folder; every rank learns whether that failed, and fails with it."""
+def _claim_on_rank0(cfg: Config, ctx: dist.Dist) -> Optional[RunFolder]:
+    """Rank 0 claims output.dir (fasttrain.run_folder); every rank learns whether that failed, and
+    fails with it."""
     error: Optional[str] = None
+    folder: Optional[RunFolder] = None
     if ctx.is_main:
         try:
-            run_dir = prepare_run_dir(cfg)
-            header = (f"# fasttrain {fasttrain.__version__} resolved config; world size {ctx.world_size}: "
-                      f"train.batch_size is per process, global batch {cfg.train.batch_size * ctx.world_size}\n")
-            (run_dir / "config.yaml").write_text(header + config_mod.to_yaml(cfg))
-            env = environment.describe(ctx.device, ctx.world_size, ctx.backend)
-            (run_dir / "env.json").write_text(json.dumps(env, indent=2) + "\n")
+            folder = RunFolder.claim(Path(cfg.output.dir), cfg.resume, cfg.output.overwrite)
         except UserError as err:
             error = str(err)
     dist.agree_on_error(error)
-    return Path(cfg.output.dir)
+    return folder
+
+
+def _commit_on_rank0(cfg: Config, ctx: dist.Dist, folder: Optional[RunFolder], state: Optional[RunState],
+                     resume_from: Optional[Path], logger: logging.Logger) -> None:
+    """The run is accepted (data, model and the checkpoint it continues from are in place): rank 0
+    writes its config and environment, trims a resumed run's history to its checkpoint, puts back a
+    best.pt that a stop between two checkpoint writes left behind, and starts train.log with the
+    lines logged so far. Before this, nothing in the folder was changed."""
+    error: Optional[str] = None
+    if folder is not None:
+        try:
+            header = (f"# fasttrain {fasttrain.__version__} resolved config; world size {ctx.world_size}: "
+                      f"train.batch_size is per process, global batch {cfg.train.batch_size * ctx.world_size}\n")
+            env = environment.describe(ctx.device, ctx.world_size, ctx.backend)
+            folder.commit(cfg.resume, cfg.output.overwrite, header + config_mod.to_yaml(cfg),
+                          json.dumps(env, indent=2) + "\n")
+            attach_run_log(folder.path)
+            for warning in folder.warnings:
+                logger.info(warning)
+            if state is not None:
+                trim_history(folder.path, state)
+                clear_marker(folder.path)
+            if resume_from is not None and resume_from.parent == folder.checkpoints:
+                restore_best(folder.checkpoints, logger.info)
+        except UserError as err:
+            error = str(err)
+    dist.agree_on_error(error)
 
 
 @dataclass
@@ -134,7 +133,8 @@ def fit(cfg: Config, ctx: dist.Dist, parts: Parts, run_dir: Path, logger: loggin
     board = TensorBoard(run_dir / "tensorboard") if cfg.output.tensorboard and ctx.is_main else None
     progress = Progress(enabled=ctx.is_main, log=logger.info)
     steps_per_epoch = parts.steps_per_epoch
-    watch = PreemptionWatch(cfg.checkpoint.signals, cfg.checkpoint.signal_check_every, ctx.backend)
+    watch = PreemptionWatch(cfg.checkpoint.signals, cfg.checkpoint.signal_check_every, ctx.backend,
+                            graceful_interrupt=True, announce=_console if ctx.is_main else lambda _line: None)
     # compiled steps are timed apart: the first (eager compiled), or the warm-up and capture (captured)
     compile_steps = (WARMUP_STEPS + 1) if cfg.train.capture else (1 if compiling else 0)
 
@@ -169,6 +169,13 @@ def fit(cfg: Config, ctx: dist.Dist, parts: Parts, run_dir: Path, logger: loggin
                             agree_on_signal=watch.agreed)
 
     try:
+        # a signal that came while the run was being built (recorded since the entry point's first line):
+        # the ranks agree on it once, and stop before the first step (nothing new to save)
+        before_start = dist.all_reduce_sum_tensor(torch.tensor([watch.flag()], dtype=torch.float64,
+                                                               device=ctx.device)).item()  # host sync, once
+        if before_start > 0:
+            state.stopped_by = watch.agreed_elsewhere(before_start)
+            return state
         if cfg.train.stop_after_steps and state.global_step >= cfg.train.stop_after_steps:
             state.stopped_by = "stop_after_steps"  # nothing left to do before the requested stop
             return state
@@ -278,7 +285,7 @@ def build_parts(cfg: Config, ctx: dist.Dist, logger: logging.Logger) -> Parts:
     skipped = train_loader.num_samples - train_loader.batches.used_samples
     logger.info(f"data {info.name}: {train_loader.num_samples:,} train / {val_loader.num_samples:,} test images of "
                 f"{info.in_channels}x{info.image_size}x{info.image_size}, {info.num_classes} classes | loader "
-                f"{cfg.data.loader}" + (f", {cfg.data.num_workers} workers" if cfg.data.loader == "plain" else "")
+                f"{cfg.data.loader}" + (f", {train_loader.num_workers} workers" if cfg.data.loader == "plain" else "")
                 + f" | batch {cfg.train.batch_size} per process x {ctx.world_size} = "
                 f"{cfg.train.batch_size * ctx.world_size} per step"
                 + (f" | {skipped} images per epoch left out (drop_last, or fewer than one per rank)" if skipped else ""))
@@ -354,9 +361,29 @@ def _run(cfg: Config, ctx: dist.Dist) -> RunState:
     loader, loader_reason = resolve_loader(cfg, ctx.device)
     if cfg.data.loader == "auto":
         cfg.data.loader = loader  # the resolved config records what ran
-    run_dir = _prepare_run_dir_on_rank0(cfg, ctx)
-    logger = setup_logging(run_dir) if ctx.is_main else _silent_logger()
-    started = time.perf_counter()
+    folder = _claim_on_rank0(cfg, ctx)
+    committed = False
+    try:
+        logger = setup_logging(None, hold=True) if ctx.is_main else _silent_logger()
+        parts, state, resume_from = _build(cfg, ctx, logger, drop_note, loader, loader_reason)
+        _commit_on_rank0(cfg, ctx, folder, state, resume_from, logger)
+        committed = True
+        try:
+            return _train_and_finish(cfg, ctx, parts, state, logger)
+        except Exception as err:
+            # the run folder's log keeps why the run ended (the console gets the one line from run.main)
+            logger.info(f"error: {err}" if isinstance(err, UserError) else f"error: {type(err).__name__}: {err}")
+            raise
+    finally:
+        if folder is not None:
+            folder.release() if committed else folder.abandon()
+
+
+def _build(cfg: Config, ctx: dist.Dist, logger: logging.Logger, drop_note: str, loader: str,
+           loader_reason: str) -> tuple:
+    """Everything a run needs before it may change its folder: (parts, restored state or None, the
+    checkpoint it continues from or None)."""
+    run_dir = Path(cfg.output.dir)
     device = ctx.device
     logger.info(f"fasttrain {fasttrain.__version__} | torch {torch.__version__} | python {platform.python_version()}"
                 f" | device {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
@@ -367,9 +394,16 @@ def _run(cfg: Config, ctx: dist.Dist) -> RunState:
         logger.info(f"data.loader=auto chose {loader}: {loader_reason}")
     resume_from = choose_on_rank0(cfg, ctx, run_dir, logger)
     parts = build_parts(cfg, ctx, logger)
-    state = restore_on_every_rank(cfg, ctx, parts, resume_from, run_dir, logger) if resume_from else None
+    state = restore_on_every_rank(cfg, ctx, parts, resume_from, logger) if resume_from else None
     if resume_from is None and cfg.resume == "auto":
         logger.info(f"resume=auto: no checkpoint in {run_dir / 'checkpoints'} yet: starting fresh")
+    return parts, state, resume_from
+
+
+def _train_and_finish(cfg: Config, ctx: dist.Dist, parts: Parts, state: Optional[RunState],
+                      logger: logging.Logger) -> RunState:
+    run_dir = Path(cfg.output.dir)
+    started = time.perf_counter()
     state = fit(cfg, ctx, parts, run_dir, logger, state)
     if state.stopped_by:
         return _report_stop(cfg, ctx, state, run_dir, logger)
@@ -393,19 +427,32 @@ def _run(cfg: Config, ctx: dist.Dist) -> RunState:
 
 def _report_stop(cfg: Config, ctx: dist.Dist, state: RunState, run_dir: Path, logger: logging.Logger) -> RunState:
     """A stop before the last epoch: say where the run can be continued from (and, when preempted,
-    leave the marker a job script requeues on)."""
-    saved = (f"checkpoint {state.last_checkpoint}" if cfg.output.save_checkpoints and state.last_checkpoint
-             else "no checkpoint (output.save_checkpoints=false)")
+    leave the marker a job script requeues on; a Ctrl-C is the user's stop: no marker)."""
+    if not cfg.output.save_checkpoints:
+        saved = "no checkpoint (output.save_checkpoints=false)"
+    elif state.last_checkpoint:
+        saved = f"checkpoint {state.last_checkpoint}"
+    else:
+        saved = "nothing new to save (stopped before its first step)"
+    resume = f"continue with resume=auto output.dir={run_dir}"
     if state.stopped_by == "stop_after_steps":
-        logger.info(f"stopped after step {state.global_step} as train.stop_after_steps asks; {saved}; continue "
-                    f"with resume=auto output.dir={run_dir}")
+        logger.info(f"stopped after step {state.global_step} as train.stop_after_steps asks; {saved}; {resume}")
+        return state
+    if state.stopped_by == INTERRUPT:
+        logger.info(f"interrupted (Ctrl-C): every rank stopped after step {state.global_step}; {saved}; exiting "
+                    f"with code {EXIT_INTERRUPTED}; {resume}")
         return state
     if ctx.is_main:
         write_marker(run_dir, state.stopped_by or "", state.global_step, state.last_checkpoint)
     logger.info(f"preempted ({state.stopped_by}): every rank stopped after step {state.global_step}; {saved}; "
-                f"exiting with code {EXIT_PREEMPTED} so that a job script can requeue; continue with resume=auto "
-                f"output.dir={run_dir}")
+                f"exiting with code {EXIT_PREEMPTED} so that a job script can requeue; {resume}")
     return state
+
+
+def _console(line: str) -> None:
+    """One line on stderr, from a signal handler (no logging locks)."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def use_deterministic_algorithms(on: bool) -> None:
@@ -419,7 +466,7 @@ def use_deterministic_algorithms(on: bool) -> None:
 def train(cfg: Config) -> RunState:
     """Join the process group, train, and leave it on every exit path."""
     use_deterministic_algorithms(cfg.train.deterministic)
-    ctx = dist.setup(cfg.train.device, cfg.dist.backend, cfg.dist.timeout_s)
+    ctx = dist.setup(cfg.train.device, cfg.dist.backend, cfg.dist.timeout_s, cfg.train.precision, cfg.train.compile)
     try:
         return _run(cfg, ctx)
     finally:

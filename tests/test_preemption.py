@@ -14,6 +14,7 @@ import os
 import re
 import signal
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -156,3 +157,92 @@ def test_signal_check_every_adds_a_host_side_check_between_long_log_intervals(tm
     assert job.returncode == EXIT_PREEMPTED, output[-3000:]
     stop = json.loads((out / "preempted.json").read_text())["global_step"]
     assert stop % 2 == 0 and 6 < stop <= 16 and stop < 50, stop  # well before the log interval at 50
+
+
+# the shipped recipe's way of loading (DataLoader worker processes), on the smoke data
+WORKERS = [*RUN, "data.train_size=512", "train.batch_size=16", "data.loader=plain", "data.num_workers=2"]
+
+
+def test_sigterm_to_the_whole_process_group_with_dataloader_workers_saves_and_exits_75(tmp_path):
+    """SLURM at preemption, or `kill -TERM -PGID`: the DataLoader workers get the signal too. They ignore
+    it (before: they died first, and the main process failed with 'DataLoader worker is killed by
+    signal' without a checkpoint or the marker)."""
+    out = tmp_path / "run"
+    job = start([sys.executable, "-m", "fasttrain.run", *WORKERS, f"output.dir={out}"])
+    wait_for_step(out, 3, job)
+    os.killpg(job.pid, signal.SIGTERM)
+    output, _ = job.communicate(timeout=120)
+    assert job.returncode == EXIT_PREEMPTED, output[-3000:]
+    assert "Traceback" not in output and "killed by signal" not in output
+    marker = json.loads((out / "preempted.json").read_text())
+    assert (out / "checkpoints" / f"step-{marker['global_step']:08d}.pt").is_file()
+
+
+def test_ctrl_c_stops_at_the_next_log_interval_with_a_checkpoint_and_exit_130(tmp_path):
+    """Ctrl-C reaches the terminal's whole process group (workers included): a graceful stop that keeps
+    the work, like a preemption but not to be requeued (no marker), then resume=auto continues."""
+    out = tmp_path / "run"
+    job = start([sys.executable, "-m", "fasttrain.run", *WORKERS, f"output.dir={out}"])
+    wait_for_step(out, 3, job)
+    os.killpg(job.pid, signal.SIGINT)
+    output, _ = job.communicate(timeout=120)
+    assert job.returncode == 130, output[-3000:]
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output
+    stop = int(re.search(r"interrupted by Ctrl-C after step (\d+): checkpoint saved", output).group(1))
+    assert (out / "checkpoints" / f"step-{stop:08d}.pt").is_file()
+    assert not (out / "preempted.json").exists()  # the user stopped it: a job script must not requeue
+
+
+def test_a_preemption_signal_while_the_run_is_being_built_is_acted_on_not_a_kill(tmp_path):
+    """SIGTERM in the first seconds (torch importing, data loading, model building): before, it killed
+    the process (-15: no marker, no requeue); now it is recorded and the run stops before its first step."""
+    out = tmp_path / "run"
+    job = start([sys.executable, "-m", "fasttrain.run", *RUN, f"output.dir={out}"])
+    _wait_for_file(out, job)  # the run folder exists: the config is read, the run is being built
+    job.send_signal(signal.SIGTERM)
+    output, _ = job.communicate(timeout=120)
+    assert job.returncode == EXIT_PREEMPTED, output[-3000:]
+    assert json.loads((out / "preempted.json").read_text())["exit_code"] == EXIT_PREEMPTED
+
+
+def test_the_watch_acts_on_an_early_signal_and_a_second_ctrl_c_stops_at_once():
+    """In-process: a signal recorded before the watch exists is its first; Ctrl-C sets the interrupt code
+    (which outweighs any number of preemption flags in the sum over ranks); a second Ctrl-C raises."""
+    from fasttrain import preemption
+
+    saved = {n: signal.getsignal(n) for n in (signal.SIGINT, signal.SIGUSR1)}
+    try:
+        preemption.hold_early_signals()
+        os.kill(os.getpid(), signal.SIGUSR1)
+        watch = preemption.PreemptionWatch(["SIGUSR1"], 0, "gloo", graceful_interrupt=True)
+        assert watch.received == "SIGUSR1" and watch.flag() == preemption.PREEMPT_CODE
+        os.kill(os.getpid(), signal.SIGINT)
+        assert watch.flag() == preemption.INTERRUPT_CODE
+        assert watch.agreed_elsewhere(preemption.INTERRUPT_CODE + 3 * preemption.PREEMPT_CODE) == preemption.INTERRUPT
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(1000):  # the handler runs between bytecodes
+                pass
+    finally:
+        preemption.release_early_signals()
+        for number, handler in saved.items():
+            signal.signal(number, handler)
+
+
+def test_a_process_that_exits_holding_a_loader_with_workers_ends_them(tmp_path):
+    """The workers ignore a process group's SIGTERM but not their parent's: multiprocessing ends daemonic
+    workers with SIGTERM at interpreter exit, and a script that still holds a loader must not hang there."""
+    import subprocess
+
+    script = ("import numpy as np, torch\n"
+              "from fasttrain.config import DataConfig\n"
+              "from fasttrain.data.plain import CustomDataset, PlainLoader, ShardedBatches\n"
+              "from fasttrain.data.transforms import eval_transform\n"
+              "data = CustomDataset(np.zeros((64, 32, 32, 3), np.uint8), np.zeros(64, np.int64), "
+              "eval_transform(DataConfig(), 3))\n"
+              "loader = PlainLoader(data, ShardedBatches(64, 8, True, 0), 2, False, True, torch.device('cpu'))\n"
+              "batches = iter(loader)\n"
+              "next(batches)\n")
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, text=True, capture_output=True,
+                            timeout=120, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert result.returncode == 0, result.stderr[-2000:]

@@ -16,6 +16,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from fasttrain.preemption import ignore_in_worker, signals_held
+
 
 def _sample_seed(seed: int, epoch: int, index: int) -> int:
     return ((seed * 1_000_003 + epoch) * 100_000_007 + index) % (2**63)
@@ -161,21 +163,27 @@ class PlainLoader(ShardLoader):
                  channels_last: bool = False):
         self.dataset = dataset
         self.batches = batches
+        self.num_workers = num_workers  # as resolved (data.num_workers=-1 is auto): the run's log states it
         self.device = device
         self.dtype = dtype
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         # its own generator: a DataLoader otherwise draws its workers' base seed from the global RNG
         # each epoch, shifting the dropout stream (and breaking exact resume); samples seed themselves
+        # workers ignore the signals this process handles (a preemption or Ctrl-C reaches the whole process
+        # group): this process stops at a step boundary with a checkpoint, then ends them
         self.loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, pin_memory=pin_memory,
                                  persistent_workers=persistent_workers and num_workers > 0,
-                                 generator=torch.Generator().manual_seed(batches.seed))
+                                 generator=torch.Generator().manual_seed(batches.seed),
+                                 worker_init_fn=ignore_in_worker if num_workers > 0 else None)
 
     @property
     def num_samples(self) -> int:
         return len(self.dataset)
 
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-        for images, labels in self.loader:
+        with signals_held():  # workers start here: none may die of a signal before it ignores it
+            batches = iter(self.loader)
+        for images, labels in batches:
             # async host->device copies from pinned memory, then dtype and layout on the device
             images = images.to(self.device, non_blocking=True).to(self.dtype, memory_format=self.memory_format)
             yield images, labels.to(self.device, non_blocking=True)

@@ -1,0 +1,164 @@
+"""The run folder (output.dir): held by one run at a time, and changed only once a run is accepted.
+
+`RunFolder.claim` (rank 0, before anything is built) creates the folder when needed and takes an
+exclusive lock on `.fasttrain.lock` in it: a second run into the same folder stops at once with
+one line naming the run that holds it (its pid, host and start time). The lock is the kernel's
+(flock), so a run that is killed, even with SIGKILL, releases it. Then the checks that need no
+data: a folder that is a file, a fresh run (resume=none) into a folder with checkpoints.
+
+Nothing in the folder is written until `commit`, which the trainer calls once the run is
+accepted: data loaded, model built, and the checkpoint it continues from put back. A run
+rejected before that (a conflicting resume, a missing dataset, fp16 on a CPU) leaves an existing
+folder exactly as it was, and removes a folder it created itself. `commit` starts the history
+afresh for resume=none, writes config.yaml and env.json, and removes the temporary files of
+interrupted checkpoint writes.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import socket
+import time
+from pathlib import Path
+from typing import List, Optional
+
+from fasttrain.checkpoint import remove_stale_temporaries
+from fasttrain.errors import UserError
+from fasttrain.preemption import MARKER
+
+LOCK = ".fasttrain.lock"
+HISTORY_FILES = ("metrics.jsonl", "steps.jsonl", "metrics.csv", MARKER)
+
+
+def _unusable(path: Path, err: OSError) -> UserError:
+    return UserError(f"output.dir {path} cannot be used ({err.strerror or err}): it is not writable, or cannot be "
+                     f"created there; set output.dir to a folder you can write (a shorter path if it is too long)")
+
+
+class RunFolder:
+    """output.dir, claimed by this run (rank 0 only)."""
+
+    def __init__(self, path: Path, created: bool):
+        self.path = path
+        self.created = created  # this run made the folder: a rejected run removes it again
+        self.warnings: List[str] = []  # said in the run's log once it exists
+        self._fd: Optional[int] = None
+        self._made_lock_file = False
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @classmethod
+    def claim(cls, path: Path, resume: str, overwrite: bool) -> "RunFolder":
+        try:
+            if path.exists() and not path.is_dir():
+                raise UserError(f"output.dir {path} is a file, not a folder: set output.dir to a folder path")
+            created = not path.exists()
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as err:  # a name too long for the file system, a folder we may not enter or write, ...
+            raise _unusable(path, err) from None
+        folder = cls(path, created)
+        try:
+            folder._lock()
+            ckpts = folder.checkpoints
+            if resume == "none" and ckpts.is_dir() and any(ckpts.glob("*.pt")) and not overwrite:
+                raise UserError(f"output.dir {path} already holds checkpoints of an earlier run: continue it with "
+                                f"resume=auto, choose another output.dir, or set output.overwrite=true to start over")
+        except BaseException:
+            folder.abandon()
+            raise
+        return folder
+
+    def _lock(self) -> None:
+        lock = self.path / LOCK
+        for _ in range(5):  # the lock file can be replaced between open and flock (a run ending): retry
+            try:
+                existed = lock.exists()
+                fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as err:
+                raise _unusable(self.path, err) from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _read_holder(fd)
+                os.close(fd)
+                raise UserError(f"output.dir {self.path} is in use by another fasttrain run ({holder}): wait for it "
+                                f"to end, or choose another output.dir") from None
+            except OSError as err:
+                if err.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                    os.close(fd)
+                    raise _unusable(self.path, err) from None
+                self.warnings.append(f"warning: output.dir {self.path} cannot be locked on this file system "
+                                     f"({err.strerror}): a second run started into it would not be stopped")
+            try:
+                same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:
+                os.close(fd)
+                continue
+            self._fd, self._made_lock_file = fd, not existed
+            holder = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                 "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
+            try:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, holder.encode() + b"\n", 0)
+            except OSError:
+                pass  # a full disk: the lock holds all the same, only the holder's name is missing
+            return
+        raise UserError(f"output.dir {self.path}: could not take its lock {lock} (it kept changing): try again")
+
+    def commit(self, resume: str, overwrite: bool, config_yaml: str, env_json: str) -> None:
+        """The run is accepted: from here on it writes into the folder."""
+        ckpts = self.checkpoints
+        try:
+            ckpts.mkdir(exist_ok=True)
+            if resume == "none":
+                for name in HISTORY_FILES:
+                    (self.path / name).unlink(missing_ok=True)  # overwrite=true: start the history afresh
+                if overwrite:
+                    for old in ckpts.glob("*.pt"):
+                        old.unlink()  # starting over: a later resume=auto must never pick the earlier run's
+            remove_stale_temporaries(ckpts)
+            (self.path / "config.yaml").write_text(config_yaml)
+            (self.path / "env.json").write_text(env_json)
+        except OSError as err:
+            raise _unusable(self.path, err) from None
+
+    def release(self) -> None:
+        """End of the run: the lock file goes (while still held, so no other run can hold it meanwhile)."""
+        if self._fd is None:
+            return
+        try:
+            (self.path / LOCK).unlink(missing_ok=True)
+        except OSError:
+            pass  # a read-only or vanished folder: the lock itself ends with the descriptor
+        os.close(self._fd)
+        self._fd = None
+
+    def abandon(self) -> None:
+        """A rejected run: leave the folder as it found it (removed, when it made it and it is still empty)."""
+        made_lock_file = self._made_lock_file
+        if self._fd is not None:
+            if not made_lock_file:
+                os.close(self._fd)  # a lock file left by an earlier, killed run: not ours to remove
+                self._fd = None
+            else:
+                self.release()
+        if self.created:
+            try:
+                self.path.rmdir()  # only when empty: never takes anything else with it
+            except OSError:
+                pass
+
+
+def _read_holder(fd: int) -> str:
+    try:
+        holder = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+        return f"pid {holder['pid']} on {holder['host']}, started {holder['started']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "holder unknown"
