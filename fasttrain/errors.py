@@ -16,6 +16,10 @@ class ConfigError(UserError):
     """A config key, type or value that is not accepted."""
 
 
+class TrainingDiverged(UserError):
+    """The loss became nan or inf: the run stops (exit 2) and keeps its last good checkpoint."""
+
+
 def launcher_rank() -> str:
     """This process's rank as the launcher set it (torchrun's RANK, else SLURM's), "0" without one:
     readable before (and after) the process group exists."""

@@ -1,5 +1,5 @@
-"""Checkpoint files: atomic writes, loads that fail with a clear message, and the choice of the
-checkpoint that `resume=auto` continues from.
+"""Checkpoint files: atomic writes, loads that check every key and fail with a clear message, and
+the choice of the file that `resume=auto` continues from (one process; no collectives here).
 
 A checkpoint is serialized in memory, written to a temporary file in the same folder, flushed to
 disk and renamed over the target, so a crash or a full disk mid-write leaves the previous
@@ -12,10 +12,10 @@ checkpoint.keep are kept). Temporary files start with '.' and are never candidat
 from __future__ import annotations
 
 import dataclasses
-import io
 import os
 import re
 import tempfile
+from io import BytesIO
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -36,7 +36,7 @@ def step_checkpoint_name(global_step: int) -> str:
 
 def save_checkpoint(state: Dict[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    buffer = io.BytesIO()
+    buffer = BytesIO()
     torch.save(state, buffer)  # in memory first: torch's file writer hides the OSError of a full disk
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -114,7 +114,7 @@ def _is_tensor_dict(value: Any) -> bool:
 
 
 def _is_rank_state(value: Any) -> bool:
-    """One rank's entry of `ranks`, as resume.capture writes it and resume.restore reads it."""
+    """One rank's entry of `ranks`, as state.capture writes it and state.restore reads it."""
     if not isinstance(value, dict) or not {"rng", "buffers", "epoch_totals"} <= value.keys():
         return False
     rng = value["rng"]

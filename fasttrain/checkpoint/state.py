@@ -21,16 +21,16 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
-import torch.distributed as dist
+import torch.distributed as torch_dist
+from torch import nn
 
 import fasttrain
 from fasttrain import config as config_mod
-from fasttrain.checkpoint import find_resume_checkpoint, load_checkpoint, load_model_state
+from fasttrain.checkpoint.io import find_resume_checkpoint, load_checkpoint, load_model_state
 from fasttrain.config import Config
 from fasttrain.device import rng_state, set_rng_state
-from fasttrain.engine import TrainingDiverged
-from fasttrain.errors import UserError
-from fasttrain.optim import load_optimizer_state
+from fasttrain.errors import TrainingDiverged, UserError
+from fasttrain.optim import Schedule, load_optimizer_state
 
 # config keys that may change between a run and its resumption without changing what is computed
 NEUTRAL_KEYS = ("resume", "output.", "checkpoint.", "train.stop_after_steps", "train.log_every", "train.device",
@@ -53,6 +53,17 @@ class RunState:
     last_checkpoint: Optional[Path] = None  # the checkpoint fit wrote last
 
 
+@dataclass
+class Resumable:
+    """This rank's live objects that a checkpoint saves and puts back, and the device whose random
+    state it holds."""
+    model: nn.Module  # the plain module (not compiled, not DDP-wrapped): weights and buffers
+    optimizer: torch.optim.Optimizer
+    schedule: Schedule
+    scaler: torch.amp.GradScaler
+    device: torch.device
+
+
 def choose_checkpoint(cfg: Config, run_dir: Path, warn: Callable[[str], None]) -> Optional[Path]:
     """The checkpoint this run continues from (rank 0 decides): None for resume=none, or for
     resume=auto in a folder without checkpoints."""
@@ -65,26 +76,26 @@ def choose_checkpoint(cfg: Config, run_dir: Path, warn: Callable[[str], None]) -
     return Path(cfg.resume)
 
 
-def capture(cfg: Config, world_size: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedule: Any,
-            scaler: Any, state: RunState, device: torch.device, totals: Optional[torch.Tensor],
+def capture(cfg: Config, world_size: int, parts: Resumable, state: RunState, totals: Optional[torch.Tensor],
             extra: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     """Collective (every rank calls it at the same step): the checkpoint dict on rank 0, None elsewhere.
     Refuses (TrainingDiverged, on every rank) to capture weights that are no longer finite."""
+    model = parts.model
     finite = bool(torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all())  # host sync, per save
-    mine = {"rng": rng_state(device), "finite": finite,
+    mine = {"rng": rng_state(parts.device), "finite": finite,
             "buffers": {name: buf.detach().cpu().clone() for name, buf in model.named_buffers()},
             "epoch_totals": None if totals is None else totals.detach().double().cpu()}
     ranks: List[Any] = [None] * world_size
-    dist.all_gather_object(ranks, mine)
+    torch_dist.all_gather_object(ranks, mine)
     if not all(r["finite"] for r in ranks):
         raise TrainingDiverged(f"training diverged: the weights hold nan/inf at step {state.global_step}; no "
                                f"checkpoint was written over the last good one: lower optim.lr or sched.max_lr, "
                                f"set train.grad_clip, then continue with resume=auto")
-    if dist.get_rank() != 0:
+    if torch_dist.get_rank() != 0:
         return None
-    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": schedule.state_dict(),
-            "scaler": scaler.state_dict(), "epoch": state.epoch, "global_step": state.global_step,
-            "step_in_epoch": state.step_in_epoch, "best_val_acc": state.best_val_acc,
+    return {"model": model.state_dict(), "optimizer": parts.optimizer.state_dict(),
+            "scheduler": parts.schedule.state_dict(), "scaler": parts.scaler.state_dict(), "epoch": state.epoch,
+            "global_step": state.global_step, "step_in_epoch": state.step_in_epoch, "best_val_acc": state.best_val_acc,
             "best_epoch": state.best_epoch, "world_size": world_size, "batch_size": cfg.train.batch_size,
             "config": config_mod.to_dict(cfg), "history": state.history, "ranks": ranks,
             "versions": {"fasttrain": fasttrain.__version__, "torch": torch.__version__}, **extra}
@@ -107,10 +118,10 @@ def config_changes(saved: Dict[str, Any], cfg: Config) -> List[str]:
             if old.get(key) != new.get(key) and not key.startswith(NEUTRAL_KEYS)]
 
 
-def restore(ckpt: Dict[str, Any], source: Path, cfg: Config, rank: int, world_size: int, model: torch.nn.Module,
-            optimizer: torch.optim.Optimizer, schedule: Any, scaler: Any, device: torch.device,
+def restore(ckpt: Dict[str, Any], source: Path, cfg: Config, rank: int, world_size: int, parts: Resumable,
             steps_per_epoch: int, logger: logging.Logger) -> RunState:
     """Put a checkpoint back into freshly built parts; call it last before training (RNG states)."""
+    model, optimizer, schedule, scaler = parts.model, parts.optimizer, parts.schedule, parts.scaler
     saved_cfg = ckpt["config"]
     saved_optim = saved_cfg.get("optim", {}).get("name")
     if saved_optim and saved_optim != cfg.optim.name:
@@ -148,7 +159,7 @@ def restore(ckpt: Dict[str, Any], source: Path, cfg: Config, rank: int, world_si
             for name, value in mine["buffers"].items():
                 buffers[name].copy_(value)
         state.carried = mine["epoch_totals"]
-        set_rng_state(mine["rng"], device)
+        set_rng_state(mine["rng"], parts.device)
     else:
         reason = (f"it was written by {saved_world} process(es) and this run has {world_size}"
                   if saved_world != world_size else "it holds no per-rank random states (an older fasttrain)")
@@ -161,7 +172,7 @@ def restore(ckpt: Dict[str, Any], source: Path, cfg: Config, rank: int, world_si
     return state
 
 
-def _rescale_per_batch_schedule(schedule: Any, optimizer: torch.optim.Optimizer, state: RunState,
+def _rescale_per_batch_schedule(schedule: Schedule, optimizer: torch.optim.Optimizer, state: RunState,
                                 steps_per_epoch: int, epochs: int) -> None:
     """More epochs (train.epochs raised to train longer), or another world size (other steps per
     epoch), change a per-batch schedule's total: OneCycleLR continues at the same point of training

@@ -1,5 +1,6 @@
 """Checkpoints in a distributed run: which one to continue from, putting it back on every rank,
-and writing one from every rank's state.
+writing one from every rank's state (and pruning old step files), and trimming a resumed run's
+records to its checkpoint.
 
 Rank 0 chooses and writes; every rank contributes its own state to a checkpoint and reads the
 chosen one back (a shared file system, as multi-node runs need anyway). Each step that can fail
@@ -12,18 +13,41 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Protocol
 
 import torch
+from torch import nn
 
 from fasttrain import dist
-from fasttrain.checkpoint import load_checkpoint, prune_step_checkpoints, save_checkpoint, step_checkpoint_name
+from fasttrain.checkpoint.io import load_checkpoint, prune_step_checkpoints, save_checkpoint, step_checkpoint_name
+from fasttrain.checkpoint.state import Resumable, RunState, capture, choose_checkpoint, restore
 from fasttrain.config import Config
 from fasttrain.errors import UserError
-from fasttrain.resume import RunState, capture, choose_checkpoint, restore
+from fasttrain.optim import Schedule
 
-if TYPE_CHECKING:
-    from fasttrain.trainer import Parts
+
+class _HasScaler(Protocol):
+    @property
+    def scaler(self) -> torch.amp.GradScaler: ...
+
+
+class RunParts(Protocol):
+    """What the manager reads from a run's parts (the trainer's `Parts` has it): what a checkpoint
+    saves and puts back, and the steps of a whole epoch, which place a resumed one."""
+    @property
+    def model(self) -> nn.Module: ...
+    @property
+    def optimizer(self) -> torch.optim.Optimizer: ...
+    @property
+    def schedule(self) -> Schedule: ...
+    @property
+    def precision(self) -> _HasScaler: ...
+    @property
+    def steps_per_epoch(self) -> int: ...
+
+
+def _resumable(ctx: dist.Dist, parts: RunParts) -> Resumable:
+    return Resumable(parts.model, parts.optimizer, parts.schedule, parts.precision.scaler, ctx.device)
 
 
 def trim_history(run_dir: Path, state: RunState) -> None:
@@ -49,13 +73,12 @@ def _write_on_rank0(ctx: dist.Dist, ckpt: Optional[Dict[str, Any]], paths: List[
     dist.agree_on_error(error)  # also the barrier that keeps the other ranks from running ahead
 
 
-def _capture(cfg: Config, ctx: dist.Dist, parts: "Parts", state: RunState, totals: Optional[torch.Tensor],
+def _capture(cfg: Config, ctx: dist.Dist, parts: RunParts, state: RunState, totals: Optional[torch.Tensor],
              extra: Dict[str, Any]) -> Optional[Dict[str, Any]]:
-    return capture(cfg, ctx.world_size, parts.model, parts.optimizer, parts.schedule, parts.precision.scaler, state,
-                   ctx.device, totals, extra)
+    return capture(cfg, ctx.world_size, _resumable(ctx, parts), state, totals, extra)
 
 
-def save_step_checkpoint(cfg: Config, ctx: dist.Dist, parts: "Parts", state: RunState, totals: torch.Tensor,
+def save_step_checkpoint(cfg: Config, ctx: dist.Dist, parts: RunParts, state: RunState, totals: torch.Tensor,
                          run_dir: Path) -> Path:
     """Mid-epoch: step-NNNNNNNN.pt with every rank's state; the oldest beyond checkpoint.keep go."""
     ckpt_dir = run_dir / "checkpoints"
@@ -66,7 +89,7 @@ def save_step_checkpoint(cfg: Config, ctx: dist.Dist, parts: "Parts", state: Run
     return path
 
 
-def save_epoch_checkpoints(cfg: Config, ctx: dist.Dist, parts: "Parts", state: RunState, val_acc: float,
+def save_epoch_checkpoints(cfg: Config, ctx: dist.Dist, parts: RunParts, state: RunState, val_acc: float,
                            val_loss: float, is_best: bool, run_dir: Path) -> Path:
     """End of an epoch: last.pt, and best.pt when validation accuracy improved."""
     ckpt = _capture(cfg, ctx, parts, state, None, {"val_acc": val_acc, "val_loss": val_loss})
@@ -90,7 +113,7 @@ def choose_on_rank0(cfg: Config, ctx: dist.Dist, run_dir: Path, logger: logging.
     return Path(chosen[0]) if chosen[0] else None
 
 
-def restore_on_every_rank(cfg: Config, ctx: dist.Dist, parts: "Parts", path: Path,
+def restore_on_every_rank(cfg: Config, ctx: dist.Dist, parts: RunParts, path: Path,
                           logger: logging.Logger) -> RunState:
     """Every rank reads the checkpoint (a shared file system, as multi-node runs need anyway) and
     takes its own random states from it. The last thing before training: nothing may draw random
@@ -100,8 +123,7 @@ def restore_on_every_rank(cfg: Config, ctx: dist.Dist, parts: "Parts", path: Pat
     steps_per_epoch = parts.steps_per_epoch
     try:
         ckpt = load_checkpoint(path)
-        state = restore(ckpt, path, cfg, ctx.rank, ctx.world_size, parts.model, parts.optimizer, parts.schedule,
-                        parts.precision.scaler, ctx.device, steps_per_epoch, logger)
+        state = restore(ckpt, path, cfg, ctx.rank, ctx.world_size, _resumable(ctx, parts), steps_per_epoch, logger)
     except UserError as err:
         error = f"{err}" if ctx.is_main else f"[rank {ctx.rank}] {err}"
     dist.agree_on_error(error)

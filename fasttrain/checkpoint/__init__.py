@@ -1,0 +1,16 @@
+"""Checkpoints: save a run, choose one to continue from, and put it back exactly.
+
+io.py       the files: atomic write, key-by-key validation, load, step-file names, resume=auto's choice, pruning
+state.py    what a checkpoint captures (RunState, each rank's RNG/buffers/sums) and restores; config diff
+manager.py  the ranks' choreography: choose on rank 0, restore on every rank, save, prune, trim the records
+"""
+
+from fasttrain.checkpoint.io import (load_checkpoint, load_model_state, remove_stale_temporaries, restore_best,
+                                     save_checkpoint)
+from fasttrain.checkpoint.manager import (choose_on_rank0, restore_on_every_rank, save_epoch_checkpoints,
+                                          save_step_checkpoint, trim_history)
+from fasttrain.checkpoint.state import NEUTRAL_KEYS, RunState
+
+__all__ = ["NEUTRAL_KEYS", "RunState", "choose_on_rank0", "load_checkpoint", "load_model_state",
+           "remove_stale_temporaries", "restore_best", "restore_on_every_rank", "save_checkpoint",
+           "save_epoch_checkpoints", "save_step_checkpoint", "trim_history"]
