@@ -22,24 +22,33 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from fasttrain.errors import ConfigError
+# the registries are the lists of names the config accepts: register an entry, and its name is valid
+from fasttrain.registry import DATASETS, MODELS, OPTIMIZERS, SCHEDULES, Registry
 
-DATASETS = ("cifar10", "mnist", "synthetic")
 LOADERS = ("plain", "gpu", "dali", "auto")
 PRECISIONS = ("fp32", "bf16", "fp16")
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
 # seeds reach torch (< 2**64), NumPy, DALI (< 2**63) and derived seeds such as seed * 1_000_003 + epoch;
 # 31 bits keeps every one of them valid, and is what most seed APIs take
 SEED_MAX = 2**31 - 1
-MODELS = ("SimpleModel", "MLP", "MLPSequential", "CNN", "CIFAR10_CNN")
-OPTIMIZERS = ("sgd", "adam", "adamw")
-SCHEDULERS = ("none", "step", "exponential", "cosine", "plateau", "onecycle")
 
 
-def _field(default: Any, doc: str) -> Any:
-    """A dataclass field with a help line (shown by `fasttrain train --help`)."""
+def _field(default: Any, doc: str, choices: Optional[Registry] = None) -> Any:
+    """A dataclass field with a help line (shown by `fasttrain train --help`); with `choices`, the
+    line starts with the registry's names, read when the help is shown (the entries' modules import
+    this one, so the names cannot be read while it is imported)."""
+    metadata = {"doc": doc, "choices": choices}
     if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"doc": doc})
-    return field(default=default, metadata={"doc": doc})
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def _doc(f: dataclasses.Field) -> str:
+    """A field's help line: its registry's names first, where it has one."""
+    doc, choices = f.metadata.get("doc", ""), f.metadata.get("choices")
+    if choices is None:
+        return doc
+    return " | ".join(choices.names()) + (f" {doc}" if doc else "")
 
 
 def _require(ok: bool, key: str, value: Any, expected: str) -> None:
@@ -56,7 +65,7 @@ def _choice(key: str, value: str, choices: Sequence[str]) -> None:
 
 @dataclass
 class DataConfig:
-    dataset: str = _field("cifar10", "cifar10 | mnist | synthetic")
+    dataset: str = _field("cifar10", "", DATASETS)
     root: str = _field("./data", "folder that contains cifar-10-batches-py/ (or MNIST/)")
     download: bool = _field(True, "download with torchvision when the data are missing")
     loader: str = _field("plain", "plain (torchvision transforms + DataLoader) | gpu (whole split on the device, batched augmentation) | dali (NVIDIA DALI pipeline) | auto (the fastest that applies; logged)")
@@ -73,7 +82,7 @@ class DataConfig:
     std: List[float] = _field([0.5, 0.5, 0.5], "Normalize std, one value or one per channel")
 
     def __post_init__(self) -> None:
-        _choice("data.dataset", self.dataset, DATASETS)
+        _choice("data.dataset", self.dataset, DATASETS.names())
         _choice("data.loader", self.loader, LOADERS)
         _require(self.num_workers >= -1, "data.num_workers", self.num_workers, "an integer >= 0, or -1 (auto)")
         _require(self.train_size >= 0, "data.train_size", self.train_size, "an integer >= 0 (0 = all)")
@@ -103,12 +112,12 @@ class AugConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = _field("CIFAR10_CNN", " | ".join(MODELS))
+    name: str = _field("CIFAR10_CNN", "", MODELS)
     hidden_sizes: List[int] = _field([512, 256], "hidden layer widths of MLP / MLPSequential")
     dropout: float = _field(0.5, "dropout before the last layer of CIFAR10_CNN and MLP")
 
     def __post_init__(self) -> None:
-        _choice("model.name", self.name, MODELS)
+        _choice("model.name", self.name, MODELS.names())
         _require(len(self.hidden_sizes) >= 1 and all(h >= 1 for h in self.hidden_sizes),
                  "model.hidden_sizes", list(self.hidden_sizes), "a non-empty list of positive integers")
         _require(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout, "a probability in [0, 1)")
@@ -116,7 +125,7 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = _field("adamw", " | ".join(OPTIMIZERS))
+    name: str = _field("adamw", "", OPTIMIZERS)
     lr: float = _field(1e-3, "learning rate (OneCycleLR overrides it with sched.max_lr / sched.div_factor)")
     weight_decay: float = _field(0.01, "weight decay (decoupled for adamw)")
     momentum: float = _field(0.9, "sgd momentum")
@@ -124,7 +133,7 @@ class OptimConfig:
     betas: List[float] = _field([0.9, 0.999], "adam/adamw betas")
 
     def __post_init__(self) -> None:
-        _choice("optim.name", self.name, OPTIMIZERS)
+        _choice("optim.name", self.name, OPTIMIZERS.names())
         _require(self.lr > 0, "optim.lr", self.lr, "a float > 0")
         _require(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "a float >= 0")
         _require(0 <= self.momentum < 1, "optim.momentum", self.momentum, "a float in [0, 1)")
@@ -137,7 +146,7 @@ class OptimConfig:
 
 @dataclass
 class SchedConfig:
-    name: str = _field("onecycle", " | ".join(SCHEDULERS) + " (onecycle steps every batch, plateau on val_loss, the rest every epoch)")
+    name: str = _field("onecycle", "(onecycle steps every batch, plateau on val_loss, the rest every epoch)", SCHEDULES)
     step_size: int = _field(30, "step: epochs between decays")
     gamma: float = _field(0.1, "step / exponential: decay factor")
     t_max: int = _field(0, "cosine: period in epochs (0 = train.epochs)")
@@ -151,7 +160,7 @@ class SchedConfig:
     min_lr: float = _field(0.0, "plateau: lower bound on the learning rate")
 
     def __post_init__(self) -> None:
-        _choice("sched.name", self.name, SCHEDULERS)
+        _choice("sched.name", self.name, SCHEDULES.names())
         _require(self.step_size >= 1, "sched.step_size", self.step_size, "an integer >= 1")
         _require(0 < self.gamma <= 1, "sched.gamma", self.gamma, "a float in (0, 1]")
         _require(self.t_max >= 0, "sched.t_max", self.t_max, "an integer >= 0 (0 = train.epochs)")
@@ -529,8 +538,7 @@ def all_keys(cfg: Config) -> List[tuple]:
     for top in dataclasses.fields(Config):
         value = getattr(cfg, top.name)
         if dataclasses.is_dataclass(value):
-            keys += [(f"{top.name}.{f.name}", getattr(value, f.name), f.metadata.get("doc", ""))
-                     for f in dataclasses.fields(value)]
+            keys += [(f"{top.name}.{f.name}", getattr(value, f.name), _doc(f)) for f in dataclasses.fields(value)]
         else:
-            keys.append((top.name, value, top.metadata.get("doc", "")))
+            keys.append((top.name, value, _doc(top)))
     return keys

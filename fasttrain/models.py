@@ -1,6 +1,6 @@
-"""The tutorial's models and a name -> constructor registry.
+"""The tutorial's models, each registered under its name (`model.name`).
 
-Every constructor takes the dataset's shape (`in_channels`, `image_size`, `num_classes`) so the
+Every builder takes the dataset's shape (`in_channels`, `image_size`, `num_classes`) so the
 same names work on CIFAR-10 (3x32x32) and MNIST (1x28x28). `CIFAR10_CNN` is the tutorial's
 case-study network: three stages of two 3x3 conv-BN-ReLU blocks and a 2x2 max-pool
 (32, 64, 128 channels), then Linear(2048, 256) - ReLU - Dropout - Linear(256, 10):
@@ -9,12 +9,15 @@ case-study network: three stages of two 3x3 conv-BN-ReLU blocks and a 2x2 max-po
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Sequence
+from typing import List, Sequence
 
 import torch
 from torch import nn
 
 from fasttrain.config import ModelConfig
+from fasttrain.registry import MODELS
+
+MODEL_REGISTRY = MODELS  # the former name of the registry
 
 
 class SimpleModel(nn.Module):
@@ -29,31 +32,31 @@ class SimpleModel(nn.Module):
         return self.linear(self.flatten(x))
 
 
+def mlp_layers(in_features: int, hidden_sizes: Sequence[int], num_classes: int, dropout: float) -> List[nn.Module]:
+    """The MLP's layers: Flatten, Linear-ReLU per hidden size, Dropout, Linear. Both versions below
+    hold exactly these, in this order, so their state_dict keys differ only by MLP's `layers.` prefix."""
+    layers: List[nn.Module] = [nn.Flatten()]
+    width = in_features
+    for hidden in hidden_sizes:
+        layers += [nn.Linear(width, hidden), nn.ReLU()]
+        width = hidden
+    return layers + [nn.Dropout(dropout), nn.Linear(width, num_classes)]
+
+
 class MLP(nn.Module):
-    """The tutorial's multi-layer perceptron, class version: Linear-ReLU per hidden size."""
+    """The tutorial's multi-layer perceptron, class version."""
 
     def __init__(self, in_features: int, hidden_sizes: Sequence[int], num_classes: int, dropout: float = 0.0):
         super().__init__()
-        layers: list[nn.Module] = [nn.Flatten()]
-        width = in_features
-        for hidden in hidden_sizes:
-            layers += [nn.Linear(width, hidden), nn.ReLU()]
-            width = hidden
-        layers += [nn.Dropout(dropout), nn.Linear(width, num_classes)]
-        self.layers = nn.Sequential(*layers)
+        self.layers = nn.Sequential(*mlp_layers(in_features, hidden_sizes, num_classes, dropout))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(x)
 
 
 def mlp_sequential(in_features: int, hidden_sizes: Sequence[int], num_classes: int, dropout: float = 0.0) -> nn.Sequential:
-    """The tutorial's nn.Sequential version of the MLP (same layers, no class)."""
-    layers: list[nn.Module] = [nn.Flatten()]
-    width = in_features
-    for hidden in hidden_sizes:
-        layers += [nn.Linear(width, hidden), nn.ReLU()]
-        width = hidden
-    return nn.Sequential(*layers, nn.Dropout(dropout), nn.Linear(width, num_classes))
+    """The tutorial's nn.Sequential version of the MLP (the same layers, no class)."""
+    return nn.Sequential(*mlp_layers(in_features, hidden_sizes, num_classes, dropout))
 
 
 class ConvBlock(nn.Module):
@@ -108,19 +111,39 @@ class CIFAR10_CNN(nn.Module):
         return self.classifier(self.features(x))
 
 
-# name -> constructor(cfg, in_channels, image_size, num_classes)
-Builder = Callable[[ModelConfig, int, int, int], nn.Module]
-MODEL_REGISTRY: Dict[str, Builder] = {
-    "SimpleModel": lambda cfg, c, s, k: SimpleModel(c * s * s, k),
-    "MLP": lambda cfg, c, s, k: MLP(c * s * s, cfg.hidden_sizes, k, cfg.dropout),
-    "MLPSequential": lambda cfg, c, s, k: mlp_sequential(c * s * s, cfg.hidden_sizes, k, cfg.dropout),
-    "CNN": lambda cfg, c, s, k: CNN(c, s, k),
-    "CIFAR10_CNN": lambda cfg, c, s, k: CIFAR10_CNN(c, s, k, cfg.dropout),
-}
+# --------------------------------------------------------------------------- the registered builders
+# each: (model config, in_channels, image_size, num_classes) -> the model; registered in the order
+# that `--help` and error messages list them
+
+
+@MODELS.register("SimpleModel")
+def simple_model(cfg: ModelConfig, in_channels: int, image_size: int, num_classes: int) -> nn.Module:
+    return SimpleModel(in_channels * image_size * image_size, num_classes)
+
+
+@MODELS.register("MLP")
+def mlp(cfg: ModelConfig, in_channels: int, image_size: int, num_classes: int) -> nn.Module:
+    return MLP(in_channels * image_size * image_size, cfg.hidden_sizes, num_classes, cfg.dropout)
+
+
+@MODELS.register("MLPSequential")
+def mlp_sequential_model(cfg: ModelConfig, in_channels: int, image_size: int, num_classes: int) -> nn.Module:
+    return mlp_sequential(in_channels * image_size * image_size, cfg.hidden_sizes, num_classes, cfg.dropout)
+
+
+@MODELS.register("CNN")
+def cnn(cfg: ModelConfig, in_channels: int, image_size: int, num_classes: int) -> nn.Module:
+    return CNN(in_channels, image_size, num_classes)
+
+
+@MODELS.register("CIFAR10_CNN")
+def cifar10_cnn(cfg: ModelConfig, in_channels: int, image_size: int, num_classes: int) -> nn.Module:
+    return CIFAR10_CNN(in_channels, image_size, num_classes, cfg.dropout)
 
 
 def build_model(cfg: ModelConfig, in_channels: int, image_size: int, num_classes: int) -> nn.Module:
-    return MODEL_REGISTRY[cfg.name](cfg, in_channels, image_size, num_classes)
+    """The model registered as `cfg.name`, for inputs of this shape."""
+    return MODELS.get(cfg.name)(cfg, in_channels, image_size, num_classes)
 
 
 def count_parameters(model: nn.Module) -> int:

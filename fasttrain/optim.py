@@ -4,17 +4,22 @@ OneCycleLR is defined over optimizer steps, so it steps after every batch; Reduc
 reacts to the validation loss, so it steps after validation; StepLR, ExponentialLR and
 CosineAnnealingLR are defined in epochs and step once per epoch. (The tutorial built a
 OneCycleLR and then stepped a cosine schedule once per epoch; fasttrain steps what it builds.)
+
+Both are registries (`optim.name`, `sched.name`): a new optimizer or schedule is one function
+decorated with `@OPTIMIZERS.register(name)` or `@SCHEDULES.register(name)`, of the shape of the
+built-in ones below.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Dict, List, NamedTuple, Optional
 
 import torch
 from torch import nn
 from torch.optim import lr_scheduler
 
 from fasttrain.config import OptimConfig, SchedConfig
+from fasttrain.registry import OPTIMIZERS, SCHEDULES
 
 
 def _fused_supported(device: torch.device) -> bool:
@@ -44,11 +49,29 @@ def build_optimizer(cfg: OptimConfig, model: nn.Module, device: torch.device | N
         kernels = {"foreach": True, "capturable": True} if device.type == "cuda" else {"foreach": False}
     else:
         kernels = {"fused": True} if _fused_supported(device) else {}
-    if cfg.name == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                               weight_decay=cfg.weight_decay, **kernels)
-    kind = torch.optim.Adam if cfg.name == "adam" else torch.optim.AdamW
-    return kind(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, **kernels)
+    return OPTIMIZERS.get(cfg.name)(cfg, params, kernels)
+
+
+# --------------------------------------------------------------------------- the registered optimizers
+# each: (optim config, the parameters to train, kernels) -> the optimizer, where `kernels` holds the
+# launch choices build_optimizer made for this device and step (fused, or foreach and capturable):
+# keyword arguments to pass on to an optimizer that takes them
+
+
+@OPTIMIZERS.register("sgd")
+def sgd(cfg: OptimConfig, params: List[nn.Parameter], kernels: Dict[str, bool]) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                           weight_decay=cfg.weight_decay, **kernels)
+
+
+@OPTIMIZERS.register("adam")
+def adam(cfg: OptimConfig, params: List[nn.Parameter], kernels: Dict[str, bool]) -> torch.optim.Optimizer:
+    return torch.optim.Adam(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, **kernels)
+
+
+@OPTIMIZERS.register("adamw")
+def adamw(cfg: OptimConfig, params: List[nn.Parameter], kernels: Dict[str, bool]) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, **kernels)
 
 
 # the kernel choices of a param group: this run's, whatever a checkpoint was written with
@@ -83,32 +106,66 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
                     param_state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
 
 
+# --------------------------------------------------------------------------- the registered schedules
+# each: (sched config, optimizer, train.epochs, optimizer steps per epoch) -> Stepping: the scheduler
+# and the moment it must be stepped
+
+EVERY_BATCH, EVERY_EPOCH, ON_VAL_LOSS = "batch", "epoch", "val_loss"
+
+
+class Stepping(NamedTuple):
+    scheduler: Optional[Any]  # a torch.optim.lr_scheduler scheduler; None keeps the learning rate
+    every: str = EVERY_EPOCH  # after each optimizer step (batch), each epoch, or validation (val_loss: given the loss)
+
+
+@SCHEDULES.register("none")
+def constant(cfg: SchedConfig, optimizer: torch.optim.Optimizer, epochs: int, steps_per_epoch: int) -> Stepping:
+    return Stepping(None)
+
+
+@SCHEDULES.register("step")
+def step_lr(cfg: SchedConfig, optimizer: torch.optim.Optimizer, epochs: int, steps_per_epoch: int) -> Stepping:
+    return Stepping(lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma))
+
+
+@SCHEDULES.register("exponential")
+def exponential(cfg: SchedConfig, optimizer: torch.optim.Optimizer, epochs: int, steps_per_epoch: int) -> Stepping:
+    return Stepping(lr_scheduler.ExponentialLR(optimizer, gamma=cfg.gamma))
+
+
+@SCHEDULES.register("cosine")
+def cosine(cfg: SchedConfig, optimizer: torch.optim.Optimizer, epochs: int, steps_per_epoch: int) -> Stepping:
+    return Stepping(lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.t_max or epochs, eta_min=cfg.eta_min))
+
+
+@SCHEDULES.register("plateau")
+def plateau(cfg: SchedConfig, optimizer: torch.optim.Optimizer, epochs: int, steps_per_epoch: int) -> Stepping:
+    return Stepping(lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=cfg.plateau_factor,
+                                                   patience=cfg.plateau_patience, min_lr=cfg.min_lr), ON_VAL_LOSS)
+
+
+@SCHEDULES.register("onecycle")
+def onecycle(cfg: SchedConfig, optimizer: torch.optim.Optimizer, epochs: int, steps_per_epoch: int) -> Stepping:
+    return Stepping(lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.max_lr, total_steps=epochs * steps_per_epoch,
+                                            pct_start=cfg.pct_start, div_factor=cfg.div_factor,
+                                            final_div_factor=cfg.final_div_factor), EVERY_BATCH)
+
+
 class Schedule:
-    """A scheduler and the moment it must be stepped: after each batch, or after each epoch."""
+    """The registered schedule `cfg.name` and the moment it must be stepped: after each batch, after
+    each epoch, or after validation with its loss."""
 
     def __init__(self, cfg: SchedConfig, optimizer: torch.optim.Optimizer, epochs: int, steps_per_epoch: int):
         self.name = cfg.name
         self.optimizer = optimizer
-        self.scheduler: Optional[object]
-        if cfg.name == "onecycle":
-            self.scheduler = lr_scheduler.OneCycleLR(
-                optimizer, max_lr=cfg.max_lr, total_steps=epochs * steps_per_epoch, pct_start=cfg.pct_start,
-                div_factor=cfg.div_factor, final_div_factor=cfg.final_div_factor)
-        elif cfg.name == "step":
-            self.scheduler = lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
-        elif cfg.name == "exponential":
-            self.scheduler = lr_scheduler.ExponentialLR(optimizer, gamma=cfg.gamma)
-        elif cfg.name == "cosine":
-            self.scheduler = lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.t_max or epochs, eta_min=cfg.eta_min)
-        elif cfg.name == "plateau":
-            self.scheduler = lr_scheduler.ReduceLROnPlateau(
-                optimizer, mode="min", factor=cfg.plateau_factor, patience=cfg.plateau_patience, min_lr=cfg.min_lr)
-        else:
-            self.scheduler = None
+        self.scheduler, self.every = SCHEDULES.get(cfg.name)(cfg, optimizer, epochs, steps_per_epoch)
+        if self.every not in (EVERY_BATCH, EVERY_EPOCH, ON_VAL_LOSS):
+            raise ValueError(f"sched.name={cfg.name!r} steps every {self.every!r}: expected "
+                             f"{EVERY_BATCH}, {EVERY_EPOCH} or {ON_VAL_LOSS}")
 
     @property
     def per_batch(self) -> bool:
-        return self.name == "onecycle"
+        return self.every == EVERY_BATCH
 
     def after_batch(self) -> None:
         if self.per_batch:
@@ -117,7 +174,7 @@ class Schedule:
     def after_epoch(self, val_loss: float) -> None:
         if self.scheduler is None or self.per_batch:
             return
-        if self.name == "plateau":
+        if self.every == ON_VAL_LOSS:
             self.scheduler.step(val_loss)  # type: ignore[union-attr]
         else:
             self.scheduler.step()  # type: ignore[union-attr]

@@ -1,7 +1,8 @@
 """Datasets as uint8 arrays, and the loaders built on them.
 
-`load_split` reads one split of the configured dataset as (N, H, W, C) uint8 images and int64
-labels (optionally a seeded subset); `build_loaders` wraps the two splits in the configured
+`load_split` reads one split of the configured dataset (an entry of the `data.dataset` registry,
+fasttrain.registry.DATASETS) as (N, H, W, C) uint8 images and int64 labels (optionally a seeded
+subset); `build_loaders` wraps the two splits in the configured
 loader. Every loader follows the contract described in `fasttrain.data.plain`.
 """
 
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Tuple, Union
+from typing import Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -18,9 +19,10 @@ from fasttrain.config import Config, DataConfig
 from fasttrain.data import cifar, mnist, synthetic
 from fasttrain.data.plain import CustomDataset, PlainLoader, ShardedBatches
 from fasttrain.data.dali import DaliLoader, dali_available
-from fasttrain.data.gpu import GpuLoader
+from fasttrain.data.gpu import BatchFormat, CropFlip, GpuLoader
 from fasttrain.data.transforms import eval_transform, per_channel, train_transform
 from fasttrain.errors import ConfigError
+from fasttrain.registry import DATASETS
 
 SYNTHETIC_SIZES = {True: 5000, False: 1000}  # default train / test sizes of the synthetic dataset
 
@@ -45,20 +47,36 @@ def _subset(images: np.ndarray, labels: np.ndarray, size: int, seed: int) -> Tup
     return images[keep], labels[keep]
 
 
+# --------------------------------------------------------------------------- the registered datasets
+# each: (data config, train split?) -> (images (N, H, W, C) uint8, labels int64, class names); the
+# subset of data.train_size / data.val_size is taken by load_split afterwards
+
+Split = Tuple[np.ndarray, np.ndarray, Sequence[str]]
+
+
+@DATASETS.register("cifar10")
+def cifar10_split(data: DataConfig, train: bool) -> Split:
+    return (*cifar.load_cifar10(data.root, train, data.download), cifar.CLASSES)
+
+
+@DATASETS.register("mnist")
+def mnist_split(data: DataConfig, train: bool) -> Split:
+    return (*mnist.load_mnist(data.root, train, data.download), mnist.CLASSES)
+
+
+@DATASETS.register("synthetic")
+def synthetic_split(data: DataConfig, train: bool) -> Split:
+    size = (data.train_size if train else data.val_size) or SYNTHETIC_SIZES[train]
+    # distinct seeds so the synthetic test split is not a copy of the training split
+    return (*synthetic.make_synthetic(size, seed=data.subset_seed * 2 + int(train)), synthetic.CLASSES)
+
+
 def load_split(data: DataConfig, train: bool) -> Tuple[np.ndarray, np.ndarray, DatasetInfo]:
+    """One split of the registered dataset data.dataset, cut to its seeded subset."""
     size = data.train_size if train else data.val_size
-    if data.dataset == "cifar10":
-        images, labels = cifar.load_cifar10(data.root, train, data.download)
-        classes = cifar.CLASSES
-    elif data.dataset == "mnist":
-        images, labels = mnist.load_mnist(data.root, train, data.download)
-        classes = mnist.CLASSES
-    else:
-        # distinct seeds so the synthetic test split is not a copy of the training split
-        images, labels = synthetic.make_synthetic(size or SYNTHETIC_SIZES[train], seed=data.subset_seed * 2 + int(train))
-        classes = synthetic.CLASSES
+    images, labels, classes = DATASETS.get(data.dataset)(data, train)
     images, labels = _subset(images, labels, size, data.subset_seed + int(train))
-    info = DatasetInfo(data.dataset, images.shape[-1], images.shape[1], classes)
+    info = DatasetInfo(data.dataset, images.shape[-1], images.shape[1], tuple(classes))
     return images, labels, info
 
 
@@ -144,9 +162,9 @@ def _loader(cfg: Config, images: np.ndarray, labels: np.ndarray, info: DatasetIn
                               f"aug.color_jitter need data.loader=plain")
         kind = GpuLoader if name == "gpu" else DaliLoader
         extra = {"num_threads": max(1, resolve_workers(cfg.data.num_workers))} if name == "dali" else {}
-        return kind(images, labels, batches, device, mean, std, dtype, cfg.train.channels_last,
-                    crop_padding=cfg.aug.crop_padding if train else 0, hflip=cfg.aug.hflip and train,
-                    seed=cfg.train.seed, **extra)
+        fmt = BatchFormat(device, mean, std, dtype, cfg.train.channels_last)
+        aug = CropFlip(cfg.aug.crop_padding, cfg.aug.hflip, cfg.train.seed) if train else CropFlip(seed=cfg.train.seed)
+        return kind(images, labels, batches, fmt, aug, **extra)
     transform = (train_transform(cfg.data, cfg.aug, info.image_size, channels) if train
                  else eval_transform(cfg.data, channels))
     dataset = CustomDataset(images, labels, transform, cfg.train.seed)
