@@ -26,7 +26,6 @@ from benchmarks import host_overhead
 from benchmarks.report import write_chart, write_markdown
 from fasttrain import dist
 from fasttrain.config import load_config
-from fasttrain.environment import git_commit
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -128,11 +127,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     ctx = dist.setup(preset.device)
     try:
-        env = environment(ctx.device)
+        env = environment(ctx)
         env.update({"preset": args.preset, "model": preset.model, "batch_size": preset.batch_size,
                     "data": "cifar10" if "data.dataset=cifar10" in base else "synthetic", "timing": asdict(preset.timing),
                     "log_every": preset.log_every,
-                    "date": datetime.datetime.now().isoformat(timespec="seconds"), "git_commit": git_commit()})
+                    "date": datetime.datetime.now().isoformat(timespec="seconds")})
         progress(f"benchmarks: preset {args.preset} on {env['device']} (torch {env['torch']}, data {env['data']})")
         progress("ladder:")
         ladder: List[Row] = train_rows(base, ctx, preset.timing, preset.workers, args.peak_tflops, progress)

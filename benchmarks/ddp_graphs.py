@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import statistics
 
 import torch
@@ -23,8 +22,9 @@ import torch
 from benchmarks.epoch_loop import EpochLoopTimer
 from fasttrain import dist
 from fasttrain.config import load_config
+from fasttrain.observe import silent_logger
 from fasttrain.run import exit_now
-from fasttrain.trainer import build_parts
+from fasttrain.build import build_parts
 
 
 def aot_graphs() -> int:
@@ -46,9 +46,7 @@ def main() -> None:
                              "train.compile=default", "data.drop_last=true", "train.log_every=10",
                              "output.dir=/nonexistent", *args.overrides])
     ctx = dist.setup(cfg.train.device)
-    quiet = logging.getLogger("fasttrain.ddp_graphs")
-    quiet.addHandler(logging.NullHandler())
-    quiet.propagate = False
+    quiet = silent_logger()
     try:
         timers, graphs = {}, {}
         for setting in (True, False):

@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 from typing import Iterator, List
 
 import torch
-import torch.distributed
+import torch.distributed as torch_dist
 
 from benchmarks.measure import guard
-from fasttrain.engine import Boundaries, synchronize, train_one_epoch
+from fasttrain.engine import Boundaries, EpochPlan, synchronize, train_one_epoch
 from fasttrain.observe import Progress
 from fasttrain.preemption import PreemptionWatch
 
@@ -66,7 +66,7 @@ class _TimedLoader:
 
 
 class EpochLoopTimer:
-    """fasttrain's epoch loop on `parts` (from trainer.build_parts), as the trainer runs it."""
+    """fasttrain's epoch loop on `parts` (from fasttrain.build.build_parts), as the trainer runs it."""
 
     def __init__(self, parts, log_every: int, backend: str, world_size: int = 1):
         self.parts = parts
@@ -111,14 +111,13 @@ class EpochLoopTimer:
                 edges.append(len(marks) - 1)
             return self._agree(phase == "timing" and len(edges) > windows)
 
-        boundaries.at_boundary = at_boundary
+        boundaries.at_boundary, boundaries.log_step, boundaries.tick = at_boundary, log_step, self.progress.tick
         self.parts.model.train()
         while True:
             self.loader.set_epoch(self.epoch)
             self.progress.start_epoch(self.epoch + 1, 10**9, len(self.loader))
-            stats = train_one_epoch(self.parts.step, self.loader, self.parts.schedule, self.parts.precision.device,
-                                    epoch=self.epoch + 1, global_step=self.global_step, boundaries=boundaries,
-                                    log_step=log_step, tick=self.progress.tick)
+            plan = EpochPlan(self.parts.precision.device, self.epoch + 1, self.global_step)
+            stats = train_one_epoch(self.parts.step, self.loader, self.parts.schedule, plan, boundaries)
             self.global_step += stats.timed_steps
             self.epoch += 1
             if stats.stopped_early:
@@ -139,6 +138,6 @@ class EpochLoopTimer:
         if self.world_size == 1:
             return stop
         decision = torch.tensor([1.0 if stop else 0.0], device=self.parts.precision.device)
-        torch.distributed.broadcast(decision, src=0)
+        torch_dist.broadcast(decision, src=0)
         return bool(decision.item())
 

@@ -428,7 +428,7 @@ def dali(plan: Plan, deadline: float) -> dict:
 
 
 def environment(plan: Plan, commit: Optional[str]) -> dict:
-    from fasttrain.environment import git_commit
+    from fasttrain.environment import device_name, git_commit
 
     cuda = torch.cuda.is_available() and not plan.smoke
     driver = None
@@ -438,7 +438,7 @@ def environment(plan: Plan, commit: Optional[str]) -> dict:
                                     capture_output=True, text=True, timeout=20).stdout.strip().splitlines()[0]
         except (OSError, subprocess.SubprocessError, IndexError):
             driver = None
-    return {"device": torch.cuda.get_device_name(0) if cuda else (platform.processor() or "cpu"),
+    return {"device": device_name(torch.device("cuda", 0) if cuda else torch.device("cpu")),
             "driver": driver, "cuda": torch.version.cuda, "torch": torch.__version__,
             "python": platform.python_version(), "commit": commit or git_commit() or "unknown (pass --commit)",
             "smoke": plan.smoke, "budget_s": plan.budget, "data": "cifar10" if plan.real_data else "synthetic",

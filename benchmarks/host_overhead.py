@@ -31,7 +31,6 @@ import argparse
 import collections
 import io
 import json
-import logging
 import statistics
 import sys
 import tempfile
@@ -47,12 +46,12 @@ from benchmarks.tutorial_loop import tutorial_loader, tutorial_steps
 from fasttrain import dist
 from fasttrain.config import Config, ModelConfig, load_config
 from fasttrain.data import load_split
-from fasttrain.engine import Boundaries, synchronize, train_one_epoch
+from fasttrain.engine import Boundaries, EpochPlan, synchronize, train_one_epoch
 from fasttrain.models import build_model
-from fasttrain.observe import JsonLines, Progress
+from fasttrain.observe import JsonLines, Progress, silent_logger
 from fasttrain.optim import Schedule, build_optimizer
 from fasttrain.preemption import PreemptionWatch
-from fasttrain.trainer import build_parts
+from fasttrain.build import build_parts
 
 COUNTED_STEPS = 100
 TUTORIAL = "tutorial loop (fp32, DataLoader, loss.item() per step)"
@@ -83,13 +82,6 @@ class OpCounter:
                 self.ops[event.name] += 1
 
 
-def _quiet() -> logging.Logger:
-    logger = logging.getLogger("fasttrain.host_overhead")
-    logger.handlers = [logging.NullHandler()]
-    logger.propagate = False
-    return logger
-
-
 def _config(device: str, overrides: Sequence[str]) -> Config:
     return load_config(None, [f"train.device={device}", "data.dataset=synthetic", "data.drop_last=true",
                               "optim.name=adamw", "sched.name=onecycle", "train.epochs=1000", "train.log_every=50",
@@ -106,7 +98,8 @@ class TrainerLoop:
         self.progress = Progress(enabled=True, stream=io.StringIO(), log=lambda line: None)
         self.boundaries = Boundaries(log_every=cfg.train.log_every, every=cfg.checkpoint.every_steps,
                                      stop_at=cfg.train.stop_after_steps, at_boundary=lambda *_: False,
-                                     signal_flag=self.watch.flag, signal_agreed=self.watch.agreed_elsewhere)
+                                     signal_flag=self.watch.flag, signal_agreed=self.watch.agreed_elsewhere,
+                                     log_step=self._log_step, tick=self.progress.tick)
         self.epoch = self.global_step = 0
 
     def _log_step(self, step: int, epoch: int, loss: float, lr: float, ips: float) -> None:
@@ -118,9 +111,8 @@ class TrainerLoop:
         self.parts.model.train()
         self.parts.train_loader.set_epoch(self.epoch)
         self.progress.start_epoch(self.epoch + 1, 10**9, len(self.parts.train_loader))
-        stats = train_one_epoch(self.parts.step, self.parts.train_loader, self.parts.schedule, self.device,
-                                epoch=self.epoch + 1, global_step=self.global_step, boundaries=self.boundaries,
-                                max_batches=max_batches, log_step=self._log_step, tick=self.progress.tick)
+        plan = EpochPlan(self.device, self.epoch + 1, self.global_step, max_batches=max_batches)
+        stats = train_one_epoch(self.parts.step, self.parts.train_loader, self.parts.schedule, plan, self.boundaries)
         self.epoch += 1
         self.global_step += stats.timed_steps
         return stats.timed_steps
@@ -188,7 +180,7 @@ def ops_rows(device: str = "cpu", model_name: str = "CIFAR10_CNN", counted_steps
             torch._dynamo.reset()
             cfg = _config(device, fast + extra)
             with tempfile.TemporaryDirectory() as tmp:
-                parts = build_parts(cfg, ctx, _quiet())
+                parts = build_parts(cfg, ctx, silent_logger())
                 loop = TrainerLoop(parts, cfg, ctx, Path(tmp) / "steps.jsonl")
                 loop.run(max_batches=10)  # compilation, capture, the optimizer's state
                 images = torch.randn(128, 3, 32, 32, device=ctx.device, dtype=parts.precision.input_dtype)
@@ -286,12 +278,12 @@ def host_time_rows(device: str = "cpu", min_seconds: float = 1.0, windows: int =
         with tempfile.TemporaryDirectory() as tmp:
             loops: Dict[str, Callable[[], int]] = {}
             cfg = _config(device, small)
-            eager_parts = build_parts(cfg, ctx, _quiet())
+            eager_parts = build_parts(cfg, ctx, silent_logger())
             loops[BARE] = _bare_loop(eager_parts, cfg)
             loops[EAGER] = TrainerLoop(eager_parts, cfg, ctx, Path(tmp) / "eager.jsonl").run
             torch._dynamo.reset()
             cap_cfg = _config(device, small + ["train.compile=default", "train.capture=true"])
-            loops[CAPTURED] = TrainerLoop(build_parts(cap_cfg, ctx, _quiet()), cap_cfg, ctx,
+            loops[CAPTURED] = TrainerLoop(build_parts(cap_cfg, ctx, silent_logger()), cap_cfg, ctx,
                                           Path(tmp) / "captured.jsonl").run
             loops[TUTORIAL] = _tutorial_epoch(cfg, ctx.device)
             for run_epoch in loops.values():

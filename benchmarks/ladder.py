@@ -21,8 +21,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import logging
-import platform
+import os
 import statistics
 import sys
 import time
@@ -40,9 +39,11 @@ from fasttrain.config import Config, ModelConfig, load_config
 from fasttrain.data import build_loaders, load_split
 from fasttrain.data.dali import dali_available
 from fasttrain.engine import synchronize
+from fasttrain.environment import describe
 from fasttrain.flops import flops_per_image, peak_flops
 from fasttrain.models import build_model
-from fasttrain.trainer import build_parts
+from fasttrain.observe import silent_logger
+from fasttrain.build import build_parts
 
 TUTORIAL = "tutorial loop (PIL transforms, DataLoader, loss.item() per step)"
 # each rung adds its switch to the ones above it
@@ -102,13 +103,6 @@ def ladder_rungs() -> List[Tuple[str, List[str]]]:
     return rungs
 
 
-def _silent_logger() -> logging.Logger:
-    logger = logging.getLogger("fasttrain.bench")
-    logger.handlers = [logging.NullHandler()]
-    logger.propagate = False
-    return logger
-
-
 def tutorial_measurement(cfg: Config, device: torch.device, timing: Timing, workers: int) -> Measurement:
     images, labels, info = load_split(cfg.data, train=True)
     torch.manual_seed(cfg.train.seed)
@@ -124,7 +118,7 @@ def tutorial_measurement(cfg: Config, device: torch.device, timing: Timing, work
 
 def fasttrain_measurement(cfg: Config, ctx: dist.Dist, timing: Timing, name: str) -> Tuple[LoopMeasurement, float]:
     """(measurement of the real epoch loop, forward+backward FLOPs per image of the model)."""
-    parts = build_parts(cfg, ctx, _silent_logger())
+    parts = build_parts(cfg, ctx, silent_logger())
     timer = EpochLoopTimer(parts, cfg.train.log_every, ctx.backend, ctx.world_size)
     measurement = timer.measure(name, timing.guard_steps, timing.warmup, timing.min_seconds, timing.windows)
     shape = tuple(next(iter(parts.val_loader))[0].shape[1:])
@@ -217,18 +211,12 @@ def _epochs_of(loader) -> Callable[[], int]:
     return run_epoch
 
 
-def environment(device: torch.device) -> dict:
-    import os
-
-    try:
-        import nvidia.dali as dali_module
-
-        dali_version = dali_module.__version__
-    except ImportError:
-        dali_version = None
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
-    return {"device": name, "device_type": device.type, "torch": torch.__version__, "cuda": torch.version.cuda,
-            "dali": dali_version, "python": platform.python_version(), "cpu_count": os.cpu_count()}
+def environment(ctx: dist.Dist) -> dict:
+    """A run's env.json (fasttrain.environment.describe: versions, device, world size, host, git commit,
+    command) in the tables' terms: `device` is the device's name, `device_type` its kind; and the CPU count."""
+    env = describe(ctx.device, ctx.world_size, ctx.backend)
+    env.update(device=env.pop("device_name"), device_type=ctx.device.type, cpu_count=os.cpu_count())
+    return env
 
 
 def print_table(rows: Sequence[Row], loaders_only: bool) -> None:
@@ -277,7 +265,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     real = "data.dataset=cifar10" in base
     ctx = dist.setup(args.device)
     try:
-        env = environment(ctx.device)
+        env = environment(ctx)
         print(f"device {ctx.device} ({env['device']}) | torch {env['torch']} | model {args.model} | batch "
               f"{args.batch_size} | data {'CIFAR-10' if real else 'synthetic CIFAR-shaped'} | {timing.guard_steps} "
               f"guard + warm-up to {timing.warmup} steps, "

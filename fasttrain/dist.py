@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import List, Mapping, Optional
 
 import torch
-import torch.distributed as dist
+import torch.distributed as torch_dist
 
 from fasttrain.device import resolve_device
 from fasttrain.errors import UserError
@@ -117,35 +117,35 @@ def setup(device_name: str, backend: str = "auto", timeout_s: int = 1800, precis
     if chosen == "nccl" and device.type != "cuda":
         raise UserError("dist.backend=nccl needs CUDA devices: use dist.backend=gloo or auto on CPU")
     timeout = datetime.timedelta(seconds=timeout_s)
-    if dist.is_initialized():
+    if torch_dist.is_initialized():
         raise RuntimeError("a process group is already initialized in this process")
     if env.world_size == 1 and env.master_addr is None:
         # the same path as a multi-process run, over an in-process store: no port to find or collide on
-        dist.init_process_group(chosen, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+        torch_dist.init_process_group(chosen, store=torch_dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     else:
         os.environ.setdefault("MASTER_ADDR", env.master_addr or "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(env.master_port))
-        store, _, _ = next(dist.rendezvous("env://", rank=env.rank, world_size=env.world_size, timeout=timeout))
+        store, _, _ = next(torch_dist.rendezvous("env://", rank=env.rank, world_size=env.world_size, timeout=timeout))
         # torchrun keeps its store across `--max-restarts` restarts: the restarted group meets under a
         # key prefix of its own, or it would read the dead ranks' addresses from the attempt before
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        dist.init_process_group(chosen, store=dist.PrefixStore(f"fasttrain/attempt_{attempt}/", store),
+        torch_dist.init_process_group(chosen, store=torch_dist.PrefixStore(f"fasttrain/attempt_{attempt}/", store),
                                 rank=env.rank, world_size=env.world_size, timeout=timeout)
     return Dist(env, device, chosen)
 
 
 def teardown() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    if torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
 
 
 def get_world_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
+    return torch_dist.get_world_size() if torch_dist.is_initialized() else 1
 
 
 def all_reduce_sum_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """Sum a device tensor over all ranks, in place, without reading it on the host."""
-    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM)
     return tensor
 
 
@@ -156,17 +156,17 @@ def average_buffers(module: torch.nn.Module) -> None:
     DDP keeps parameters identical, but each rank updates its BN running statistics from its own
     last batch; evaluating or saving without this would depend on the rank.
     """
-    world = dist.get_world_size()
+    world = torch_dist.get_world_size()
     for buffer in module.buffers():
         if buffer.is_floating_point():
-            dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
+            torch_dist.all_reduce(buffer, op=torch_dist.ReduceOp.SUM)
             buffer.div_(world)
 
 
 def agree_on_error(message: Optional[str]) -> None:
     """Raise the same UserError on every rank when any rank has one (rank order decides which)."""
-    messages: List[Optional[str]] = [None] * dist.get_world_size()
-    dist.all_gather_object(messages, message)
+    messages: List[Optional[str]] = [None] * torch_dist.get_world_size()
+    torch_dist.all_gather_object(messages, message)
     first = next((m for m in messages if m), None)
     if first:
         raise UserError(first)
@@ -174,11 +174,11 @@ def agree_on_error(message: Optional[str]) -> None:
 
 def broadcast_object(box: List) -> None:
     """Rank 0's list of picklable objects, copied into `box` on every rank."""
-    dist.broadcast_object_list(box, src=0)
+    torch_dist.broadcast_object_list(box, src=0)
 
 
 def barrier() -> None:
-    dist.barrier()
+    torch_dist.barrier()
 
 
 def weights_digest(model: torch.nn.Module) -> str:
@@ -192,6 +192,6 @@ def weights_digest(model: torch.nn.Module) -> str:
 
 def digests_match(model: torch.nn.Module) -> tuple[bool, List[str]]:
     """Whether every rank holds byte-identical weights (one gather of a short string)."""
-    digests: List[str] = [""] * dist.get_world_size()
-    dist.all_gather_object(digests, weights_digest(model))
+    digests: List[str] = [""] * torch_dist.get_world_size()
+    torch_dist.all_gather_object(digests, weights_digest(model))
     return len(set(digests)) == 1, digests

@@ -38,7 +38,13 @@ def _version(*distributions: str) -> Optional[str]:
     return None
 
 
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's (the processor, where the platform tells it)."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
+
+
 def describe(device: torch.device, world_size: int, backend: str) -> dict:
+    """env.json of a run; the benchmarks' environment is this too (benchmarks.ladder.environment)."""
     cuda = device.type == "cuda"
     return {
         "fasttrain": fasttrain.__version__,
@@ -49,7 +55,7 @@ def describe(device: torch.device, world_size: int, backend: str) -> dict:
         "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if cuda else None,
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if cuda else (platform.processor() or "cpu"),
+        "device_name": device_name(device),
         "world_size": world_size,
         "backend": backend,
         "hostname": socket.gethostname(),

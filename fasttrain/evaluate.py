@@ -7,15 +7,13 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import torch
-
 from fasttrain import config as config_mod
 from fasttrain import dist
+from fasttrain.build import model_on_device
 from fasttrain.checkpoint import load_checkpoint, load_model_state
 from fasttrain.data import build_eval_loader
 from fasttrain.engine import EvalStats, validate
 from fasttrain.errors import UserError
-from fasttrain.models import build_model
 from fasttrain.precision import build_precision
 
 
@@ -31,9 +29,7 @@ def evaluate_checkpoint(path: str, overrides: Sequence[str] = ()) -> tuple[EvalS
     try:
         precision = build_precision(cfg.train.precision, ctx.device, cfg.train.tf32)
         loader, info = build_eval_loader(cfg, ctx.device, ctx.rank, ctx.world_size, precision.input_dtype)
-        model = build_model(cfg.model, info.in_channels, info.image_size, info.num_classes).to(ctx.device)
-        if cfg.train.channels_last:
-            model = model.to(memory_format=torch.channels_last)
+        model = model_on_device(cfg, info, ctx.device)
         load_model_state(model, ckpt["model"], str(path))
         return validate(model, loader, precision), ckpt
     finally:

@@ -56,6 +56,15 @@ def attach_run_log(run_dir: Path) -> None:
     logger.addHandler(file)
 
 
+def silent_logger() -> logging.Logger:
+    """A logger that drops everything: what build_parts and the trainer log on ranks other than 0, and
+    in the benchmarks, which print their own lines."""
+    logger = logging.getLogger(f"{LOGGER_NAME}.silent")
+    logger.handlers = [logging.NullHandler()]
+    logger.propagate = False
+    return logger
+
+
 def close_logging() -> None:
     logger = logging.getLogger(LOGGER_NAME)
     for handler in list(logger.handlers):

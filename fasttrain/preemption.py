@@ -85,25 +85,13 @@ def ignore_in_worker(_worker_id: int = 0) -> None:
     """DataLoader `worker_init_fn`: a worker process ignores the signals its parent handles. A job
     scheduler (SLURM at preemption, `kill -TERM -PGID`) or a terminal (Ctrl-C) signals the whole
     process group; a worker that died of it would make the main process fail ("DataLoader worker
-    is killed by signal") before it could save. The main process ends its workers itself.
-
-    SIGTERM is the one signal a parent also sends on purpose (multiprocessing's terminate() at
-    interpreter exit, DataLoader's shutdown of a stuck worker): it stays blocked, and a thread takes
-    it with its sender, ending the worker when the sender is the parent and dropping it otherwise."""
-    others = [getattr(signal, name) for name in CATCHABLE if name != "SIGTERM"]
-    for number in others:
+    is killed by signal") before it could save. The main process ends its workers itself (the
+    loader's shutdown; at interpreter exit `fasttrain.data.plain` does it before multiprocessing
+    would terminate them with a SIGTERM they now ignore)."""
+    numbers = [getattr(signal, name) for name in CATCHABLE]
+    for number in numbers:
         signal.signal(number, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # before the thread starts: it inherits the mask
-    parent = os.getppid()
-
-    def take_sigterm() -> None:
-        while True:
-            info = signal.sigwaitinfo({signal.SIGTERM})
-            if info.si_pid == parent:
-                os._exit(0)
-
-    threading.Thread(target=take_sigterm, name="fasttrain-sigterm", daemon=True).start()
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, others)  # held by `signals_held` while this process forked
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, numbers)  # held by `signals_held` while this process forked
 
 
 @contextmanager
@@ -135,7 +123,7 @@ class PreemptionWatch:
     def __init__(self, signal_names: List[str], check_every: int, backend: str, graceful_interrupt: bool = False,
                  announce: Callable[[str], None] = lambda _line: None):
         import torch
-        import torch.distributed as dist
+        import torch.distributed as torch_dist
 
         self.check_every = check_every
         self.received: Optional[str] = None
@@ -144,7 +132,7 @@ class PreemptionWatch:
         self._previous: Dict[int, Any] = {}
         self._flag = torch.zeros(1, dtype=torch.float64)
         # the extra check travels over gloo on the host: an NCCL collective would need a device sync to read
-        self._group = None if backend == "gloo" or not check_every else dist.new_group(backend="gloo")
+        self._group = None if backend == "gloo" or not check_every else torch_dist.new_group(backend="gloo")
         self._preempting = set(signal_names)
         if threading.current_thread() is threading.main_thread():  # handlers can only be set there
             # Ctrl-C unless whoever started this process made it ignore SIGINT (a background job of a shell)
@@ -199,10 +187,10 @@ class PreemptionWatch:
     def agreed(self) -> Optional[str]:
         """Collective, on every rank at the same step: what stops the run when any rank got a signal.
         Costs one host-side all_reduce of one number (checkpoint.signal_check_every)."""
-        import torch.distributed as dist
+        import torch.distributed as torch_dist
 
         self._flag.fill_(self.flag())
-        dist.all_reduce(self._flag, op=dist.ReduceOp.SUM, group=self._group)
+        torch_dist.all_reduce(self._flag, op=torch_dist.ReduceOp.SUM, group=self._group)
         total = float(self._flag.item())
         return self.agreed_elsewhere(total) if total > 0 else None
 

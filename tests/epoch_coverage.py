@@ -6,17 +6,17 @@ import sys
 
 import numpy as np
 import torch
-import torch.distributed as dist
+import torch.distributed as torch_dist
 
 from fasttrain.data.dali import DaliLoader
-from fasttrain.data.gpu import GpuLoader
+from fasttrain.data.gpu import BatchFormat, CropFlip, GpuLoader
 from fasttrain.data.plain import CustomDataset, PlainLoader, ShardedBatches
 from torchvision import transforms as T
 
 
 def main(kind: str, n: int, batch: int, epoch: int) -> None:
-    dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
+    torch_dist.init_process_group("gloo")
+    rank, world = torch_dist.get_rank(), torch_dist.get_world_size()
     images = np.zeros((n, 32, 32, 3), dtype=np.uint8)
     labels = np.arange(n)  # the label is the sample's index
     batches = ShardedBatches(n, batch, shuffle=True, seed=11, rank=rank, world_size=world)
@@ -26,17 +26,17 @@ def main(kind: str, n: int, batch: int, epoch: int) -> None:
         loader = PlainLoader(dataset, batches, 0, False, False, cpu)
     else:
         cls = GpuLoader if kind == "gpu" else DaliLoader
-        loader = cls(images, labels, batches, cpu, [0.0] * 3, [1.0] * 3, torch.float32, False, 4, True, seed=11)
+        loader = cls(images, labels, batches, BatchFormat(cpu, [0.0] * 3, [1.0] * 3), CropFlip(4, True, seed=11))
     loader.set_epoch(epoch)
     seen, steps = [], 0
     for _, y in loader:
         seen += y.tolist()
         steps += 1
     gathered = [None] * world
-    dist.all_gather_object(gathered, {"rank": rank, "indices": seen, "steps": steps, "len": len(loader)})
+    torch_dist.all_gather_object(gathered, {"rank": rank, "indices": seen, "steps": steps, "len": len(loader)})
     if rank == 0:
         print(json.dumps(gathered))
-    dist.destroy_process_group()
+    torch_dist.destroy_process_group()
 
 
 if __name__ == "__main__":

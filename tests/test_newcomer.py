@@ -213,7 +213,7 @@ def test_dali_threads_resolve_auto_too(monkeypatch):
 
 
 def test_resume_treats_the_worker_count_as_neutral():
-    from fasttrain.resume import NEUTRAL_KEYS
+    from fasttrain.checkpoint import NEUTRAL_KEYS
 
     assert "data.num_workers" in NEUTRAL_KEYS  # an old run's 4 resumes under today's auto
     assert Config().data.num_workers == -1

@@ -1,0 +1,126 @@
+"""A run's parts from its Config: data, model, optimizer, schedule, precision and the step.
+
+`model_on_device` is shared with evaluation (fasttrain.evaluate); `build_parts` adds what training
+needs: the compiled model, DDP where there are other ranks (`wrap_ddp`), the optimizer, the schedule
+and the step (`fasttrain.step`: eager, or the whole step captured)."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from fasttrain import dist
+from fasttrain.config import Config
+from fasttrain.data import DatasetInfo, build_loaders
+from fasttrain.device import seed_everything
+from fasttrain.flops import flops_per_image, peak_flops
+from fasttrain.models import build_model, summarize
+from fasttrain.optim import Schedule, build_optimizer
+from fasttrain.precision import Precision, build_precision
+from fasttrain.step import CapturedStep, EagerStep
+
+
+def model_on_device(cfg: Config, info: DatasetInfo, device: torch.device) -> nn.Module:
+    """cfg.model for `info`'s images and classes, on `device`, channels_last when train.channels_last."""
+    model = build_model(cfg.model, info.in_channels, info.image_size, info.num_classes).to(device)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+@dataclass
+class Parts:
+    """What a run is built from. `model` is the plain module (checkpoints, weight digests);
+    `step` runs one optimizer step on it (`fasttrain.step`: eager, with the model compiled and
+    DDP-wrapped as configured, or captured); `eval_model` is what validation calls (compiled when
+    compiling, never DDP: ranks may run different numbers of eval batches)."""
+    model: nn.Module
+    step: Any  # EagerStep | CapturedStep
+    eval_model: nn.Module
+    optimizer: torch.optim.Optimizer
+    schedule: Schedule
+    precision: Precision
+    train_loader: Any
+    val_loader: Any
+    flops_per_image: float = 0.0  # forward + backward, counted on the model
+    peak_flops: Optional[float] = None  # the device's, for this precision; None when unknown
+    steps_per_epoch: int = 0  # optimizer steps in a whole epoch (train.limit_train_batches applied)
+
+
+def build_parts(cfg: Config, ctx: dist.Dist, logger: logging.Logger) -> Parts:
+    device = ctx.device
+    precision = build_precision(cfg.train.precision, device, cfg.train.tf32, cfg.train.deterministic)
+    seed_everything(cfg.train.seed)  # same seed on every rank: identical initial weights
+    train_loader, val_loader, info = build_loaders(cfg, device, ctx.rank, ctx.world_size, precision.input_dtype)
+    skipped = train_loader.num_samples - train_loader.batches.used_samples
+    logger.info(f"data {info.name}: {train_loader.num_samples:,} train / {val_loader.num_samples:,} test images of "
+                f"{info.in_channels}x{info.image_size}x{info.image_size}, {info.num_classes} classes | loader "
+                f"{cfg.data.loader}" + (f", {train_loader.num_workers} workers" if cfg.data.loader == "plain" else "")
+                + f" | batch {cfg.train.batch_size} per process x {ctx.world_size} = "
+                f"{cfg.train.batch_size * ctx.world_size} per step"
+                + (f" | {skipped} images per epoch left out (drop_last, or fewer than one per rank)" if skipped else ""))
+    model = model_on_device(cfg, info, device)
+    logger.info(summarize(model, cfg.model.name))
+    compile_mode = None if cfg.train.compile == "default" else cfg.train.compile
+    # train batches have one shape (drop_last), so the compiled model does not recompile per epoch
+    eval_model: nn.Module = torch.compile(model, mode=compile_mode) if cfg.train.compile != "off" else model
+    torch.manual_seed(cfg.train.seed + ctx.rank)  # per-rank streams for dropout; data randomness is seeded apart
+    optimizer = build_optimizer(cfg.optim, model, device, capture=cfg.train.capture)
+    step: Any
+    if cfg.train.capture:
+        step = CapturedStep(model, optimizer, precision, cfg.train.grad_clip, compile_mode, ctx.world_size)
+    else:
+        train_model = eval_model
+        if ctx.world_size > 1:
+            # only where there are gradients to average: world size 1 pays nothing for a wrapper
+            train_model = wrap_ddp(train_model, model, device, cfg.train.compile != "off")
+        step = EagerStep(train_model, optimizer, precision, cfg.train.grad_clip)
+    steps_per_epoch = min(len(train_loader), cfg.train.limit_train_batches or len(train_loader))
+    schedule = Schedule(cfg.sched, optimizer, cfg.train.epochs, steps_per_epoch)
+    logger.info(f"optim {cfg.optim.name} lr {cfg.optim.lr:g} wd {cfg.optim.weight_decay:g} | sched {cfg.sched.name} "
+                f"({'per batch' if schedule.per_batch else 'per epoch'}) | {cfg.train.epochs} epochs x "
+                f"{steps_per_epoch} steps")
+    logger.info(f"speed: precision {cfg.train.precision}, channels_last {str(cfg.train.channels_last).lower()}, "
+                f"compile {cfg.train.compile}, capture {str(cfg.train.capture).lower()}"
+                + (", deterministic algorithms" if cfg.train.deterministic else "")
+                + (" (whole step as one CUDA graph)" if cfg.train.capture and device.type == "cuda" else
+                   " (whole step compiled)" if cfg.train.capture else "")
+                + (f", tf32 {str(cfg.train.tf32).lower()}" if device.type == "cuda" else "")
+                + (f" | DDP over {ctx.world_size} ranks" if ctx.world_size > 1 and not cfg.train.capture else ""))
+    flops = flops_per_image(model, (info.in_channels, info.image_size, info.image_size))
+    peak = peak_flops(device, cfg.train.precision, cfg.train.tf32, cfg.train.peak_tflops or None)
+    logger.info(f"model cost: {flops / 1e6:,.1f} MFLOP per image (forward + backward); MFU "
+                + (f"against {peak / 1e12:,.1f} TFLOP/s per device" if peak else "not reported (peak FLOP/s of "
+                   "this device unknown: set train.peak_tflops)"))
+    return Parts(model, step, eval_model, optimizer, schedule, precision, train_loader, val_loader, flops, peak,
+                 steps_per_epoch)
+
+
+DDP_BUCKET_MB = 25  # DDP's default bucket_cap_mb
+
+
+def wrap_ddp(train_model: nn.Module, model: nn.Module, device: torch.device, compiled: bool) -> nn.Module:
+    """DDP without per-forward buffer broadcasts (BatchNorm buffers are averaged at every epoch's
+    end), with gradients as views of its buckets (no copy in or out per step).
+
+    Compiled models: `torch._dynamo.config.optimize_ddp` splits the graph at bucket boundaries so
+    that an all-reduce can overlap the rest of the backward. When all gradients fit in one bucket
+    there is nothing to overlap and the split only adds graphs (CIFAR10_CNN: 2 forward + 2 backward
+    instead of 1 + 1) and launches; measured on 2 gloo ranks (benchmarks/ddp_graphs.py,
+    benchmarks/RESULTS.md), one graph was as fast or faster. So: off for models whose gradients
+    fit in one bucket, PyTorch's default (on) for larger ones."""
+    if compiled:
+        grad_mb = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad) / 2**20
+        torch._dynamo.config.optimize_ddp = grad_mb > DDP_BUCKET_MB
+    kwargs: dict = {"gradient_as_bucket_view": True}
+    if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters:
+        kwargs["forward_sync_buffers"] = False  # torch >= 2.14's name (it still syncs once, at construction)
+    else:
+        kwargs["broadcast_buffers"] = False
+    return DDP(train_model, device_ids=[device.index] if device.type == "cuda" else None, **kwargs)
