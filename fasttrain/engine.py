@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fasttrain.dist import all_reduce_sum_tensor, get_world_size
-from fasttrain.errors import UserError
+from fasttrain import dist
+from fasttrain.errors import TrainingDiverged
 from fasttrain.optim import Schedule
 from fasttrain.precision import Precision
 from fasttrain.step import LOSS_SUM, NONFINITE, SKIPPED, SUMS
@@ -31,10 +31,6 @@ REDUCED = SUMS + 2
 # what a checkpoint carries as a rank's running sums of the epoch in progress: [loss sum, samples,
 # skipped steps, non-finite losses] (the layout checkpoints have always had)
 TOTALS = 4
-
-
-class TrainingDiverged(UserError):
-    """The loss became nan or inf: the run stops (exit 2) and keeps its last good checkpoint."""
 
 
 def synchronize(device: torch.device) -> None:
@@ -77,6 +73,21 @@ StepLogger = Callable[[int, int, float, float, float], None]
 
 
 @dataclass
+class EpochPlan:
+    """Which epoch the loop runs and where it starts: a resumed epoch starts at `start_step` (the
+    loader already skips those batches) with the running sums `carried` (TOTALS) from before the
+    stop. `max_batches`: end the epoch after that many (0 = the whole loader). `time_first_steps`:
+    synchronize after that many steps and time them apart (compilation and capture happen there)."""
+    device: torch.device
+    epoch: int
+    global_step: int  # optimizer steps done before this epoch's first
+    start_step: int = 0
+    carried: Optional[torch.Tensor] = None
+    max_batches: int = 0
+    time_first_steps: int = 0
+
+
+@dataclass
 class Boundaries:
     """The global steps at which the loop leaves its per-step path, and what it does there.
 
@@ -99,6 +110,8 @@ class Boundaries:
     # name, this rank's or another's; preemption.INTERRUPT for a Ctrl-C anywhere)
     signal_agreed: Callable[[float], str] = lambda _total: "a signal on another rank"
     agree_on_signal: Optional[Callable[[], Optional[str]]] = None  # the extra host-side check (signal_every)
+    log_step: Optional["StepLogger"] = None  # at each log interval, with the values read there (rank 0)
+    tick: Optional[Callable[[], None]] = None  # per step, host only (a progress counter; rank 0)
 
     def next_after(self, global_step: int) -> int:
         """The first boundary after `global_step`."""
@@ -134,16 +147,12 @@ def _as_totals(sums: torch.Tensor, samples: int) -> torch.Tensor:
 
 
 def train_one_epoch(step, loader: Iterable[Tuple[torch.Tensor, torch.Tensor]], schedule: Schedule,
-                    device: torch.device, *, epoch: int, global_step: int, boundaries: Boundaries,
-                    max_batches: int = 0, log_step: Optional[StepLogger] = None, time_first_steps: int = 0,
-                    tick: Optional[Callable[[], None]] = None, start_step: int = 0,
-                    carried: Optional[torch.Tensor] = None) -> EpochStats:
+                    plan: EpochPlan, boundaries: Boundaries) -> EpochStats:
     """Train for one epoch with `step` (an EagerStep or CapturedStep, model in train mode); losses
-    are means over the samples of all ranks.
-
-    A resumed epoch starts at `start_step` (the loader already skips those batches) with the
-    running sums `carried` (TOTALS) from before the stop. `time_first_steps`: synchronize after
-    that many steps and time them apart (compilation and capture happen there)."""
+    are means over the samples of all ranks."""
+    device, epoch, global_step = plan.device, plan.epoch, plan.global_step
+    start_step, carried, max_batches = plan.start_step, plan.carried, plan.max_batches
+    time_first_steps, log_step, tick = plan.time_first_steps, boundaries.log_step, boundaries.tick
     # running sums on the device: the epoch's, and the current log interval's (the step's SUMS layout)
     epoch_sums = torch.zeros(SUMS, dtype=torch.float64, device=device)
     interval = torch.zeros(SUMS, dtype=torch.float64, device=device)
@@ -189,7 +198,7 @@ def train_one_epoch(step, loader: Iterable[Tuple[torch.Tensor, torch.Tensor]], s
             vector[:SUMS] = interval
             vector[SAMPLES] = interval_samples
             vector[SIGNALLED] = float(boundaries.signal_flag())
-            reduced = all_reduce_sum_tensor(vector).tolist()  # host sync, once per log interval
+            reduced = dist.all_reduce_sum_tensor(vector).tolist()  # host sync, once per log interval
             _raise_if_diverged(reduced[NONFINITE], step, interval_start_step, epoch)
             now = time.perf_counter()
             if log_step is not None:
@@ -218,14 +227,14 @@ def train_one_epoch(step, loader: Iterable[Tuple[torch.Tensor, torch.Tensor]], s
     now_totals = _as_totals(epoch_sums, epoch_samples)
     flag = torch.zeros(TOTALS, dtype=torch.float64, device=device)
     flag[0] = 0.0 if stopped_early else float(boundaries.signal_flag())
-    reduced_now, reduced_before, reduced_flag = all_reduce_sum_tensor(
+    reduced_now, reduced_before, reduced_flag = dist.all_reduce_sum_tensor(
         torch.stack([now_totals, before, flag])).tolist()  # host sync, per epoch
     _raise_if_diverged(reduced_now[3], step, interval_start_step, epoch)
     synchronize(device)
     seconds = time.perf_counter() - start
     loss_sum, samples, skipped_total = (reduced_now[i] + reduced_before[i] for i in range(3))
     # every rank skips the same steps (gradients are all-reduced before the inf check): count one rank's
-    skipped_steps = int(round(skipped_total / max(get_world_size(), 1)))
+    skipped_steps = int(round(skipped_total / max(dist.get_world_size(), 1)))
     signal_at_end = boundaries.signal_agreed(reduced_flag[0]) if reduced_flag[0] > 0 else None
     return EpochStats(loss_sum / max(samples, 1), int(samples), steps, seconds, last_lr, skipped_steps,
                       first_step_seconds, data_wait, stopped_early, int(reduced_now[1]), steps - start_step,
@@ -252,6 +261,6 @@ def validate(model: nn.Module, loader: Iterable[Tuple[torch.Tensor, torch.Tensor
         totals[0] += F.cross_entropy(logits, labels, reduction="sum").double()
         totals[1] += (logits.argmax(dim=1) == labels).sum()
         totals[2] += labels.shape[0]
-    loss_sum, correct, total = all_reduce_sum_tensor(totals).tolist()  # host sync, once per validation
+    loss_sum, correct, total = dist.all_reduce_sum_tensor(totals).tolist()  # host sync, once per validation
     correct, total = int(correct), int(total)
     return EvalStats(loss_sum / max(total, 1), correct / max(total, 1), correct, total)

@@ -14,44 +14,35 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import inspect
 import json
 import logging
 import os
 import platform
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
-from torch import nn
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import fasttrain
 from fasttrain import config as config_mod
 from fasttrain import dist, environment
-from fasttrain.checkpoint import restore_best
-from fasttrain.checkpointing import (choose_on_rank0, restore_on_every_rank, save_epoch_checkpoints, save_step_checkpoint,
-                                     trim_history)
+from fasttrain.build import Parts, build_parts
+from fasttrain.callbacks import (Boundary, Callback, Interval, MetricSinks, PeriodicCheckpoints, Preemption,
+                                 ProgressDisplay, StopAfterSteps)
+from fasttrain.checkpoint import (RunState, choose_on_rank0, restore_best, restore_on_every_rank, save_epoch_checkpoints,
+                                  save_step_checkpoint, trim_history)
 from fasttrain.config import Config
-from fasttrain.data import build_loaders, resolve_loader
-from fasttrain.device import seed_everything
-from fasttrain.engine import Boundaries, train_one_epoch, validate
+from fasttrain.data import resolve_loader
+from fasttrain.engine import Boundaries, EpochPlan, EpochStats, EvalStats, train_one_epoch, validate
 from fasttrain.errors import UserError
-from fasttrain.models import build_model, summarize
-from fasttrain.flops import flops_per_image, peak_flops
-from fasttrain.observe import (CsvRows, JsonLines, Progress, TensorBoard, attach_run_log, close_logging,
-                               epoch_line, peak_memory_mb, setup_logging)
-from fasttrain.optim import Schedule, build_optimizer
+from fasttrain.observe import attach_run_log, close_logging, peak_memory_mb, setup_logging, silent_logger
 from fasttrain.plots import plot_run
-from fasttrain.precision import Precision, build_precision
 from fasttrain.preemption import (EXIT_INTERRUPTED, EXIT_PREEMPTED, INTERRUPT, PreemptionWatch, clear_marker,
                                   write_marker)
-from fasttrain.resume import RunState
 from fasttrain.run_folder import RunFolder
-from fasttrain.step import WARMUP_STEPS, CapturedStep, EagerStep
+from fasttrain.step import WARMUP_STEPS
 
 
 def _claim_on_rank0(cfg: Config, ctx: dist.Dist) -> Optional[RunFolder]:
@@ -80,6 +71,11 @@ def _commit_on_rank0(cfg: Config, ctx: dist.Dist, folder: Optional[RunFolder], s
             header = (f"# fasttrain {fasttrain.__version__} resolved config; world size {ctx.world_size}: "
                       f"train.batch_size is per process, global batch {cfg.train.batch_size * ctx.world_size}\n")
             env = environment.describe(ctx.device, ctx.world_size, ctx.backend)
+            if state is not None and resume_from is not None:
+                # where this start continued from, as a value (the log says it in words)
+                env["resumed_from"] = {"checkpoint": str(resume_from), "epoch": state.epoch,
+                                       "global_step": state.global_step, "step_in_epoch": state.step_in_epoch,
+                                       "start_sample": state.start_sample}
             folder.commit(cfg.resume, cfg.output.overwrite, header + config_mod.to_yaml(cfg),
                           json.dumps(env, indent=2) + "\n")
             attach_run_log(folder.path)
@@ -95,163 +91,180 @@ def _commit_on_rank0(cfg: Config, ctx: dist.Dist, folder: Optional[RunFolder], s
     dist.agree_on_error(error)
 
 
-@dataclass
-class Parts:
-    """What a run is built from. `model` is the plain module (checkpoints, weight digests);
-    `step` runs one optimizer step on it (`fasttrain.step`: eager, with the model compiled and
-    DDP-wrapped as configured, or captured); `eval_model` is what validation calls (compiled when
-    compiling, never DDP: ranks may run different numbers of eval batches)."""
-    model: nn.Module
-    step: Any  # EagerStep | CapturedStep
-    eval_model: nn.Module
-    optimizer: torch.optim.Optimizer
-    schedule: Schedule
-    precision: Precision
-    train_loader: Any
-    val_loader: Any
-    flops_per_image: float = 0.0  # forward + backward, counted on the model
-    peak_flops: Optional[float] = None  # the device's, for this precision; None when unknown
-    steps_per_epoch: int = 0  # optimizer steps in a whole epoch (train.limit_train_batches applied)
-
-
 EPOCH_COLUMNS = ["epoch", "step", "train_loss", "val_loss", "val_acc", "val_correct", "val_total", "lr",
                  "images_per_sec", "mfu", "epoch_seconds", "data_wait_seconds", "compute_seconds", "val_seconds",
                  "peak_memory_mb", "skipped_steps", "world_size", "is_best", "compiled_graphs", "cudagraph_skips"]
 
 
-def fit(cfg: Config, ctx: dist.Dist, parts: Parts, run_dir: Path, logger: logging.Logger,
-        state: Optional[RunState] = None) -> RunState:
-    """Train the remaining epochs. Returns the final state; `stopped_by` says when it stopped early
-    (a signal's name, or "stop_after_steps"), `last_checkpoint` what it wrote last."""
-    state = state or RunState()
-    metrics = JsonLines(run_dir / "metrics.jsonl")
-    steps = JsonLines(run_dir / "steps.jsonl")
-    compiling = cfg.train.compile != "off"
-    saving = cfg.output.save_checkpoints
+class Trainer:
+    """Owns a run's parts and the order of events: epochs of steps (`fasttrain.engine`), validation,
+    the epoch's record, checkpoints. What happens around the steps is in its callbacks
+    (`fasttrain.callbacks`: preemption, planned stops, periodic checkpoints, metric sinks, progress).
 
-    table = CsvRows(run_dir / "metrics.csv", EPOCH_COLUMNS, state.history) if ctx.is_main else None
-    board = TensorBoard(run_dir / "tensorboard") if cfg.output.tensorboard and ctx.is_main else None
-    progress = Progress(enabled=ctx.is_main, log=logger.info)
-    steps_per_epoch = parts.steps_per_epoch
-    watch = PreemptionWatch(cfg.checkpoint.signals, cfg.checkpoint.signal_check_every, ctx.backend,
-                            graceful_interrupt=True, announce=_console if ctx.is_main else lambda _line: None)
-    # compiled steps are timed apart: the first (eager compiled), or the warm-up and capture (captured)
-    compile_steps = (WARMUP_STEPS + 1) if cfg.train.capture else (1 if compiling else 0)
+    `fit()` trains the remaining epochs and returns the final state; `state.stopped_by` says when
+    it stopped early (a signal's name, preemption.INTERRUPT, "stop_after_steps"), and
+    `state.last_checkpoint` what it wrote last. Every rank runs the same calls in the same order;
+    rank 0's callbacks also write files and print."""
 
-    def mfu(images_per_sec: float) -> Optional[float]:
-        if not parts.peak_flops:
-            return None
-        return images_per_sec * parts.flops_per_image / (parts.peak_flops * ctx.world_size)
+    def __init__(self, cfg: Config, ctx: dist.Dist, parts: Parts, run_dir: Path, logger: logging.Logger,
+                 state: Optional[RunState] = None):
+        self.cfg, self.ctx, self.parts, self.run_dir, self.logger = cfg, ctx, parts, run_dir, logger
+        self.state = state or RunState()
+        watch = PreemptionWatch(cfg.checkpoint.signals, cfg.checkpoint.signal_check_every, ctx.backend,
+                                graceful_interrupt=True, announce=_console if ctx.is_main else lambda _line: None)
+        self.preemption = Preemption(watch)
+        self.callbacks: List[Callback] = [self.preemption, StopAfterSteps(cfg.train.stop_after_steps),
+                                          PeriodicCheckpoints(cfg.checkpoint.every_steps)]
+        tick = None
+        if ctx.is_main:
+            display = ProgressDisplay(logger.info)
+            self.callbacks += [MetricSinks(run_dir, EPOCH_COLUMNS, self.state.history, cfg.train.epochs,
+                                           cfg.output.tensorboard, logger.info), display]
+            tick = display.tick
+        self.boundaries = Boundaries(log_every=cfg.train.log_every, every=cfg.checkpoint.every_steps,
+                                     stop_at=cfg.train.stop_after_steps,
+                                     signal_every=cfg.checkpoint.signal_check_every, at_boundary=self._at_boundary,
+                                     signal_flag=watch.flag, signal_agreed=watch.agreed_elsewhere,
+                                     agree_on_signal=watch.agreed, log_step=self._log_interval, tick=tick)
 
-    def log_step(step: int, epoch: int, loss: float, lr: float, ips: float) -> None:
-        interval = {"step": step, "epoch": epoch, "loss": loss, "lr": lr, "images_per_sec": ips, "mfu": mfu(ips)}
-        steps.write(interval)
-        progress.interval(step, loss, lr, ips)
-        if board is not None:
-            board.scalars("step", interval, step)
+    # ---------------------------------------------------------------- the run
 
-    def at_boundary(global_step: int, step_in_epoch: int, totals, signal_name: Optional[str]) -> bool:
-        """Every rank, at the same boundaries (see engine.Boundaries): periodic checkpoints, and the
-        agreed stops (preemption, stop_after_steps)."""
-        stop = signal_name or ("stop_after_steps" if global_step == cfg.train.stop_after_steps else None)
-        periodic = cfg.checkpoint.every_steps and global_step % cfg.checkpoint.every_steps == 0
-        # the epoch's last step is followed by the epoch-end checkpoint (last.pt): no step file for it
-        if saving and (stop or periodic) and step_in_epoch < steps_per_epoch:
-            here = dataclasses.replace(state, global_step=global_step, step_in_epoch=step_in_epoch)
-            state.last_checkpoint = save_step_checkpoint(cfg, ctx, parts, here, totals(), run_dir)
+    def fit(self) -> RunState:
+        state = self.state
+        try:
+            if self._stopped_before_start():
+                return state
+            first_epoch = state.epoch + 1
+            for epoch in range(first_epoch, self.cfg.train.epochs + 1):
+                stats = self.train_epoch(epoch, first=epoch == first_epoch)
+                if stats.stopped_early and stats.steps < self.parts.steps_per_epoch:
+                    state.step_in_epoch = stats.steps
+                    return state  # stopped mid-epoch: the step checkpoint holds everything
+                self._end_epoch(epoch, stats, first=epoch == first_epoch)
+                if stats.signal_at_end and not stats.stopped_early:
+                    state.stopped_by = stats.signal_at_end  # agreed in the epoch-end reduction
+                if stats.stopped_early or stats.signal_at_end:
+                    if epoch == self.cfg.train.epochs:
+                        state.stopped_by = None  # the stop came with the last step: the run is complete
+                    return state  # stopped at the epoch's last step: the epoch-end checkpoint holds everything
+        finally:
+            for callback in self.callbacks:
+                callback.close()
+        return state
+
+    def _stopped_before_start(self) -> bool:
+        """A signal that came while the run was being built (recorded since the entry point's first
+        line): the ranks agree on it once, and stop before the first step (nothing new to save). Or a
+        planned stop that the run has already reached."""
+        flag = torch.tensor([self.preemption.watch.flag()], dtype=torch.float64, device=self.ctx.device)
+        before_start = dist.all_reduce_sum_tensor(flag).item()  # host sync, once
+        if before_start > 0:
+            self.state.stopped_by = self.preemption.watch.agreed_elsewhere(before_start)
+        elif self.cfg.train.stop_after_steps and self.state.global_step >= self.cfg.train.stop_after_steps:
+            self.state.stopped_by = "stop_after_steps"
+        return self.state.stopped_by is not None
+
+    def train_epoch(self, epoch: int, first: bool) -> EpochStats:
+        """One epoch's steps (a resumed one from where it stopped)."""
+        state, parts, cfg = self.state, self.parts, self.cfg
+        plan = EpochPlan(self.ctx.device, epoch, state.global_step, start_step=state.step_in_epoch,
+                         carried=state.carried, max_batches=cfg.train.limit_train_batches,
+                         # compiled steps are timed apart: the first (eager compiled), or warm-up and capture
+                         time_first_steps=(WARMUP_STEPS + 1 if cfg.train.capture else int(cfg.train.compile != "off"))
+                         if first else 0)
+        parts.train_loader.set_epoch(epoch - 1, state.start_sample)
+        state.step_in_epoch, state.carried, state.start_sample = 0, None, 0
+        if self.ctx.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.ctx.device)
+        for callback in self.callbacks:
+            callback.start_epoch(epoch, cfg.train.epochs, parts.steps_per_epoch, plan.start_step)
+        parts.model.train()
+        stats = train_one_epoch(parts.step, parts.train_loader, parts.schedule, plan, self.boundaries)
+        for callback in self.callbacks:
+            callback.end_steps()
+        state.global_step += stats.timed_steps
+        return stats
+
+    def validate(self) -> Tuple[EvalStats, float]:
+        """The test split over all ranks, with BatchNorm statistics averaged first; and its seconds."""
+        dist.average_buffers(self.parts.model)  # the same BN statistics on every rank, before evaluating and saving
+        start = time.perf_counter()
+        evaluation = validate(self.parts.eval_model, self.parts.val_loader, self.parts.precision)
+        return evaluation, time.perf_counter() - start  # validate ended with a host sync
+
+    def _end_epoch(self, epoch: int, stats: EpochStats, first: bool) -> None:
+        """Validate, record, checkpoint."""
+        state = self.state
+        if stats.first_step_seconds:
+            self.logger.info(_compile_line(stats, epoch, self.ctx.device))
+        evaluation, val_seconds = self.validate()
+        self.parts.schedule.after_epoch(evaluation.loss)
+        state.epoch = epoch
+        is_best = evaluation.accuracy > state.best_val_acc
+        if is_best:
+            state.best_val_acc, state.best_epoch = evaluation.accuracy, epoch
+        record = self._epoch_record(epoch, stats, evaluation, val_seconds, is_best)
+        if record.get("cudagraph_skips") and self.ctx.is_main and first:
+            self.logger.info(f"warning: torch.compile skipped CUDA graphs {record['cudagraph_skips']} time(s) (its "
+                             f"reasons are in the 'skipping cudagraphs due to' lines above; BatchNorm under DDP is a "
+                             f"known one, pytorch#139207): train.capture=true records the whole step as one graph "
+                             f"instead")
+        state.history.append(record)
+        for callback in self.callbacks:
+            callback.on_epoch_end(record)
+        if self.cfg.output.save_checkpoints:
+            state.last_checkpoint = save_epoch_checkpoints(self.cfg, self.ctx, self.parts, state, evaluation.accuracy,
+                                                         evaluation.loss, is_best, self.run_dir)
+
+    def _epoch_record(self, epoch: int, stats: EpochStats, evaluation: EvalStats, val_seconds: float,
+                      is_best: bool) -> Dict[str, Any]:
+        record = {"epoch": epoch, "step": self.state.global_step, "train_loss": stats.loss,
+                  "val_loss": evaluation.loss, "val_acc": evaluation.accuracy, "val_correct": evaluation.correct,
+                  "val_total": evaluation.total, "lr": stats.last_lr, "images_per_sec": stats.images_per_sec,
+                  "mfu": self._mfu(stats.images_per_sec), "epoch_seconds": stats.seconds,
+                  "data_wait_seconds": stats.data_wait_seconds,
+                  "compute_seconds": stats.seconds - stats.data_wait_seconds, "val_seconds": val_seconds,
+                  "peak_memory_mb": peak_memory_mb(self.ctx.device), "skipped_steps": stats.skipped_steps,
+                  "world_size": self.ctx.world_size, "is_best": is_best}
+        if self.cfg.train.compile != "off":
+            record["compiled_graphs"] = compiled_graph_count()
+            record["cudagraph_skips"] = cudagraph_skip_count()
+        return record
+
+    # ---------------------------------------------------------------- what the loop calls back
+
+    def _log_interval(self, step: int, epoch: int, loss: float, lr: float, images_per_sec: float) -> None:
+        interval = Interval(step, epoch, loss, lr, images_per_sec, self._mfu(images_per_sec))
+        for callback in self.callbacks:
+            callback.on_interval(interval)
+
+    def _at_boundary(self, global_step: int, step_in_epoch: int, totals: Callable[[], torch.Tensor],
+                     signal: Optional[str]) -> bool:
+        """Every rank, at the same boundaries (see engine.Boundaries): a step checkpoint when a callback
+        asks for one or the run stops here (not at the epoch's last step: the epoch-end checkpoint follows)."""
+        here = Boundary(global_step, step_in_epoch, signal)
+        stop = next((reason for reason in (c.stop_reason(here) for c in self.callbacks) if reason), None)
+        wanted = stop or any(c.wants_checkpoint(here) for c in self.callbacks)
+        if self.cfg.output.save_checkpoints and wanted and step_in_epoch < self.parts.steps_per_epoch:
+            at = dataclasses.replace(self.state, global_step=global_step, step_in_epoch=step_in_epoch)
+            self.state.last_checkpoint = save_step_checkpoint(self.cfg, self.ctx, self.parts, at, totals(),
+                                                              self.run_dir)
         if stop:
-            state.stopped_by = stop
+            self.state.stopped_by = stop
         return bool(stop)
 
-    boundaries = Boundaries(log_every=cfg.train.log_every, every=cfg.checkpoint.every_steps,
-                            stop_at=cfg.train.stop_after_steps, signal_every=cfg.checkpoint.signal_check_every,
-                            at_boundary=at_boundary, signal_flag=watch.flag, signal_agreed=watch.agreed_elsewhere,
-                            agree_on_signal=watch.agreed)
+    def _mfu(self, images_per_sec: float) -> Optional[float]:
+        if not self.parts.peak_flops:
+            return None
+        return images_per_sec * self.parts.flops_per_image / (self.parts.peak_flops * self.ctx.world_size)
 
-    try:
-        # a signal that came while the run was being built (recorded since the entry point's first line):
-        # the ranks agree on it once, and stop before the first step (nothing new to save)
-        before_start = dist.all_reduce_sum_tensor(torch.tensor([watch.flag()], dtype=torch.float64,
-                                                               device=ctx.device)).item()  # host sync, once
-        if before_start > 0:
-            state.stopped_by = watch.agreed_elsewhere(before_start)
-            return state
-        if cfg.train.stop_after_steps and state.global_step >= cfg.train.stop_after_steps:
-            state.stopped_by = "stop_after_steps"  # nothing left to do before the requested stop
-            return state
-        first_epoch = state.epoch + 1
-        for epoch in range(first_epoch, cfg.train.epochs + 1):
-            start_step, carried = state.step_in_epoch, state.carried
-            parts.train_loader.set_epoch(epoch - 1, state.start_sample)
-            state.step_in_epoch, state.carried, state.start_sample = 0, None, 0
-            if ctx.device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(ctx.device)
-            progress.start_epoch(epoch, cfg.train.epochs, steps_per_epoch, done=start_step)
-            parts.model.train()
-            stats = train_one_epoch(parts.step, parts.train_loader, parts.schedule, ctx.device, epoch=epoch,
-                                    global_step=state.global_step, boundaries=boundaries,
-                                    max_batches=cfg.train.limit_train_batches,
-                                    log_step=log_step if ctx.is_main else None,
-                                    time_first_steps=compile_steps if epoch == first_epoch else 0,
-                                    tick=progress.tick if ctx.is_main else None, start_step=start_step,
-                                    carried=carried)
-            progress.end_epoch()
-            state.global_step += stats.timed_steps
-            if stats.stopped_early and stats.steps < steps_per_epoch:
-                state.step_in_epoch = stats.steps
-                return state  # stopped mid-epoch: the step checkpoint holds everything
-            if stats.first_step_seconds:
-                what = (f"the first {stats.first_steps} training steps (compilation, warm-up"
-                        + (" and CUDA graph capture)" if ctx.device.type == "cuda" else ")")
-                        if stats.first_steps > 1 else "the first training step (compilation included)")
-                logger.info(f"compile: {what} took {stats.first_step_seconds:.1f}s; epoch {epoch} images/s leave "
-                            f"{'them' if stats.first_steps > 1 else 'it'} out")
-            dist.average_buffers(parts.model)  # the same BN statistics on every rank, before evaluating and saving
-            val_start = time.perf_counter()
-            evaluation = validate(parts.eval_model, parts.val_loader, parts.precision)
-            val_seconds = time.perf_counter() - val_start  # validate ended with a host sync
-            parts.schedule.after_epoch(evaluation.loss)
-            state.epoch = epoch
-            is_best = evaluation.accuracy > state.best_val_acc
-            if is_best:
-                state.best_val_acc, state.best_epoch = evaluation.accuracy, epoch
-            record = {"epoch": epoch, "step": state.global_step, "train_loss": stats.loss,
-                      "val_loss": evaluation.loss, "val_acc": evaluation.accuracy, "val_correct": evaluation.correct,
-                      "val_total": evaluation.total, "lr": stats.last_lr, "images_per_sec": stats.images_per_sec,
-                      "mfu": mfu(stats.images_per_sec), "epoch_seconds": stats.seconds,
-                      "data_wait_seconds": stats.data_wait_seconds,
-                      "compute_seconds": stats.seconds - stats.data_wait_seconds, "val_seconds": val_seconds,
-                      "peak_memory_mb": peak_memory_mb(ctx.device), "skipped_steps": stats.skipped_steps,
-                      "world_size": ctx.world_size, "is_best": is_best}
-            if compiling:
-                record["compiled_graphs"] = compiled_graph_count()
-                record["cudagraph_skips"] = cudagraph_skip_count()
-                if record["cudagraph_skips"] and ctx.is_main and epoch == first_epoch:
-                    logger.info(f"warning: torch.compile skipped CUDA graphs {record['cudagraph_skips']} time(s) "
-                                f"(its reasons are in the 'skipping cudagraphs due to' lines above; BatchNorm under "
-                                f"DDP is a known one, pytorch#139207): train.capture=true records the whole step "
-                                f"as one graph instead")
-            state.history.append(record)
-            if ctx.is_main:
-                metrics.write(record)
-                table.write(record)
-                if board is not None:
-                    board.scalars("epoch", record, epoch)
-                logger.info(epoch_line(record, cfg.train.epochs))
-            if saving:
-                state.last_checkpoint = save_epoch_checkpoints(cfg, ctx, parts, state, evaluation.accuracy,
-                                                             evaluation.loss, is_best, run_dir)
-            if stats.signal_at_end and not stats.stopped_early:
-                state.stopped_by = stats.signal_at_end  # agreed in the epoch-end reduction
-            if stats.stopped_early or stats.signal_at_end:
-                if epoch == cfg.train.epochs:
-                    state.stopped_by = None  # the stop came with the last step: the run is complete
-                return state  # stopped at the epoch's last step: the epoch-end checkpoint holds everything
-    finally:
-        watch.close()
-        if board is not None:
-            board.close()
-    return state
+
+def _compile_line(stats: EpochStats, epoch: int, device: torch.device) -> str:
+    what = (f"the first {stats.first_steps} training steps (compilation, warm-up"
+            + (" and CUDA graph capture)" if device.type == "cuda" else ")")
+            if stats.first_steps > 1 else "the first training step (compilation included)")
+    return (f"compile: {what} took {stats.first_step_seconds:.1f}s; epoch {epoch} images/s leave "
+            f"{'them' if stats.first_steps > 1 else 'it'} out")
 
 
 def compiled_graph_count() -> int:
@@ -270,102 +283,32 @@ def cudagraph_skip_count() -> int:
     return int(counters["inductor"]["cudagraph_skips"])
 
 
-def _silent_logger() -> logging.Logger:
-    logger = logging.getLogger("fasttrain.nonzero_rank")
-    logger.handlers = [logging.NullHandler()]
-    logger.propagate = False
-    return logger
-
-
-def build_parts(cfg: Config, ctx: dist.Dist, logger: logging.Logger) -> Parts:
-    device = ctx.device
-    precision = build_precision(cfg.train.precision, device, cfg.train.tf32, cfg.train.deterministic)
-    seed_everything(cfg.train.seed)  # same seed on every rank: identical initial weights
-    train_loader, val_loader, info = build_loaders(cfg, device, ctx.rank, ctx.world_size, precision.input_dtype)
-    skipped = train_loader.num_samples - train_loader.batches.used_samples
-    logger.info(f"data {info.name}: {train_loader.num_samples:,} train / {val_loader.num_samples:,} test images of "
-                f"{info.in_channels}x{info.image_size}x{info.image_size}, {info.num_classes} classes | loader "
-                f"{cfg.data.loader}" + (f", {train_loader.num_workers} workers" if cfg.data.loader == "plain" else "")
-                + f" | batch {cfg.train.batch_size} per process x {ctx.world_size} = "
-                f"{cfg.train.batch_size * ctx.world_size} per step"
-                + (f" | {skipped} images per epoch left out (drop_last, or fewer than one per rank)" if skipped else ""))
-    model = build_model(cfg.model, info.in_channels, info.image_size, info.num_classes).to(device)
-    if cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    logger.info(summarize(model, cfg.model.name))
-    compile_mode = None if cfg.train.compile == "default" else cfg.train.compile
-    # train batches have one shape (drop_last), so the compiled model does not recompile per epoch
-    eval_model: nn.Module = torch.compile(model, mode=compile_mode) if cfg.train.compile != "off" else model
-    torch.manual_seed(cfg.train.seed + ctx.rank)  # per-rank streams for dropout; data randomness is seeded apart
-    optimizer = build_optimizer(cfg.optim, model, device, capture=cfg.train.capture)
-    step: Any
-    if cfg.train.capture:
-        step = CapturedStep(model, optimizer, precision, cfg.train.grad_clip, compile_mode, ctx.world_size)
-    else:
-        train_model = eval_model
-        if ctx.world_size > 1:
-            # only where there are gradients to average: world size 1 pays nothing for a wrapper
-            train_model = wrap_ddp(train_model, model, device, cfg.train.compile != "off")
-        step = EagerStep(train_model, optimizer, precision, cfg.train.grad_clip)
-    steps_per_epoch = min(len(train_loader), cfg.train.limit_train_batches or len(train_loader))
-    schedule = Schedule(cfg.sched, optimizer, cfg.train.epochs, steps_per_epoch)
-    logger.info(f"optim {cfg.optim.name} lr {cfg.optim.lr:g} wd {cfg.optim.weight_decay:g} | sched {cfg.sched.name} "
-                f"({'per batch' if schedule.per_batch else 'per epoch'}) | {cfg.train.epochs} epochs x "
-                f"{steps_per_epoch} steps")
-    logger.info(f"speed: precision {cfg.train.precision}, channels_last {str(cfg.train.channels_last).lower()}, "
-                f"compile {cfg.train.compile}, capture {str(cfg.train.capture).lower()}"
-                + (", deterministic algorithms" if cfg.train.deterministic else "")
-                + (" (whole step as one CUDA graph)" if cfg.train.capture and device.type == "cuda" else
-                   " (whole step compiled)" if cfg.train.capture else "")
-                + (f", tf32 {str(cfg.train.tf32).lower()}" if device.type == "cuda" else "")
-                + (f" | DDP over {ctx.world_size} ranks" if ctx.world_size > 1 and not cfg.train.capture else ""))
-    flops = flops_per_image(model, (info.in_channels, info.image_size, info.image_size))
-    peak = peak_flops(device, cfg.train.precision, cfg.train.tf32, cfg.train.peak_tflops or None)
-    logger.info(f"model cost: {flops / 1e6:,.1f} MFLOP per image (forward + backward); MFU "
-                + (f"against {peak / 1e12:,.1f} TFLOP/s per device" if peak else "not reported (peak FLOP/s of "
-                   "this device unknown: set train.peak_tflops)"))
-    return Parts(model, step, eval_model, optimizer, schedule, precision, train_loader, val_loader, flops, peak,
-                 steps_per_epoch)
-
-
-DDP_BUCKET_MB = 25  # DDP's default bucket_cap_mb
-
-
-def wrap_ddp(train_model: nn.Module, model: nn.Module, device: torch.device, compiled: bool) -> nn.Module:
-    """DDP without per-forward buffer broadcasts (BatchNorm buffers are averaged at every epoch's
-    end), with gradients as views of its buckets (no copy in or out per step).
-
-    Compiled models: `torch._dynamo.config.optimize_ddp` splits the graph at bucket boundaries so
-    that an all-reduce can overlap the rest of the backward. When all gradients fit in one bucket
-    there is nothing to overlap and the split only adds graphs (CIFAR10_CNN: 2 forward + 2 backward
-    instead of 1 + 1) and launches; measured on 2 gloo ranks (benchmarks/ddp_graphs.py,
-    benchmarks/RESULTS.md), one graph was as fast or faster. So: off for models whose gradients
-    fit in one bucket, PyTorch's default (on) for larger ones."""
-    if compiled:
-        grad_mb = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad) / 2**20
-        torch._dynamo.config.optimize_ddp = grad_mb > DDP_BUCKET_MB
-    kwargs: dict = {"gradient_as_bucket_view": True}
-    if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters:
-        kwargs["forward_sync_buffers"] = False  # torch >= 2.14's name (it still syncs once, at construction)
-    else:
-        kwargs["broadcast_buffers"] = False
-    return DDP(train_model, device_ids=[device.index] if device.type == "cuda" else None, **kwargs)
+def resolve(cfg: Config, device: torch.device) -> Tuple[Config, List[str]]:
+    """The config this run trains with: `cfg` (left as validated) with what the run derives from it and
+    the machine: data.drop_last under compile (one training batch shape: no recompilation or re-capture
+    per epoch) and the loader that data.loader=auto picks. Returns it with one note per derived value;
+    the run folder's config.yaml records the resolved config."""
+    notes: List[str] = []
+    data = cfg.data
+    if cfg.train.compile != "off" and not data.drop_last:
+        data = dataclasses.replace(data, drop_last=True)
+        notes.append("compile: data.drop_last set to true so that every training batch has the same shape")
+    loader, reason = resolve_loader(cfg, device)
+    if data.loader == "auto":
+        data = dataclasses.replace(data, loader=loader)
+        notes.append(f"data.loader=auto chose {loader}: {reason}")
+    return (cfg if data is cfg.data else dataclasses.replace(cfg, data=data)), notes
 
 
 def _run(cfg: Config, ctx: dist.Dist) -> RunState:
-    if cfg.train.compile != "off" and not cfg.data.drop_last:
-        cfg.data.drop_last = True  # one training batch shape: no recompilation (or re-capture) per epoch
-        drop_note = "compile: data.drop_last set to true so that every training batch has the same shape"
-    else:
-        drop_note = ""
-    loader, loader_reason = resolve_loader(cfg, ctx.device)
-    if cfg.data.loader == "auto":
-        cfg.data.loader = loader  # the resolved config records what ran
+    cfg, notes = resolve(cfg, ctx.device)
     folder = _claim_on_rank0(cfg, ctx)
     committed = False
+    closing: List[Parts] = []
     try:
-        logger = setup_logging(None, hold=True) if ctx.is_main else _silent_logger()
-        parts, state, resume_from = _build(cfg, ctx, logger, drop_note, loader, loader_reason)
+        logger = setup_logging(None, hold=True) if ctx.is_main else silent_logger()
+        parts, state, resume_from = _build(cfg, ctx, logger, notes)
+        closing.append(parts)
         _commit_on_rank0(cfg, ctx, folder, state, resume_from, logger)
         committed = True
         try:
@@ -375,12 +318,14 @@ def _run(cfg: Config, ctx: dist.Dist) -> RunState:
             logger.info(f"error: {err}" if isinstance(err, UserError) else f"error: {type(err).__name__}: {err}")
             raise
     finally:
+        for parts in closing:  # worker processes end here, in order, not whenever a collection finds them
+            parts.train_loader.close()
+            parts.val_loader.close()
         if folder is not None:
             folder.release() if committed else folder.abandon()
 
 
-def _build(cfg: Config, ctx: dist.Dist, logger: logging.Logger, drop_note: str, loader: str,
-           loader_reason: str) -> tuple:
+def _build(cfg: Config, ctx: dist.Dist, logger: logging.Logger, notes: List[str]) -> tuple:
     """Everything a run needs before it may change its folder: (parts, restored state or None, the
     checkpoint it continues from or None)."""
     run_dir = Path(cfg.output.dir)
@@ -388,10 +333,8 @@ def _build(cfg: Config, ctx: dist.Dist, logger: logging.Logger, drop_note: str, 
     logger.info(f"fasttrain {fasttrain.__version__} | torch {torch.__version__} | python {platform.python_version()}"
                 f" | device {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
     logger.info(f"distributed: world size {ctx.world_size}, backend {ctx.backend} | run folder {run_dir}")
-    if drop_note:
-        logger.info(drop_note)
-    if loader_reason != "as configured":
-        logger.info(f"data.loader=auto chose {loader}: {loader_reason}")
+    for note in notes:
+        logger.info(note)
     resume_from = choose_on_rank0(cfg, ctx, run_dir, logger)
     parts = build_parts(cfg, ctx, logger)
     state = restore_on_every_rank(cfg, ctx, parts, resume_from, logger) if resume_from else None
@@ -404,7 +347,7 @@ def _train_and_finish(cfg: Config, ctx: dist.Dist, parts: Parts, state: Optional
                       logger: logging.Logger) -> RunState:
     run_dir = Path(cfg.output.dir)
     started = time.perf_counter()
-    state = fit(cfg, ctx, parts, run_dir, logger, state)
+    state = Trainer(cfg, ctx, parts, run_dir, logger, state).fit()
     if state.stopped_by:
         return _report_stop(cfg, ctx, state, run_dir, logger)
     in_sync, digests = dist.digests_match(parts.model)

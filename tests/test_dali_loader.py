@@ -12,7 +12,7 @@ import torch
 from conftest import REPO, run_torchrun
 from fasttrain.config import load_config
 from fasttrain.data import build_loaders
-from fasttrain.data.gpu import GpuLoader
+from fasttrain.data.gpu import BatchFormat, CropFlip, GpuLoader
 from fasttrain.data.plain import ShardedBatches
 from fasttrain.errors import UserError
 
@@ -24,13 +24,11 @@ def _pair(n=300, batch=64, **kw):
 
     images = np.random.default_rng(0).integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
     labels = np.arange(n) % 10
-    args = dict(mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25], crop_padding=4, hflip=True, seed=5)
-    args.update(kw)
+    fmt = BatchFormat(CPU, [0.5, 0.5, 0.5], [0.25, 0.25, 0.25], kw.get("dtype", torch.float32),
+                      kw.get("channels_last", False))
+    aug = CropFlip(kw.get("crop_padding", 4), kw.get("hflip", True), 5)
     make = lambda: ShardedBatches(n, batch, True, 5)  # noqa: E731
-    return (DaliLoader(images, labels, make(), CPU, dtype=args.pop("dtype", torch.float32),
-                       channels_last=args.pop("channels_last", False), **args),
-            GpuLoader(images, labels, make(), CPU, dtype=kw.get("dtype", torch.float32),
-                      channels_last=kw.get("channels_last", False), **args))
+    return DaliLoader(images, labels, make(), fmt, aug), GpuLoader(images, labels, make(), fmt, aug)
 
 
 @pytest.mark.parametrize("dtype,channels_last", [(torch.float32, False), (torch.float32, True),

@@ -10,7 +10,7 @@ from torchvision.transforms import functional as TF
 
 from fasttrain.config import load_config
 from fasttrain.data import build_eval_loader
-from fasttrain.data.gpu import GpuLoader, crop_flip
+from fasttrain.data.gpu import BatchFormat, CropFlip, GpuLoader, crop_flip
 from fasttrain.data.plain import ShardedBatches
 
 CPU = torch.device("cpu")
@@ -49,7 +49,8 @@ def _loader(images, labels, rank=0, world=1, batch=100, kind="gpu", **kw):
         from fasttrain.data.dali import DaliLoader as cls
     else:
         cls = GpuLoader
-    return cls(images, labels, batches, CPU, [0.0] * 3, [1.0] * 3, torch.float32, False, seed=3, **kw)
+    return cls(images, labels, batches, BatchFormat(CPU, [0.0] * 3, [1.0] * 3),
+               CropFlip(kw.get("crop_padding", 0), kw.get("hflip", False), seed=3))
 
 
 @pytest.mark.parametrize("kind", ["gpu", "dali"])
@@ -103,7 +104,8 @@ def test_every_sample_once_per_epoch_across_ranks(world):
 def test_delivers_the_requested_dtype_and_memory_format():
     images, labels = _probe_images(64)
     batches = ShardedBatches(64, 32, shuffle=True, seed=0)
-    loader = GpuLoader(images, labels, batches, CPU, [0.5] * 3, [0.5] * 3, torch.bfloat16, True, 4, True)
+    loader = GpuLoader(images, labels, batches, BatchFormat(CPU, [0.5] * 3, [0.5] * 3, torch.bfloat16, True),
+                       CropFlip(4, True))
     x, y = next(iter(loader))
     assert x.dtype == torch.bfloat16 and x.is_contiguous(memory_format=torch.channels_last)
     assert x.shape == (32, 3, 32, 32) and y.dtype == torch.int64

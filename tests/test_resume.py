@@ -4,6 +4,7 @@ gloo ranks. The model has dropout and BatchNorm, so per-rank random states and b
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -93,7 +94,7 @@ def test_a_truncated_newest_checkpoint_is_skipped_for_the_one_before(straight_ru
     resumed = run_fasttrain(*RUN, f"output.dir={out}", "resume=auto")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "step-00000005.pt is truncated or corrupt" in resumed.stdout
-    assert f"resumed from {ckpts / 'step-00000004.pt'}" in resumed.stdout
+    assert json.loads((out / "env.json").read_text())["resumed_from"]["checkpoint"] == str(ckpts / "step-00000004.pt")
     assert not list(ckpts.glob(".*.tmp"))
     assert_same_weights(straight_runs("plain", 1), out)
 
@@ -101,7 +102,9 @@ def test_a_truncated_newest_checkpoint_is_skipped_for_the_one_before(straight_ru
     before = (ckpts / "last.pt").read_bytes()
     again = run_fasttrain(*RUN, f"output.dir={out}", "resume=auto")
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "after epoch 2" in again.stdout
+    resumed_from = json.loads((out / "env.json").read_text())["resumed_from"]
+    assert (resumed_from["checkpoint"], resumed_from["epoch"], resumed_from["step_in_epoch"]) == (
+        str(ckpts / "last.pt"), 2, 0)
     assert (ckpts / "last.pt").read_bytes() == before
     assert len(read_jsonl(out / "metrics.jsonl")) == 2
 
@@ -123,7 +126,9 @@ def test_resume_with_another_world_size_warns_that_the_data_order_changes(two_ra
     assert "written by 2 process(es) and this run has 1" in resumed.stdout
     assert "will not match an uninterrupted run bit for bit" in resumed.stdout
     # 3 steps of 64 images were done: the 1-process run continues at image 192 of epoch 1 (step 6 of 8)
-    assert "6 of 8 steps into epoch 1" in resumed.stdout
+    resumed_from = json.loads((one / "env.json").read_text())["resumed_from"]
+    assert (resumed_from["global_step"], resumed_from["step_in_epoch"], resumed_from["start_sample"]) == (3, 6, 192)
+    assert [r["step"] for r in read_jsonl(one / "steps.jsonl") if r["epoch"] == 1] == [4, 5]
     assert [r["epoch"] for r in read_jsonl(one / "metrics.jsonl")] == [1, 2]
     assert torch.load(one / "checkpoints" / "last.pt", weights_only=False)["world_size"] == 1
 

@@ -274,7 +274,7 @@ def test_capture_refuses_fp16_with_a_clear_message():
 
 def test_world_size_one_trains_without_ddp(tmp_path):
     from fasttrain import dist
-    from fasttrain.trainer import build_parts
+    from fasttrain.build import build_parts
 
     cfg = load_config(str(REPO / "configs" / "smoke.yaml"), [f"output.dir={tmp_path}"])
     ctx = dist.setup("cpu")

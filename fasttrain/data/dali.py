@@ -17,12 +17,12 @@ tests it. DALI has no bfloat16: under bf16 it emits float32 and the cast happens
 from __future__ import annotations
 
 import importlib
-from typing import Iterator, Sequence, Tuple
+from typing import Iterator, Tuple
 
 import numpy as np
 import torch
 
-from fasttrain.data.gpu import epoch_augmentation
+from fasttrain.data.gpu import BatchFormat, CropFlip, epoch_augmentation
 from fasttrain.data.plain import ShardedBatches, ShardLoader
 from fasttrain.errors import UserError
 
@@ -71,21 +71,18 @@ class _EpochSource:
 class DaliLoader(ShardLoader):
     """Loader contract as in `fasttrain.data.plain`: (images, labels) on the device, set_epoch, len."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, batches: ShardedBatches, device: torch.device,
-                 mean: Sequence[float], std: Sequence[float], dtype: torch.dtype, channels_last: bool,
-                 crop_padding: int = 0, hflip: bool = False, seed: int = 0, num_threads: int = 2):
+    def __init__(self, images: np.ndarray, labels: np.ndarray, batches: ShardedBatches, fmt: BatchFormat,
+                 aug: CropFlip = CropFlip(), num_threads: int = 2):
         self.dali, self.fn, self.types = _import_dali()
         self.images = images  # (N, H, W, C) uint8, read-only, shared
         self.labels = np.ascontiguousarray(labels, dtype=np.int64)
         self.batches = batches
-        self.device = device
-        self.mean = [255.0 * m for m in mean]  # DALI normalizes raw 0..255 pixels
-        self.std = [255.0 * s for s in std]
-        self.dtype = dtype
-        self.channels_last = channels_last
-        self.crop_padding = crop_padding
-        self.hflip = hflip
-        self.seed = seed
+        self.device = fmt.device
+        self.mean = [255.0 * m for m in fmt.mean]  # DALI normalizes raw 0..255 pixels
+        self.std = [255.0 * s for s in fmt.std]
+        self.dtype = fmt.dtype
+        self.channels_last = fmt.channels_last
+        self.crop_padding, self.hflip, self.seed = aug.crop_padding, aug.hflip, aug.seed
         self.num_threads = max(1, num_threads)
         self._pipe = None
         self._mid_epoch = False  # a consumer stopped early: the pipeline must be drained before reuse

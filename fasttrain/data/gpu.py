@@ -13,6 +13,7 @@ that launch nothing. No per-sample Python, no host round trip and no device op p
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from typing import Iterator, Sequence, Tuple
 
 import numpy as np
@@ -51,12 +52,32 @@ def epoch_augmentation(seed: int, epoch: int, num_samples: int, padding: int,
     return corners, flips
 
 
+@dataclass(frozen=True)
+class BatchFormat:
+    """What the gpu and dali loaders deliver: batches on `device`, normalized per channel by `mean` and
+    `std` (of pixels in [0, 1]), in `dtype`, channels_last or not."""
+    device: torch.device
+    mean: Sequence[float]
+    std: Sequence[float]
+    dtype: torch.dtype = torch.float32
+    channels_last: bool = False
+
+
+@dataclass(frozen=True)
+class CropFlip:
+    """Their augmentation, drawn per sample from (seed, epoch): a crop of the image zero-padded by
+    `crop_padding` (0 = none), and a horizontal flip with probability 1/2 when `hflip`."""
+    crop_padding: int = 0
+    hflip: bool = False
+    seed: int = 0
+
+
 class GpuLoader(ShardLoader):
     """Loader contract as in `fasttrain.data.plain`: (images, labels) on the device, set_epoch, len."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, batches: ShardedBatches, device: torch.device,
-                 mean: Sequence[float], std: Sequence[float], dtype: torch.dtype, channels_last: bool,
-                 crop_padding: int = 0, hflip: bool = False, seed: int = 0):
+    def __init__(self, images: np.ndarray, labels: np.ndarray, batches: ShardedBatches, fmt: BatchFormat,
+                 aug: CropFlip = CropFlip()):
+        device, mean, std = fmt.device, fmt.mean, fmt.std
         # one copy of the split to the device, as uint8 NCHW; the cached arrays are read-only and are
         # only read here (.contiguous() after the permute copies, on the CPU too)
         with warnings.catch_warnings():
@@ -70,11 +91,9 @@ class GpuLoader(ShardLoader):
         # normalize as one multiply-add: x/255 -> (x/255 - mean)/std
         self.scale = (1.0 / (255.0 * std_t)).view(1, -1, 1, 1)
         self.shift = (-mean_t / std_t).view(1, -1, 1, 1)
-        self.dtype = dtype
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.crop_padding = crop_padding
-        self.hflip = hflip
-        self.seed = seed
+        self.dtype = fmt.dtype
+        self.memory_format = torch.channels_last if fmt.channels_last else torch.contiguous_format
+        self.crop_padding, self.hflip, self.seed = aug.crop_padding, aug.hflip, aug.seed
 
     @property
     def num_samples(self) -> int:

@@ -9,6 +9,8 @@ epoch e is seeded by (seed, e, i), so the data a run sees does not depend on num
 
 from __future__ import annotations
 
+import atexit
+import weakref
 from typing import Callable, Iterator, List, Optional, Tuple
 
 import numpy as np
@@ -154,6 +156,21 @@ class ShardLoader:
     def __len__(self) -> int:
         return len(self.batches)
 
+    def close(self) -> None:
+        """Release what the loader holds beyond memory (worker processes); a no-op where there is none."""
+
+
+_live_loaders: "weakref.WeakSet[PlainLoader]" = weakref.WeakSet()
+
+
+@atexit.register  # after multiprocessing's own exit hook is registered, so it runs before it
+def _end_workers_at_exit() -> None:
+    """A program that exits while it still holds a loader: its workers ignore SIGTERM (they must survive
+    a process group's), which is how multiprocessing ends daemonic children at exit; end them the
+    DataLoader's own way first."""
+    for loader in list(_live_loaders):
+        loader.close()
+
 
 class PlainLoader(ShardLoader):
     """DataLoader over a CustomDataset with this rank's batches, moving each batch to the device."""
@@ -180,7 +197,16 @@ class PlainLoader(ShardLoader):
     def num_samples(self) -> int:
         return len(self.dataset)
 
+    def close(self) -> None:
+        """End the worker processes (a persistent iterator's included)."""
+        iterator = getattr(self.loader, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+            self.loader._iterator = None  # a later iteration starts new workers
+
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        if self.num_workers > 0:
+            _live_loaders.add(self)
         with signals_held():  # workers start here: none may die of a signal before it ignores it
             batches = iter(self.loader)
         for images, labels in batches:
