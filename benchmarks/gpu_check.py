@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import os
 import platform
@@ -278,8 +279,17 @@ def _bf16_tracks_fp32(device: torch.device) -> dict:
     return {"ok": worst < 3e-2, "max_relative_difference": round(worst, 5), "losses": losses}
 
 
+def weights_digest(state: Dict[str, torch.Tensor]) -> str:
+    """The first 16 hex digits of a sha256 over a state dict's names and raw bytes: equal only when bit-identical."""
+    h = hashlib.sha256()
+    for name, tensor in state.items():
+        h.update(name.encode())
+        # reshape(-1): a 0-dim buffer (BatchNorm's num_batches_tracked) cannot be viewed as bytes
+        h.update(tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def _resume_bitwise(plan: Plan, deadline: float) -> dict:
-    import hashlib
 
     common = ["--config", FAST, *plan.data(2048, 256), *plan.tiny(), "train.batch_size=256" if not plan.smoke else
               "train.batch_size=64", "train.epochs=2", "train.compile=off", "train.capture=false",
@@ -295,12 +305,8 @@ def _resume_bitwise(plan: Plan, deadline: float) -> dict:
                 "output": _tail(next(r.stdout for r in runs if r.returncode != 0), 8)}
 
     def digest(run_dir: Path) -> str:
-        weights = torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)["model"]
-        h = hashlib.sha256()
-        for name, tensor in weights.items():
-            h.update(name.encode())
-            h.update(tensor.contiguous().view(torch.uint8).numpy().tobytes())
-        return h.hexdigest()[:16]
+        return weights_digest(torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu",
+                                         weights_only=False)["model"])
 
     a, b = digest(straight), digest(stopped)
     return {"ok": a == b, "straight_sha256": a, "resumed_sha256": b}
@@ -348,6 +354,8 @@ def correctness(plan: Plan, deadline: float) -> dict:
             results[name] = check()
         except Skipped as note:
             results[name] = str(note)
+        except Exception as err:  # one check's error must not cost the others their run
+            results[name] = {"ok": False, "error": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"}
     return {"ok": all(r["ok"] for r in results.values() if isinstance(r, dict)), **results}
 
 
@@ -495,9 +503,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--data-root", type=Path, help="folder holding cifar-10-batches-py/ (default: "
                         "../shared/data, then ./data; synthetic data of the same shape when absent)")
     parser.add_argument("--smoke", action="store_true", help="every section at tiny sizes on the CPU")
+    parser.add_argument("--sections", help="comma-separated sections to run, in the plan's order (default: all of "
+                        f"{','.join(name for name, _ in SECTIONS)})")
     parser.add_argument("--commit", help="the commit being checked (default: git rev-parse HEAD)")
     args = parser.parse_args(argv)
-    args.budget = args.budget or (SMOKE_BUDGET if args.smoke else DEFAULT_BUDGET)
+    known = [name for name, _ in SECTIONS]
+    chosen = [name.strip() for name in args.sections.split(",") if name.strip()] if args.sections else known
+    unknown = [name for name in chosen if name not in known]
+    if unknown or not chosen:
+        parser.error(f"--sections: unknown section(s) {', '.join(unknown) or '(none given)'}; "
+                     f"choose from {', '.join(known)}")
+    planned = sum(seconds for name, seconds in SECTIONS if name in chosen)  # the chosen sections' share of 480 s
+    args.budget = args.budget or (SMOKE_BUDGET if args.smoke else planned)
     roots = [args.data_root] if args.data_root else [REPO.parent / "shared" / "data", REPO / "data"]
     root = next((r for r in roots if (r / "cifar-10-batches-py").is_dir()), roots[0])
     if not args.smoke and not torch.cuda.is_available():
@@ -511,13 +528,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     env = environment(plan, args.commit)
     print(json.dumps({"gpu_check": env}), flush=True)
     # the full plan's budgets scale with --budget (smoke: tiny work, the same order)
-    scale = args.budget / DEFAULT_BUDGET
+    scale = args.budget / (DEFAULT_BUDGET if args.smoke else planned)
     records: List[dict] = []
     tutorial_ips: Optional[float] = None
     for name, seconds in SECTIONS:
+        if name not in chosen:
+            continue
         budget = seconds * scale
         record: dict = {"section": name, "budget_s": round(budget)}
-        if plan.left() < budget:
+        if plan.left() + 2.0 < budget:  # 2 s: the setup before the first section
             record.update(status="skipped", note=f"skipped: needs {budget:.0f} s, {max(plan.left(), 0):.0f} s left")
         else:
             start = time.monotonic()

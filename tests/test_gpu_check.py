@@ -31,3 +31,27 @@ def test_gpu_check_smoke_runs_every_section_on_the_cpu_and_writes_its_report(tmp
     assert [s["section"] for s in report["sections"]] == list(sections)
     table = [line for line in (out / "gpu_check.md").read_text().splitlines() if line.startswith("| ")]
     assert len(table) == 1 + 6  # the header, then one row per section
+
+
+def test_the_bitwise_digest_covers_batchnorm_buffers_and_sees_a_one_bit_change():
+    """The H200 run found the digest failing on BatchNorm's 0-dim `num_batches_tracked`
+    (the smoke run's MLP has none): a model with BatchNorm must digest, and one flipped bit must show."""
+    import torch
+    from benchmarks.gpu_check import weights_digest
+
+    state = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).state_dict()
+    assert state["1.num_batches_tracked"].dim() == 0
+    before = weights_digest(state)
+    assert weights_digest({k: v.clone() for k, v in state.items()}) == before
+    state["0.weight"].view(torch.int32)[0, 0, 0, 0] ^= 1
+    assert weights_digest(state) != before
+
+
+def test_sections_picks_what_runs_and_refuses_an_unknown_name(capsys):
+    import pytest
+    from benchmarks.gpu_check import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--smoke", "--sections", "correctnes"])
+    assert stop.value.code == 2
+    assert "unknown section(s) correctnes; choose from hidden_syncs, real_entry" in capsys.readouterr().err
