@@ -10,34 +10,104 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import enum
 import io
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional, Sequence
+from typing import Any, ClassVar, List, Optional, Sequence
 
 import yaml
 from omegaconf import OmegaConf
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from fasttrain.errors import ConfigError
 # the registries are the lists of names the config accepts: register an entry, and its name is valid
 from fasttrain.registry import DATASETS, MODELS, OPTIMIZERS, SCHEDULES, Registry
 
-LOADERS = ("plain", "gpu", "dali", "auto")
-PRECISIONS = ("fp32", "bf16", "fp16")
-COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
+
+
+class Choice(str, enum.Enum):
+    """A closed set of names for one config key. OmegaConf accepts only a member's name there, and a
+    member compares, hashes, prints and serialises as that name (`PrecisionName.bf16 == "bf16"`), so
+    YAML, logs, checkpoints and code read the same. Open sets (models, datasets, optimizers,
+    schedules) are registries instead: anyone can add to those."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+    @classmethod
+    def names(cls) -> List[str]:
+        return [member.value for member in cls]
+
+
+def _choices(name: str, names: Sequence[str]) -> Any:
+    # the functional form: compile modes are not Python identifiers (reduce-overhead)
+    return Choice(name, [(n, n) for n in names], module=__name__, qualname=name)
+
+
+LoaderName = _choices("LoaderName", ("plain", "gpu", "dali", "auto"))
+PrecisionName = _choices("PrecisionName", ("fp32", "bf16", "fp16"))
+CompileMode = _choices("CompileMode", ("off", "default", "reduce-overhead", "max-autotune"))
+BackendName = _choices("BackendName", ("auto", "nccl", "gloo"))
+SignalName = _choices("SignalName", ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP", "SIGCONT"))
 # seeds reach torch (< 2**64), NumPy, DALI (< 2**63) and derived seeds such as seed * 1_000_003 + epoch;
 # 31 bits keeps every one of them valid, and is what most seed APIs take
 SEED_MAX = 2**31 - 1
 
 
-def _field(default: Any, doc: str, choices: Optional[Registry] = None) -> Any:
-    """A dataclass field with a help line (shown by `fasttrain train --help`); with `choices`, the
-    line starts with the registry's names, read when the help is shown (the entries' modules import
-    this one, so the names cannot be read while it is imported)."""
-    metadata = {"doc": doc, "choices": choices}
+@dataclass(frozen=True)
+class Range:
+    """The values a number key accepts: `low`/`high` inclusive, `above`/`below` exclusive; `what` and
+    `note` complete the error's "expected ..." ("an integer >= 0 (0 = all)")."""
+    what: str
+    low: Optional[float] = None
+    high: Optional[float] = None
+    above: Optional[float] = None
+    below: Optional[float] = None
+    note: str = ""
+    said: str = ""  # the whole "expected ..." where the bounds alone would say it less clearly
+
+    def holds(self, value: float) -> bool:
+        return ((self.low is None or value >= self.low) and (self.high is None or value <= self.high)
+                and (self.above is None or value > self.above) and (self.below is None or value < self.below))
+
+    def expected(self) -> str:
+        if self.said:
+            return self.said
+
+        def shown(bound: float) -> str:
+            return str(int(bound)) if float(bound).is_integer() else f"{bound:g}"
+
+        start = ("[", self.low) if self.low is not None else ("(", self.above) if self.above is not None else None
+        end = ("]", self.high) if self.high is not None else (")", self.below) if self.below is not None else None
+        if start and end:
+            text = f"{self.what} in {start[0]}{shown(start[1])}, {shown(end[1])}{end[0]}"
+        elif start:
+            text = f"{self.what} {'>=' if start[0] == '[' else '>'} {shown(start[1])}"
+        else:
+            assert end is not None
+            text = f"{self.what} {'<=' if end[0] == ']' else '<'} {shown(end[1])}"
+        return text + (f" ({self.note})" if self.note else "")
+
+
+def _field(default: Any, doc: str, choices: Optional[Registry] = None, *, low: Optional[float] = None,
+           high: Optional[float] = None, above: Optional[float] = None, below: Optional[float] = None,
+           what: str = "", note: str = "", expected: str = "") -> Any:
+    """A dataclass field with a help line (shown by `fasttrain train --help`) and what it accepts,
+    checked by `Section`: a registry's names (`choices`: the help line starts with them, read when
+    shown, since the entries' modules import this one), or a range of numbers."""
+    bounded = any(bound is not None for bound in (low, high, above, below))
+    kind = what or ("an integer" if isinstance(default, int) else "a float")
+    metadata = {"doc": doc, "choices": choices,
+                "range": Range(kind, low, high, above, below, note, expected) if bounded else None}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -63,47 +133,67 @@ def _choice(key: str, value: str, choices: Sequence[str]) -> None:
 # --------------------------------------------------------------------------- sections
 
 
+class Section:
+    """One config section (`key`: its name in YAML). Once OmegaConf has filled it, each field's
+    registry and range (declared with `_field`) are checked, then `check()`: what one field
+    cannot say alone."""
+
+    key: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value, registry, accepted = getattr(self, f.name), f.metadata.get("choices"), f.metadata.get("range")
+            if registry is not None:
+                _choice(f"{self.key}.{f.name}", value, registry.names())
+            if accepted is not None:
+                _require(accepted.holds(value), f"{self.key}.{f.name}", value, accepted.expected())
+        self.check()
+
+    def check(self) -> None:
+        pass
+
+
 @dataclass
-class DataConfig:
+class DataConfig(Section):
+    key: ClassVar[str] = "data"
     dataset: str = _field("cifar10", "", DATASETS)
     root: str = _field("./data", "folder that contains cifar-10-batches-py/ (or MNIST/)")
     download: bool = _field(True, "download with torchvision when the data are missing")
-    loader: str = _field("plain", "plain (torchvision transforms + DataLoader) | gpu (whole split on the device, batched augmentation) | dali (NVIDIA DALI pipeline) | auto (the fastest that applies; logged)")
+    loader: LoaderName = _field(LoaderName.plain, "plain (torchvision transforms + DataLoader) | gpu (whole split on "
+                                "the device, batched augmentation) | dali (NVIDIA DALI pipeline) | auto (the fastest "
+                                "that applies; logged)")
     num_workers: int = _field(-1, "DataLoader worker processes (0 = load in the main process; -1 = auto: min(4, CPUs "
-                                  "this process may use / processes on the node), logged); DALI CPU threads")
+                                  "this process may use / processes on the node), logged); DALI CPU threads",
+                              low=-1, expected="an integer >= 0, or -1 (auto)")
     pin_memory: Optional[bool] = _field(None, "pin host memory; null = on when training on CUDA")
     shuffle: bool = _field(True, "reshuffle the training set every epoch")
     drop_last: bool = _field(False, "drop the last incomplete training batch")
     persistent_workers: bool = _field(True, "keep DataLoader workers alive between epochs")
-    train_size: int = _field(0, "use a seeded random subset of this many training images (0 = all; synthetic: 5000)")
-    val_size: int = _field(0, "use a seeded random subset of this many test images (0 = all; synthetic: 1000)")
-    subset_seed: int = _field(0, "seed of the subset choice (independent of train.seed; 0 to 2147483647)")
+    train_size: int = _field(0, "use a seeded random subset of this many training images (0 = all; synthetic: 5000)",
+                             low=0, note="0 = all")
+    val_size: int = _field(0, "use a seeded random subset of this many test images (0 = all; synthetic: 1000)",
+                           low=0, note="0 = all")
+    subset_seed: int = _field(0, "seed of the subset choice (independent of train.seed; 0 to 2147483647)",
+                              low=0, high=SEED_MAX)
     mean: List[float] = _field([0.5, 0.5, 0.5], "Normalize mean, one value or one per channel")
     std: List[float] = _field([0.5, 0.5, 0.5], "Normalize std, one value or one per channel")
 
-    def __post_init__(self) -> None:
-        _choice("data.dataset", self.dataset, DATASETS.names())
-        _choice("data.loader", self.loader, LOADERS)
-        _require(self.num_workers >= -1, "data.num_workers", self.num_workers, "an integer >= 0, or -1 (auto)")
-        _require(self.train_size >= 0, "data.train_size", self.train_size, "an integer >= 0 (0 = all)")
-        _require(self.val_size >= 0, "data.val_size", self.val_size, "an integer >= 0 (0 = all)")
-        _require(0 <= self.subset_seed <= SEED_MAX, "data.subset_seed", self.subset_seed,
-                 f"an integer in [0, {SEED_MAX}]")
+    def check(self) -> None:
         _require(len(self.mean) in (1, 3), "data.mean", list(self.mean), "a list of 1 or 3 floats")
         _require(len(self.std) in (1, 3), "data.std", list(self.std), "a list of 1 or 3 floats")
         _require(all(s > 0 for s in self.std), "data.std", list(self.std), "positive values")
 
 
 @dataclass
-class AugConfig:
-    crop_padding: int = _field(4, "RandomCrop(size, padding=N) on training images; 0 = no crop")
+class AugConfig(Section):
+    key: ClassVar[str] = "aug"
+    crop_padding: int = _field(4, "RandomCrop(size, padding=N) on training images; 0 = no crop", low=0)
     hflip: bool = _field(True, "RandomHorizontalFlip on training images")
-    rotation: float = _field(0.0, "RandomRotation(degrees); 0 = off")
-    color_jitter: List[float] = _field([0.0, 0.0, 0.0, 0.0], "ColorJitter [brightness, contrast, saturation, hue]; zeros = off")
+    rotation: float = _field(0.0, "RandomRotation(degrees); 0 = off", low=0, high=180, what="degrees")
+    color_jitter: List[float] = _field([0.0, 0.0, 0.0, 0.0], "ColorJitter [brightness, contrast, saturation, hue]; "
+                                                            "zeros = off")
 
-    def __post_init__(self) -> None:
-        _require(self.crop_padding >= 0, "aug.crop_padding", self.crop_padding, "an integer >= 0")
-        _require(0 <= self.rotation <= 180, "aug.rotation", self.rotation, "degrees in [0, 180]")
+    def check(self) -> None:
         jitter = list(self.color_jitter)
         _require(len(jitter) == 4 and all(v >= 0 for v in jitter), "aug.color_jitter", jitter,
                  "4 values >= 0: [brightness, contrast, saturation, hue]")
@@ -111,32 +201,29 @@ class AugConfig:
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(Section):
+    key: ClassVar[str] = "model"
     name: str = _field("CIFAR10_CNN", "", MODELS)
     hidden_sizes: List[int] = _field([512, 256], "hidden layer widths of MLP / MLPSequential")
-    dropout: float = _field(0.5, "dropout before the last layer of CIFAR10_CNN and MLP")
+    dropout: float = _field(0.5, "dropout before the last layer of CIFAR10_CNN and MLP", low=0, below=1,
+                            what="a probability")
 
-    def __post_init__(self) -> None:
-        _choice("model.name", self.name, MODELS.names())
+    def check(self) -> None:
         _require(len(self.hidden_sizes) >= 1 and all(h >= 1 for h in self.hidden_sizes),
                  "model.hidden_sizes", list(self.hidden_sizes), "a non-empty list of positive integers")
-        _require(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout, "a probability in [0, 1)")
 
 
 @dataclass
-class OptimConfig:
+class OptimConfig(Section):
+    key: ClassVar[str] = "optim"
     name: str = _field("adamw", "", OPTIMIZERS)
-    lr: float = _field(1e-3, "learning rate (OneCycleLR overrides it with sched.max_lr / sched.div_factor)")
-    weight_decay: float = _field(0.01, "weight decay (decoupled for adamw)")
-    momentum: float = _field(0.9, "sgd momentum")
+    lr: float = _field(1e-3, "learning rate (OneCycleLR overrides it with sched.max_lr / sched.div_factor)", above=0)
+    weight_decay: float = _field(0.01, "weight decay (decoupled for adamw)", low=0)
+    momentum: float = _field(0.9, "sgd momentum", low=0, below=1)
     nesterov: bool = _field(False, "sgd Nesterov momentum (needs momentum > 0)")
     betas: List[float] = _field([0.9, 0.999], "adam/adamw betas")
 
-    def __post_init__(self) -> None:
-        _choice("optim.name", self.name, OPTIMIZERS.names())
-        _require(self.lr > 0, "optim.lr", self.lr, "a float > 0")
-        _require(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "a float >= 0")
-        _require(0 <= self.momentum < 1, "optim.momentum", self.momentum, "a float in [0, 1)")
+    def check(self) -> None:
         _require(not (self.nesterov and self.name == "sgd" and self.momentum == 0), "optim.nesterov",
                  self.nesterov, "false when optim.momentum is 0 (Nesterov needs momentum)")
         betas = list(self.betas)
@@ -145,52 +232,43 @@ class OptimConfig:
 
 
 @dataclass
-class SchedConfig:
+class SchedConfig(Section):
+    key: ClassVar[str] = "sched"
     name: str = _field("onecycle", "(onecycle steps every batch, plateau on val_loss, the rest every epoch)", SCHEDULES)
-    step_size: int = _field(30, "step: epochs between decays")
-    gamma: float = _field(0.1, "step / exponential: decay factor")
-    t_max: int = _field(0, "cosine: period in epochs (0 = train.epochs)")
-    eta_min: float = _field(0.0, "cosine: lowest learning rate")
-    max_lr: float = _field(0.01, "onecycle: peak learning rate")
-    pct_start: float = _field(0.3, "onecycle: fraction of steps spent warming up")
-    div_factor: float = _field(25.0, "onecycle: initial lr = max_lr / div_factor")
-    final_div_factor: float = _field(1e4, "onecycle: final lr = initial lr / final_div_factor")
-    plateau_factor: float = _field(0.1, "plateau: factor applied when val_loss stops improving")
-    plateau_patience: int = _field(10, "plateau: epochs without improvement before reducing")
-    min_lr: float = _field(0.0, "plateau: lower bound on the learning rate")
-
-    def __post_init__(self) -> None:
-        _choice("sched.name", self.name, SCHEDULES.names())
-        _require(self.step_size >= 1, "sched.step_size", self.step_size, "an integer >= 1")
-        _require(0 < self.gamma <= 1, "sched.gamma", self.gamma, "a float in (0, 1]")
-        _require(self.t_max >= 0, "sched.t_max", self.t_max, "an integer >= 0 (0 = train.epochs)")
-        _require(self.eta_min >= 0, "sched.eta_min", self.eta_min, "a float >= 0")
-        _require(self.max_lr > 0, "sched.max_lr", self.max_lr, "a float > 0")
-        _require(0 < self.pct_start < 1, "sched.pct_start", self.pct_start, "a float in (0, 1)")
-        _require(self.div_factor > 0, "sched.div_factor", self.div_factor, "a float > 0")
-        _require(self.final_div_factor > 0, "sched.final_div_factor", self.final_div_factor, "a float > 0")
-        _require(0 < self.plateau_factor < 1, "sched.plateau_factor", self.plateau_factor, "a float in (0, 1)")
-        _require(self.plateau_patience >= 0, "sched.plateau_patience", self.plateau_patience, "an integer >= 0")
-        _require(self.min_lr >= 0, "sched.min_lr", self.min_lr, "a float >= 0")
+    step_size: int = _field(30, "step: epochs between decays", low=1)
+    gamma: float = _field(0.1, "step / exponential: decay factor", above=0, high=1)
+    t_max: int = _field(0, "cosine: period in epochs (0 = train.epochs)", low=0, note="0 = train.epochs")
+    eta_min: float = _field(0.0, "cosine: lowest learning rate", low=0)
+    max_lr: float = _field(0.01, "onecycle: peak learning rate", above=0)
+    pct_start: float = _field(0.3, "onecycle: fraction of steps spent warming up", above=0, below=1)
+    div_factor: float = _field(25.0, "onecycle: initial lr = max_lr / div_factor", above=0)
+    final_div_factor: float = _field(1e4, "onecycle: final lr = initial lr / final_div_factor", above=0)
+    plateau_factor: float = _field(0.1, "plateau: factor applied when val_loss stops improving", above=0, below=1)
+    plateau_patience: int = _field(10, "plateau: epochs without improvement before reducing", low=0)
+    min_lr: float = _field(0.0, "plateau: lower bound on the learning rate", low=0)
 
 
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 
 
 @dataclass
-class TrainConfig:
-    epochs: int = _field(100, "number of passes over the training set")
-    batch_size: int = _field(128, "training batch size per process (global batch = batch_size x world size)")
-    eval_batch_size: int = _field(0, "evaluation batch size (0 = train.batch_size)")
-    seed: int = _field(42, "seed of weights, shuffling and augmentation (0 to 2147483647)")
+class TrainConfig(Section):
+    key: ClassVar[str] = "train"
+    epochs: int = _field(100, "number of passes over the training set", low=1)
+    batch_size: int = _field(128, "training batch size per process (global batch = batch_size x world size)", low=1)
+    eval_batch_size: int = _field(0, "evaluation batch size (0 = train.batch_size)", low=0)
+    seed: int = _field(42, "seed of weights, shuffling and augmentation (0 to 2147483647)", low=0, high=SEED_MAX)
     device: str = _field("auto", "auto | cpu | cuda | cuda:N (auto = cuda when available)")
-    limit_train_batches: int = _field(0, "stop each epoch after this many batches (0 = whole epoch)")
-    log_every: int = _field(50, "log the mean loss and images/s every N steps (one host sync each)")
-    grad_clip: float = _field(0.0, "clip the gradient norm to this value (0 = off)")
-    precision: str = _field("fp32", "fp32 | bf16 (autocast) | fp16 (autocast + GradScaler, CUDA only)")
+    limit_train_batches: int = _field(0, "stop each epoch after this many batches (0 = whole epoch)", low=0,
+                                      note="0 = whole epoch")
+    log_every: int = _field(50, "log the mean loss and images/s every N steps (one host sync each)", low=1)
+    grad_clip: float = _field(0.0, "clip the gradient norm to this value (0 = off)", low=0, note="0 = off")
+    precision: PrecisionName = _field(PrecisionName.fp32, "fp32 | bf16 (autocast) | fp16 (autocast + GradScaler, "
+                                                          "CUDA only)")
     tf32: bool = _field(True, "allow TF32 matmuls and convolutions on CUDA")
     channels_last: bool = _field(False, "model and input batches in channels_last memory format")
-    compile: str = _field("off", "torch.compile mode: off | default | reduce-overhead | max-autotune")
+    compile: CompileMode = _field(CompileMode.off, "torch.compile mode: off | default | reduce-overhead | "
+                                                   "max-autotune")
     capture: bool = _field(False, "compile the whole training step (forward, loss, backward, gradient all-reduce, "
                                   "optimizer, running sums) and on CUDA replay it as one CUDA graph: the host's "
                                   "cost per step becomes a few launches; needs train.compile=default or "
@@ -198,67 +276,42 @@ class TrainConfig:
     deterministic: bool = _field(False, "deterministic algorithms only (torch.use_deterministic_algorithms, no cuDNN "
                                         "autotuning, CUBLAS_WORKSPACE_CONFIG set): bitwise repeatable on a GPU, slower")
     peak_tflops: float = _field(0.0, "the device's peak TFLOP/s for MFU (0 = fasttrain's table of known GPUs; "
-                                     "no MFU where unknown, e.g. CPUs)")
+                                     "no MFU where unknown, e.g. CPUs)", low=0, note="0 = known GPUs")
     stop_after_steps: int = _field(0, "stop with a resumable checkpoint once this many optimizer steps are done in "
                                       "all (0 = train every epoch); the schedule still spans train.epochs, so a "
-                                      "later resume=auto continues it exactly")
+                                      "later resume=auto continues it exactly", low=0, note="0 = no early stop")
 
-    def __post_init__(self) -> None:
-        _require(self.epochs >= 1, "train.epochs", self.epochs, "an integer >= 1")
-        _require(self.batch_size >= 1, "train.batch_size", self.batch_size, "an integer >= 1")
-        _require(self.eval_batch_size >= 0, "train.eval_batch_size", self.eval_batch_size, "an integer >= 0")
-        _require(0 <= self.seed <= SEED_MAX, "train.seed", self.seed, f"an integer in [0, {SEED_MAX}]")
+    def check(self) -> None:
         _require(bool(_DEVICE_RE.match(self.device)), "train.device", self.device, "auto, cpu, cuda or cuda:N")
-        _require(self.limit_train_batches >= 0, "train.limit_train_batches", self.limit_train_batches,
-                 "an integer >= 0 (0 = whole epoch)")
-        _require(self.log_every >= 1, "train.log_every", self.log_every, "an integer >= 1")
-        _require(self.grad_clip >= 0, "train.grad_clip", self.grad_clip, "a float >= 0 (0 = off)")
-        _choice("train.precision", self.precision, PRECISIONS)
-        _require(self.peak_tflops >= 0, "train.peak_tflops", self.peak_tflops, "a float >= 0 (0 = known GPUs)")
-        _require(self.stop_after_steps >= 0, "train.stop_after_steps", self.stop_after_steps,
-                 "an integer >= 0 (0 = no early stop)")
-        if str(self.compile).lower() in ("false", "no", "none", "0"):
-            self.compile = "off"  # YAML `compile: false`
-        _choice("train.compile", self.compile, COMPILE_MODES)
 
 
 @dataclass
-class DistConfig:
-    backend: str = _field("auto", "auto | nccl | gloo (auto = nccl on CUDA, gloo on CPU)")
-    timeout_s: int = _field(1800, "seconds a collective may wait for the other ranks before failing")
-
-    def __post_init__(self) -> None:
-        _choice("dist.backend", self.backend, ("auto", "nccl", "gloo"))
-        _require(1 <= self.timeout_s <= 10**9, "dist.timeout_s", self.timeout_s,
-                 "an integer in [1, 1000000000] (seconds)")
-
-
-PREEMPT_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP", "SIGCONT")
+class DistConfig(Section):
+    key: ClassVar[str] = "dist"
+    backend: BackendName = _field(BackendName.auto, "auto | nccl | gloo (auto = nccl on CUDA, gloo on CPU)")
+    timeout_s: int = _field(1800, "seconds a collective may wait for the other ranks before failing",
+                            low=1, high=10**9, note="seconds")
 
 
 @dataclass
-class CheckpointConfig:
+class CheckpointConfig(Section):
+    key: ClassVar[str] = "checkpoint"
     every_steps: int = _field(0, "also write a resumable checkpoint every N optimizer steps, mid-epoch included "
-                                 "(0 = at epoch ends only)")
+                                 "(0 = at epoch ends only)", low=0, note="0 = epoch ends")
     keep: int = _field(3, "how many of those step checkpoints to keep (the newest; last.pt and best.pt are kept "
-                          "apart)")
-    signals: List[str] = _field(["SIGTERM", "SIGUSR1"], "signals that mean 'preempted': the run saves a checkpoint "
-                                "at the next step boundary on every rank and exits with code 75 ([] = none)")
+                          "apart)", low=1)
+    signals: List[SignalName] = _field([SignalName.SIGTERM, SignalName.SIGUSR1],
+                                       "signals that mean 'preempted': the run saves a checkpoint at the next step "
+                                       "boundary on every rank and exits with code 75 ([] = none)")
     signal_check_every: int = _field(0, "0 = the ranks agree on the preemption flag at every log interval, inside "
                                         "the reduction that runs there anyway (stop within train.log_every steps); "
-                                        "N = also every N steps, with one small CPU collective of its own")
-
-    def __post_init__(self) -> None:
-        _require(self.every_steps >= 0, "checkpoint.every_steps", self.every_steps, "an integer >= 0 (0 = epoch ends)")
-        _require(self.keep >= 1, "checkpoint.keep", self.keep, "an integer >= 1")
-        for name in self.signals:
-            _choice("checkpoint.signals", name, PREEMPT_SIGNALS)
-        _require(self.signal_check_every >= 0, "checkpoint.signal_check_every", self.signal_check_every,
-                 "an integer >= 0 (0 = at log intervals only)")
+                                        "N = also every N steps, with one small CPU collective of its own",
+                                     low=0, note="0 = at log intervals only")
 
 
 @dataclass
-class OutputConfig:
+class OutputConfig(Section):
+    key: ClassVar[str] = "output"
     dir: str = _field("", "run folder (empty = runs/<output.name>, or runs/<config name>-<timestamp>)")
     name: str = _field("", "run name: the run folder is runs/<name> when output.dir is empty")
     save_checkpoints: bool = _field(True, "write checkpoints/best.pt and checkpoints/last.pt")
@@ -267,7 +320,7 @@ class OutputConfig:
     tensorboard: bool = _field(False, "also write TensorBoard event files to <output.dir>/tensorboard "
                                       "(needs the tensorboard package)")
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         _require("/" not in self.name and self.name not in (".", ".."), "output.name", self.name,
                  "a folder name without '/' (use output.dir for a path)")
 
@@ -310,6 +363,10 @@ def _format_omegaconf_error(err: OmegaConfBaseException) -> str:
         valid = valid_keys(section)
         where = f"in '{section}'" if section else "at the top level"
         return f"config error: unknown key '{key}'; valid keys {where}: {', '.join(valid)}"
+    choice = _choice_type(key)
+    if choice is not None and isinstance(err, ValidationError):  # a name outside a closed set
+        return (f"config error: {key.split('[')[0]}={getattr(err, 'value', None)!r} is not valid: expected one of "
+                f"{', '.join(choice.names())}")
     message = (getattr(err, "msg", None) or str(err)).splitlines()[0]
     if key:
         expected = _expected_type(key)
@@ -341,6 +398,13 @@ def _expected_type(full_key: str) -> str:
         if f.name == name:
             return str(f.type).replace("typing.", "")
     return ""
+
+
+def _choice_type(full_key: str) -> Optional[type]:
+    """The Choice enum behind a key (or behind its list's items), else None."""
+    declared = _expected_type(full_key) if full_key else ""
+    found = globals().get(declared.removeprefix("List[").removesuffix("]"))
+    return found if isinstance(found, type) and issubclass(found, Choice) else None
 
 
 _KEY_RE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
@@ -463,7 +527,13 @@ def load_config(path: Optional[str], overrides: Sequence[str] = ()) -> Config:
 
 
 def to_dict(cfg: Config) -> dict:
-    return dataclasses.asdict(cfg)
+    """Plain Python values only (a Choice becomes its name): checkpoints load with weights_only=True."""
+    def plain(value: Any) -> Any:
+        if isinstance(value, Choice):
+            return value.value
+        return [plain(item) for item in value] if isinstance(value, list) else value
+
+    return dataclasses.asdict(cfg, dict_factory=lambda items: {key: plain(value) for key, value in items})
 
 
 def to_yaml(cfg: Config) -> str:
@@ -482,6 +552,8 @@ def from_dict(data: dict, overrides: Sequence[str] = ()) -> Config:
 def _build(layers: List[Any]) -> Config:
     """The schema merged with the layers (file, saved dict, overrides) -> validated Config."""
     try:
+        for layer in layers[1:]:
+            _compile_false_is_off(layer)
         merged = OmegaConf.merge(*layers)
         _check_list_items(merged)
         cfg = OmegaConf.to_object(merged)
@@ -499,6 +571,14 @@ def _build(layers: List[Any]) -> Config:
         raise ConfigError(f"config error: {where} (a list is written [a, b])") from None
     assert isinstance(cfg, Config)
     return cfg
+
+
+def _compile_false_is_off(layer: Any) -> None:
+    """YAML's `compile: false` (or no, 0, null) means off; the CompileMode field takes names only."""
+    train = layer.get("train") if OmegaConf.is_dict(layer) else None
+    if OmegaConf.is_dict(train) and "compile" in train and not OmegaConf.is_interpolation(train, "compile"):
+        if str(train.compile).lower() in ("false", "no", "none", "0"):
+            train.compile = "off"
 
 
 def _check_list_items(merged: Any) -> None:

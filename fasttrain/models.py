@@ -17,8 +17,6 @@ from torch import nn
 from fasttrain.config import ModelConfig
 from fasttrain.registry import MODELS
 
-MODEL_REGISTRY = MODELS  # the former name of the registry
-
 
 class SimpleModel(nn.Module):
     """The tutorial's first model: a single linear layer on the flattened image."""

@@ -36,7 +36,7 @@ INTERRUPT = "interrupt"  # RunState.stopped_by for a Ctrl-C (SIGINT not in check
 # sum still says which kind came (a Ctrl-C on any rank stops the run as interrupted, not to be requeued)
 PREEMPT_CODE, INTERRUPT_CODE = 1.0, float(2**20)
 
-# Every signal that can mean "preempted" (config.PREEMPT_SIGNALS but SIGCONT: a stopped job's resumption,
+# Every signal that can mean "preempted" (config.SignalName but SIGCONT: a stopped job's resumption,
 # sent to every process, and harmless), and with Ctrl-C's what a DataLoader worker must survive
 EARLY = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGHUP")
 CATCHABLE = EARLY + ("SIGINT",)

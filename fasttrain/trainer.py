@@ -33,7 +33,7 @@ from fasttrain.callbacks import (Boundary, Callback, Interval, MetricSinks, Peri
                                  ProgressDisplay, StopAfterSteps)
 from fasttrain.checkpoint import (RunState, choose_on_rank0, restore_best, restore_on_every_rank, save_epoch_checkpoints,
                                   save_step_checkpoint, trim_history)
-from fasttrain.config import Config
+from fasttrain.config import Config, LoaderName
 from fasttrain.data import resolve_loader
 from fasttrain.engine import Boundaries, EpochPlan, EpochStats, EvalStats, train_one_epoch, validate
 from fasttrain.errors import UserError
@@ -113,19 +113,24 @@ class Trainer:
         watch = PreemptionWatch(cfg.checkpoint.signals, cfg.checkpoint.signal_check_every, ctx.backend,
                                 graceful_interrupt=True, announce=_console if ctx.is_main else lambda _line: None)
         self.preemption = Preemption(watch)
-        self.callbacks: List[Callback] = [self.preemption, StopAfterSteps(cfg.train.stop_after_steps),
-                                          PeriodicCheckpoints(cfg.checkpoint.every_steps)]
-        tick = None
-        if ctx.is_main:
-            display = ProgressDisplay(logger.info)
-            self.callbacks += [MetricSinks(run_dir, EPOCH_COLUMNS, self.state.history, cfg.train.epochs,
-                                           cfg.output.tensorboard, logger.info), display]
-            tick = display.tick
-        self.boundaries = Boundaries(log_every=cfg.train.log_every, every=cfg.checkpoint.every_steps,
-                                     stop_at=cfg.train.stop_after_steps,
-                                     signal_every=cfg.checkpoint.signal_check_every, at_boundary=self._at_boundary,
-                                     signal_flag=watch.flag, signal_agreed=watch.agreed_elsewhere,
-                                     agree_on_signal=watch.agreed, log_step=self._log_interval, tick=tick)
+        self.callbacks: List[Callback] = [self.preemption]
+        try:  # the handlers are in place: a failure from here on closes what was made (fit's finally is not reached)
+            self.callbacks += [StopAfterSteps(cfg.train.stop_after_steps), PeriodicCheckpoints(cfg.checkpoint.every_steps)]
+            tick = None
+            if ctx.is_main:
+                display = ProgressDisplay(logger.info)
+                self.callbacks += [MetricSinks(run_dir, EPOCH_COLUMNS, self.state.history, cfg.train.epochs,
+                                               cfg.output.tensorboard, logger.info), display]
+                tick = display.tick
+            self.boundaries = Boundaries(log_every=cfg.train.log_every, every=cfg.checkpoint.every_steps,
+                                         stop_at=cfg.train.stop_after_steps,
+                                         signal_every=cfg.checkpoint.signal_check_every, at_boundary=self._at_boundary,
+                                         signal_flag=watch.flag, signal_agreed=watch.agreed_elsewhere,
+                                         agree_on_signal=watch.agreed, log_step=self._log_interval, tick=tick)
+        except BaseException:
+            for callback in reversed(self.callbacks):
+                callback.close()
+            raise
 
     # ---------------------------------------------------------------- the run
 
@@ -295,7 +300,7 @@ def resolve(cfg: Config, device: torch.device) -> Tuple[Config, List[str]]:
         notes.append("compile: data.drop_last set to true so that every training batch has the same shape")
     loader, reason = resolve_loader(cfg, device)
     if data.loader == "auto":
-        data = dataclasses.replace(data, loader=loader)
+        data = dataclasses.replace(data, loader=LoaderName(loader))
         notes.append(f"data.loader=auto chose {loader}: {reason}")
     return (cfg if data is cfg.data else dataclasses.replace(cfg, data=data)), notes
 
@@ -304,11 +309,13 @@ def _run(cfg: Config, ctx: dist.Dist) -> RunState:
     cfg, notes = resolve(cfg, ctx.device)
     folder = _claim_on_rank0(cfg, ctx)
     committed = False
-    closing: List[Parts] = []
+    parts: Optional[Parts] = None
     try:
         logger = setup_logging(None, hold=True) if ctx.is_main else silent_logger()
-        parts, state, resume_from = _build(cfg, ctx, logger, notes)
-        closing.append(parts)
+        resume_from = _announce_and_choose(cfg, ctx, logger, notes)
+        parts = build_parts(cfg, ctx, logger)
+        state = restore_on_every_rank(cfg, ctx, parts, resume_from, logger) if resume_from else None
+        # accepted: data, model and the checkpoint it continues from are in place
         _commit_on_rank0(cfg, ctx, folder, state, resume_from, logger)
         committed = True
         try:
@@ -318,16 +325,16 @@ def _run(cfg: Config, ctx: dist.Dist) -> RunState:
             logger.info(f"error: {err}" if isinstance(err, UserError) else f"error: {type(err).__name__}: {err}")
             raise
     finally:
-        for parts in closing:  # worker processes end here, in order, not whenever a collection finds them
+        if parts is not None:  # worker processes end here, in order, not whenever a collection finds them
             parts.train_loader.close()
             parts.val_loader.close()
         if folder is not None:
             folder.release() if committed else folder.abandon()
 
 
-def _build(cfg: Config, ctx: dist.Dist, logger: logging.Logger, notes: List[str]) -> tuple:
-    """Everything a run needs before it may change its folder: (parts, restored state or None, the
-    checkpoint it continues from or None)."""
+def _announce_and_choose(cfg: Config, ctx: dist.Dist, logger: logging.Logger, notes: List[str]) -> Optional[Path]:
+    """The run's header lines, then the checkpoint it continues from (None: it starts fresh). Nothing
+    in the run folder changes before the run is accepted."""
     run_dir = Path(cfg.output.dir)
     device = ctx.device
     logger.info(f"fasttrain {fasttrain.__version__} | torch {torch.__version__} | python {platform.python_version()}"
@@ -336,11 +343,9 @@ def _build(cfg: Config, ctx: dist.Dist, logger: logging.Logger, notes: List[str]
     for note in notes:
         logger.info(note)
     resume_from = choose_on_rank0(cfg, ctx, run_dir, logger)
-    parts = build_parts(cfg, ctx, logger)
-    state = restore_on_every_rank(cfg, ctx, parts, resume_from, logger) if resume_from else None
     if resume_from is None and cfg.resume == "auto":
         logger.info(f"resume=auto: no checkpoint in {run_dir / 'checkpoints'} yet: starting fresh")
-    return parts, state, resume_from
+    return resume_from
 
 
 def _train_and_finish(cfg: Config, ctx: dist.Dist, parts: Parts, state: Optional[RunState],

@@ -3,8 +3,10 @@
 import pytest
 import torch
 
-from fasttrain.config import MODELS, ModelConfig
-from fasttrain.models import CIFAR10_CNN, MLP, MODEL_REGISTRY, ConvBlock, build_model, count_parameters, mlp_sequential, summarize
+from fasttrain.errors import ConfigError
+
+from fasttrain.config import MODELS, ModelConfig, load_config
+from fasttrain.models import CIFAR10_CNN, MLP, ConvBlock, build_model, count_parameters, mlp_sequential, summarize
 
 
 def test_cifar10_cnn_has_the_tutorials_parameter_count():
@@ -18,8 +20,13 @@ def test_every_model_maps_a_batch_to_class_logits(name, channels, size):
     assert model(torch.randn(4, channels, size, size)).shape == (4, 10)
 
 
-def test_config_choices_match_the_registry():
-    assert set(MODELS) == set(MODEL_REGISTRY)
+def test_the_config_accepts_exactly_the_registered_models():
+    """The built-in models are registered, and model.name is checked against the registry itself."""
+    assert {"SimpleModel", "MLP", "MLPSequential", "CIFAR10_CNN"} <= set(MODELS.names())
+    for name in MODELS.names():
+        assert load_config(None, [f"model.name={name}", "output.dir=unused"]).model.name == name
+    with pytest.raises(ConfigError, match="model.name='cifar10_cnn' is not valid"):
+        load_config(None, ["model.name=cifar10_cnn", "output.dir=unused"])
 
 
 def test_mlp_class_and_sequential_versions_are_the_same_network():

@@ -3,6 +3,7 @@
 import csv
 import io
 import json
+import signal
 import sys
 
 import numpy as np
@@ -221,5 +222,32 @@ def test_tensorboard_events_only_when_enabled(tmp_path):
 
 def test_tensorboard_missing_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(UserError, match="output.tensorboard=true needs the tensorboard package"):
         train(load_config(None, TINY + [f"output.dir={tmp_path / 'x'}", "output.tensorboard=true"]))
+    # the trainer had installed its signal handlers when the error came: they are put back
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_run_that_fails_after_its_loaders_are_built_closes_them(tmp_path, monkeypatch):
+    """A checkpoint of another model fails the restore, after the loaders were built: they are
+    closed (worker processes, device memory) before the error reaches the caller."""
+    import fasttrain.trainer as trainer_mod
+
+    first = tmp_path / "first"
+    train(load_config(None, TINY + [f"output.dir={first}", "output.save_checkpoints=true", "train.epochs=1"]))
+    closed = []
+    real_build_parts = trainer_mod.build_parts
+
+    def build_parts(*args, **kwargs):
+        parts = real_build_parts(*args, **kwargs)
+        for name in ("train_loader", "val_loader"):
+            loader = getattr(parts, name)
+            monkeypatch.setattr(loader, "close", lambda name=name, close=loader.close: (closed.append(name), close()))
+        return parts
+
+    monkeypatch.setattr(trainer_mod, "build_parts", build_parts)
+    with pytest.raises(UserError, match="does not fit this model"):
+        train(load_config(None, TINY + [f"output.dir={tmp_path / 'second'}", "model.name=MLP",
+                                        f"resume={first / 'checkpoints' / 'last.pt'}"]))
+    assert closed == ["train_loader", "val_loader"]
