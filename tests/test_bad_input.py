@@ -257,7 +257,8 @@ def test_resume_auto_skips_a_checkpoint_holding_a_wrong_type(earlier, tmp_path, 
     out = capsys.readouterr().out
     assert (f"warning: checkpoint {newest} is not a valid fasttrain checkpoint (global_step is 'x', expected an "
             f"integer >= 0): use a checkpoint written by fasttrain; skipping it") in out
-    assert f"resumed from {copy / 'checkpoints' / 'last.pt'}: after epoch 1" in out
+    resumed = json.loads((copy / "env.json").read_text())["resumed_from"]
+    assert (resumed["checkpoint"], resumed["epoch"]) == (str(copy / "checkpoints" / "last.pt"), 1)
 
 
 def test_eval_of_a_hand_made_checkpoint_from_the_command_line(earlier, tmp_path):

@@ -11,6 +11,7 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
 from conftest import REPO, read_jsonl, run_fasttrain, run_torchrun
 from fasttrain.config import ModelConfig, OptimConfig, SchedConfig, load_config
@@ -212,7 +213,8 @@ def captured_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("captured") / "run"
     result = run_fasttrain(*RUN, "train.compile=default", "train.capture=true", f"output.dir={out}")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "capture true (whole step compiled)" in result.stdout
+    assert yaml.safe_load((out / "config.yaml").read_text())["train"]["capture"] is True
+    assert all(record["compiled_graphs"] >= 1 for record in read_jsonl(out / "metrics.jsonl"))
     return out
 
 
