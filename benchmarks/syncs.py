@@ -76,8 +76,8 @@ def _counted_steps(log: SyncLog) -> Iterator[None]:
     """train() builds its parts with trainer.build_parts: hand it the step wrapped."""
     original = trainer.build_parts
 
-    def build(cfg, ctx, logger):
-        parts = original(cfg, ctx, logger)
+    def build(cfg, ctx, logger, model=None):
+        parts = original(cfg, ctx, logger, model)
         parts.step = _CountedStep(parts.step, log)
         log.steps_per_epoch = parts.steps_per_epoch
         return parts

@@ -2,7 +2,9 @@
 
 `model_on_device` is shared with evaluation (fasttrain.evaluate); `build_parts` adds what training
 needs: the compiled model, DDP where there are other ranks (`wrap_ddp`), the optimizer, the schedule
-and the step (`fasttrain.step`: eager, or the whole step captured)."""
+and the step (`fasttrain.step`: eager, or the whole step captured). Both take an optional `model`, a
+module the caller built (`fasttrain.fit(model=...)`), which then replaces the config's model once it
+is checked against the data as an imported model.name is (`fasttrain.own_models.check_output`)."""
 
 from __future__ import annotations
 
@@ -19,16 +21,38 @@ from fasttrain import dist
 from fasttrain.config import Config
 from fasttrain.data import DatasetInfo, build_loaders
 from fasttrain.device import seed_everything
+from fasttrain.errors import UserError
 from fasttrain.flops import flops_per_image, peak_flops
 from fasttrain.models import build_model, summarize
+from fasttrain.own_models import check_output
 from fasttrain.optim import Schedule, build_optimizer
 from fasttrain.precision import Precision, build_precision
+from fasttrain.registry import MODELS
 from fasttrain.step import CapturedStep, EagerStep
 
 
-def model_on_device(cfg: Config, info: DatasetInfo, device: torch.device) -> nn.Module:
-    """cfg.model for `info`'s images and classes, on `device`, channels_last when train.channels_last."""
-    model = build_model(cfg.model, info.in_channels, info.image_size, info.num_classes).to(device)
+# model.name of a class defined in the script that called fasttrain.fit (or in a notebook): recorded as it is,
+# and importable by no other process (there, __main__ is fasttrain's own entry point)
+SCRIPT_MODULE = "__main__:"
+
+
+def model_on_device(cfg: Config, info: DatasetInfo, device: torch.device,
+                    model: Optional[nn.Module] = None) -> nn.Module:
+    """cfg.model for `info`'s images and classes, or `model` (built by the caller, moved in place) once it
+    fits them; on `device`, channels_last when train.channels_last."""
+    if model is None:
+        if cfg.model.name.startswith(SCRIPT_MODULE) and cfg.model.name not in MODELS:
+            raise UserError(f"model.name={cfg.model.name!r} is a class that was defined in the script that trained "
+                            f"it (fasttrain.fit), which cannot be imported here: name an importable copy of it, "
+                            f"model.name=package.module:{cfg.model.name[len(SCRIPT_MODULE):]}")
+        model = build_model(cfg.model, info.in_channels, info.image_size, info.num_classes).to(device)
+    else:
+        if not any(p.requires_grad for p in model.parameters()):
+            raise UserError(f"model {cfg.model.name} has no trainable parameters: give fasttrain.fit a module whose "
+                            f"parameters require gradients")
+        # the checks of an imported model.name (one forward, on the CPU, nothing changed), then the device
+        check_output(model.cpu(), cfg.model.name, info.in_channels, info.image_size, info.num_classes)
+        model = model.to(device)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
@@ -53,7 +77,8 @@ class Parts:
     steps_per_epoch: int = 0  # optimizer steps in a whole epoch (train.limit_train_batches applied)
 
 
-def build_parts(cfg: Config, ctx: dist.Dist, logger: logging.Logger) -> Parts:
+def build_parts(cfg: Config, ctx: dist.Dist, logger: logging.Logger, model: Optional[nn.Module] = None) -> Parts:
+    """The run's parts; `model`, when given, is trained in place of the config's (cfg.model.name names it)."""
     device = ctx.device
     precision = build_precision(cfg.train.precision, device, cfg.train.tf32, cfg.train.deterministic)
     seed_everything(cfg.train.seed)  # same seed on every rank: identical initial weights
@@ -65,7 +90,7 @@ def build_parts(cfg: Config, ctx: dist.Dist, logger: logging.Logger) -> Parts:
                 + f" | batch {cfg.train.batch_size} per process x {ctx.world_size} = "
                 f"{cfg.train.batch_size * ctx.world_size} per step"
                 + (f" | {skipped} images per epoch left out (drop_last, or fewer than one per rank)" if skipped else ""))
-    model = model_on_device(cfg, info, device)
+    model = model_on_device(cfg, info, device, model)
     logger.info(summarize(model, cfg.model.name))
     compile_mode = None if cfg.train.compile == "default" else cfg.train.compile
     # train batches have one shape (drop_last), so the compiled model does not recompile per epoch

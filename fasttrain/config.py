@@ -16,7 +16,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, List, Optional, Sequence
+from typing import Any, ClassVar, Dict, List, Optional, Sequence
 
 import yaml
 from omegaconf import OmegaConf
@@ -144,10 +144,14 @@ class Section:
         for f in dataclasses.fields(self):
             value, registry, accepted = getattr(self, f.name), f.metadata.get("choices"), f.metadata.get("range")
             if registry is not None:
-                _choice(f"{self.key}.{f.name}", value, registry.names())
+                self.check_name(f"{self.key}.{f.name}", value, registry)
             if accepted is not None:
                 _require(accepted.holds(value), f"{self.key}.{f.name}", value, accepted.expected())
         self.check()
+
+    def check_name(self, key: str, value: str, registry: Registry) -> None:
+        """A registry key's value: one of the registered names (ModelConfig accepts import paths too)."""
+        _choice(key, value, registry.names())
 
     def check(self) -> None:
         pass
@@ -157,7 +161,8 @@ class Section:
 class DataConfig(Section):
     key: ClassVar[str] = "data"
     dataset: str = _field("cifar10", "", DATASETS)
-    root: str = _field("./data", "folder that contains cifar-10-batches-py/ (or MNIST/)")
+    root: str = _field("./data", "folder that contains cifar-10-batches-py/ (or MNIST/; folder: train/<class>/ and "
+                                 "val/<class>/ image folders)")
     download: bool = _field(True, "download with torchvision when the data are missing")
     loader: LoaderName = _field(LoaderName.plain, "plain (torchvision transforms + DataLoader) | gpu (whole split on "
                                 "the device, batched augmentation) | dali (NVIDIA DALI pipeline) | auto (the fastest "
@@ -177,6 +182,12 @@ class DataConfig(Section):
                               low=0, high=SEED_MAX)
     mean: List[float] = _field([0.5, 0.5, 0.5], "Normalize mean, one value or one per channel")
     std: List[float] = _field([0.5, 0.5, 0.5], "Normalize std, one value or one per channel")
+    image_size: int = _field(0, "side of the square training images (folder: each image resized and cropped to it; "
+                                "0 = the dataset's own size: folder images must then all be square and of one size; "
+                                "cifar10 / mnist / synthetic accept only 0 or their own size)",
+                             low=0, high=4096, note="0 = the dataset's own size")
+    skip_bad_images: bool = _field(False, "folder: leave out image files that cannot be opened (counted in the log) "
+                                          "instead of stopping with their name")
 
     def check(self) -> None:
         _require(len(self.mean) in (1, 3), "data.mean", list(self.mean), "a list of 1 or 3 floats")
@@ -200,13 +211,40 @@ class AugConfig(Section):
         _require(jitter[3] <= 0.5, "aug.color_jitter", jitter, "hue (the 4th value) <= 0.5")
 
 
+# model.name beyond the registry: a torchvision classification model, or your own callable. The config
+# checks their syntax only (nothing is imported before the run is accepted); fasttrain.models imports
+# and builds them, and says there what was not found
+TORCHVISION_PREFIX = "torchvision:"
+_IDENTIFIER = r"[A-Za-z_]\w*"
+_TORCHVISION_NAME_RE = re.compile(rf"^torchvision:{_IDENTIFIER}$")
+_IMPORT_PATH_RE = re.compile(rf"^{_IDENTIFIER}(\.{_IDENTIFIER})*:{_IDENTIFIER}(\.{_IDENTIFIER})*$")
+
+
+def model_names_accepted() -> str:
+    """What model.name accepts, for error messages: the registered names and the two import forms."""
+    return f"a registered name ({', '.join(MODELS.names())}), torchvision:<name> or package.module:callable"
+
+
 @dataclass
 class ModelConfig(Section):
     key: ClassVar[str] = "model"
-    name: str = _field("CIFAR10_CNN", "", MODELS)
+    name: str = _field("CIFAR10_CNN", "| torchvision:<name> (a torchvision classification model, e.g. "
+                                      "torchvision:resnet18) | package.module:callable (your own, returning an "
+                                      "nn.Module)", MODELS)
     hidden_sizes: List[int] = _field([512, 256], "hidden layer widths of MLP / MLPSequential")
     dropout: float = _field(0.5, "dropout before the last layer of CIFAR10_CNN and MLP", low=0, below=1,
                             what="a probability")
+    # a mapping: _field's defaults are scalars or lists
+    kwargs: Dict[str, Any] = field(default_factory=dict, metadata={
+        "doc": "keyword arguments of a torchvision: or package.module:callable model (model.kwargs.width=64); "
+               "they win over the num_classes / in_channels / image_size fasttrain passes"})
+
+    def check_name(self, key: str, value: str, registry: Registry) -> None:
+        if value in registry.names() or ":" not in value:  # a plain name keeps the message listing the registry
+            super().check_name(key, value, registry)
+            return
+        pattern = _TORCHVISION_NAME_RE if value.startswith(TORCHVISION_PREFIX) else _IMPORT_PATH_RE
+        _require(bool(pattern.match(value)), key, value, model_names_accepted())
 
     def check(self) -> None:
         _require(len(self.hidden_sizes) >= 1 and all(h >= 1 for h in self.hidden_sizes),

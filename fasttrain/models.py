@@ -5,6 +5,9 @@ same names work on CIFAR-10 (3x32x32) and MNIST (1x28x28). `CIFAR10_CNN` is the 
 case-study network: three stages of two 3x3 conv-BN-ReLU blocks and a 2x2 max-pool
 (32, 64, 128 channels), then Linear(2048, 256) - ReLU - Dropout - Linear(256, 10):
 815,018 parameters on CIFAR-10.
+
+`model.name` also takes models from outside the registry, built by `build_model`:
+`torchvision:<name>` and `package.module:callable` (fasttrain.own_models).
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ from typing import List, Sequence
 import torch
 from torch import nn
 
-from fasttrain.config import ModelConfig
+from fasttrain.config import TORCHVISION_PREFIX, ModelConfig
+from fasttrain.own_models import check_output, imported_model, torchvision_model
 from fasttrain.registry import MODELS
 
 
@@ -140,8 +144,17 @@ def cifar10_cnn(cfg: ModelConfig, in_channels: int, image_size: int, num_classes
 
 
 def build_model(cfg: ModelConfig, in_channels: int, image_size: int, num_classes: int) -> nn.Module:
-    """The model registered as `cfg.name`, for inputs of this shape."""
-    return MODELS.get(cfg.name)(cfg, in_channels, image_size, num_classes)
+    """The model `cfg.name` names, for inputs of this shape: a registered name, `torchvision:<name>`
+    (`torchvision_model`) or `package.module:callable` (`imported_model`). The last two are checked
+    against the data (`check_output`) before they are returned."""
+    if cfg.name in MODELS or ":" not in cfg.name:
+        return MODELS.get(cfg.name)(cfg, in_channels, image_size, num_classes)
+    if cfg.name.startswith(TORCHVISION_PREFIX):
+        model = torchvision_model(cfg.name[len(TORCHVISION_PREFIX):], cfg.kwargs, in_channels, image_size, num_classes)
+    else:
+        model = imported_model(cfg.name, cfg.kwargs, in_channels, image_size, num_classes)
+    check_output(model, cfg.name, in_channels, image_size, num_classes)
+    return model
 
 
 def count_parameters(model: nn.Module) -> int:

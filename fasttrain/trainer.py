@@ -305,7 +305,7 @@ def resolve(cfg: Config, device: torch.device) -> Tuple[Config, List[str]]:
     return (cfg if data is cfg.data else dataclasses.replace(cfg, data=data)), notes
 
 
-def _run(cfg: Config, ctx: dist.Dist) -> RunState:
+def _run(cfg: Config, ctx: dist.Dist, model: Optional[torch.nn.Module] = None) -> RunState:
     cfg, notes = resolve(cfg, ctx.device)
     folder = _claim_on_rank0(cfg, ctx)
     committed = False
@@ -313,7 +313,7 @@ def _run(cfg: Config, ctx: dist.Dist) -> RunState:
     try:
         logger = setup_logging(None, hold=True) if ctx.is_main else silent_logger()
         resume_from = _announce_and_choose(cfg, ctx, logger, notes)
-        parts = build_parts(cfg, ctx, logger)
+        parts = build_parts(cfg, ctx, logger, model)
         state = restore_on_every_rank(cfg, ctx, parts, resume_from, logger) if resume_from else None
         # accepted: data, model and the checkpoint it continues from are in place
         _commit_on_rank0(cfg, ctx, folder, state, resume_from, logger)
@@ -411,12 +411,13 @@ def use_deterministic_algorithms(on: bool) -> None:
     torch.use_deterministic_algorithms(on)
 
 
-def train(cfg: Config) -> RunState:
-    """Join the process group, train, and leave it on every exit path."""
+def train(cfg: Config, model: Optional[torch.nn.Module] = None) -> RunState:
+    """Join the process group, train, and leave it on every exit path. `model`: a module built by the
+    caller (fasttrain.fit) to train in place of the config's, which cfg.model.name names."""
     use_deterministic_algorithms(cfg.train.deterministic)
     ctx = dist.setup(cfg.train.device, cfg.dist.backend, cfg.dist.timeout_s, cfg.train.precision, cfg.train.compile)
     try:
-        return _run(cfg, ctx)
+        return _run(cfg, ctx, model)
     finally:
         close_logging()
         gc.collect()  # loaders and the DDP wrapper in reference cycles end now (DataLoader workers, gloo handles)

@@ -1,0 +1,203 @@
+"""Models from outside the registry: `model.name=torchvision:<name>` and `package.module:callable`.
+
+The config has checked the syntax; here they are imported and called, and each way of getting them
+wrong is one ConfigError line that says what was not found, the closest names that exist, and what
+model.name accepts. `check_output` runs one forward pass of two images so that a model that does not
+fit the data fails before training, not in its first step.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import importlib
+import inspect
+import math
+import pkgutil
+from typing import Any, Callable, Dict, List
+
+import torch
+from torch import nn
+
+from fasttrain.config import TORCHVISION_PREFIX, model_names_accepted
+from fasttrain.errors import ConfigError
+
+
+SMALL_IMAGE_SIDE = 64  # ResNets get the small-image stem up to this image side
+
+
+def torchvision_model(name: str, kwargs: Dict[str, Any], in_channels: int, image_size: int,
+                      num_classes: int) -> nn.Module:
+    """torchvision's classification model `name` (one of torchvision.models.list_models(module=
+    torchvision.models)), built with weights=None (nothing is downloaded: the weights are random) and
+    num_classes from the dataset; model.kwargs go to its builder too and win (e.g. dropout, or
+    image_size for the vit_* models, which otherwise expect 224x224 images). Adapted to the data:
+
+    - ResNet family (resnet*, resnext*, wide_resnet*) on images of 64 pixels a side or fewer (CIFAR-10,
+      MNIST): conv1 becomes a 3x3 convolution with stride 1 and padding 1 (in_channels inputs, 64
+      outputs, no bias) and the max-pool after it is removed, the usual CIFAR stem, so that a 32x32
+      image reaches the last stage as 4x4 rather than 1x1. Larger images keep the 7x7 stride-2 stem.
+    - Any model, when in_channels is not 3 (MNIST: 1): its first convolution takes in_channels
+      inputs, with the same kernel, stride, padding and outputs.
+    A replaced convolution's weights are drawn from a normal distribution with the original's
+    standard deviation times sqrt(original fan-in / new fan-in), so that its outputs keep the variance
+    the model's own initialisation gave them; its bias, if any, is kept. Nothing else changes: other
+    families keep their stem (their first layers shrink 32x32 images fast) and the sizes they need.
+    """
+    import torchvision  # only for these models: it adds a second to every start
+
+    known = torchvision.models.list_models(module=torchvision.models)  # classification only, no detection etc.
+    if name not in known:
+        close = difflib.get_close_matches(name, known, n=3)
+        raise ConfigError(f"config error: model.name='{TORCHVISION_PREFIX}{name}': torchvision "
+                          f"{torchvision.__version__} has no classification model {name!r}"
+                          + (f"; did you mean {' or '.join(close)}?" if close else "")
+                          + f" ({len(known)} accepted: torchvision.models.list_models(module=torchvision.models))")
+    if "weights" in kwargs:
+        raise ConfigError(f"config error: model.kwargs.weights={kwargs['weights']!r} is not valid: torchvision models "
+                          f"are built with weights=None (fasttrain downloads no weights); remove it")
+    arguments = {"num_classes": num_classes, **kwargs}
+    model = _call(TORCHVISION_PREFIX + name, functools.partial(torchvision.models.get_model, name, weights=None),
+                  arguments)
+    if isinstance(model, torchvision.models.ResNet) and image_size <= SMALL_IMAGE_SIDE:
+        model.conv1 = _redrawn_conv(model.conv1, in_channels, kernel_size=3, stride=1, padding=1)
+        model.maxpool = nn.Identity()
+    elif in_channels != 3:
+        conv_name, conv = next(((n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)), ("", None))
+        if conv is None or conv.in_channels != 3 or conv.groups != 1:
+            raise ConfigError(f"config error: model.name='{TORCHVISION_PREFIX}{name}' cannot take "
+                              f"{in_channels}-channel images: its first layer is not a 3-channel convolution")
+        parent_name, _, child_name = conv_name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child_name,
+                _redrawn_conv(conv, in_channels, conv.kernel_size, conv.stride, conv.padding))
+    return model
+
+
+def _redrawn_conv(conv: nn.Conv2d, in_channels: int, kernel_size: Any, stride: Any, padding: Any) -> nn.Conv2d:
+    """A convolution like `conv` (outputs, dilation, bias) with these inputs and geometry, its weights at
+    the scale of conv's initialisation per fan-in (see torchvision_model)."""
+    new = nn.Conv2d(in_channels, conv.out_channels, kernel_size, stride, padding, dilation=conv.dilation,
+                    bias=conv.bias is not None)
+    fan_in_ratio = conv.weight[0].numel() / new.weight[0].numel()
+    with torch.no_grad():
+        new.weight.normal_(0.0, float(conv.weight.std()) * math.sqrt(fan_in_ratio))
+        if conv.bias is not None:
+            new.bias.copy_(conv.bias)
+    return new
+
+
+def imported_model(reference: str, kwargs: Dict[str, Any], in_channels: int, image_size: int,
+                   num_classes: int) -> nn.Module:
+    """Your own model, `package.module:callable` (a class or a function; `module:Outer.attr` walks
+    attributes): imported from sys.path (PYTHONPATH; the current folder too under `python -m`) and
+    called with the keyword arguments num_classes, in_channels and image_size that its signature
+    names (a **kwargs catch-all gets none of them), then model.kwargs, which win."""
+    target = _import_attribute(reference)
+    shape = {"num_classes": num_classes, "in_channels": in_channels, "image_size": image_size}
+    declared = _parameter_names(target)
+    arguments = {key: value for key, value in shape.items() if key in declared} | dict(kwargs)
+    return _call(reference, target, arguments)
+
+
+def _import_attribute(reference: str) -> Callable[..., Any]:
+    module_name, _, attribute_path = reference.partition(":")
+    try:
+        target: Any = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        missing = err.name or module_name
+        if module_name != missing and not module_name.startswith(missing + "."):
+            # the module exists but imports one that is not installed: that one is what to fix
+            raise ConfigError(f"config error: model.name={reference!r}: module {module_name!r} imports "
+                              f"{missing!r}, which is not installed") from err
+        close = difflib.get_close_matches(missing.rpartition(".")[2], _sibling_modules(missing), n=3)
+        raise ConfigError(f"config error: model.name={reference!r}: no module named {missing!r}"
+                          + (f"; did you mean {' or '.join(close)}?" if close else "")
+                          + f" (modules are imported from PYTHONPATH, and from the current folder under python -m; "
+                          f"model.name accepts {model_names_accepted()})") from err
+    where = module_name
+    for part in attribute_path.split("."):
+        if not hasattr(target, part):
+            close = difflib.get_close_matches(part, [n for n in dir(target) if not n.startswith("_")], n=3)
+            raise ConfigError(f"config error: model.name={reference!r}: {where!r} has no attribute {part!r}"
+                              + (f"; did you mean {' or '.join(close)}?" if close else "")
+                              + " (package.module:callable names a class or function in that module)")
+        target, where = getattr(target, part), f"{where}:{part}" if where == module_name else f"{where}.{part}"
+    if not callable(target):
+        raise ConfigError(f"config error: model.name={reference!r} is not callable (it holds a "
+                          f"{type(target).__name__}): name a class or function that returns an nn.Module")
+    return target
+
+
+def _sibling_modules(dotted: str) -> List[str]:
+    """The names of the modules beside `dotted` (in its parent package, or top-level ones): the
+    candidates for 'did you mean'."""
+    parent_name = dotted.rpartition(".")[0]
+    if not parent_name:
+        return [m.name for m in pkgutil.iter_modules()]
+    try:
+        parent = importlib.import_module(parent_name)
+    except ImportError:
+        return []
+    return [m.name for m in pkgutil.iter_modules(getattr(parent, "__path__", []))]
+
+
+def _parameter_names(target: Callable[..., Any]) -> set:
+    """The keyword parameters `target` names (a class: its __init__'s); none when it has no signature."""
+    try:
+        parameters = inspect.signature(target).parameters.values()
+    except (TypeError, ValueError):  # a builtin without a signature: pass model.kwargs only
+        return set()
+    return {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+def _call(reference: str, target: Callable[..., Any], arguments: Dict[str, Any]) -> nn.Module:
+    """target(**arguments), which must return an nn.Module; a TypeError there is what a wrong
+    model.kwargs gives (an unexpected or missing argument): one line that shows what was passed."""
+    try:
+        model = target(**arguments)
+    except TypeError as err:
+        passed = ", ".join(f"{key}={value!r}" for key, value in arguments.items()) or "no arguments"
+        raise ConfigError(f"config error: model.name={reference!r} called with {passed}: TypeError: "
+                          f"{_first_line(err)} (model.kwargs sets the arguments)") from err
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"config error: model.name={reference!r} returned a {type(model).__name__}, not a "
+                          f"torch.nn.Module: return the model itself")
+    return model
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
+
+
+def check_output(model: nn.Module, name: str, in_channels: int, image_size: int, num_classes: int) -> None:
+    """A model from outside the registry must map a batch of this dataset's images to one logit per
+    class. Checked with one forward of two random images in training mode (the mode it trains in:
+    torchvision's googlenet and inception_v3 return a tuple there unless model.kwargs.aux_logits=false),
+    then its buffers (BatchNorm statistics) and the CPU random state are put back: building it changes
+    nothing. A mismatch is one line here instead of a traceback from the loss at the first step, or a
+    model with 1000 outputs trained on 10 classes without a word."""
+    saved_buffers = [buffer.detach().clone() for buffer in model.buffers()]
+    was_training = model.training
+    shape = f"2x{in_channels}x{image_size}x{image_size}"
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            model.train()
+            logits = model(torch.randn(2, in_channels, image_size, image_size))
+    except Exception as err:  # noqa: BLE001 - the model's own forward: any failure means it does not fit the data
+        raise ConfigError(f"config error: model.name={name!r} fails on a batch of {shape} images: "
+                          f"{type(err).__name__}: {_first_line(err)} (model.kwargs passes it arguments, such as "
+                          f"the image_size a ViT expects)") from err
+    finally:
+        with torch.no_grad():
+            for buffer, saved in zip(model.buffers(), saved_buffers):
+                buffer.copy_(saved)
+        model.train(was_training)
+    if not isinstance(logits, torch.Tensor):
+        raise ConfigError(f"config error: model.name={name!r} returns a {type(logits).__name__} in training mode, "
+                          f"expected a tensor of logits (torchvision's googlenet and inception_v3 return their "
+                          f"auxiliary outputs too unless model.kwargs.aux_logits=false)")
+    if tuple(logits.shape) != (2, num_classes):
+        raise ConfigError(f"config error: model.name={name!r} gives logits of shape {tuple(logits.shape)} for a batch "
+                          f"of {shape} images, expected (2, {num_classes}), one per class (declare a num_classes "
+                          f"parameter, or set model.kwargs)")
