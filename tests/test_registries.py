@@ -79,7 +79,7 @@ def test_a_registered_optimizer_and_schedule_are_built_and_train(plain_sgd, warm
 
 @pytest.mark.parametrize("registry,key,builtin", [
     (MODELS, "model.name", "SimpleModel, MLP, MLPSequential, CNN, CIFAR10_CNN"),
-    (DATASETS, "data.dataset", "cifar10, mnist, synthetic"),
+    (DATASETS, "data.dataset", "cifar10, mnist, synthetic, folder"),
     (OPTIMIZERS, "optim.name", "sgd, adam, adamw"),
     (SCHEDULES, "sched.name", "none, step, exponential, cosine, plateau, onecycle"),
 ], ids=["model", "dataset", "optimizer", "schedule"])

@@ -38,7 +38,7 @@ def dali_available() -> bool:
     return True
 
 
-def _import_dali():
+def import_dali():
     try:
         import nvidia.dali as dali
         import nvidia.dali.fn as fn
@@ -68,13 +68,12 @@ class _EpochSource:
             yield loader.images[index], loader.labels[index], anchors[index], mirror[index]
 
 
-class DaliLoader(ShardLoader):
-    """Loader contract as in `fasttrain.data.plain`: (images, labels) on the device, set_epoch, len."""
+class DaliPipelineLoader(ShardLoader):
+    """What the DALI loaders share: the batch format, the labels, the plan, and a pipeline built at
+    the first iteration."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, batches: ShardedBatches, fmt: BatchFormat,
-                 aug: CropFlip = CropFlip(), num_threads: int = 2):
-        self.dali, self.fn, self.types = _import_dali()
-        self.images = images  # (N, H, W, C) uint8, read-only, shared
+    def __init__(self, labels: np.ndarray, batches: ShardedBatches, fmt: BatchFormat, seed: int, num_threads: int):
+        self.dali, self.fn, self.types = import_dali()
         self.labels = np.ascontiguousarray(labels, dtype=np.int64)
         self.batches = batches
         self.device = fmt.device
@@ -82,10 +81,20 @@ class DaliLoader(ShardLoader):
         self.std = [255.0 * s for s in fmt.std]
         self.dtype = fmt.dtype
         self.channels_last = fmt.channels_last
-        self.crop_padding, self.hflip, self.seed = aug.crop_padding, aug.hflip, aug.seed
+        self.seed = seed
         self.num_threads = max(1, num_threads)
         self._pipe = None
-        self._mid_epoch = False  # a consumer stopped early: the pipeline must be drained before reuse
+        self._mid_epoch = False  # a consumer stopped early: the pipeline must be run out before reuse
+
+
+class DaliLoader(DaliPipelineLoader):
+    """Loader contract as in `fasttrain.data.plain`: (images, labels) on the device, set_epoch, len."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, batches: ShardedBatches, fmt: BatchFormat,
+                 aug: CropFlip = CropFlip(), num_threads: int = 2):
+        super().__init__(labels, batches, fmt, aug.seed, num_threads)
+        self.images = images  # (N, H, W, C) uint8, read-only, shared
+        self.crop_padding, self.hflip = aug.crop_padding, aug.hflip
 
     @property
     def num_samples(self) -> int:
@@ -118,16 +127,6 @@ class DaliLoader(ShardLoader):
         pipe.build()
         return pipe
 
-    def _to_torch(self, tensor_list) -> torch.Tensor:
-        if self.device.type == "cuda":
-            from nvidia.dali.plugin.pytorch import feed_ndarray
-
-            dense = tensor_list.as_tensor()
-            out = torch.empty(dense.shape(), dtype=_torch_dtype(dense.dtype), device=self.device)
-            feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream(self.device))  # device to device
-            return out
-        return torch.from_numpy(np.array(tensor_list.as_tensor()))  # copy: DALI reuses its buffers
-
     def _drain(self) -> None:
         """Run out the pipeline's current epoch (after an early stop) and rewind it."""
         try:
@@ -145,17 +144,35 @@ class DaliLoader(ShardLoader):
         self._mid_epoch = True
         for _ in range(self.batches.batches_left()):
             images, labels = self._pipe.run()
-            x = self._to_torch(images)
-            if self.channels_last:
-                x = x.permute(0, 3, 1, 2)  # NHWC storage viewed as NCHW: exactly channels_last
-            if x.dtype != self.dtype:
-                x = x.to(self.dtype)  # bf16: DALI has none; preserves channels_last
-            yield x, self._to_torch(labels).to(self.device).view(-1)
+            yield as_batch(images, labels, self.device, self.dtype, self.channels_last)
         try:
             self._pipe.run()  # the source is exhausted: this raises, and the pipeline rewinds
         except StopIteration:
             self._pipe.reset()
             self._mid_epoch = False
+
+
+def to_torch(tensor_list, device: torch.device) -> torch.Tensor:
+    """One DALI output as a torch tensor on `device`: copied device to device on a GPU, else on the host."""
+    if device.type == "cuda":
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+
+        dense = tensor_list.as_tensor()
+        out = torch.empty(dense.shape(), dtype=_torch_dtype(dense.dtype), device=device)
+        feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream(device))  # device to device
+        return out
+    return torch.from_numpy(np.array(tensor_list.as_tensor()))  # a copy: DALI reuses its buffers
+
+
+def as_batch(images, labels, device: torch.device, dtype: torch.dtype,
+             channels_last: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A pipeline's (images, labels) as the loader contract's batch: NCHW in `dtype`, int64 labels."""
+    x = to_torch(images, device)
+    if channels_last:
+        x = x.permute(0, 3, 1, 2)  # NHWC storage viewed as NCHW: exactly channels_last
+    if x.dtype != dtype:
+        x = x.to(dtype)  # bf16: DALI has none; the cast keeps channels_last
+    return x, to_torch(labels, device).to(device).view(-1)
 
 
 def _torch_dtype(dali_dtype) -> torch.dtype:

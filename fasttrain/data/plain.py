@@ -41,10 +41,14 @@ class CustomDataset(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
+    def load_image(self, index: int) -> Image.Image:
+        """Sample `index` as a PIL image (a subclass may read it from elsewhere: fasttrain.data.folder)."""
+        array = self.images[index]
+        return Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
+
     def __getitem__(self, key) -> Tuple[torch.Tensor, int]:
         epoch, index = key if isinstance(key, tuple) else (0, key)
-        array = self.images[index]
-        image = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
+        image = self.load_image(index)
         label = int(self.labels[index])
         if self.transform is None:
             return image, label

@@ -30,11 +30,29 @@ def normalize(data: DataConfig, channels: int) -> "T.Normalize":
     return T.Normalize(per_channel(data.mean, channels, "data.mean"), per_channel(data.std, channels, "data.std"))
 
 
-def train_transform(data: DataConfig, aug: AugConfig, image_size: int, channels: int) -> "T.Compose":
-    """Augmentations (in the tutorial's order), then ToTensor and Normalize."""
+def fit_to_size(image_size: int) -> "T.Compose":
+    """Files of any size -> image_size x image_size: the shorter side resized to it, the centre cropped
+    (torchvision's evaluation recipe). What the plain loader evaluates folder images with, and what
+    the resident loaders store them as, so both see the same pixels."""
+    from torchvision import transforms as T
+
+    return T.Compose([T.Resize(image_size), T.CenterCrop(image_size)])
+
+
+def train_transform(data: DataConfig, aug: AugConfig, image_size: int, channels: int,
+                    from_files: bool = False) -> "T.Compose":
+    """Augmentations (in the tutorial's order), then ToTensor and Normalize.
+
+    `from_files` (data.dataset=folder: images of any size): with aug.crop_padding > 0, the image is
+    first fitted to image_size (fit_to_size) and then RandomCrop-ped with padding, as the resident
+    loaders crop it; with aug.crop_padding=0, RandomResizedCrop(image_size), the ImageNet recipe."""
     from torchvision import transforms as T
 
     steps: list = []
+    if from_files and aug.crop_padding == 0:
+        steps.append(T.RandomResizedCrop(image_size))
+    elif from_files:
+        steps.append(fit_to_size(image_size))
     if aug.crop_padding > 0:
         steps.append(T.RandomCrop(image_size, padding=aug.crop_padding))
     if aug.hflip:
@@ -47,7 +65,9 @@ def train_transform(data: DataConfig, aug: AugConfig, image_size: int, channels:
     return T.Compose(steps + [T.ToTensor(), normalize(data, channels)])
 
 
-def eval_transform(data: DataConfig, channels: int) -> "T.Compose":
+def eval_transform(data: DataConfig, channels: int, image_size: int = 0) -> "T.Compose":
+    """ToTensor and Normalize; images of any size (image_size > 0) are first fitted to image_size."""
     from torchvision import transforms as T
 
-    return T.Compose([T.ToTensor(), normalize(data, channels)])
+    fit = [fit_to_size(image_size)] if image_size else []
+    return T.Compose(fit + [T.ToTensor(), normalize(data, channels)])
