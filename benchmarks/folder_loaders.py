@@ -31,7 +31,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from benchmarks.measure import measure
+from benchmarks.measure import Windows, measure
 from fasttrain.data.dali import dali_available
 from fasttrain.data.folder import FolderDataset, FolderIndex, FolderPlainLoader, scan_split
 from fasttrain.data.gpu import BatchFormat
@@ -175,7 +175,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         results = []
         for name, decode_on, stream in loader_rows(index, setup, device):
             result = measure(name, lambda: next(stream), lambda batch: batch[1].sum(), setup.batch_size, device,
-                             setup.warmup, 0, setup.windows, min_seconds=setup.min_seconds)
+                             Windows(setup.warmup, setup.windows, min_seconds=setup.min_seconds))
             stream.close()  # loader.close(): ends the DataLoader's workers / shuts the DALI pipeline down
             results.append((name, decode_on, result.images_per_sec))
             print(f"  {name} ({decode_on}): {result.images_per_sec:,.0f} img/s", flush=True)

@@ -32,7 +32,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 
 from benchmarks.epoch_loop import EpochLoopTimer, LoopMeasurement
-from benchmarks.measure import Measurement, measure
+from benchmarks.measure import Measurement, Windows, measure
 from benchmarks.tutorial_loop import tutorial_loader, tutorial_steps
 from fasttrain import dist
 from fasttrain.config import Config, ModelConfig, load_config
@@ -112,8 +112,8 @@ def tutorial_measurement(cfg: Config, device: torch.device, timing: Timing, work
     loader = tutorial_loader(images, labels, cfg.train.batch_size, workers, pin_memory=device.type == "cuda")
     steps = tutorial_steps(model, loader, optimizer, device)
     # the tutorial's loop fetches and steps in one go: its data wait is inside the step here
-    return measure(TUTORIAL, lambda: None, lambda _: next(steps), cfg.train.batch_size, device, timing.warmup, 0,
-                   timing.windows, timing.guard_steps, timing.min_seconds)
+    return measure(TUTORIAL, lambda: None, lambda _: next(steps), cfg.train.batch_size, device,
+                   Windows(timing.warmup, timing.windows, 0, timing.guard_steps, timing.min_seconds))
 
 
 def fasttrain_measurement(cfg: Config, ctx: dist.Dist, timing: Timing, name: str) -> Tuple[LoopMeasurement, float]:

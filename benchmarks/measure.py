@@ -44,20 +44,31 @@ def guard(name: str, losses: Sequence[float]) -> None:
                             f"({first:.4f} -> {last:.4f})")
 
 
+@dataclass(frozen=True)
+class Windows:
+    """How a measurement runs: `guard_steps` (checked, then counted as warm-up), more warm-up up to
+    `warmup` steps, then `count` timed windows: of `steps` steps each, or (steps=0) of whole steps
+    until at least `min_seconds` have passed, so that a slow step or a periodic cost cannot fall
+    outside a window."""
+    warmup: int
+    count: int
+    steps: int = 0
+    guard_steps: int = 0
+    min_seconds: float = 0.0
+
+
 def measure(name: str, next_batch: Callable[[], object], step: Callable[[object], object], batch_size: int,
-            device: torch.device, warmup: int, steps: int, windows: int, guard_steps: int = 0,
-            min_seconds: float = 0.0) -> Measurement:
-    """Guard steps (checked, then counted as warm-up), more warm-up, then timed windows: of `steps`
-    steps each, or (steps=0) of whole steps until at least `min_seconds` have passed, so that a
-    slow step or a periodic cost cannot fall outside a window."""
+            device: torch.device, plan: Windows) -> Measurement:
+    """Images/s of `step` over batches from `next_batch`, timed as `plan` says (the median window)."""
+    steps, min_seconds = plan.steps, plan.min_seconds
     guard_losses: List[float] = []
-    if guard_steps:
-        guard_losses = _as_floats([step(next_batch()) for _ in range(guard_steps)])
+    if plan.guard_steps:
+        guard_losses = _as_floats([step(next_batch()) for _ in range(plan.guard_steps)])
         guard(name, guard_losses)
-    for _ in range(max(0, warmup - guard_steps)):
+    for _ in range(max(0, plan.warmup - plan.guard_steps)):
         step(next_batch())
     rates, waits, totals = [], 0.0, 0.0
-    for _ in range(windows):
+    for _ in range(plan.count):
         synchronize(device)  # host sync: the clock starts with an idle device
         start = time.perf_counter()
         done = 0

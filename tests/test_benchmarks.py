@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from benchmarks.measure import BrokenVariant, guard, measure
+from benchmarks.measure import BrokenVariant, Windows, guard, measure
 from fasttrain.flops import flops_per_image
 
 from conftest import run_fasttrain
@@ -55,7 +55,8 @@ def test_guard_refuses_a_variant_whose_loss_is_not_finite_or_does_not_fall():
         guard("x", [2.3, 2.3, 2.4, 2.5])
     guard("x", [2.3, 2.2, 2.2, 2.0])
     with pytest.raises(BrokenVariant):  # a broken fast path: its timing is never reached
-        measure("broken", lambda: None, lambda _: torch.tensor(float("inf")), 32, torch.device("cpu"), 4, 2, 1, 4)
+        measure("broken", lambda: None, lambda _: torch.tensor(float("inf")), 32, torch.device("cpu"),
+                Windows(warmup=4, count=1, steps=2, guard_steps=4))
 
 
 def test_flops_per_image_are_counted_on_the_model():
