@@ -263,7 +263,7 @@ def test_readme_your_own_model_on_your_own_images_runs_as_written(tmp_path):
         assert result.returncode == 0, (command, result.stderr[-3000:])
     tiny = read_jsonl(tmp_path / "runs" / "shapes-tiny" / "metrics.jsonl")
     assert max(record["val_acc"] for record in tiny) > 0.6  # 3 classes: chance is 1/3
-    assert yaml.safe_load((tmp_path / "runs" / "shapes-mobilenet" / "config.yaml").read_text())["model"]["name"] \
-        == "torchvision:mobilenet_v3_small"
+    assert yaml.safe_load((tmp_path / "runs" / "shapes-resnet18" / "config.yaml").read_text())["model"]["name"] \
+        == "torchvision:resnet18"
     evaluated = json.loads(result.stdout.strip().splitlines()[-1])
     assert evaluated["val_acc"] == evaluated["recorded_val_acc"] == max(record["val_acc"] for record in tiny)
