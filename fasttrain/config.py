@@ -16,7 +16,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Dict, List, Optional, Sequence
+from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 from omegaconf import OmegaConf
@@ -603,10 +603,13 @@ def _build(layers: List[Any]) -> Config:
         if isinstance(cause, ConfigError):
             raise cause from None
         raise ConfigError(_format_omegaconf_error(err)) from None
-    except (TypeError, ValueError) as err:  # OmegaConf's merge of a mapping into a list key
-        key = _list_given_a_mapping(layers[1:])
-        where = f"{key}={{...}} is not valid: expected {_expected_type(key)}" if key else _first_line(err)
-        raise ConfigError(f"config error: {where} (a list is written [a, b])") from None
+    except (TypeError, ValueError) as err:  # OmegaConf's merge of a mapping into a list key, or the reverse
+        key, given = _container_mismatch(layers[1:])
+        if not key:
+            raise ConfigError(f"config error: {_first_line(err)}") from None
+        written = "a list is written [a, b]" if given == "{...}" else "a mapping is written {name: value}"
+        raise ConfigError(f"config error: {key}={given} is not valid: expected {_expected_type(key)} "
+                          f"({written})") from None
     assert isinstance(cfg, Config)
     return cfg
 
@@ -628,16 +631,20 @@ def _check_list_items(merged: Any) -> None:
                                   f"{_expected_type(f'{section}.{key}')} (one value per item)")
 
 
-def _list_given_a_mapping(layers: Sequence[Any]) -> str:
-    """The first dotted key whose default is a list and that a layer sets to a mapping ('' if none)."""
+def _container_mismatch(layers: Sequence[Any]) -> Tuple[str, str]:
+    """(the first dotted key whose default is a list that a layer sets to a mapping, or whose default
+    is a mapping that a layer sets to a list; how the given value is shown), ('', '') if none."""
     defaults = to_dict(Config())
     for layer in layers:
         for section, values in OmegaConf.to_container(layer).items():
             if isinstance(values, dict) and isinstance(defaults.get(section), dict):
                 for key, value in values.items():
-                    if isinstance(value, dict) and isinstance(defaults[section].get(key), list):
-                        return f"{section}.{key}"
-    return ""
+                    default = defaults[section].get(key)
+                    if isinstance(value, dict) and isinstance(default, list):
+                        return f"{section}.{key}", "{...}"
+                    if isinstance(value, list) and isinstance(default, dict):
+                        return f"{section}.{key}", "[...]"
+    return "", ""
 
 
 def describe_keys() -> List[str]:

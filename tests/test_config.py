@@ -39,6 +39,7 @@ def test_overrides_are_typed_and_win_over_the_file():
     ("train.device=gpu0", "train.device='gpu0' is not valid"),
     ("optim.lr=-0.1", "optim.lr=-0.1 is not valid: expected a float > 0"),
     ("train.epochs", "override 'train.epochs' must look like key.sub=value"),
+    ("model.kwargs=[1]", "model.kwargs=[...] is not valid: expected Dict[str, Any] (a mapping is written {name: value})"),
 ])
 def test_bad_values_raise_a_config_error_naming_the_key(override, expected):
     with pytest.raises(ConfigError) as err:
