@@ -27,13 +27,7 @@ from fasttrain.models import build_model, summarize
 from fasttrain.own_models import check_output
 from fasttrain.optim import Schedule, build_optimizer
 from fasttrain.precision import Precision, build_precision
-from fasttrain.registry import MODELS
 from fasttrain.step import CapturedStep, EagerStep
-
-
-# model.name of a class defined in the script that called fasttrain.fit (or in a notebook): recorded as it is,
-# and importable by no other process (there, __main__ is fasttrain's own entry point)
-SCRIPT_MODULE = "__main__:"
 
 
 def model_on_device(cfg: Config, info: DatasetInfo, device: torch.device,
@@ -41,10 +35,6 @@ def model_on_device(cfg: Config, info: DatasetInfo, device: torch.device,
     """cfg.model for `info`'s images and classes, or `model` (built by the caller, moved in place) once it
     fits them; on `device`, channels_last when train.channels_last."""
     if model is None:
-        if cfg.model.name.startswith(SCRIPT_MODULE) and cfg.model.name not in MODELS:
-            raise UserError(f"model.name={cfg.model.name!r} is a class that was defined in the script that trained "
-                            f"it (fasttrain.fit), which cannot be imported here: name an importable copy of it, "
-                            f"model.name=package.module:{cfg.model.name[len(SCRIPT_MODULE):]}")
         model = build_model(cfg.model, info.in_channels, info.image_size, info.num_classes).to(device)
     else:
         if not any(p.requires_grad for p in model.parameters()):

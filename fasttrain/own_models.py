@@ -20,9 +20,12 @@ import torch
 from torch import nn
 
 from fasttrain.config import TORCHVISION_PREFIX, model_names_accepted
-from fasttrain.errors import ConfigError
+from fasttrain.errors import ConfigError, UserError
 
 
+# the module of a class defined in the script that called fasttrain.fit (or in a notebook): recorded as
+# model.name, and importable by no other process (there, __main__ is fasttrain's own entry point)
+SCRIPT_MODULE = "__main__"
 SMALL_IMAGE_SIDE = 64  # ResNets get the small-image stem up to this image side
 
 
@@ -92,6 +95,11 @@ def imported_model(reference: str, kwargs: Dict[str, Any], in_channels: int, ima
     attributes): imported from sys.path (PYTHONPATH; the current folder too under `python -m`) and
     called with the keyword arguments num_classes, in_channels and image_size that its signature
     names (a **kwargs catch-all gets none of them), then model.kwargs, which win."""
+    module_name, _, attribute = reference.partition(":")
+    if module_name == SCRIPT_MODULE:
+        raise UserError(f"model.name={reference!r} is a class that was defined in the script that trained it "
+                        f"(fasttrain.fit), which cannot be imported here: name an importable copy of it, "
+                        f"model.name=package.module:{attribute}")
     target = _import_attribute(reference)
     shape = {"num_classes": num_classes, "in_channels": in_channels, "image_size": image_size}
     declared = _parameter_names(target)
