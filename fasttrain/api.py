@@ -44,7 +44,6 @@ from fasttrain.checkpoint import RunState
 from fasttrain.config import Config
 from fasttrain.errors import ConfigError, UserError
 from fasttrain.observe import LOGGER_NAME
-from fasttrain.registry import MODELS
 
 ConfigSource = Union[None, str, "os.PathLike[str]", Config]
 Overrides = Union[Sequence[str], Mapping[str, Any]]
@@ -107,10 +106,10 @@ class Trainer:
                             "init_process_group, or destroy_process_group first")
         from fasttrain.trainer import train  # heavy (data, step, checkpoints): imported once the input is checked
 
-        with _process_state_restored(), _named_in_models(model) as model_name:
-            cfg = self.config
-            if model is not None:  # ModelConfig checks the name against MODELS, where it is registered now
-                cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name=model_name))
+        cfg = self.config
+        if model is not None:  # recorded in config.yaml and the checkpoints, in model.name's import form
+            cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name=model_path(model)))
+        with _process_state_restored():
             state = train(cfg, model)
         if state.stopped_by == preemption.INTERRUPT:
             raise KeyboardInterrupt(f"fasttrain: stopped by Ctrl-C after step {state.global_step}; resume=auto "
@@ -178,25 +177,6 @@ def model_path(model: nn.Module) -> str:
     cls = type(model)
     name = cls.__name__ if "<locals>" in cls.__qualname__ else cls.__qualname__
     return f"{cls.__module__}:{name}"
-
-
-@contextmanager
-def _named_in_models(model: Optional[nn.Module]) -> Iterator[str]:
-    """While the run lasts, `model_path(model)` is a name MODELS knows (its builder hands back `model`
-    itself), so that the config, config.yaml and the checkpoints can name the model, and a checkpoint
-    that names it loads on resume. An entry already there (the caller registered the class) is kept."""
-    if model is None:
-        yield ""
-        return
-    name = model_path(model)
-    if name in MODELS:
-        yield name
-        return
-    MODELS.register(name)(lambda *_shape: model)
-    try:
-        yield name
-    finally:
-        MODELS.unregister(name)
 
 
 def _result(cfg: Config, state: RunState) -> FitResult:
