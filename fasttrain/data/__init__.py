@@ -282,18 +282,17 @@ def build_loaders(cfg: Config, device: torch.device, rank: int = 0, world_size: 
 def _loader(cfg: Config, name: str, images: Union[np.ndarray, FolderIndex], labels: np.ndarray, info: DatasetInfo,
             batches: ShardedBatches, device: torch.device, dtype: torch.dtype, train: bool) -> Loader:
     channels = info.in_channels
+    if name in ("gpu", "dali") and train and (cfg.aug.rotation > 0 or any(v > 0 for v in cfg.aug.color_jitter)):
+        raise ConfigError(f"config error: data.loader={name} does random crop and flip only; aug.rotation and "
+                          f"aug.color_jitter need data.loader=plain")
     pin = cfg.data.pin_memory if cfg.data.pin_memory is not None else device.type == "cuda"
+    fmt = BatchFormat(device, per_channel(cfg.data.mean, channels, "data.mean"),
+                      per_channel(cfg.data.std, channels, "data.std"), dtype, cfg.train.channels_last)
     if isinstance(images, FolderIndex):
-        return _folder_file_loader(cfg, name, images, info, batches, device, dtype, train, pin)
+        return _folder_file_loader(cfg, name, images, info, batches, fmt, train, pin)
     if name in ("gpu", "dali"):
-        mean, std = per_channel(cfg.data.mean, channels, "data.mean"), per_channel(cfg.data.std, channels, "data.std")
-        augment = train and (cfg.aug.rotation > 0 or any(v > 0 for v in cfg.aug.color_jitter))
-        if augment:
-            raise ConfigError(f"config error: data.loader={name} does random crop and flip only; aug.rotation and "
-                              f"aug.color_jitter need data.loader=plain")
         kind = GpuLoader if name == "gpu" else DaliLoader
         extra = {"num_threads": max(1, resolve_workers(cfg.data.num_workers))} if name == "dali" else {}
-        fmt = BatchFormat(device, mean, std, dtype, cfg.train.channels_last)
         aug = CropFlip(cfg.aug.crop_padding, cfg.aug.hflip, cfg.train.seed) if train else CropFlip(seed=cfg.train.seed)
         return kind(images, labels, batches, fmt, aug, **extra)
     transform = (train_transform(cfg.data, cfg.aug, info.image_size, channels) if train
@@ -304,20 +303,18 @@ def _loader(cfg: Config, name: str, images: Union[np.ndarray, FolderIndex], labe
 
 
 def _folder_file_loader(cfg: Config, name: str, index: FolderIndex, info: DatasetInfo, batches: ShardedBatches,
-                        device: torch.device, dtype: torch.dtype, train: bool, pin: bool) -> Loader:
-    """Folder data decoded batch by batch: by DataLoader workers (plain) or a DALI pipeline (dali)."""
+                        fmt: BatchFormat, train: bool, pin: bool) -> Loader:
+    """Folder data decoded batch by batch: by DataLoader workers (plain) or a DALI pipeline (dali). Both
+    crop as the resident gpu loader does when aug.crop_padding > 0 (the fitted image, padded and cropped
+    back), and take a random resized crop when it is 0."""
     if name == "dali":
-        if train and (cfg.aug.rotation > 0 or any(v > 0 for v in cfg.aug.color_jitter)):
-            raise ConfigError("config error: data.loader=dali does random resized crop and flip only; aug.rotation "
-                              "and aug.color_jitter need data.loader=plain")
         from fasttrain.data.dali_folder import DaliFolderLoader  # imports no DALI until it is built
 
-        fmt = BatchFormat(device, per_channel(cfg.data.mean, 3, "data.mean"), per_channel(cfg.data.std, 3, "data.std"),
-                          dtype, cfg.train.channels_last)
         return DaliFolderLoader(index, batches, fmt, info.image_size, train, cfg.aug.hflip, cfg.train.seed,
-                                max(1, resolve_workers(cfg.data.num_workers)))
+                                max(1, resolve_workers(cfg.data.num_workers)),
+                                crop_padding=cfg.aug.crop_padding if train else 0)
     transform = (train_transform(cfg.data, cfg.aug, info.image_size, 3, from_files=True) if train
                  else eval_transform(cfg.data, 3, info.image_size))
     return folder.FolderPlainLoader(folder.FolderDataset(index, transform, cfg.train.seed), batches,
-                                    resolve_workers(cfg.data.num_workers), pin, cfg.data.persistent_workers, device,
-                                    dtype, cfg.train.channels_last)
+                                    resolve_workers(cfg.data.num_workers), pin, cfg.data.persistent_workers,
+                                    fmt.device, fmt.dtype, fmt.channels_last)
