@@ -39,7 +39,7 @@ import torch.distributed as torch_dist
 from torch import nn
 
 from fasttrain import config as config_mod
-from fasttrain import preemption
+from fasttrain import preemption, timing
 from fasttrain.checkpoint import RunState
 from fasttrain.config import Config
 from fasttrain.errors import ConfigError, UserError
@@ -65,6 +65,8 @@ class FitResult:
     stopped_by: Optional[str]  # None: every epoch trained; "stop_after_steps"; a signal's name: preempted
     last_checkpoint: Optional[Path]  # what the run wrote last, absolute (None: nothing written)
     history: List[Dict[str, Any]] = field(repr=False)  # the epoch records of metrics.jsonl
+    finished_by: Optional[str] = None  # "target_acc": train.target_acc was reached before the last epoch
+    time_split: Dict[str, Any] = field(default_factory=dict, repr=False)  # env.json's: where the wall time went
 
     @property
     def metrics_path(self) -> Path:
@@ -109,12 +111,13 @@ class Trainer:
         cfg = self.config
         if model is not None:  # recorded in config.yaml and the checkpoints, in model.name's import form
             cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name=model_path(model)))
+        clock = timing.restart("the fit() call")  # this run's time split starts here, not at the process's start
         with _process_state_restored():
             state = train(cfg, model)
         if state.stopped_by == preemption.INTERRUPT:
             raise KeyboardInterrupt(f"fasttrain: stopped by Ctrl-C after step {state.global_step}; resume=auto "
                                     f"output.dir={cfg.output.dir} continues from its checkpoint")
-        return _result(cfg, state)
+        return _result(cfg, state, clock.summary())
 
 
 def fit(config: ConfigSource = None, model: Optional[nn.Module] = None, overrides: Overrides = ()) -> FitResult:
@@ -179,7 +182,7 @@ def model_path(model: nn.Module) -> str:
     return f"{cls.__module__}:{name}"
 
 
-def _result(cfg: Config, state: RunState) -> FitResult:
+def _result(cfg: Config, state: RunState, time_split: Dict[str, Any]) -> FitResult:
     finished = state.best_epoch > 0
     return FitResult(run_dir=Path(cfg.output.dir).absolute(), config=cfg, epoch=state.epoch,
                      global_step=state.global_step, best_val_acc=state.best_val_acc if finished else None,
@@ -187,7 +190,7 @@ def _result(cfg: Config, state: RunState) -> FitResult:
                      final_val_acc=state.history[-1]["val_acc"] if state.history else None,
                      stopped_by=state.stopped_by,
                      last_checkpoint=Path(state.last_checkpoint).absolute() if state.last_checkpoint else None,
-                     history=list(state.history))
+                     history=list(state.history), finished_by=state.finished_by, time_split=time_split)
 
 
 # --------------------------------------------------------------------------- the process

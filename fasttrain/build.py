@@ -11,13 +11,14 @@ from __future__ import annotations
 import inspect
 import logging
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from fasttrain import dist
+from fasttrain import dist, timing
+from fasttrain.averaging import Averages, build_averages
 from fasttrain.config import Config
 from fasttrain.data import DatasetInfo, build_loaders
 from fasttrain.device import seed_everything
@@ -28,6 +29,7 @@ from fasttrain.own_models import check_output
 from fasttrain.optim import Schedule, build_optimizer
 from fasttrain.precision import Precision, build_precision
 from fasttrain.step import CapturedStep, EagerStep
+from fasttrain.validation import Evaluator
 
 
 def model_on_device(cfg: Config, info: DatasetInfo, device: torch.device,
@@ -52,11 +54,14 @@ def model_on_device(cfg: Config, info: DatasetInfo, device: torch.device,
 class Parts:
     """What a run is built from. `model` is the plain module (checkpoints, weight digests);
     `step` runs one optimizer step on it (`fasttrain.step`: eager, with the model compiled and
-    DDP-wrapped as configured, or captured); `eval_model` is what validation calls (compiled when
-    compiling, never DDP: ranks may run different numbers of eval batches)."""
+    DDP-wrapped as configured, or captured); `averages` are the weight averages kept beside it
+    (`fasttrain.averaging`; empty when none); `evaluator` runs validation over the model, or over
+    the EMA's copy when there is one (`fasttrain.validation`: compiled when compiling, captured on
+    CUDA when the step is, never DDP: ranks may run different numbers of eval batches)."""
     model: nn.Module
     step: Any  # EagerStep | CapturedStep
-    eval_model: nn.Module
+    evaluator: Evaluator
+    averages: Averages
     optimizer: torch.optim.Optimizer
     schedule: Schedule
     precision: Precision
@@ -73,6 +78,8 @@ def build_parts(cfg: Config, ctx: dist.Dist, logger: logging.Logger, model: Opti
     precision = build_precision(cfg.train.precision, device, cfg.train.tf32, cfg.train.deterministic)
     seed_everything(cfg.train.seed)  # same seed on every rank: identical initial weights
     train_loader, val_loader, info = build_loaders(cfg, device, ctx.rank, ctx.world_size, precision.input_dtype)
+    clock = timing.clock()
+    clock.startup_done("data")
     skipped = train_loader.num_samples - train_loader.batches.used_samples
     logger.info(f"data {info.name}: {train_loader.num_samples:,} train / {val_loader.num_samples:,} test images of "
                 f"{info.in_channels}x{info.image_size}x{info.image_size}, {info.num_classes} classes | loader "
@@ -82,20 +89,28 @@ def build_parts(cfg: Config, ctx: dist.Dist, logger: logging.Logger, model: Opti
                 + (f" | {skipped} images per epoch left out (drop_last, or fewer than one per rank)" if skipped else ""))
     model = model_on_device(cfg, info, device, model)
     logger.info(summarize(model, cfg.model.name))
+    compiled = cfg.train.compile != "off"
     compile_mode = None if cfg.train.compile == "default" else cfg.train.compile
-    # train batches have one shape (drop_last), so the compiled model does not recompile per epoch
-    eval_model: nn.Module = torch.compile(model, mode=compile_mode) if cfg.train.compile != "off" else model
     torch.manual_seed(cfg.train.seed + ctx.rank)  # per-rank streams for dropout; data randomness is seeded apart
     optimizer = build_optimizer(cfg.optim, model, device, capture=cfg.train.capture)
     step: Any
     if cfg.train.capture:
-        step = CapturedStep(model, optimizer, precision, cfg.train.grad_clip, compile_mode, ctx.world_size)
+        step = CapturedStep(model, optimizer, precision, cfg.train.grad_clip, compile_mode, ctx.world_size,
+                            cfg.train.label_smoothing)
     else:
-        train_model = eval_model
+        # train batches have one shape (drop_last), so the compiled model does not recompile per epoch
+        train_model: nn.Module = torch.compile(model, mode=compile_mode) if compiled else model
         if ctx.world_size > 1:
             # only where there are gradients to average: world size 1 pays nothing for a wrapper
-            train_model = wrap_ddp(train_model, model, device, cfg.train.compile != "off")
-        step = EagerStep(train_model, optimizer, precision, cfg.train.grad_clip)
+            train_model = wrap_ddp(train_model, model, device, compiled)
+        step = EagerStep(train_model, optimizer, precision, cfg.train.grad_clip, cfg.train.label_smoothing)
+    # after the step: a captured step with other ranks has broadcast rank 0's weights, which the averages copy
+    averages = build_averages(model, cfg.train.ema_decay, cfg.train.ema_every, cfg.train.lookahead_k,
+                              cfg.train.lookahead_alpha)
+    evaluator = Evaluator(averages.ema.averaged if averages.ema else model, precision, cfg.train.tta,
+                          # the eval batch function mutates its sums: no CUDA graphs of torch.compile's own there
+                          None if compile_mode == "reduce-overhead" else compile_mode, compiled,
+                          pad_to=eval_batch_size(cfg), capture=cfg.train.capture)
     steps_per_epoch = min(len(train_loader), cfg.train.limit_train_batches or len(train_loader))
     schedule = Schedule(cfg.sched, optimizer, cfg.train.epochs, steps_per_epoch)
     logger.info(f"optim {cfg.optim.name} lr {cfg.optim.lr:g} wd {cfg.optim.weight_decay:g} | sched {cfg.sched.name} "
@@ -113,8 +128,30 @@ def build_parts(cfg: Config, ctx: dist.Dist, logger: logging.Logger, model: Opti
     logger.info(f"model cost: {flops / 1e6:,.1f} MFLOP per image (forward + backward); MFU "
                 + (f"against {peak / 1e12:,.1f} TFLOP/s per device" if peak else "not reported (peak FLOP/s of "
                    "this device unknown: set train.peak_tflops)"))
-    return Parts(model, step, eval_model, optimizer, schedule, precision, train_loader, val_loader, flops, peak,
-                 steps_per_epoch)
+    if averages or cfg.train.label_smoothing or cfg.train.tta != "none":
+        logger.info("accuracy tools: " + ", ".join(_accuracy_tools(cfg)))
+    clock.startup_done("model")
+    return Parts(model, step, evaluator, averages, optimizer, schedule, precision, train_loader, val_loader, flops,
+                 peak, steps_per_epoch)
+
+
+def eval_batch_size(cfg: Config) -> int:
+    return cfg.train.eval_batch_size or cfg.train.batch_size
+
+
+def _accuracy_tools(cfg: Config) -> List[str]:
+    train = cfg.train
+    tools = []
+    if train.label_smoothing:
+        tools.append(f"label smoothing {train.label_smoothing:g}")
+    if train.ema_decay:
+        tools.append(f"EMA of the weights (decay {train.ema_decay:g} every {train.ema_every} step(s); validation "
+                     f"and best.pt use it)")
+    if train.lookahead_k:
+        tools.append(f"lookahead (k {train.lookahead_k}, alpha {train.lookahead_alpha:g})")
+    if train.tta != "none":
+        tools.append(f"test-time augmentation {train.tta}")
+    return tools
 
 
 DDP_BUCKET_MB = 25  # DDP's default bucket_cap_mb

@@ -28,21 +28,27 @@ def _eval(argv: Sequence[str]) -> int:
     try:
         from fasttrain.evaluate import evaluate_checkpoint
 
-        stats, ckpt = evaluate_checkpoint(args.checkpoint, args.overrides)
+        evaluation = evaluate_checkpoint(args.checkpoint, args.overrides)
     except UserError as err:
         report(err)
         return EXIT_USER_ERROR
     if dist_env_rank() != 0:
         return 0  # under torchrun every rank evaluated its share; rank 0 reports the total
+    stats, ckpt, weights, tta = evaluation.stats, evaluation.checkpoint, evaluation.weights, evaluation.tta
     result = {"checkpoint": args.checkpoint, "epoch": ckpt["epoch"], "val_acc": stats.accuracy,
               "val_loss": stats.loss, "correct": stats.correct, "total": stats.total,
-              "recorded_val_acc": ckpt.get("val_acc")}
+              "recorded_val_acc": ckpt.get("val_acc"), "weights": weights, "tta": tta}
     if args.json:
         print(json.dumps(result))
     else:
-        recorded = (f"recorded at training time {100 * ckpt['val_acc']:.2f}%" if "val_acc" in ckpt else
-                    f"a mid-epoch checkpoint (step {ckpt.get('global_step')}): no accuracy was recorded with it")
-        print(f"{args.checkpoint} (epoch {ckpt['epoch']}): test accuracy {100 * stats.accuracy:.2f}% "
+        if "val_acc" in ckpt:
+            recorded = f"recorded at training time {100 * ckpt['val_acc']:.2f}%"
+        elif ckpt.get("step_in_epoch"):
+            recorded = f"a mid-epoch checkpoint (step {ckpt.get('global_step')}): no accuracy was recorded with it"
+        else:
+            recorded = "its epoch was not validated at training time (train.eval_every)"
+        how = ("EMA weights" if weights == "ema" else "trained weights") + ("" if tta == "none" else f", tta {tta}")
+        print(f"{args.checkpoint} (epoch {ckpt['epoch']}, {how}): test accuracy {100 * stats.accuracy:.2f}% "
               f"({stats.correct:,}/{stats.total:,}), loss {stats.loss:.4f}; {recorded}")
     return 0
 

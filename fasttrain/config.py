@@ -58,9 +58,12 @@ PrecisionName = _choices("PrecisionName", ("fp32", "bf16", "fp16"))
 CompileMode = _choices("CompileMode", ("off", "default", "reduce-overhead", "max-autotune"))
 BackendName = _choices("BackendName", ("auto", "nccl", "gloo"))
 SignalName = _choices("SignalName", ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP", "SIGCONT"))
+TtaName = _choices("TtaName", ("none", "flip", "flip_shift"))
 # seeds reach torch (< 2**64), NumPy, DALI (< 2**63) and derived seeds such as seed * 1_000_003 + epoch;
 # 31 bits keeps every one of them valid, and is what most seed APIs take
 SEED_MAX = 2**31 - 1
+# the optimizers whose hyperparameters a captured step can read from the device (fasttrain.step)
+CAPTURABLE_OPTIMIZERS = ("sgd", "adam", "adamw")
 
 
 @dataclass(frozen=True)
@@ -188,6 +191,9 @@ class DataConfig(Section):
                              low=0, high=4096, note="0 = the dataset's own size")
     skip_bad_images: bool = _field(False, "folder: leave out image files that cannot be opened (counted in the log) "
                                           "instead of stopping with their name")
+    cache_dir: str = _field("", "cifar10 / mnist: keep the decoded arrays as .npy files here, so the next run reads "
+                                "them instead of unpickling the dataset ('' = $FASTTRAIN_CACHE_DIR/data, else "
+                                "$XDG_CACHE_HOME/fasttrain/data or ~/.cache/fasttrain/data; off = no cache)")
 
     def check(self) -> None:
         _require(len(self.mean) in (1, 3), "data.mean", list(self.mean), "a list of 1 or 3 floats")
@@ -260,6 +266,10 @@ class OptimConfig(Section):
     momentum: float = _field(0.9, "sgd momentum", low=0, below=1)
     nesterov: bool = _field(False, "sgd Nesterov momentum (needs momentum > 0)")
     betas: List[float] = _field([0.9, 0.999], "adam/adamw betas")
+    decay_bn_bias: bool = _field(True, "weight decay on BatchNorm and bias parameters (every 1-d parameter) too; "
+                                       "false = decay only the weight matrices and convolution kernels")
+    bn_bias_lr_scale: float = _field(1.0, "learning-rate multiplier of BatchNorm and bias parameters (every 1-d "
+                                          "parameter), applied through every schedule", above=0)
 
     def check(self) -> None:
         _require(not (self.nesterov and self.name == "sgd" and self.momentum == 0), "optim.nesterov",
@@ -318,6 +328,29 @@ class TrainConfig(Section):
     stop_after_steps: int = _field(0, "stop with a resumable checkpoint once this many optimizer steps are done in "
                                       "all (0 = train every epoch); the schedule still spans train.epochs, so a "
                                       "later resume=auto continues it exactly", low=0, note="0 = no early stop")
+    label_smoothing: float = _field(0.0, "label smoothing of the training loss (0 = off); validation reports the "
+                                         "plain cross-entropy", low=0, below=1, what="a fraction")
+    ema_decay: float = _field(0.0, "keep an exponential moving average of the weights with this decay per update "
+                                   "(0 = off; e.g. 0.99): validation, best.pt's choice and fasttrain eval use the "
+                                   "averaged weights; checkpoints hold both", low=0, below=1, what="a fraction")
+    ema_every: int = _field(1, "update the weight average every N optimizer steps", low=1)
+    lookahead_k: int = _field(0, "lookahead: every k optimizer steps the slow weights move lookahead_alpha of the "
+                                 "way to the trained ones, and training continues from them (0 = off)", low=0,
+                              note="0 = off")
+    lookahead_alpha: float = _field(0.5, "lookahead: how far the slow weights move at each sync", above=0, high=1,
+                                    what="a fraction")
+    tta: TtaName = _field(TtaName.none, "test-time augmentation of validation and fasttrain eval: none | flip (the "
+                                        "mean of the logits of each image and its mirror) | flip_shift (and of both "
+                                        "shifted one pixel up-left and down-right: 6 views)")
+    eval_every: int = _field(1, "validate every N epochs; the last epoch always validates (the epochs between have "
+                                "no val_* values, and best.pt is chosen among validated epochs)", low=1)
+    target_acc: float = _field(0.0, "stop once validation accuracy reaches this fraction (0 = off), recording the "
+                                    "time from process start and the steps it took", low=0, high=1,
+                               what="a fraction", note="0 = off")
+    compile_cache: str = _field("", "folder of torch.compile's caches (Inductor's compiled graphs, AOTAutograd's): "
+                                    "'' = PyTorch's default ($TORCHINDUCTOR_CACHE_DIR, else "
+                                    "/tmp/torchinductor_<user>), off = compile from scratch, or a folder (e.g. on "
+                                    "a shared file system, so every node of a cluster starts warm)")
 
     def check(self) -> None:
         _require(bool(_DEVICE_RE.match(self.device)), "train.device", self.device, "auto, cpu, cuda or cuda:N")
@@ -345,6 +378,11 @@ class CheckpointConfig(Section):
                                         "the reduction that runs there anyway (stop within train.log_every steps); "
                                         "N = also every N steps, with one small CPU collective of its own",
                                      low=0, note="0 = at log intervals only")
+    every_epochs: int = _field(1, "write last.pt (and best.pt when validation improved) every N epochs; the last "
+                                  "epoch always", low=1)
+    background: bool = _field(True, "write epoch and periodic checkpoints from a background thread once the state "
+                                    "is copied to host memory, while training goes on (the next save waits for "
+                                    "it); preemption, Ctrl-C and the run's last save stay synchronous")
 
 
 @dataclass
@@ -386,9 +424,9 @@ class Config:
             _require(self.train.precision != "fp16", "train.precision", self.train.precision,
                      "fp32 or bf16 with train.capture=true (fp16's GradScaler decides on the host whether to "
                      "step; bf16 needs no scaler)")
-            _require(self.optim.name in ("adam", "adamw"), "optim.name", self.optim.name,
-                     "adam or adamw with train.capture=true (their learning rate and betas can be device "
-                     "tensors that the schedule updates; SGD's momentum cannot)")
+            _require(self.optim.name in CAPTURABLE_OPTIMIZERS, "optim.name", self.optim.name,
+                     f"{', '.join(CAPTURABLE_OPTIMIZERS)} with train.capture=true (the captured step reads their "
+                     f"learning rate, betas and momentum from device tensors that the schedule updates)")
 
 
 # --------------------------------------------------------------------------- loading

@@ -1,7 +1,8 @@
-"""One training epoch and one validation pass: the tutorial's train_one_epoch and validate.
+"""One training epoch: the tutorial's train_one_epoch (its validate is `fasttrain.validation`).
 
 The step loop does per step only what a step needs: fetch a batch, run the step (`fasttrain.step`),
-advance the schedule (host floats), count samples on the host. Everything else happens at
+advance the schedule (host floats), count samples on the host, and, when the run keeps weight averages
+(`fasttrain.averaging`), hand them the global step. Everything else happens at
 boundaries that every rank reaches at the same global step: every `train.log_every` steps the
 running sums are taken from the step, summed over ranks with the preemption flag riding along,
 and read by the host once (a non-finite sum means a non-finite loss: the run stops, naming the
@@ -16,13 +17,10 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from fasttrain import dist
 from fasttrain.errors import TrainingDiverged
 from fasttrain.optim import Schedule
-from fasttrain.precision import Precision
 from fasttrain.step import LOSS_SUM, NONFINITE, SKIPPED, SUMS
 
 # the vector summed over ranks at a log interval: the step's SUMS, then samples and the preemption flag
@@ -112,6 +110,8 @@ class Boundaries:
     agree_on_signal: Optional[Callable[[], Optional[str]]] = None  # the extra host-side check (signal_every)
     log_step: Optional["StepLogger"] = None  # at each log interval, with the values read there (rank 0)
     tick: Optional[Callable[[], None]] = None  # per step, host only (a progress counter; rank 0)
+    # per step, with the global step just done: the weight averages (every rank; None when the run keeps none)
+    after_step: Optional[Callable[[int], None]] = None
 
     def next_after(self, global_step: int) -> int:
         """The first boundary after `global_step`."""
@@ -153,6 +153,7 @@ def train_one_epoch(step, loader: Iterable[Tuple[torch.Tensor, torch.Tensor]], s
     device, epoch, global_step = plan.device, plan.epoch, plan.global_step
     start_step, carried, max_batches = plan.start_step, plan.carried, plan.max_batches
     time_first_steps, log_step, tick = plan.time_first_steps, boundaries.log_step, boundaries.tick
+    after_step = boundaries.after_step
     # running sums on the device: the epoch's, and the current log interval's (the step's SUMS layout)
     epoch_sums = torch.zeros(SUMS, dtype=torch.float64, device=device)
     interval = torch.zeros(SUMS, dtype=torch.float64, device=device)
@@ -182,6 +183,8 @@ def train_one_epoch(step, loader: Iterable[Tuple[torch.Tensor, torch.Tensor]], s
         schedule.after_batch()
         steps += 1
         global_step += 1
+        if after_step is not None:
+            after_step(global_step)  # foreach kernels every N steps, no device value read
         interval_samples += labels.shape[0]  # shape is host metadata: no sync
         if tick is not None:
             tick()  # host-only progress (a bar), no device value read
@@ -239,28 +242,3 @@ def train_one_epoch(step, loader: Iterable[Tuple[torch.Tensor, torch.Tensor]], s
     return EpochStats(loss_sum / max(samples, 1), int(samples), steps, seconds, last_lr, skipped_steps,
                       first_step_seconds, data_wait, stopped_early, int(reduced_now[1]), steps - start_step,
                       max(time_first_steps, 1), signal_at_end)
-
-
-@dataclass
-class EvalStats:
-    loss: float  # mean loss per sample
-    accuracy: float  # fraction in [0, 1]
-    correct: int
-    total: int
-
-
-@torch.no_grad()
-def validate(model: nn.Module, loader: Iterable[Tuple[torch.Tensor, torch.Tensor]], precision: Precision) -> EvalStats:
-    """Loss and accuracy over this rank's share of the split, summed over all ranks: every image
-    counted once. Pass the unwrapped model: ranks may run different numbers of batches."""
-    model.eval()
-    totals = torch.zeros(3, device=precision.device, dtype=torch.float64)  # [loss sum, correct, total]
-    for images, labels in loader:
-        with precision.autocast():
-            logits = model(images)
-        totals[0] += F.cross_entropy(logits, labels, reduction="sum").double()
-        totals[1] += (logits.argmax(dim=1) == labels).sum()
-        totals[2] += labels.shape[0]
-    loss_sum, correct, total = dist.all_reduce_sum_tensor(totals).tolist()  # host sync, once per validation
-    correct, total = int(correct), int(total)
-    return EvalStats(loss_sum / max(total, 1), correct / max(total, 1), correct, total)

@@ -1,10 +1,14 @@
 """Evaluate a saved checkpoint on the test split, with the config it was trained with.
 
-Runs on one process or under torchrun (every test image is counted once across ranks).
+Runs on one process or under torchrun (every test image is counted once across ranks). A checkpoint of
+a run that kept an EMA of its weights is evaluated with the averaged weights, as its validation was
+(`train.ema_decay=0` evaluates the trained ones); `train.tta` applies as in training, and can be set
+here (`train.tta=flip`).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 from fasttrain import config as config_mod
@@ -12,13 +16,21 @@ from fasttrain import dist
 from fasttrain.build import model_on_device
 from fasttrain.checkpoint import load_checkpoint, load_model_state
 from fasttrain.data import build_eval_loader
-from fasttrain.engine import EvalStats, validate
 from fasttrain.errors import UserError
 from fasttrain.precision import build_precision
+from fasttrain.validation import EvalStats, validate
 
 
-def evaluate_checkpoint(path: str, overrides: Sequence[str] = ()) -> tuple[EvalStats, dict]:
-    """(stats on the test split, the checkpoint). Overrides such as data.root=... or
+@dataclass(frozen=True)
+class CheckpointEvaluation:
+    stats: EvalStats  # on the test split
+    checkpoint: dict
+    weights: str  # "ema" (the averaged weights) or "trained"
+    tta: str  # the test-time augmentation used
+
+
+def evaluate_checkpoint(path: str, overrides: Sequence[str] = ()) -> CheckpointEvaluation:
+    """The checkpoint's accuracy and loss on the test split. Overrides such as data.root=... or
     train.device=cpu apply on top of the checkpoint's own config."""
     ckpt = load_checkpoint(path)
     try:
@@ -30,7 +42,11 @@ def evaluate_checkpoint(path: str, overrides: Sequence[str] = ()) -> tuple[EvalS
         precision = build_precision(cfg.train.precision, ctx.device, cfg.train.tf32)
         loader, info = build_eval_loader(cfg, ctx.device, ctx.rank, ctx.world_size, precision.input_dtype)
         model = model_on_device(cfg, info, ctx.device)
-        load_model_state(model, ckpt["model"], str(path))
-        return validate(model, loader, precision), ckpt
+        weights = dict(ckpt["model"])
+        which = "ema" if cfg.train.ema_decay > 0 and "ema" in ckpt else "trained"
+        if which == "ema":
+            weights.update(ckpt["ema"]["weights"])  # the averaged parameters; buffers are the trained model's
+        load_model_state(model, weights, str(path))
+        return CheckpointEvaluation(validate(model, loader, precision, cfg.train.tta), ckpt, which, str(cfg.train.tta))
     finally:
         dist.teardown()

@@ -134,9 +134,10 @@ def peak_memory_mb(device) -> float:
 
 
 def epoch_line(record: Dict[str, Any], epochs: int) -> str:
+    validated = (f"val_loss {record['val_loss']:.4f} | val_acc {100 * record['val_acc']:.2f}%"
+                 if record.get("val_acc") is not None else "not validated (train.eval_every)")
     return (f"epoch {record['epoch']:>3}/{epochs} | train_loss {record['train_loss']:.4f} | "
-            f"val_loss {record['val_loss']:.4f} | val_acc {100 * record['val_acc']:.2f}% | lr {record['lr']:.3g} | "
-            f"{record['images_per_sec']:,.0f} img/s"
+            f"{validated} | lr {record['lr']:.3g} | {record['images_per_sec']:,.0f} img/s"
             + (f" | MFU {100 * record['mfu']:.1f}%" if record.get("mfu") is not None else "")
             + f" | {record['epoch_seconds']:.1f}s"
             + (f" | {record['skipped_steps']} fp16 steps skipped" if record.get("skipped_steps") else "")

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.optim import lr_scheduler
 
-from fasttrain.config import OptimConfig, SchedConfig
+from fasttrain.config import CAPTURABLE_OPTIMIZERS, OptimConfig, SchedConfig
 from fasttrain.registry import OPTIMIZERS, SCHEDULES
 
 
@@ -30,47 +30,72 @@ def _fused_supported(device: torch.device) -> bool:
     return device.type in _get_fused_kernels_supported_devices()
 
 
+def param_groups(cfg: OptimConfig, model: nn.Module) -> List[Dict[str, Any]]:
+    """The trainable parameters as optimizer param groups: one group, or with optim.decay_bn_bias=false or
+    optim.bn_bias_lr_scale != 1 two, the second holding every 1-d parameter (BatchNorm weights and biases,
+    every bias), without weight decay and/or with its learning rate scaled. `lr_scale` rides in the group:
+    the schedules read it (a checkpoint keeps it with the group)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.decay_bn_bias and cfg.bn_bias_lr_scale == 1.0:
+        return [{"params": params, "lr_scale": 1.0}]
+    matrices = [p for p in params if p.ndim > 1]
+    vectors = [p for p in params if p.ndim <= 1]
+    groups = [{"params": matrices, "lr_scale": 1.0}] if matrices else []
+    if vectors:
+        groups.append({"params": vectors, "lr": cfg.lr * cfg.bn_bias_lr_scale, "lr_scale": cfg.bn_bias_lr_scale,
+                       "weight_decay": cfg.weight_decay if cfg.decay_bn_bias else 0.0})
+    return groups
+
+
 def build_optimizer(cfg: OptimConfig, model: nn.Module, device: torch.device | None = None,
                     capture: bool = False) -> torch.optim.Optimizer:
-    """The configured optimizer, with the fewest kernel launches per step that its device allows.
+    """The configured optimizer over `param_groups`, with the fewest kernel launches per step that its
+    device allows.
 
     Eager steps use the fused kernels (CUDA and CPU): one launch for every parameter's update, and
     under fp16 the GradScaler's inf check runs inside that kernel instead of syncing every step.
-    A captured step (train.capture) takes the learning rate and betas as device tensors (see
+    A captured step (train.capture) takes the learning rate, betas and momentum as device tensors (see
     `step.DeviceHyperparameters`), so that a compiled or CUDA-graph step reads the schedule's values
-    from memory instead of baking them in: on CUDA the multi-tensor path with `capturable=True` (the
-    fused kernel takes its betas as host floats); on the CPU, where `capturable` is not supported
-    outside compiled code, the single-tensor path, which takes tensor hyperparameters as they are."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    from memory instead of baking them in: Adam on CUDA the multi-tensor path with `capturable=True`
+    (the fused kernel takes its betas as host floats); on the CPU, where `capturable` is not supported
+    outside compiled code, the single-tensor path, which takes tensor hyperparameters as they are; SGD
+    keeps torch's state layout but is stepped by `step.device_sgd_step`."""
+    groups = param_groups(cfg, model)
     device = device or torch.device("cpu")
     if capture:
-        if cfg.name == "sgd":  # config validation refuses this; a direct caller gets the same message
-            raise ValueError("train.capture=true supports optim.name=adam and adamw")
-        kernels = {"foreach": True, "capturable": True} if device.type == "cuda" else {"foreach": False}
+        if cfg.name not in CAPTURABLE_OPTIMIZERS:  # config validation refuses this; a direct caller gets the same
+            raise ValueError(f"train.capture=true supports optim.name={', '.join(CAPTURABLE_OPTIMIZERS)}")
+        if cfg.name == "sgd":
+            kernels = {"foreach": True}  # stepped by fasttrain's own device-hyperparameter update (fasttrain.step)
+        else:
+            kernels = {"foreach": True, "capturable": True} if device.type == "cuda" else {"foreach": False}
     else:
         kernels = {"fused": True} if _fused_supported(device) else {}
-    return OPTIMIZERS.get(cfg.name)(cfg, params, kernels)
+    optimizer = OPTIMIZERS.get(cfg.name)(cfg, groups, kernels)
+    for group in optimizer.param_groups:
+        group.setdefault("lr_scale", 1.0)  # a registered optimizer that rebuilt its groups
+    return optimizer
 
 
 # --------------------------------------------------------------------------- the registered optimizers
-# each: (optim config, the parameters to train, kernels) -> the optimizer, where `kernels` holds the
-# launch choices build_optimizer made for this device and step (fused, or foreach and capturable):
-# keyword arguments to pass on to an optimizer that takes them
+# each: (optim config, the param groups to train (see param_groups), kernels) -> the optimizer, where
+# `kernels` holds the launch choices build_optimizer made for this device and step (fused, or foreach and
+# capturable): keyword arguments to pass on to an optimizer that takes them
 
 
 @OPTIMIZERS.register("sgd")
-def sgd(cfg: OptimConfig, params: List[nn.Parameter], kernels: Dict[str, bool]) -> torch.optim.Optimizer:
+def sgd(cfg: OptimConfig, params: List[Dict[str, Any]], kernels: Dict[str, bool]) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                            weight_decay=cfg.weight_decay, **kernels)
 
 
 @OPTIMIZERS.register("adam")
-def adam(cfg: OptimConfig, params: List[nn.Parameter], kernels: Dict[str, bool]) -> torch.optim.Optimizer:
+def adam(cfg: OptimConfig, params: List[Dict[str, Any]], kernels: Dict[str, bool]) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, **kernels)
 
 
 @OPTIMIZERS.register("adamw")
-def adamw(cfg: OptimConfig, params: List[nn.Parameter], kernels: Dict[str, bool]) -> torch.optim.Optimizer:
+def adamw(cfg: OptimConfig, params: List[Dict[str, Any]], kernels: Dict[str, bool]) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, **kernels)
 
 
@@ -140,13 +165,16 @@ def cosine(cfg: SchedConfig, optimizer: torch.optim.Optimizer, epochs: int, step
 
 @SCHEDULES.register("plateau")
 def plateau(cfg: SchedConfig, optimizer: torch.optim.Optimizer, epochs: int, steps_per_epoch: int) -> Stepping:
+    floors = [cfg.min_lr * group.get("lr_scale", 1.0) for group in optimizer.param_groups]
     return Stepping(lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=cfg.plateau_factor,
-                                                   patience=cfg.plateau_patience, min_lr=cfg.min_lr), ON_VAL_LOSS)
+                                                   patience=cfg.plateau_patience, min_lr=floors), ON_VAL_LOSS)
 
 
 @SCHEDULES.register("onecycle")
 def onecycle(cfg: SchedConfig, optimizer: torch.optim.Optimizer, epochs: int, steps_per_epoch: int) -> Stepping:
-    return Stepping(lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.max_lr, total_steps=epochs * steps_per_epoch,
+    # one peak per param group: optim.bn_bias_lr_scale scales the 1-d parameters' whole cycle
+    peaks = [cfg.max_lr * group.get("lr_scale", 1.0) for group in optimizer.param_groups]
+    return Stepping(lr_scheduler.OneCycleLR(optimizer, max_lr=peaks, total_steps=epochs * steps_per_epoch,
                                             pct_start=cfg.pct_start, div_factor=cfg.div_factor,
                                             final_div_factor=cfg.final_div_factor), EVERY_BATCH)
 
@@ -171,15 +199,19 @@ class Schedule:
         if self.per_batch:
             self.scheduler.step()  # type: ignore[union-attr]
 
-    def after_epoch(self, val_loss: float) -> None:
+    def after_epoch(self, val_loss: Optional[float]) -> None:
+        """After each epoch; `val_loss` is None for an epoch that was not validated (train.eval_every), which
+        a schedule stepped on the validation loss skips."""
         if self.scheduler is None or self.per_batch:
             return
         if self.every == ON_VAL_LOSS:
-            self.scheduler.step(val_loss)  # type: ignore[union-attr]
+            if val_loss is not None:
+                self.scheduler.step(val_loss)  # type: ignore[union-attr]
         else:
             self.scheduler.step()  # type: ignore[union-attr]
 
     def lr(self) -> float:
+        """The learning rate of the weights (the first param group; 1-d parameters may have theirs scaled)."""
         return float(self.optimizer.param_groups[0]["lr"])
 
     def state_dict(self) -> dict:

@@ -10,7 +10,7 @@ import os
 import sys
 from typing import NoReturn, Optional, Sequence
 
-from fasttrain import preemption
+from fasttrain import preemption, timing
 from fasttrain.config import describe_keys, load_config
 from fasttrain.errors import EXIT_USER_ERROR, UserError, launcher_rank, report
 
@@ -32,6 +32,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m fasttrain.
         cfg = load_config(args.config, args.overrides)
         from fasttrain.trainer import train  # imported after the config is known good: fail fast
 
+        timing.clock().startup_done("imports")  # the interpreter, torch and fasttrain, the config
         state = train(cfg)
     except UserError as err:
         report(err)

@@ -129,6 +129,19 @@ class RunFolder:
         except OSError as err:
             raise _unusable(self.path, err) from None
 
+    def record_env(self, key: str, value: object) -> None:
+        """Add `key` to env.json (replaced atomically: a kill leaves the old file or the new one). A folder
+        that cannot be written any more raises UserError: the caller decides what that costs."""
+        env_file = self.path / "env.json"
+        try:
+            env = json.loads(env_file.read_text()) if env_file.is_file() else {}
+            env[key] = value
+            tmp = env_file.with_name(f".env.json.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(env, indent=2) + "\n")
+            os.replace(tmp, env_file)
+        except (OSError, ValueError) as err:
+            raise UserError(f"{env_file} could not be updated ({getattr(err, 'strerror', None) or err})") from None
+
     def release(self) -> None:
         """End of the run: the lock file goes (while still held, so no other run can hold it meanwhile)."""
         if self._fd is None:

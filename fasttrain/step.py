@@ -17,7 +17,7 @@ reference to each detached loss; the sums are computed from those at the log int
 
 `CapturedStep` (train.capture=true) is the same step compiled whole: forward and loss (torch.compile),
 backward, the gradient all-reduce (world size > 1: one collective over a flat gradient buffer), the
-optimizer with its learning rate and betas read from device tensors, and the running sums in fixed
+optimizer with its learning rate and betas (or momentum) read from device tensors, and the running sums in fixed
 device buffers. On CUDA, after a few real steps on a side stream (compilation, cuDNN autotuning,
 NCCL setup), the step is recorded once as a CUDA graph; every later step is two copies into its
 static inputs, a fill per changed hyperparameter and one graph replay. On the CPU the same compiled
@@ -51,8 +51,9 @@ class EagerStep:
     """forward, loss, backward, optimizer step; the losses are kept (detached) for the sums."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, precision: Precision,
-                 grad_clip: float = 0.0):
+                 grad_clip: float = 0.0, label_smoothing: float = 0.0):
         self.model = model  # DDP-wrapped only when there are other ranks to average gradients with
+        self.label_smoothing = label_smoothing
         self.optimizer = optimizer
         self.precision = precision
         self.scaler = precision.scaler  # a pass-through unless fp16
@@ -65,7 +66,7 @@ class EagerStep:
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         with self.precision.autocast():
-            loss = F.cross_entropy(self.model(images), labels)
+            loss = F.cross_entropy(self.model(images), labels, label_smoothing=self.label_smoothing)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if self.grad_clip > 0:
@@ -124,28 +125,42 @@ class EagerStep:
 MIN_DEVICE_LR = 1e-30
 
 
+# the hyperparameters a schedule changes during a run (OneCycle: lr, and beta1 or SGD's momentum), as a
+# param group holds them; a group has "betas" (Adam, AdamW) or "momentum" (SGD)
+SCHEDULED_KEYS = ("lr", "betas", "momentum")
+
+
 class DeviceHyperparameters:
-    """The learning rate and betas of each param group as device tensors, for a compiled or captured
-    optimizer step: the schedule keeps stepping the groups' Python floats (checkpoints, logs and the
-    host never read the device), and `refresh()` fills a tensor only when its float changed. The
-    tensors stand in the groups only while the compiled step runs (`swap_in` / `swap_out`)."""
+    """The learning rate and betas (Adam, AdamW) or momentum (SGD) of each param group as device tensors,
+    for a compiled or captured optimizer step: the schedule keeps stepping the groups' Python floats
+    (checkpoints, logs and the host never read the device), and `refresh()` fills a tensor only when its
+    float changed. The tensors stand in the groups only while the compiled step runs (`swap_in` /
+    `swap_out`)."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, device: torch.device):
         self.optimizer = optimizer
-        self.tensors = []
-        self.values: List[Tuple[float, float, float]] = []
-        for group in optimizer.param_groups:
-            beta1, beta2 = group["betas"]
-            values = (max(float(group["lr"]), MIN_DEVICE_LR), float(beta1), float(beta2))
-            self.tensors.append(tuple(torch.tensor(v, dtype=torch.float32, device=device) for v in values))
-            self.values.append(values)
+        self.keys = [tuple(key for key in SCHEDULED_KEYS if key in group) for group in optimizer.param_groups]
+        self.values = [self._floats(group, keys) for group, keys in zip(optimizer.param_groups, self.keys)]
+        self.tensors = [[torch.tensor(v, dtype=torch.float32, device=device) for v in values]
+                        for values in self.values]
         self._saved: list = []
+
+    @staticmethod
+    def _floats(group: dict, keys: Tuple[str, ...]) -> List[float]:
+        values: List[float] = []
+        for key in keys:
+            if key == "lr":
+                values.append(max(float(group["lr"]), MIN_DEVICE_LR))
+            elif key == "betas":
+                values += [float(beta) for beta in group["betas"]]
+            else:
+                values.append(float(group[key]))
+        return values
 
     def refresh(self) -> None:
         """Host floats -> device tensors; a fill only for a value that changed (OneCycle: lr and beta1)."""
         for i, group in enumerate(self.optimizer.param_groups):
-            beta1, beta2 = group["betas"]
-            new = (max(float(group["lr"]), MIN_DEVICE_LR), float(beta1), float(beta2))
+            new = self._floats(group, self.keys[i])
             for tensor, old_value, new_value in zip(self.tensors[i], self.values[i], new):
                 if new_value != old_value:
                     tensor.fill_(new_value)  # a device op with a host scalar: no sync
@@ -153,14 +168,53 @@ class DeviceHyperparameters:
 
     def swap_in(self) -> None:
         self._saved = []
-        for group, (lr, beta1, beta2) in zip(self.optimizer.param_groups, self.tensors):
-            self._saved.append((group["lr"], group["betas"]))
-            group["lr"], group["betas"] = lr, (beta1, beta2)
+        for group, keys, tensors in zip(self.optimizer.param_groups, self.keys, self.tensors):
+            self._saved.append({key: group[key] for key in keys})
+            position = iter(tensors)
+            for key in keys:
+                group[key] = (next(position), next(position)) if key == "betas" else next(position)
 
     def swap_out(self) -> None:
-        for group, (lr, betas) in zip(self.optimizer.param_groups, self._saved):
-            group["lr"], group["betas"] = lr, betas
+        for group, saved in zip(self.optimizer.param_groups, self._saved):
+            group.update(saved)
         self._saved = []
+
+
+def zero_momentum_buffers(optimizer: torch.optim.Optimizer) -> None:
+    """SGD's momentum buffers created as zeros before the first step (torch makes them a copy of the first
+    gradient then: with dampening 0, momentum x 0 + gradient is that copy, bit for bit), so that a
+    compiled or captured step finds its state in place."""
+    for group in optimizer.param_groups:
+        if group.get("momentum", 0) == 0:
+            continue
+        for param in group["params"]:
+            state = optimizer.state[param]
+            if state.get("momentum_buffer") is None:
+                state["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+
+
+@torch.no_grad()
+def device_sgd_step(optimizer: torch.optim.Optimizer, momentum_on: List[bool]) -> None:
+    """torch's SGD update (weight decay, momentum with dampening, Nesterov) for groups whose "lr" and
+    "momentum" are device tensors (swapped in by DeviceHyperparameters), in foreach ops that compile
+    into the captured step; the state stays torch's ("momentum_buffer"), so checkpoints move freely
+    between the eager and the captured step. `momentum_on`: per group, whether it uses momentum."""
+    for group, with_momentum in zip(optimizer.param_groups, momentum_on):
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            continue
+        grads = [p.grad for p in params]
+        if group["maximize"]:
+            grads = torch._foreach_neg(grads)
+        if group["weight_decay"] != 0:
+            grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
+        if with_momentum:
+            momentum = group["momentum"]
+            buffers = [optimizer.state[p]["momentum_buffer"] for p in params]
+            torch._foreach_mul_(buffers, momentum)
+            torch._foreach_add_(buffers, grads, alpha=1 - group["dampening"])
+            grads = torch._foreach_add(grads, torch._foreach_mul(buffers, momentum)) if group["nesterov"] else buffers
+        torch._foreach_add_(params, torch._foreach_mul(grads, -group["lr"]))
 
 
 class FlatGradients:
@@ -195,11 +249,21 @@ class CapturedStep:
     """The whole step compiled, and on CUDA replayed as one CUDA graph (train.capture=true)."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, precision: Precision,
-                 grad_clip: float = 0.0, compile_mode: Optional[str] = None, world_size: int = 1):
+                 grad_clip: float = 0.0, compile_mode: Optional[str] = None, world_size: int = 1,
+                 label_smoothing: float = 0.0):
         if precision.scaler.is_enabled():
             raise ValueError("a captured step does not support fp16's GradScaler (config validation says so)")
         self.model = model  # the plain module: compiled here, never DDP-wrapped
         self.optimizer = optimizer
+        self.label_smoothing = label_smoothing
+        # SGD is stepped by device_sgd_step (torch's SGD takes no device momentum); Adam/AdamW by their own step
+        self.sgd = isinstance(optimizer, torch.optim.SGD)
+        self.momentum_on = [group.get("momentum", 0) != 0 for group in optimizer.param_groups]
+        if self.sgd:
+            zero_momentum_buffers(optimizer)
+            # the schedulers' check that optimizer.step() ran before their first step: device_sgd_step runs in
+            # its place (every step of this object steps the weights before the schedule moves on)
+            optimizer._opt_called = True  # type: ignore[attr-defined]
         self.precision = precision
         self.device = precision.device
         self.grad_clip = grad_clip
@@ -226,12 +290,15 @@ class CapturedStep:
 
     def _forward_loss_eager(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         with self.precision.autocast():
-            return F.cross_entropy(self.model(images), labels)
+            return F.cross_entropy(self.model(images), labels, label_smoothing=self.label_smoothing)
 
     def _update_eager(self, loss: torch.Tensor, batch_size: int) -> None:
         if self.grad_clip > 0:
             nn.utils.clip_grad_norm_(self.params, self.grad_clip, foreach=True)
-        self.optimizer.step()
+        if self.sgd:
+            device_sgd_step(self.optimizer, self.momentum_on)
+        else:
+            self.optimizer.step()
         finite = torch.isfinite(loss)
         self.counter += 1
         self.sums[LOSS_SUM] += torch.where(finite, loss.double(), 0.0) * batch_size

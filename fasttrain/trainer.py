@@ -27,22 +27,24 @@ import torch
 
 import fasttrain
 from fasttrain import config as config_mod
-from fasttrain import dist, environment
+from fasttrain import dist, environment, timing
 from fasttrain.build import Parts, build_parts
+from fasttrain.compile_cache import cache_counts, compile_cache
 from fasttrain.callbacks import (Boundary, Callback, Interval, MetricSinks, PeriodicCheckpoints, Preemption,
                                  ProgressDisplay, StopAfterSteps)
-from fasttrain.checkpoint import (RunState, choose_on_rank0, restore_best, restore_on_every_rank, save_epoch_checkpoints,
-                                  save_step_checkpoint, trim_history)
+from fasttrain.checkpoint import (CheckpointWriter, RunState, choose_on_rank0, finish_writes, restore_best,
+                                  restore_on_every_rank, save_epoch_checkpoints, save_step_checkpoint, trim_history)
 from fasttrain.config import Config, LoaderName
 from fasttrain.data import resolve_loader
-from fasttrain.engine import Boundaries, EpochPlan, EpochStats, EvalStats, train_one_epoch, validate
+from fasttrain.engine import Boundaries, EpochPlan, EpochStats, train_one_epoch
 from fasttrain.errors import UserError
 from fasttrain.observe import attach_run_log, close_logging, peak_memory_mb, setup_logging, silent_logger
-from fasttrain.plots import plot_run
+from fasttrain.plots import plot_run, plot_time_split
 from fasttrain.preemption import (EXIT_INTERRUPTED, EXIT_PREEMPTED, INTERRUPT, PreemptionWatch, clear_marker,
                                   write_marker)
 from fasttrain.run_folder import RunFolder
 from fasttrain.step import WARMUP_STEPS
+from fasttrain.validation import EvalStats
 
 
 def _claim_on_rank0(cfg: Config, ctx: dist.Dist) -> Optional[RunFolder]:
@@ -93,16 +95,22 @@ def _commit_on_rank0(cfg: Config, ctx: dist.Dist, folder: Optional[RunFolder], s
 
 EPOCH_COLUMNS = ["epoch", "step", "train_loss", "val_loss", "val_acc", "val_correct", "val_total", "lr",
                  "images_per_sec", "mfu", "epoch_seconds", "data_wait_seconds", "compute_seconds", "val_seconds",
-                 "peak_memory_mb", "skipped_steps", "world_size", "is_best", "compiled_graphs", "cudagraph_skips"]
+                 "checkpoint_seconds", "peak_memory_mb", "skipped_steps", "world_size", "is_best", "compiled_graphs",
+                 "cudagraph_skips", "time_to_target_seconds", "steps_to_target"]
+TARGET_REACHED = "target_acc"  # RunState.finished_by: train.target_acc was reached (a complete run, exit 0)
 
 
 class Trainer:
-    """Owns a run's parts and the order of events: epochs of steps (`fasttrain.engine`), validation,
-    the epoch's record, checkpoints. What happens around the steps is in its callbacks
-    (`fasttrain.callbacks`: preemption, planned stops, periodic checkpoints, metric sinks, progress).
+    """Owns a run's parts and the order of events: epochs of steps (`fasttrain.engine`), validation
+    (`fasttrain.validation`, every train.eval_every epochs and at the last), the epoch's record,
+    checkpoints (every checkpoint.every_epochs epochs and at the last, written in the background). What
+    happens around the steps is in its callbacks (`fasttrain.callbacks`: preemption, planned stops,
+    periodic checkpoints, metric sinks, progress). The run's clock (`fasttrain.timing`) is switched
+    at each of these phases.
 
     `fit()` trains the remaining epochs and returns the final state; `state.stopped_by` says when
-    it stopped early (a signal's name, preemption.INTERRUPT, "stop_after_steps"), and
+    it stopped early (a signal's name, preemption.INTERRUPT, "stop_after_steps"), `state.finished_by`
+    when it finished before its last epoch because train.target_acc was reached, and
     `state.last_checkpoint` what it wrote last. Every rank runs the same calls in the same order;
     rank 0's callbacks also write files and print."""
 
@@ -110,6 +118,8 @@ class Trainer:
                  state: Optional[RunState] = None):
         self.cfg, self.ctx, self.parts, self.run_dir, self.logger = cfg, ctx, parts, run_dir, logger
         self.state = state or RunState()
+        self.clock = timing.clock()
+        self.writer = CheckpointWriter()
         watch = PreemptionWatch(cfg.checkpoint.signals, cfg.checkpoint.signal_check_every, ctx.backend,
                                 graceful_interrupt=True, announce=_console if ctx.is_main else lambda _line: None)
         self.preemption = Preemption(watch)
@@ -126,7 +136,8 @@ class Trainer:
                                          stop_at=cfg.train.stop_after_steps,
                                          signal_every=cfg.checkpoint.signal_check_every, at_boundary=self._at_boundary,
                                          signal_flag=watch.flag, signal_agreed=watch.agreed_elsewhere,
-                                         agree_on_signal=watch.agreed, log_step=self._log_interval, tick=tick)
+                                         agree_on_signal=watch.agreed, log_step=self._log_interval, tick=tick,
+                                         after_step=parts.averages.after_step if parts.averages else None)
         except BaseException:
             for callback in reversed(self.callbacks):
                 callback.close()
@@ -145,14 +156,24 @@ class Trainer:
                 if stats.stopped_early and stats.steps < self.parts.steps_per_epoch:
                     state.step_in_epoch = stats.steps
                     return state  # stopped mid-epoch: the step checkpoint holds everything
-                self._end_epoch(epoch, stats, first=epoch == first_epoch)
+                stops = stats.stopped_early or stats.signal_at_end is not None
+                self._end_epoch(epoch, stats, first=epoch == first_epoch,
+                                last=epoch == self.cfg.train.epochs or stops)
+                if state.finished_by:
+                    return state  # train.target_acc reached: a complete run
                 if stats.signal_at_end and not stats.stopped_early:
                     state.stopped_by = stats.signal_at_end  # agreed in the epoch-end reduction
-                if stats.stopped_early or stats.signal_at_end:
+                if stops:
                     if epoch == self.cfg.train.epochs:
                         state.stopped_by = None  # the stop came with the last step: the run is complete
                     return state  # stopped at the epoch's last step: the epoch-end checkpoint holds everything
+            finish_writes(self.ctx, self.writer)  # every rank: the last background write ended well
         finally:
+            if self.writer.pending:  # an error is on its way out: let the write end, keep the error raised
+                try:
+                    self.writer.wait()
+                except UserError as err:
+                    self.logger.info(f"warning: {err}")
             for callback in self.callbacks:
                 callback.close()
         return state
@@ -160,18 +181,24 @@ class Trainer:
     def _stopped_before_start(self) -> bool:
         """A signal that came while the run was being built (recorded since the entry point's first
         line): the ranks agree on it once, and stop before the first step (nothing new to save). Or a
-        planned stop that the run has already reached."""
+        planned stop, or train.target_acc, that the run has already reached."""
         flag = torch.tensor([self.preemption.watch.flag()], dtype=torch.float64, device=self.ctx.device)
         before_start = dist.all_reduce_sum_tensor(flag).item()  # host sync, once
+        target = self.cfg.train.target_acc
         if before_start > 0:
             self.state.stopped_by = self.preemption.watch.agreed_elsewhere(before_start)
         elif self.cfg.train.stop_after_steps and self.state.global_step >= self.cfg.train.stop_after_steps:
             self.state.stopped_by = "stop_after_steps"
-        return self.state.stopped_by is not None
+        elif target and self.state.best_epoch and self.state.best_val_acc >= target:
+            self.logger.info(f"train.target_acc={target:g} was reached at epoch {self.state.best_epoch} (val_acc "
+                             f"{100 * self.state.best_val_acc:.2f}%) before this start: nothing left to train")
+            self.state.finished_by = TARGET_REACHED
+        return self.state.stopped_by is not None or self.state.finished_by is not None
 
     def train_epoch(self, epoch: int, first: bool) -> EpochStats:
         """One epoch's steps (a resumed one from where it stopped)."""
         state, parts, cfg = self.state, self.parts, self.cfg
+        self.clock.switch("steps")
         plan = EpochPlan(self.ctx.device, epoch, state.global_step, start_step=state.step_in_epoch,
                          carried=state.carried, max_batches=cfg.train.limit_train_batches,
                          # compiled steps are timed apart: the first (eager compiled), or warm-up and capture
@@ -188,49 +215,86 @@ class Trainer:
         for callback in self.callbacks:
             callback.end_steps()
         state.global_step += stats.timed_steps
+        self.clock.move(stats.first_step_seconds, "steps", "compile")
         return stats
 
     def validate(self) -> Tuple[EvalStats, float]:
-        """The test split over all ranks, with BatchNorm statistics averaged first; and its seconds."""
+        """The test split over all ranks, with BatchNorm statistics averaged first (and given to the EMA's
+        copy); and its seconds."""
         dist.average_buffers(self.parts.model)  # the same BN statistics on every rank, before evaluating and saving
+        if self.parts.averages.ema is not None:
+            self.parts.averages.ema.sync_buffers()
+        self.clock.switch("eval")
         start = time.perf_counter()
-        evaluation = validate(self.parts.eval_model, self.parts.val_loader, self.parts.precision)
-        return evaluation, time.perf_counter() - start  # validate ended with a host sync
+        evaluation = self.parts.evaluator(self.parts.val_loader)
+        self.clock.move(evaluation.compile_seconds, "eval", "compile")
+        return evaluation, time.perf_counter() - start  # the evaluator ended with a host sync
 
-    def _end_epoch(self, epoch: int, stats: EpochStats, first: bool) -> None:
-        """Validate, record, checkpoint."""
-        state = self.state
+    def _end_epoch(self, epoch: int, stats: EpochStats, first: bool, last: bool) -> None:
+        """Validate (every train.eval_every epochs and at the last), record, checkpoint (every
+        checkpoint.every_epochs epochs and at the last; in the background unless the run ends here)."""
+        state, cfg = self.state, self.cfg
         if stats.first_step_seconds:
             self.logger.info(_compile_line(stats, epoch, self.ctx.device))
-        evaluation, val_seconds = self.validate()
-        self.parts.schedule.after_epoch(evaluation.loss)
+        evaluation, val_seconds = None, None
+        if epoch % cfg.train.eval_every == 0 or last:
+            evaluation, val_seconds = self.validate()
+        self.parts.schedule.after_epoch(evaluation.loss if evaluation else None)
         state.epoch = epoch
-        is_best = evaluation.accuracy > state.best_val_acc
+        reached = (evaluation is not None and cfg.train.target_acc > 0 and evaluation.accuracy >= cfg.train.target_acc)
+        saves = cfg.output.save_checkpoints and (epoch % cfg.checkpoint.every_epochs == 0 or last or reached)
+        # best.pt's candidates: the validated epochs that write a checkpoint (all validated ones without checkpoints)
+        is_best = (evaluation is not None and (saves or not cfg.output.save_checkpoints)
+                   and evaluation.accuracy > state.best_val_acc)
         if is_best:
             state.best_val_acc, state.best_epoch = evaluation.accuracy, epoch
         record = self._epoch_record(epoch, stats, evaluation, val_seconds, is_best)
+        if reached:
+            self._reached_target(record, evaluation)
         if record.get("cudagraph_skips") and self.ctx.is_main and first:
             self.logger.info(f"warning: torch.compile skipped CUDA graphs {record['cudagraph_skips']} time(s) (its "
                              f"reasons are in the 'skipping cudagraphs due to' lines above; BatchNorm under DDP is a "
                              f"known one, pytorch#139207): train.capture=true records the whole step as one graph "
                              f"instead")
-        state.history.append(record)
+        state.history.append(record)  # before the save: the checkpoint holds its own epoch's record
+        if saves:
+            self.clock.switch("checkpoint")
+            started = time.perf_counter()
+            ends_run = last or reached  # written before the run goes on to its end
+            state.last_checkpoint = save_epoch_checkpoints(
+                cfg, self.ctx, self.parts, state, evaluation.accuracy if evaluation else None,
+                evaluation.loss if evaluation else None, is_best, self.run_dir, self.writer,
+                background=cfg.checkpoint.background and not ends_run)
+            # the stall training saw (metrics.jsonl has it; the checkpoint's own copy of the record does not)
+            record["checkpoint_seconds"] = time.perf_counter() - started
+            self.clock.switch("steps")
         for callback in self.callbacks:
             callback.on_epoch_end(record)
-        if self.cfg.output.save_checkpoints:
-            state.last_checkpoint = save_epoch_checkpoints(self.cfg, self.ctx, self.parts, state, evaluation.accuracy,
-                                                         evaluation.loss, is_best, self.run_dir)
 
-    def _epoch_record(self, epoch: int, stats: EpochStats, evaluation: EvalStats, val_seconds: float,
-                      is_best: bool) -> Dict[str, Any]:
+    def _reached_target(self, record: Dict[str, Any], evaluation: EvalStats) -> None:
+        """train.target_acc reached at this validation: recorded (time from the clock's start, the DAWNBench
+        count: start-up, compilation and validations included) and the run finishes after this epoch."""
+        seconds = self.clock.elapsed()
+        record["time_to_target_seconds"], record["steps_to_target"] = seconds, self.state.global_step
+        self.clock.target = {"target_acc": self.cfg.train.target_acc, "val_acc": evaluation.accuracy,
+                             "epoch": record["epoch"], "steps": self.state.global_step, "seconds": round(seconds, 4)}
+        self.state.finished_by = TARGET_REACHED
+        self.logger.info(f"target reached: val_acc {100 * evaluation.accuracy:.2f}% >= train.target_acc "
+                         f"{100 * self.cfg.train.target_acc:.2f}% at epoch {record['epoch']}, step "
+                         f"{self.state.global_step}, {seconds:.1f}s from {self.clock.origin_note}")
+
+    def _epoch_record(self, epoch: int, stats: EpochStats, evaluation: Optional[EvalStats],
+                      val_seconds: Optional[float], is_best: bool) -> Dict[str, Any]:
         record = {"epoch": epoch, "step": self.state.global_step, "train_loss": stats.loss,
-                  "val_loss": evaluation.loss, "val_acc": evaluation.accuracy, "val_correct": evaluation.correct,
-                  "val_total": evaluation.total, "lr": stats.last_lr, "images_per_sec": stats.images_per_sec,
-                  "mfu": self._mfu(stats.images_per_sec), "epoch_seconds": stats.seconds,
-                  "data_wait_seconds": stats.data_wait_seconds,
+                  "val_loss": evaluation.loss if evaluation else None,
+                  "val_acc": evaluation.accuracy if evaluation else None,
+                  "val_correct": evaluation.correct if evaluation else None,
+                  "val_total": evaluation.total if evaluation else None, "lr": stats.last_lr,
+                  "images_per_sec": stats.images_per_sec, "mfu": self._mfu(stats.images_per_sec),
+                  "epoch_seconds": stats.seconds, "data_wait_seconds": stats.data_wait_seconds,
                   "compute_seconds": stats.seconds - stats.data_wait_seconds, "val_seconds": val_seconds,
-                  "peak_memory_mb": peak_memory_mb(self.ctx.device), "skipped_steps": stats.skipped_steps,
-                  "world_size": self.ctx.world_size, "is_best": is_best}
+                  "checkpoint_seconds": None, "peak_memory_mb": peak_memory_mb(self.ctx.device),
+                  "skipped_steps": stats.skipped_steps, "world_size": self.ctx.world_size, "is_best": is_best}
         if self.cfg.train.compile != "off":
             record["compiled_graphs"] = compiled_graph_count()
             record["cudagraph_skips"] = cudagraph_skip_count()
@@ -246,14 +310,18 @@ class Trainer:
     def _at_boundary(self, global_step: int, step_in_epoch: int, totals: Callable[[], torch.Tensor],
                      signal: Optional[str]) -> bool:
         """Every rank, at the same boundaries (see engine.Boundaries): a step checkpoint when a callback
-        asks for one or the run stops here (not at the epoch's last step: the epoch-end checkpoint follows)."""
+        asks for one or the run stops here (not at the epoch's last step: the epoch-end checkpoint follows).
+        A periodic one is written in the background; one the run stops on, before it goes on."""
         here = Boundary(global_step, step_in_epoch, signal)
         stop = next((reason for reason in (c.stop_reason(here) for c in self.callbacks) if reason), None)
         wanted = stop or any(c.wants_checkpoint(here) for c in self.callbacks)
         if self.cfg.output.save_checkpoints and wanted and step_in_epoch < self.parts.steps_per_epoch:
+            self.clock.switch("checkpoint")
             at = dataclasses.replace(self.state, global_step=global_step, step_in_epoch=step_in_epoch)
-            self.state.last_checkpoint = save_step_checkpoint(self.cfg, self.ctx, self.parts, at, totals(),
-                                                              self.run_dir)
+            self.state.last_checkpoint = save_step_checkpoint(
+                self.cfg, self.ctx, self.parts, at, totals(), self.run_dir, self.writer,
+                background=self.cfg.checkpoint.background and not stop)
+            self.clock.switch("steps")
         if stop:
             self.state.stopped_by = stop
         return bool(stop)
@@ -268,8 +336,11 @@ def _compile_line(stats: EpochStats, epoch: int, device: torch.device) -> str:
     what = (f"the first {stats.first_steps} training steps (compilation, warm-up"
             + (" and CUDA graph capture)" if device.type == "cuda" else ")")
             if stats.first_steps > 1 else "the first training step (compilation included)")
+    counts = cache_counts()
+    loaded, compiled = counts["fx_graph_hits"], counts["fx_graph_misses"]
     return (f"compile: {what} took {stats.first_step_seconds:.1f}s; epoch {epoch} images/s leave "
-            f"{'them' if stats.first_steps > 1 else 'it'} out")
+            f"{'them' if stats.first_steps > 1 else 'it'} out; compile cache: {loaded} graph(s) loaded, "
+            f"{compiled} compiled")
 
 
 def compiled_graph_count() -> int:
@@ -305,30 +376,40 @@ def resolve(cfg: Config, device: torch.device) -> Tuple[Config, List[str]]:
     return (cfg if data is cfg.data else dataclasses.replace(cfg, data=data)), notes
 
 
-def _run(cfg: Config, ctx: dist.Dist, model: Optional[torch.nn.Module] = None) -> RunState:
+def _run(cfg: Config, ctx: dist.Dist, model: Optional[torch.nn.Module] = None) -> Tuple[RunState, Callable[[], None]]:
+    """The run, and what ends it once the process group is gone (`_finish`: the time split's line and record,
+    then the folder's lock released). On an error the folder is released (or abandoned) here."""
     cfg, notes = resolve(cfg, ctx.device)
     folder = _claim_on_rank0(cfg, ctx)
-    committed = False
+    committed = finished = False
     parts: Optional[Parts] = None
+    clock = timing.clock()
     try:
         logger = setup_logging(None, hold=True) if ctx.is_main else silent_logger()
         resume_from = _announce_and_choose(cfg, ctx, logger, notes)
-        parts = build_parts(cfg, ctx, logger, model)
-        state = restore_on_every_rank(cfg, ctx, parts, resume_from, logger) if resume_from else None
-        # accepted: data, model and the checkpoint it continues from are in place
-        _commit_on_rank0(cfg, ctx, folder, state, resume_from, logger)
-        committed = True
-        try:
-            return _train_and_finish(cfg, ctx, parts, state, logger)
-        except Exception as err:
-            # the run folder's log keeps why the run ended (the console gets the one line from run.main)
-            logger.info(f"error: {err}" if isinstance(err, UserError) else f"error: {type(err).__name__}: {err}")
-            raise
+        clock.startup_done("setup")
+        with compile_cache(cfg.train.compile_cache, enabled=cfg.train.compile != "off") as cache_said:
+            if cfg.train.compile != "off":
+                logger.info(f"compile cache: {cache_said}")
+            parts = build_parts(cfg, ctx, logger, model)
+            state = restore_on_every_rank(cfg, ctx, parts, resume_from, logger) if resume_from else None
+            # accepted: data, model and the checkpoint it continues from are in place
+            _commit_on_rank0(cfg, ctx, folder, state, resume_from, logger)
+            committed = True
+            clock.startup_done("restore")
+            try:
+                state = _train_and_finish(cfg, ctx, parts, state, logger)
+                finished = True
+                return state, lambda: _finish(cfg, folder, logger, clock)
+            except Exception as err:
+                # the run folder's log keeps why the run ended (the console gets the one line from run.main)
+                logger.info(f"error: {err}" if isinstance(err, UserError) else f"error: {type(err).__name__}: {err}")
+                raise
     finally:
         if parts is not None:  # worker processes end here, in order, not whenever a collection finds them
             parts.train_loader.close()
             parts.val_loader.close()
-        if folder is not None:
+        if folder is not None and not finished:
             folder.release() if committed else folder.abandon()
 
 
@@ -348,11 +429,45 @@ def _announce_and_choose(cfg: Config, ctx: dist.Dist, logger: logging.Logger, no
     return resume_from
 
 
+def _finish(cfg: Config, folder: Optional[RunFolder], logger: logging.Logger, clock: timing.TimeSplit) -> None:
+    """The run's last line, once its process group is gone: where its wall time went; rank 0 also records
+    it in env.json and draws time.png (drawn from the split before its own drawing: the line and env.json
+    count that too), then releases the run folder."""
+    try:
+        if folder is not None:
+            try:
+                folder.record_env("time_split", _time_split(cfg, clock))
+                plot_time_split(folder.path)
+            except UserError as err:  # a record lost, not the finished run
+                logger.info(f"warning: {err}: the time split is in train.log only")
+            except Exception as err:  # a plot must never cost a finished run
+                logger.info(f"warning: time.png not written ({type(err).__name__}: {err}); try `fasttrain plot "
+                            f"{folder.path}`")
+        summary = _time_split(cfg, clock)
+        if folder is not None:
+            try:
+                folder.record_env("time_split", summary)
+            except UserError:
+                pass  # said above
+        logger.info(timing.describe(summary))
+    finally:
+        if folder is not None:
+            folder.release()
+
+
+def _time_split(cfg: Config, clock: timing.TimeSplit) -> Dict[str, Any]:
+    summary = clock.summary()
+    if cfg.train.compile != "off":
+        summary["compile_cache"] = cache_counts()
+    return summary
+
+
 def _train_and_finish(cfg: Config, ctx: dist.Dist, parts: Parts, state: Optional[RunState],
                       logger: logging.Logger) -> RunState:
     run_dir = Path(cfg.output.dir)
     started = time.perf_counter()
     state = Trainer(cfg, ctx, parts, run_dir, logger, state).fit()
+    timing.clock().switch("end")
     if state.stopped_by:
         return _report_stop(cfg, ctx, state, run_dir, logger)
     in_sync, digests = dist.digests_match(parts.model)
@@ -362,13 +477,15 @@ def _train_and_finish(cfg: Config, ctx: dist.Dist, parts: Parts, state: Optional
     plotted = ""
     if ctx.is_main:
         try:
-            plotted = ", " + ", ".join(p.name for p in plot_run(run_dir))
+            plotted = ", " + ", ".join(p.name for p in plot_run(run_dir, time_split=False)) + ", time.png"
         except Exception as err:  # a plot must never cost a finished run
             logger.info(f"warning: plots not written ({type(err).__name__}: {err}); try `fasttrain plot {run_dir}`")
     elapsed = time.perf_counter() - started
+    target = (f" | train.target_acc {100 * cfg.train.target_acc:.2f}% reached in {timing.clock().target['seconds']:.1f}s, "
+              f"{timing.clock().target['steps']} steps" if state.finished_by and timing.clock().target else "")
     logger.info(f"done: best val_acc {100 * state.best_val_acc:.2f}% at epoch {state.best_epoch} | {state.epoch} "
-                f"epochs in {elapsed:.1f}s | outputs in {run_dir} (config.yaml, env.json, metrics.jsonl, metrics.csv, "
-                f"steps.jsonl, train.log{plotted}, " + ("tensorboard/, " if cfg.output.tensorboard else "")
+                f"epochs in {elapsed:.1f}s{target} | outputs in {run_dir} (config.yaml, env.json, metrics.jsonl, "
+                f"metrics.csv, steps.jsonl, train.log{plotted}, " + ("tensorboard/, " if cfg.output.tensorboard else "")
                 + "checkpoints/)")
     return state
 
@@ -416,9 +533,16 @@ def train(cfg: Config, model: Optional[torch.nn.Module] = None) -> RunState:
     caller (fasttrain.fit) to train in place of the config's, which cfg.model.name names."""
     use_deterministic_algorithms(cfg.train.deterministic)
     ctx = dist.setup(cfg.train.device, cfg.dist.backend, cfg.dist.timeout_s, cfg.train.precision, cfg.train.compile)
+    timing.clock().startup_done("setup")
+    finish: Optional[Callable[[], None]] = None
     try:
-        return _run(cfg, ctx, model)
+        state, finish = _run(cfg, ctx, model)
+        return state
     finally:
-        close_logging()
-        gc.collect()  # loaders and the DDP wrapper in reference cycles end now (DataLoader workers, gloo handles)
-        dist.teardown()
+        try:
+            gc.collect()  # loaders and the DDP wrapper in reference cycles end now (DataLoader workers, gloo handles)
+            dist.teardown()
+            if finish is not None:
+                finish()  # the time split's line is the run's last, counting all of the above
+        finally:
+            close_logging()

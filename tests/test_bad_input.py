@@ -214,6 +214,8 @@ BAD_VALUES = [
     ("world_size", 0, "world_size is 0, expected an integer >= 1"),
     ("batch_size", "64", "batch_size is '64', expected an integer >= 1"),
     ("ranks", [1], "ranks is [1], expected a list of per-rank states"),
+    ("ema", {"updates": -1, "weights": {}}, "ema is {'updates': -1, 'weights': {}}, expected the EMA's updates"),
+    ("lookahead", {"weights": [1]}, "lookahead is {'weights': [1]}, expected lookahead's slow weights"),
 ]
 
 

@@ -40,6 +40,16 @@ def test_overrides_are_typed_and_win_over_the_file():
     ("optim.lr=-0.1", "optim.lr=-0.1 is not valid: expected a float > 0"),
     ("train.epochs", "override 'train.epochs' must look like key.sub=value"),
     ("model.kwargs=[1]", "model.kwargs=[...] is not valid: expected Dict[str, Any] (a mapping is written {name: value})"),
+    ("train.label_smoothing=1.0", "train.label_smoothing=1.0 is not valid: expected a fraction in [0, 1)"),
+    ("train.ema_decay=1", "train.ema_decay=1.0 is not valid: expected a fraction in [0, 1)"),
+    ("train.ema_every=0", "train.ema_every=0 is not valid: expected an integer >= 1"),
+    ("train.lookahead_k=-2", "train.lookahead_k=-2 is not valid: expected an integer >= 0 (0 = off)"),
+    ("train.lookahead_alpha=0", "train.lookahead_alpha=0.0 is not valid: expected a fraction in (0, 1]"),
+    ("train.tta=mirror", "train.tta='mirror' is not valid: expected one of none, flip, flip_shift"),
+    ("train.eval_every=0", "train.eval_every=0 is not valid: expected an integer >= 1"),
+    ("train.target_acc=94", "train.target_acc=94.0 is not valid: expected a fraction in [0, 1] (0 = off)"),
+    ("checkpoint.every_epochs=0", "checkpoint.every_epochs=0 is not valid: expected an integer >= 1"),
+    ("optim.bn_bias_lr_scale=0", "optim.bn_bias_lr_scale=0.0 is not valid: expected a float > 0"),
 ])
 def test_bad_values_raise_a_config_error_naming_the_key(override, expected):
     with pytest.raises(ConfigError) as err:
@@ -114,8 +124,9 @@ def test_a_train_command_exits_with_its_code_after_printing_everything(tmp_path)
     tiny = ["--config", "configs/smoke.yaml", "data.train_size=128", "data.val_size=64", "train.epochs=1"]
     done = run_fasttrain("train", *tiny, f"output.dir={tmp_path / 'done'}", module="fasttrain.cli")
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.splitlines()[-1].startswith("done: best val_acc")
-    assert " done: best val_acc" in (tmp_path / "done" / "train.log").read_text().splitlines()[-1]
+    last_two = done.stdout.splitlines()[-2:]
+    assert last_two[0].startswith("done: best val_acc") and last_two[1].startswith("time: "), last_two
+    assert " time: " in (tmp_path / "done" / "train.log").read_text().splitlines()[-1]
     refused = run_fasttrain("train", *tiny, f"output.dir={tmp_path / 'done'}", module="fasttrain.cli")
     assert refused.returncode == 2 and refused.stderr.splitlines()[-1].startswith("fasttrain: error: ")
 

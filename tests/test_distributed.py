@@ -28,7 +28,7 @@ def test_torchrun_two_processes_train_the_smoke_config(tmp_path):
     assert all(h["val_total"] == 512 for h in history)
     assert history[-1]["val_acc"] > 0.5
     assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoints", "config.yaml", "curves.png", "env.json", "metrics.csv",
-                                                          "metrics.jsonl", "steps.jsonl", "throughput.png", "train.log"]
+                                                          "metrics.jsonl", "steps.jsonl", "throughput.png", "time.png", "train.log"]
     assert json.loads((run_dir / "env.json").read_text())["world_size"] == 2
     assert "world size 2: train.batch_size is per process, global batch 128" in (run_dir / "config.yaml").read_text()
 

@@ -40,15 +40,17 @@ def _losses(step, schedule, batches):
     return losses
 
 
-def _run(kind, model, batches, precision="fp32"):
+def _run(kind, model, batches, precision="fp32", optim=OptimConfig(name="adamw", lr=1e-3), max_lr=0.001,
+         label_smoothing=0.0):
     model = copy.deepcopy(model)
     capture = kind == "captured"
-    optimizer = build_optimizer(OptimConfig(name="adamw", lr=1e-3), model, CPU, capture=capture)
-    # OneCycle changes the learning rate and beta1 every step: a captured step that baked them in
-    # would drift from the eager one within a few steps
-    schedule = Schedule(SchedConfig(name="onecycle", max_lr=0.001, pct_start=0.5), optimizer, 1, len(batches))
+    optimizer = build_optimizer(optim, model, CPU, capture=capture)
+    # OneCycle changes the learning rate and beta1 (SGD: momentum) every step: a captured step that baked
+    # them in would drift from the eager one within a few steps
+    schedule = Schedule(SchedConfig(name="onecycle", max_lr=max_lr, pct_start=0.5), optimizer, 1, len(batches))
     prec = build_precision(precision, CPU, tf32=False)
-    step = CapturedStep(model, optimizer, prec) if capture else EagerStep(model, optimizer, prec)
+    step = (CapturedStep(model, optimizer, prec, label_smoothing=label_smoothing) if capture
+            else EagerStep(model, optimizer, prec, label_smoothing=label_smoothing))
     return _losses(step, schedule, batches), model
 
 
@@ -69,6 +71,55 @@ def test_captured_step_gives_the_eager_steps_losses_and_weights(cnn):
         if name.endswith(("conv.bias", "bn.running_mean")):
             continue  # a bias before BatchNorm has a gradient of pure rounding noise, which Adam scales up
         assert torch.allclose(a.float(), b.float(), rtol=1e-3, atol=1e-4), name  # BN buffers included
+
+
+SGD_TOOLS = OptimConfig(name="sgd", lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4, decay_bn_bias=False,
+                        bn_bias_lr_scale=4.0)
+
+
+def test_captured_sgd_with_nesterov_and_param_groups_gives_the_eager_steps_losses(cnn):
+    """SGD in the captured step (fasttrain's device-hyperparameter update, momentum cycled by OneCycle)
+    against torch's fused SGD in the eager step, with the BatchNorm/bias group undecayed at 4x the lr and
+    label smoothing on: the same losses and weights."""
+    batches = _batches(2) * (STEPS // 2)
+    eager, eager_model = _run("eager", cnn, batches, optim=SGD_TOOLS, max_lr=0.01, label_smoothing=0.1)
+    captured, captured_model = _run("captured", cnn, batches, optim=SGD_TOOLS, max_lr=0.01, label_smoothing=0.1)
+    assert captured == pytest.approx(eager, rel=1e-4, abs=1e-5)
+    assert eager[-1] < eager[0]
+    for (name, a), b in zip(eager_model.state_dict().items(), captured_model.state_dict().values()):
+        if name.endswith(("conv.bias", "bn.running_mean")):
+            continue  # a bias before BatchNorm has a gradient of pure rounding noise
+        assert torch.allclose(a.float(), b.float(), rtol=1e-3, atol=1e-4), name
+
+
+def test_label_smoothing_is_the_training_loss():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name="MLP", hidden_sizes=[16], dropout=0.0), 3, 32, 10)
+    step = EagerStep(model, build_optimizer(OptimConfig(lr=1e-3), model, CPU), build_precision("fp32", CPU, False),
+                     label_smoothing=0.2)
+    images, labels = _batches(1)[0]
+    with torch.no_grad():
+        smoothed = float(F.cross_entropy(model(images), labels, label_smoothing=0.2))
+        plain = float(F.cross_entropy(model(images), labels))
+    step(images, labels)
+    assert float(step.take_sums()[LOSS_SUM]) / labels.shape[0] == pytest.approx(smoothed, rel=1e-6)
+    assert smoothed != pytest.approx(plain, rel=1e-3)
+
+
+def test_param_groups_leave_batchnorm_and_biases_undecayed_at_their_own_learning_rate(cnn):
+    """optim.decay_bn_bias=false / optim.bn_bias_lr_scale: every 1-d parameter in a second group with no
+    weight decay, and OneCycle's whole cycle scaled for it (its peak and its start)."""
+    optimizer = build_optimizer(SGD_TOOLS, cnn, CPU)
+    weights, vectors = optimizer.param_groups
+    assert all(p.ndim > 1 for p in weights["params"]) and all(p.ndim == 1 for p in vectors["params"])
+    assert len(weights["params"]) + len(vectors["params"]) == len(list(cnn.parameters()))
+    assert weights["weight_decay"] == 5e-4 and vectors["weight_decay"] == 0.0
+    schedule = Schedule(SchedConfig(name="onecycle", max_lr=0.05, pct_start=0.5), optimizer, 1, 10)
+    assert vectors["lr"] == pytest.approx(4 * weights["lr"])
+    for _ in range(5):
+        schedule.after_batch()
+    assert weights["lr"] == pytest.approx(0.05) and vectors["lr"] == pytest.approx(0.2)  # the peaks
+    assert len(build_optimizer(OptimConfig(), cnn, CPU).param_groups) == 1  # the default: one group, as before
 
 
 class RecordedStep(CapturedStep):
@@ -256,13 +307,18 @@ def test_a_captured_run_stopped_and_resumed_ends_with_the_same_weights(captured_
 @pytest.mark.parametrize("setting,expect", [
     (["train.compile=off"], "train.compile='off' is not valid: expected default or max-autotune with train.capture"),
     (["train.compile=reduce-overhead"], "reduce-overhead would record CUDA graphs of its own"),
-    (["train.compile=default", "optim.name=sgd"], "adam or adamw with train.capture=true"),
+    (["train.compile=default", "optim.name=lamb"], "sgd, adam, adamw with train.capture=true"),
 ])
 def test_capture_refuses_what_it_cannot_capture(setting, expect):
     from fasttrain.errors import ConfigError
+    from fasttrain.registry import OPTIMIZERS
 
-    with pytest.raises(ConfigError, match="config error") as err:
-        load_config(str(REPO / "configs" / "smoke.yaml"), ["train.capture=true", *setting])
+    OPTIMIZERS.register("lamb")(lambda cfg, groups, kernels: torch.optim.Adam(groups))  # a user's, not capturable
+    try:
+        with pytest.raises(ConfigError, match="config error") as err:
+            load_config(str(REPO / "configs" / "smoke.yaml"), ["train.capture=true", *setting])
+    finally:
+        OPTIMIZERS.unregister("lamb")
     assert expect in str(err.value)
 
 

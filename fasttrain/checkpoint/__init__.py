@@ -3,14 +3,16 @@
 io.py       the files: atomic write, key-by-key validation, load, step-file names, resume=auto's choice, pruning
 state.py    what a checkpoint captures (RunState, each rank's RNG/buffers/sums) and restores; config diff
 manager.py  the ranks' choreography: choose on rank 0, restore on every rank, save, prune, trim the records
+writer.py   writes off the critical path: a copy to host memory, then a background thread (one write at a time)
 """
 
 from fasttrain.checkpoint.io import (load_checkpoint, load_model_state, remove_stale_temporaries, restore_best,
                                      save_checkpoint)
-from fasttrain.checkpoint.manager import (choose_on_rank0, restore_on_every_rank, save_epoch_checkpoints,
-                                          save_step_checkpoint, trim_history)
+from fasttrain.checkpoint.manager import (choose_on_rank0, finish_writes, restore_on_every_rank,
+                                          save_epoch_checkpoints, save_step_checkpoint, trim_history)
 from fasttrain.checkpoint.state import NEUTRAL_KEYS, RunState
+from fasttrain.checkpoint.writer import CheckpointWriter
 
-__all__ = ["NEUTRAL_KEYS", "RunState", "choose_on_rank0", "load_checkpoint", "load_model_state",
-           "remove_stale_temporaries", "restore_best", "restore_on_every_rank", "save_checkpoint",
+__all__ = ["NEUTRAL_KEYS", "CheckpointWriter", "RunState", "choose_on_rank0", "finish_writes", "load_checkpoint",
+           "load_model_state", "remove_stale_temporaries", "restore_best", "restore_on_every_rank", "save_checkpoint",
            "save_epoch_checkpoints", "save_step_checkpoint", "trim_history"]

@@ -35,28 +35,41 @@ def step_checkpoint_name(global_step: int) -> str:
 
 
 def save_checkpoint(state: Dict[str, Any], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    write_serialized(serialize(state), [path])
+
+
+def serialize(state: Dict[str, Any]) -> BytesIO:
+    """The checkpoint's bytes, in memory: torch's file writer hides the OSError of a full disk, and one
+    serialization serves several files (last.pt and best.pt)."""
     buffer = BytesIO()
-    torch.save(state, buffer)  # in memory first: torch's file writer hides the OSError of a full disk
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(buffer.getbuffer())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except OSError as err:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise UserError(f"could not write checkpoint {path} ({err.strerror or err}); free disk space or set "
-                        f"output.dir to a writable folder (earlier checkpoints are untouched)") from None
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
+    torch.save(state, buffer)
+    return buffer
+
+
+def write_serialized(buffer: BytesIO, paths: List[Path]) -> None:
+    """Write the bytes to each path atomically: a temporary file in the same folder, flushed and fsynced,
+    then renamed over the target (and the rename itself made durable)."""
+    for path in paths:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(buffer.getbuffer())
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp_name, path)
+        except OSError as err:
+            Path(tmp_name).unlink(missing_ok=True)
+            raise UserError(f"could not write checkpoint {path} ({err.strerror or err}); free disk space or set "
+                            f"output.dir to a writable folder (earlier checkpoints are untouched)") from None
+        except BaseException:
+            Path(tmp_name).unlink(missing_ok=True)
+            raise
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # make the rename itself durable
+        finally:
+            os.close(dir_fd)
 
 
 def load_checkpoint(path: str | Path) -> Dict[str, Any]:
@@ -146,6 +159,9 @@ _CHECKS: Dict[str, Tuple[Callable[[Any], bool], str]] = {
     "ranks": (lambda v: v is None or (isinstance(v, list) and all(_is_rank_state(r) for r in v)),
               "a list of per-rank states (rng, buffers, epoch_totals) or None"),
     "scaler": (lambda v: v is None or isinstance(v, dict), "a GradScaler state dict or None"),
+    "ema": (lambda v: isinstance(v, dict) and _is_int(v.get("updates"), 0) and _is_tensor_dict(v.get("weights")),
+            "the EMA's updates and weights"),
+    "lookahead": (lambda v: isinstance(v, dict) and _is_tensor_dict(v.get("weights")), "lookahead's slow weights"),
 }
 
 

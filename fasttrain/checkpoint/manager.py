@@ -19,8 +19,10 @@ import torch
 from torch import nn
 
 from fasttrain import dist
-from fasttrain.checkpoint.io import load_checkpoint, prune_step_checkpoints, save_checkpoint, step_checkpoint_name
+from fasttrain.averaging import Averages
+from fasttrain.checkpoint.io import load_checkpoint, prune_step_checkpoints, step_checkpoint_name
 from fasttrain.checkpoint.state import Resumable, RunState, capture, choose_checkpoint, restore
+from fasttrain.checkpoint.writer import CheckpointWriter
 from fasttrain.config import Config
 from fasttrain.errors import UserError
 from fasttrain.optim import Schedule
@@ -33,7 +35,8 @@ class _HasScaler(Protocol):
 
 class RunParts(Protocol):
     """What the manager reads from a run's parts (the trainer's `Parts` has it): what a checkpoint
-    saves and puts back, and the steps of a whole epoch, which place a resumed one."""
+    saves and puts back (the weight averages too), and the steps of a whole epoch, which place a
+    resumed one."""
     @property
     def model(self) -> nn.Module: ...
     @property
@@ -44,10 +47,13 @@ class RunParts(Protocol):
     def precision(self) -> _HasScaler: ...
     @property
     def steps_per_epoch(self) -> int: ...
+    @property
+    def averages(self) -> Optional[Averages]: ...
 
 
 def _resumable(ctx: dist.Dist, parts: RunParts) -> Resumable:
-    return Resumable(parts.model, parts.optimizer, parts.schedule, parts.precision.scaler, ctx.device)
+    return Resumable(parts.model, parts.optimizer, parts.schedule, parts.precision.scaler, ctx.device,
+                     parts.averages)
 
 
 def trim_history(run_dir: Path, state: RunState) -> None:
@@ -61,16 +67,28 @@ def trim_history(run_dir: Path, state: RunState) -> None:
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in state.history))
 
 
-def _write_on_rank0(ctx: dist.Dist, ckpt: Optional[Dict[str, Any]], paths: List[Path]) -> None:
-    """Rank 0 writes (atomically); the others wait, and every rank learns of a failure."""
+def _write_on_rank0(ctx: dist.Dist, ckpt: Optional[Dict[str, Any]], paths: List[Path], writer: CheckpointWriter,
+                    background: bool) -> None:
+    """Rank 0 writes (atomically; in the background, `writer`'s thread, once the previous write ended); the
+    others wait, and every rank learns of a failure (of this write, or of the background write before it)."""
     error: Optional[str] = None
     if ctx.is_main:
         try:
-            for path in paths:
-                save_checkpoint(ckpt, path)  # type: ignore[arg-type]
+            writer.write(ckpt, paths, background)
         except UserError as err:
             error = str(err)
     dist.agree_on_error(error)  # also the barrier that keeps the other ranks from running ahead
+
+
+def finish_writes(ctx: dist.Dist, writer: CheckpointWriter) -> None:
+    """Every rank: rank 0's background write (if one is pending) has ended, and its error is everyone's."""
+    error: Optional[str] = None
+    if ctx.is_main:
+        try:
+            writer.wait()
+        except UserError as err:
+            error = str(err)
+    dist.agree_on_error(error)
 
 
 def _capture(cfg: Config, ctx: dist.Dist, parts: RunParts, state: RunState, totals: Optional[torch.Tensor],
@@ -79,22 +97,26 @@ def _capture(cfg: Config, ctx: dist.Dist, parts: RunParts, state: RunState, tota
 
 
 def save_step_checkpoint(cfg: Config, ctx: dist.Dist, parts: RunParts, state: RunState, totals: torch.Tensor,
-                         run_dir: Path) -> Path:
-    """Mid-epoch: step-NNNNNNNN.pt with every rank's state; the oldest beyond checkpoint.keep go."""
+                         run_dir: Path, writer: CheckpointWriter, background: bool = False) -> Path:
+    """Mid-epoch: step-NNNNNNNN.pt with every rank's state; the oldest beyond checkpoint.keep go (never the
+    one being written)."""
     ckpt_dir = run_dir / "checkpoints"
     path = ckpt_dir / step_checkpoint_name(state.global_step)
-    _write_on_rank0(ctx, _capture(cfg, ctx, parts, state, totals, {}), [path])
+    _write_on_rank0(ctx, _capture(cfg, ctx, parts, state, totals, {}), [path], writer, background)
     if ctx.is_main:
         prune_step_checkpoints(ckpt_dir, cfg.checkpoint.keep)
     return path
 
 
-def save_epoch_checkpoints(cfg: Config, ctx: dist.Dist, parts: RunParts, state: RunState, val_acc: float,
-                           val_loss: float, is_best: bool, run_dir: Path) -> Path:
-    """End of an epoch: last.pt, and best.pt when validation accuracy improved."""
-    ckpt = _capture(cfg, ctx, parts, state, None, {"val_acc": val_acc, "val_loss": val_loss})
+def save_epoch_checkpoints(cfg: Config, ctx: dist.Dist, parts: RunParts, state: RunState, val_acc: Optional[float],
+                           val_loss: Optional[float], is_best: bool, run_dir: Path, writer: CheckpointWriter,
+                           background: bool = False) -> Path:
+    """End of an epoch: last.pt, and best.pt when validation accuracy improved (None: not validated)."""
+    evaluated = {} if val_acc is None else {"val_acc": val_acc, "val_loss": val_loss}
+    ckpt = _capture(cfg, ctx, parts, state, None, evaluated)
     last = run_dir / "checkpoints" / "last.pt"
-    _write_on_rank0(ctx, ckpt, [last] + ([run_dir / "checkpoints" / "best.pt"] if is_best else []))
+    _write_on_rank0(ctx, ckpt, [last] + ([run_dir / "checkpoints" / "best.pt"] if is_best else []), writer,
+                    background)
     return last
 
 

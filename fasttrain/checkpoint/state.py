@@ -26,6 +26,7 @@ from torch import nn
 
 import fasttrain
 from fasttrain import config as config_mod
+from fasttrain.averaging import Averages
 from fasttrain.checkpoint.io import find_resume_checkpoint, load_checkpoint, load_model_state
 from fasttrain.config import Config
 from fasttrain.device import rng_state, set_rng_state
@@ -34,8 +35,9 @@ from fasttrain.optim import Schedule, load_optimizer_state
 
 # config keys that may change between a run and its resumption without changing what is computed
 NEUTRAL_KEYS = ("resume", "output.", "checkpoint.", "train.stop_after_steps", "train.log_every", "train.device",
-                "train.peak_tflops", "train.deterministic", "data.root", "data.download", "data.num_workers", "data.pin_memory",
-                "data.persistent_workers", "dist.")
+                "train.peak_tflops", "train.deterministic", "train.tta", "train.eval_every", "train.target_acc",
+                "train.compile_cache", "data.root", "data.download", "data.num_workers", "data.pin_memory",
+                "data.persistent_workers", "data.cache_dir", "dist.")
 
 
 @dataclass
@@ -50,6 +52,7 @@ class RunState:
     carried: Optional[torch.Tensor] = None  # this rank's running sums of that epoch before the stop
     start_sample: int = 0  # where epoch `epoch + 1` resumes in its sample order
     stopped_by: Optional[str] = None  # when fit stopped early: a signal's name, or "stop_after_steps"
+    finished_by: Optional[str] = None  # when fit finished before its last epoch: "target_acc" (a complete run)
     last_checkpoint: Optional[Path] = None  # the checkpoint fit wrote last
 
 
@@ -62,6 +65,7 @@ class Resumable:
     schedule: Schedule
     scaler: torch.amp.GradScaler
     device: torch.device
+    averages: Optional[Averages] = None  # the weight averages the run keeps (EMA, lookahead), if any
 
 
 def choose_checkpoint(cfg: Config, run_dir: Path, warn: Callable[[str], None]) -> Optional[Path]:
@@ -98,7 +102,8 @@ def capture(cfg: Config, world_size: int, parts: Resumable, state: RunState, tot
             "global_step": state.global_step, "step_in_epoch": state.step_in_epoch, "best_val_acc": state.best_val_acc,
             "best_epoch": state.best_epoch, "world_size": world_size, "batch_size": cfg.train.batch_size,
             "config": config_mod.to_dict(cfg), "history": state.history, "ranks": ranks,
-            "versions": {"fasttrain": fasttrain.__version__, "torch": torch.__version__}, **extra}
+            "versions": {"fasttrain": fasttrain.__version__, "torch": torch.__version__},
+            **(parts.averages.state_dict() if parts.averages else {}), **extra}
 
 
 def _flatten(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
@@ -137,6 +142,15 @@ def restore(ckpt: Dict[str, Any], source: Path, cfg: Config, rank: int, world_si
                         f"trained with") from None
     if scaler.is_enabled() and ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
+    if parts.averages:
+        try:
+            missing = parts.averages.load(ckpt)
+        except (KeyError, RuntimeError) as err:
+            raise UserError(f"checkpoint {source}: its weight averages do not fit this model ({type(err).__name__}: "
+                            f"{str(err).splitlines()[0]}): resume with the model.name it was trained with") from None
+        for key in missing:
+            logger.info(f"warning: checkpoint {source} holds no {key} weights (it was trained without "
+                        f"{'train.ema_decay' if key == 'ema' else 'train.lookahead_k'}): they start from its weights")
     changes = config_changes(saved_cfg, cfg)
     if changes:
         logger.info(f"warning: resuming with a changed config ({'; '.join(changes[:6])}"

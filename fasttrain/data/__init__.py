@@ -24,6 +24,7 @@ import torch
 
 from fasttrain.config import Config, DataConfig
 from fasttrain.data import cifar, folder, mnist, synthetic
+from fasttrain.data.array_cache import resolve_cache_dir
 from fasttrain.data.plain import CustomDataset, PlainLoader, ShardedBatches, ShardLoader
 from fasttrain.data.dali import DaliLoader, dali_available
 from fasttrain.data.gpu import BatchFormat, CropFlip, GpuLoader
@@ -72,7 +73,7 @@ Split = Tuple[np.ndarray, np.ndarray, Sequence[str]]
 
 @DATASETS.register("cifar10")
 def cifar10_split(data: DataConfig, train: bool) -> Split:
-    return (*cifar.load_cifar10(data.root, train, data.download), cifar.CLASSES)
+    return (*cifar.load_cifar10(data.root, train, data.download, resolve_cache_dir(data.cache_dir)), cifar.CLASSES)
 
 
 @DATASETS.register("mnist")

@@ -1,8 +1,10 @@
 """Read CIFAR-10 from the standard `cifar-10-batches-py` layout into one uint8 array per split.
 
 The pickles are read directly (no torchvision md5 check, which rejects lossless rebuilds of the
-data) once per process and cached; every loader starts from these arrays. When the folder is
-missing and `data.download` is on, torchvision downloads the official archive into `data.root`.
+data) once per process and cached; every loader starts from these arrays. The decoded arrays are
+also kept as .npy files in data.cache_dir (`array_cache`), so that the next run maps them in
+milliseconds instead of unpickling for seconds. When the folder is missing and `data.download` is
+on, torchvision downloads the official archive into `data.root`.
 """
 
 from __future__ import annotations
@@ -10,10 +12,11 @@ from __future__ import annotations
 import functools
 import pickle
 from pathlib import Path
-from typing import Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 
+from fasttrain.data.array_cache import cached_arrays
 from fasttrain.errors import UserError
 
 FOLDER = "cifar-10-batches-py"
@@ -67,12 +70,18 @@ def _ensure_present(root: Path, download: bool) -> Path:
 
 
 @functools.lru_cache(maxsize=4)
-def load_cifar10(root: str, train: bool, download: bool = False) -> Tuple[np.ndarray, np.ndarray]:
-    """(N, 32, 32, 3) uint8 images and (N,) int64 labels of one split, read once per process."""
+def load_cifar10(root: str, train: bool, download: bool = False,
+                 cache_dir: Optional[Path] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """(N, 32, 32, 3) uint8 images and (N,) int64 labels of one split, read once per process (and kept
+    in `cache_dir` across processes; None = no cache)."""
     folder = _ensure_present(Path(root), download)
-    parts = [_read_batch(folder / name) for name in (TRAIN_FILES if train else TEST_FILES)]
-    images = np.concatenate([p[0] for p in parts])
-    labels = np.concatenate([p[1] for p in parts])
+    files = [folder / name for name in (TRAIN_FILES if train else TEST_FILES)]
+
+    def decode() -> Tuple[np.ndarray, np.ndarray]:
+        parts = [_read_batch(file) for file in files]
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    images, labels = cached_arrays(cache_dir, f"cifar10-{'train' if train else 'test'}", files, decode)
     images.setflags(write=False)  # shared by every loader of this process: never mutate
     labels.setflags(write=False)
     return images, labels
