@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import List
 
@@ -16,6 +17,8 @@ import pytest
 from fasttrain.data.cifar import TEST_FILES, TRAIN_FILES, write_cifar10_layout
 
 REPO = Path(__file__).resolve().parents[1]
+# the decoded-dataset cache (data.cache_dir's default) of this test session: never the user's ~/.cache
+os.environ.setdefault("FASTTRAIN_CACHE_DIR", tempfile.mkdtemp(prefix="fasttrain-test-cache-"))
 # the real CIFAR-10 beside the project (developers' and CI machines); absent on a user's fresh clone
 REAL_CIFAR_ROOT = Path(os.environ.get("FASTTRAIN_REAL_CIFAR_ROOT", REPO.parent / "shared" / "data"))
 needs_real_cifar = pytest.mark.skipif(not (REAL_CIFAR_ROOT / "cifar-10-batches-py").is_dir(),
