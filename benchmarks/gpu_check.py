@@ -10,24 +10,25 @@ prints one JSON line when it ends; at the end DIR/gpu_check.json holds everythin
 DIR/gpu_check.md a table ready to paste into benchmarks/RESULTS.md (card, driver, CUDA, torch,
 commit). The exit code is 1 when a section failed, else 0 (skipped sections do not fail).
 
-  1. hidden_syncs (75 s): the real run (schedule, logging, checkpoints, preemption watch) of the fast
+  1. hidden_syncs (60 s): the real run (schedule, logging, checkpoints, preemption watch) of the fast
      recipe, eager and captured, under torch.cuda.set_sync_debug_mode("warn"); zero syncs allowed
      inside steps and between log intervals (benchmarks/syncs.py).
-  2. real_entry (90 s): `python -m fasttrain.run` with configs/cifar10_cnn_fast.yaml for 2 epochs:
+  2. real_entry (60 s): `python -m fasttrain.run` with configs/cifar10_cnn_fast.yaml for 2 epochs:
      exit code, images/s, compiled graphs flat after epoch 1, no "skipping cudagraphs" and no
      recompilation after epoch 1 (TORCH_LOGS=recompiles).
-  3. ladder (105 s): the tutorial loop (PIL DataLoader, 4 workers), then every fasttrain rung at its
+  3. ladder (90 s): the tutorial loop (PIL DataLoader, 4 workers), then every fasttrain rung at its
      best batch of a sweep up to 2048 (1024 first, whose compiled graphs the sections before left in
      inductor's cache, then 2048, 512 and 128 while the budget lasts), with images/s, speedup, MFU
      and host ms per step (the training thread's CPU time).
-  4. correctness (90 s): fp16 with a forced overflow counts one skipped step and moves no weight;
+  4. correctness (75 s): fp16 with a forced overflow counts one skipped step and moves no weight;
      bf16 tracks fp32 from the same weights; stop + resume gives the straight run's weights bit for
      bit (train.deterministic=true); a contiguous checkpoint resumes into channels_last with fused
      AdamW; data.loader=auto chooses and logs.
-  5. time_to_accuracy (90 s): the case study trained by the tutorial's loop and by the fast recipe for
-     the same number of epochs (100 when the budget allows, else fewer: stated), wall time with
-     compilation and evaluation, and test accuracy side by side; a speedup that loses accuracy is
-     reported as one.
+  5. time_to_accuracy (165 s): the case study's accuracy at its 100 epochs (its recipe at batch 128 in
+     fasttrain), the tutorial loop's time per epoch over 3 epochs stated for 100, and the fast recipe
+     with train.target_acc at that accuracy, from process start, with its time split, cold and warm
+     compile cache: "reached the case study's accuracy N x sooner, end to end" (fewer epochs when the
+     budget is short: stated).
   6. dali (30 s): the fast recipe with data.loader=dali for one epoch, when nvidia.dali is importable.
 
 Real CIFAR-10 is used when DATA_ROOT/cifar-10-batches-py exists (--data-root; default ../shared/data,
@@ -66,8 +67,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 FAST = "configs/cifar10_cnn_fast.yaml"
 # (name, seconds of the full 480 s plan)
-SECTIONS = [("hidden_syncs", 75), ("real_entry", 90), ("ladder", 105), ("correctness", 90),
-            ("time_to_accuracy", 90), ("dali", 30)]
+SECTIONS = [("hidden_syncs", 60), ("real_entry", 60), ("ladder", 90), ("correctness", 75),
+            ("time_to_accuracy", 165), ("dali", 30)]
 SMOKE_BUDGET = 1800  # --smoke on a busy CI machine: every section must run, none is skipped for time
 DEFAULT_BUDGET = sum(seconds for _, seconds in SECTIONS)
 
@@ -363,54 +364,94 @@ def correctness(plan: Plan, deadline: float) -> dict:
 
 
 def time_to_accuracy(plan: Plan, deadline: float, tutorial_images_per_sec: Optional[float]) -> dict:
+    """What a user waits for: a model of the case study's accuracy, from the command to the file.
+
+    1. The reference accuracy: the case study's recipe (configs/cifar10_cnn.yaml: batch 128, AdamW,
+       OneCycle) for its 100 epochs in fasttrain (the resident loader, bf16, the step captured: the same
+       recipe, trained faster), its final test accuracy.
+    2. The tutorial's loop: its wall time per epoch (training and its per-epoch validation) measured over
+       3 epochs, stated for 100 (its start-up not counted: in its favour).
+    3. The fast recipe (configs/cifar10_cnn_fast.yaml) with train.target_acc at that accuracy, for up to
+       100 epochs, timed from outside the process (start-up, compilation, validation, checkpoints
+       included), with its own time split: first with an empty compile cache, then again with the cache
+       the first left (a rerun on the same machine).
+    Headline: reached the case study's accuracy N x sooner, end to end. Fewer epochs when the budget is
+    short (stated)."""
     from benchmarks.tutorial_loop import tutorial_eval_loader, tutorial_fit, tutorial_loader
     from fasttrain.config import ModelConfig, load_config
     from fasttrain.data import load_split
     from fasttrain.models import build_model
 
-    budget = deadline - time.monotonic()
-    cfg = load_config(None, [*plan.data(1024 if plan.smoke else 0, 256 if plan.smoke else 0), *plan.tiny(),
-                             "output.dir=/nonexistent"])
+    size = plan.data(1024 if plan.smoke else 0, 256 if plan.smoke else 0)
+    epochs = 2 if plan.smoke else 100 if deadline - time.monotonic() >= 150 else 30
+    note = "the case study's 100 epochs" if epochs == 100 else f"{epochs} epoch(s) (the budget's limit)"
+
+    # 1. the reference accuracy, at batch 128
+    reference = plan.out / "tta-reference"
+    faster = [] if plan.smoke else ["data.loader=gpu", "train.precision=bf16", "train.channels_last=true",
+                                    "train.compile=default", "train.capture=true"]
+    result = fasttrain_run(plan, ["--config", "configs/cifar10_cnn.yaml", *size, *plan.tiny(), *faster,
+                                  f"train.epochs={epochs}", f"output.dir={reference}", "output.overwrite=true",
+                                  "output.save_checkpoints=false", "train.eval_every=1000"],
+                           0.5 * (deadline - time.monotonic()))
+    history = _metrics(reference)
+    if result.returncode != 0 or not history:
+        return {"ok": False, "step": "reference", "exit_code": result.returncode, "output": _tail(result.stdout, 8)}
+    target = history[-1]["val_acc"]
+
+    # 2. the tutorial's loop, 3 epochs (1 in --smoke), per epoch
+    cfg = load_config(None, [*size, *plan.tiny(), "output.dir=/nonexistent"])
     images, labels, _ = load_split(cfg.data, train=True)
     test_images, test_labels, _ = load_split(cfg.data, train=False)
-    # the tutorial loop is the slow one: give it half the budget (its speed from the ladder when measured)
-    per_epoch = len(labels) / (tutorial_images_per_sec or 3000.0) + len(test_labels) / 20000.0
-    epochs = 1 if plan.smoke else max(1, min(100, int(0.45 * budget / per_epoch)))
-    note = "the case study's 100 epochs" if epochs == 100 else f"{epochs} epoch(s) for both (the budget's limit)"
-
     device = torch.device("cuda" if plan.device.startswith("cuda") and not plan.smoke else "cpu")
-    workers = 0 if plan.smoke else 4
+    workers, measured = (0, 1) if plan.smoke else (4, 3)
     torch.manual_seed(42)
     model = build_model(ModelConfig(name=cfg.model.name, hidden_sizes=cfg.model.hidden_sizes,
                                     dropout=cfg.model.dropout), 3, 32, 10).to(device)
     start = time.perf_counter()
-    tutorial_acc = tutorial_fit(model, tutorial_loader(images, labels, 128, workers, pin_memory=device.type == "cuda"),
-                                tutorial_eval_loader(test_images, test_labels, 128, workers), epochs, device)
-    tutorial_seconds = time.perf_counter() - start
+    tutorial_fit(model, tutorial_loader(images, labels, 128, workers, pin_memory=device.type == "cuda"),
+                 tutorial_eval_loader(test_images, test_labels, 128, workers), measured, device)
+    tutorial_epoch = (time.perf_counter() - start) / measured
+    tutorial_seconds = tutorial_epoch * epochs
 
-    out = plan.out / "time-to-accuracy"
-    start = time.perf_counter()
-    result = fasttrain_run(plan, ["--config", FAST, *plan.data(1024 if plan.smoke else 0, 256 if plan.smoke else 0),
-                                  *plan.tiny(), f"train.epochs={epochs}", f"output.dir={out}",
-                                  "output.overwrite=true", "output.save_checkpoints=false"],
-                           deadline - time.monotonic() + 60)
-    fast_seconds = time.perf_counter() - start
-    history = _metrics(out)
-    if result.returncode != 0 or not history:
-        return {"ok": False, "exit_code": result.returncode, "output": _tail(result.stdout, 8)}
-    fast_acc = history[-1]["val_acc"]
+    # 3. the fast recipe to that accuracy, cold then warm compile cache (--smoke: the plumbing, not compiled)
+    cheap = ["train.compile=off", "train.capture=false"] if plan.smoke else []
+    cache = plan.out / "tta-compile-cache"
+    if cache.exists():
+        import shutil
+
+        shutil.rmtree(cache)
+    runs = {}
+    for name in ("cold", "warm"):
+        out = plan.out / f"tta-fast-{name}"
+        start = time.perf_counter()
+        result = fasttrain_run(plan, ["--config", FAST, *size, *plan.tiny(), *cheap, f"train.epochs={epochs}",
+                                      f"train.target_acc={target}", f"train.compile_cache={cache}",
+                                      f"output.dir={out}", "output.overwrite=true"],
+                               deadline - time.monotonic() + 60)
+        seconds = time.perf_counter() - start
+        history = _metrics(out)
+        if result.returncode != 0 or not history:
+            return {"ok": False, "step": f"fast recipe, {name} cache", "exit_code": result.returncode,
+                    "output": _tail(result.stdout, 8)}
+        split = json.loads((out / "env.json").read_text()).get("time_split", {})
+        reached = split.get("target")
+        runs[name] = {"seconds": round(seconds, 1), "reached": bool(reached),
+                      "epochs": history[-1]["epoch"], "test_acc": round(history[-1]["val_acc"], 4),
+                      "seconds_to_target": reached["seconds"] if reached else None,
+                      "fixed_seconds": round(sum(split["parts"][k] for k in ("startup", "compile", "end")), 1),
+                      "time_split": split.get("parts"), "compile_cache": split.get("compile_cache")}
+    cold, warm = runs["cold"], runs["warm"]
+    headline = (f"reached the case study's accuracy ({100 * target:.2f}%) {tutorial_seconds / cold['seconds']:.1f}x "
+                f"sooner end to end (cold compile cache; {tutorial_seconds / warm['seconds']:.1f}x warm)"
+                if cold["reached"] and warm["reached"] else
+                f"did not reach the case study's accuracy ({100 * target:.2f}%) in {epochs} epochs: fast recipe "
+                f"{100 * cold['test_acc']:.2f}% in {cold['seconds']} s")
     return {"ok": True, "epochs": epochs, "note": note, "data": "cifar10" if plan.real_data else "synthetic",
-            "tutorial_seconds": round(tutorial_seconds, 1), "tutorial_test_acc": round(tutorial_acc, 4),
-            "fast_recipe_seconds": round(fast_seconds, 1), "fast_recipe_test_acc": round(fast_acc, 4),
-            "speedup": round(tutorial_seconds / fast_seconds, 2),
-            "verdict": _verdict(tutorial_seconds / fast_seconds, 100 * (tutorial_acc - fast_acc))}
-
-
-def _verdict(speedup: float, points_lost: float) -> str:
-    speed = f"{speedup:.2f}x as fast as the tutorial's loop" if speedup >= 1 else f"slower ({speedup:.2f}x)"
-    if points_lost > 1:
-        return f"{speed}, but {points_lost:.2f} points of test accuracy lower"
-    return f"{speed}, at the same accuracy (within 1 point)"
+            "case_study_test_acc": round(target, 4), "tutorial_seconds_per_epoch": round(tutorial_epoch, 2),
+            "tutorial_epochs_measured": measured, "tutorial_seconds": round(tutorial_seconds, 1),
+            "fast_cold": cold, "fast_warm": warm, "speedup_cold": round(tutorial_seconds / cold["seconds"], 2),
+            "speedup_warm": round(tutorial_seconds / warm["seconds"], 2), "headline": headline}
 
 
 # --------------------------------------------------------------------------- 6. DALI
@@ -466,8 +507,11 @@ def _summary(name: str, record: dict) -> str:
                          f"({row['speedup']}x" + (f", host {row['host_ms_per_step']} ms/step" if 'host_ms_per_step' in row
                                                   else "") + ")" for row in r.get("rows", []))
     if name == "time_to_accuracy":
-        return (f"{r.get('note')}: tutorial {r.get('tutorial_seconds')} s, {r.get('tutorial_test_acc')}; fast recipe "
-                f"{r.get('fast_recipe_seconds')} s, {r.get('fast_recipe_test_acc')}: {r.get('verdict')}")
+        cold, warm = r.get("fast_cold", {}), r.get("fast_warm", {})
+        return (f"{r.get('note')}: {r.get('headline')}; tutorial loop {r.get('tutorial_seconds_per_epoch')} s/epoch "
+                f"({r.get('tutorial_epochs_measured')} measured) = {r.get('tutorial_seconds')} s; fast recipe cold "
+                f"{cold.get('seconds')} s ({cold.get('epochs')} epochs, fixed {cold.get('fixed_seconds')} s), warm "
+                f"{warm.get('seconds')} s (fixed {warm.get('fixed_seconds')} s)")
     parts = []
     for key, value in r.items():
         if key == "ok":
