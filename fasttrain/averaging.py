@@ -40,7 +40,7 @@ class WeightEMA:
     def update(self) -> None:
         self.updates += 1
         decay = min(self.decay, (1 + self.updates) / (10 + self.updates))  # a host float: no sync
-        torch._foreach_lerp_(self.target, [p.detach() for p in self.source], 1.0 - decay)
+        torch._foreach_lerp_(self.target, self.source, 1.0 - decay)  # one kernel launch per update (no_grad)
 
     @torch.no_grad()
     def sync_buffers(self) -> None:
@@ -72,8 +72,8 @@ class Lookahead:
 
     @torch.no_grad()
     def update(self) -> None:
-        torch._foreach_lerp_(self.slow, [p.detach() for p in self.params], self.alpha)
-        torch._foreach_copy_([p.detach() for p in self.params], self.slow)
+        torch._foreach_lerp_(self.slow, self.params, self.alpha)  # two launches per sync (no_grad)
+        torch._foreach_copy_(self.params, self.slow)
 
     def state_dict(self) -> Dict[str, Any]:
         return {"weights": {name: p.detach().cpu().clone() for name, p in zip(self.names, self.slow)}}
