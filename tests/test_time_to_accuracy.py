@@ -32,12 +32,21 @@ def _env(run_dir: Path) -> dict:
     return json.loads((run_dir / "env.json").read_text())
 
 
-def test_the_time_split_adds_up_to_the_wall_time_measured_from_outside(tmp_path):
-    out = tmp_path / "run"
+@pytest.fixture(scope="module")
+def every_two(tmp_path_factory):
+    """One run: 3 epochs, validation and epoch checkpoints every 2 (and at the last), step checkpoints
+    every 5 steps, a plateau schedule; timed from outside the process. Shared by the tests below."""
+    out = tmp_path_factory.mktemp("every-two") / "run"
     started = time.monotonic()  # before the process exists: its own clock starts later
-    result = run_fasttrain(*SMOKE, "train.epochs=2", "checkpoint.every_steps=5", f"output.dir={out}")
+    result = run_fasttrain(*SMOKE, "train.epochs=3", "train.eval_every=2", "checkpoint.every_epochs=2",
+                           "checkpoint.every_steps=5", "sched.name=plateau", "optim.lr=0.003", f"output.dir={out}")
     outside = time.monotonic() - started
     assert result.returncode == 0, result.stderr[-3000:]
+    return out, result, outside
+
+
+def test_the_time_split_adds_up_to_the_wall_time_measured_from_outside(every_two):
+    out, _, outside = every_two
     split = _env(out)["time_split"]
     parts, startup = split["parts"], split["startup"]
     assert set(parts) == {"startup", "compile", "steps", "eval", "checkpoint", "end"}
@@ -78,11 +87,8 @@ def test_a_target_accuracy_ends_the_run_with_its_time_and_steps(tmp_path):
     assert len(read_jsonl(out / "metrics.jsonl")) == len(history)  # nothing trained again
 
 
-def test_validation_and_checkpoints_every_n_epochs_and_always_at_the_last(tmp_path):
-    out = tmp_path / "run"
-    result = run_fasttrain(*SMOKE, "train.epochs=3", "train.eval_every=2", "checkpoint.every_epochs=2",
-                           "sched.name=plateau", "optim.lr=0.003", f"output.dir={out}")
-    assert result.returncode == 0, result.stderr[-3000:]
+def test_validation_and_checkpoints_every_n_epochs_and_always_at_the_last(every_two):
+    out, result, _ = every_two
     history = read_jsonl(out / "metrics.jsonl")
     assert [r["val_acc"] is not None for r in history] == [False, True, True]
     assert [r["checkpoint_seconds"] is not None for r in history] == [False, True, True]
@@ -90,8 +96,7 @@ def test_validation_and_checkpoints_every_n_epochs_and_always_at_the_last(tmp_pa
     assert load_checkpoint(out / "checkpoints" / "last.pt")["epoch"] == 3
     best = load_checkpoint(out / "checkpoints" / "best.pt")
     assert best["epoch"] == max(history[1:], key=lambda r: r["val_acc"])["epoch"] and "val_acc" in best
-    (out / "curves.png").unlink()
-    assert run_fasttrain("plot", str(out), module="fasttrain.cli").returncode == 0  # epochs without val_acc
+    assert (out / "curves.png").stat().st_size > 0  # drawn with an epoch without val_acc
 
 
 # --------------------------------------------------------------------------- background checkpoints
@@ -177,7 +182,7 @@ def test_a_kill_during_a_background_write_leaves_the_previous_checkpoint_loadabl
 
 
 def test_a_second_identical_run_loads_its_compiled_graphs_from_the_cache(tmp_path):
-    args = [*SMOKE, "model.name=MLP", "model.hidden_sizes=[32]", "train.epochs=1", "train.compile=default",
+    args = [*SMOKE, "model.name=SimpleModel", "train.epochs=1", "train.compile=default",
             f"train.compile_cache={tmp_path / 'cache'}", "data.train_size=256", "data.val_size=64"]
     first = run_fasttrain(*args, f"output.dir={tmp_path / 'a'}")
     assert first.returncode == 0, first.stderr[-3000:]
