@@ -249,3 +249,16 @@ def test_a_run_imports_no_plotting_tensorboard_or_dali_until_it_needs_them():
                             env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[] False"
+
+
+def test_fit_reports_a_reached_target_and_its_time_split(tmp_path):
+    """The Python API: the run ends complete (exit code 0) with `finished_by`, and its time split starts
+    at the fit() call, not at the process's start."""
+    import fasttrain
+
+    result = fasttrain.fit("configs/smoke.yaml", overrides={
+        "data.train_size": 1024, "data.val_size": 128, "train.epochs": 6, "train.target_acc": 0.5,
+        "output.dir": str(tmp_path / "run")})
+    assert (result.finished_by, result.exit_code, result.stopped_by) == ("target_acc", 0, None)
+    assert result.epoch < 6 and result.final_val_acc >= 0.5
+    assert result.time_split["from"] == "the fit() call" and result.time_split["target"]["epoch"] == result.epoch
