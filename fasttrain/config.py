@@ -652,12 +652,32 @@ def _build(layers: List[Any]) -> Config:
     return cfg
 
 
+# keys that take a folder, '' (the default place) or off: YAML reads `off` (and no, false) as a boolean, and
+# an empty override (key=) as null, which would otherwise reach the field as the folder "False" or fail
+FOLDER_OR_OFF = (("train", "compile_cache"), ("data", "cache_dir"))
+
+
 def _compile_false_is_off(layer: Any) -> None:
-    """YAML's `compile: false` (or no, 0, null) means off; the CompileMode field takes names only."""
-    train = layer.get("train") if OmegaConf.is_dict(layer) else None
+    """YAML's `compile: false` (or no, 0, null) means off; the CompileMode field takes names only. And the
+    folder-or-off keys: a YAML boolean false is `off`, null is '' (the default place)."""
+    if not OmegaConf.is_dict(layer):
+        return
+    train = layer.get("train")
     if OmegaConf.is_dict(train) and "compile" in train and not OmegaConf.is_interpolation(train, "compile"):
         if str(train.compile).lower() in ("false", "no", "none", "0"):
             train.compile = "off"
+    for section_name, key in FOLDER_OR_OFF:
+        section = layer.get(section_name)
+        if not OmegaConf.is_dict(section) or key not in section or OmegaConf.is_interpolation(section, key):
+            continue
+        value = section[key]
+        if value is False:
+            section[key] = "off"
+        elif value is None:
+            section[key] = ""
+        elif value is True:
+            raise ConfigError(f"config error: {section_name}.{key}=true is not valid: expected a folder, '' (the "
+                              f"default place) or off")
 
 
 def _check_list_items(merged: Any) -> None:

@@ -22,6 +22,20 @@ def test_cifar10_cnn_recipe_is_the_tutorials_case_study():
     assert cfg.data.mean == [0.5, 0.5, 0.5] and cfg.data.std == [0.5, 0.5, 0.5]
 
 
+@pytest.mark.parametrize("written,meant", [("off", "off"), ("no", "off"), ("false", "off"), ("", ""), ("null", ""),
+                                           ("/tmp/cache", "/tmp/cache")])
+def test_folder_or_off_keys_read_yamls_booleans_as_off(written, meant, tmp_path):
+    """YAML reads `off` as a boolean: it must not become a folder named 'False' (in the override and in a file)."""
+    cfg = load_config(None, [f"train.compile_cache={written}", f"data.cache_dir={written}"])
+    assert (cfg.train.compile_cache, cfg.data.cache_dir) == (meant, meant)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"train:\n  compile_cache: {written or 'null'}\ndata:\n  cache_dir: {written or 'null'}\n")
+    cfg = load_config(str(recipe))
+    assert (cfg.train.compile_cache, cfg.data.cache_dir) == (meant, meant)
+    with pytest.raises(ConfigError, match="train.compile_cache=true is not valid: expected a folder"):
+        load_config(None, ["train.compile_cache=yes"])
+
+
 def test_overrides_are_typed_and_win_over_the_file():
     cfg = load_config(str(REPO / "configs" / "smoke.yaml"), ["train.epochs=7", "optim.lr=3e-4", "data.mean=[0.4]"])
     assert cfg.train.epochs == 7 and cfg.optim.lr == pytest.approx(3e-4) and cfg.data.mean == [0.4]
