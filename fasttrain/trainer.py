@@ -235,7 +235,7 @@ class Trainer:
         checkpoint.every_epochs epochs and at the last; in the background unless the run ends here)."""
         state, cfg = self.state, self.cfg
         if stats.first_step_seconds:
-            self.logger.info(_compile_line(stats, epoch, self.ctx.device))
+            self.logger.info(_compile_line(stats, epoch, self.ctx.device, cfg.train.compile_cache != "off"))
         evaluation, val_seconds = None, None
         if epoch % cfg.train.eval_every == 0 or last:
             evaluation, val_seconds = self.validate()
@@ -332,15 +332,15 @@ class Trainer:
         return images_per_sec * self.parts.flops_per_image / (self.parts.peak_flops * self.ctx.world_size)
 
 
-def _compile_line(stats: EpochStats, epoch: int, device: torch.device) -> str:
+def _compile_line(stats: EpochStats, epoch: int, device: torch.device, cached: bool) -> str:
     what = (f"the first {stats.first_steps} training steps (compilation, warm-up"
             + (" and CUDA graph capture)" if device.type == "cuda" else ")")
             if stats.first_steps > 1 else "the first training step (compilation included)")
     counts = cache_counts()
-    loaded, compiled = counts["fx_graph_hits"], counts["fx_graph_misses"]
+    cache = (f"compile cache: {counts['fx_graph_hits']} graph(s) loaded, {counts['fx_graph_misses']} compiled" if cached
+             else "compile cache off: every graph compiled")
     return (f"compile: {what} took {stats.first_step_seconds:.1f}s; epoch {epoch} images/s leave "
-            f"{'them' if stats.first_steps > 1 else 'it'} out; compile cache: {loaded} graph(s) loaded, "
-            f"{compiled} compiled")
+            f"{'them' if stats.first_steps > 1 else 'it'} out; {cache}")
 
 
 def compiled_graph_count() -> int:
