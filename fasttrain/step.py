@@ -26,16 +26,16 @@ step runs as it is (there are no CUDA graphs to replay).
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
-from typing import Callable, Iterator, List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 import torch.distributed as torch_dist
 import torch.nn.functional as F
 from torch import nn
 
+from fasttrain import cuda_graphs
 from fasttrain.precision import Precision, found_inf
 
 # the running sums' layout (float64, on the device): loss summed over samples of finite losses,
@@ -245,7 +245,7 @@ def _quiet_profiler_notice(record: logging.LogRecord) -> bool:
     return not str(record.msg).startswith("Profiler record function")
 
 
-class CapturedStep:
+class CapturedStep(cuda_graphs.GraphCapture):
     """The whole step compiled, and on CUDA replayed as one CUDA graph (train.capture=true)."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, precision: Precision,
@@ -345,24 +345,6 @@ class CapturedStep:
             self.replay = self._record(lambda: self._body(self.static_images, self.static_labels))
             self.replay()  # the capture recorded this batch's step without running it
         self.steps_run += 1
-
-    @contextlib.contextmanager
-    def _side_stream(self) -> Iterator[None]:
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            yield
-        torch.cuda.current_stream(self.device).wait_stream(side)
-
-    def _record(self, body: Callable[[], None]) -> Callable[[], None]:
-        """Capture `body` as a CUDA graph (recorded, not run); returns what replays it."""
-        self.graph = torch.cuda.CUDAGraph()
-        # thread_local: CUDA calls of other threads (a DataLoader's pin-memory thread, DALI's workers) must
-        # not invalidate the capture; work on the captured stream is recorded whichever thread issues it
-        # (the autograd engine's backward included)
-        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-            body()
-        return self.graph.replay
 
     # ------------------------------------------------------------------ the contract's reads
 

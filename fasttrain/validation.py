@@ -13,16 +13,15 @@ so the recorded graph reads them where they are.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, List, Optional, Tuple
+from typing import Callable, Iterable, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fasttrain import dist
+from fasttrain import cuda_graphs, dist
 from fasttrain.precision import Precision
 
 IGNORED = -1  # the label of a padding image: no loss, never a correct prediction
@@ -68,7 +67,7 @@ def _format_of(images: torch.Tensor) -> torch.memory_format:
         and not images.is_contiguous() else torch.contiguous_format
 
 
-class Evaluator:
+class Evaluator(cuda_graphs.GraphCapture):
     """`evaluator(loader)` -> EvalStats over every rank's share of the split (each image counted once).
 
     `model`: what evaluation runs (the trained module or an EMA's copy; never DDP-wrapped: ranks may run
@@ -140,22 +139,6 @@ class Evaluator:
             self.sums.copy_(saved)  # recording does not run the body; the replay below does, once
             self.replay()
         self.batches_run += 1
-
-    @contextlib.contextmanager
-    def _side_stream(self) -> Iterator[None]:
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            yield
-        torch.cuda.current_stream(self.device).wait_stream(side)
-
-    def _record(self, body: Callable[[], None]) -> Callable[[], None]:
-        """Capture `body` as a CUDA graph (recorded, not run); returns what replays it."""
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            body()
-        self.graph = graph
-        return graph.replay
 
 
 def _padded(images: torch.Tensor, labels: torch.Tensor, size: int) -> Tuple[torch.Tensor, torch.Tensor]:
