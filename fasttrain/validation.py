@@ -134,10 +134,8 @@ class Evaluator(cuda_graphs.GraphCapture):
         else:
             self.static_images = images.clone(memory_format=torch.preserve_format)
             self.static_labels = labels.clone()
-            saved = self.sums.clone()
             self.replay = self._record(lambda: self._body(self.static_images, self.static_labels))
-            self.sums.copy_(saved)  # recording does not run the body; the replay below does, once
-            self.replay()
+            self.replay()  # the capture recorded this batch's sums without running them
         self.batches_run += 1
 
 
