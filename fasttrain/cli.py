@@ -1,5 +1,5 @@
 """The `fasttrain` console script: `fasttrain train ...`, `fasttrain eval CHECKPOINT ...`,
-`fasttrain bench --preset ...`, `fasttrain plot RUN_DIR`."""
+`fasttrain bench --preset ...`, `fasttrain plot RUN_DIR`, `fasttrain convert-checkpoint FILE`."""
 
 from __future__ import annotations
 
@@ -69,6 +69,26 @@ def _plot(argv: Sequence[str]) -> int:
     return 0
 
 
+def _convert(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="fasttrain convert-checkpoint",
+        description="Make a checkpoint that only full pickle can read (an older fasttrain's) data only, with a "
+                    "content hash. This unpickles the file, which can run code: convert only files you trust.")
+    parser.add_argument("checkpoint", help="the .pt file to convert (kept as FILE.orig unless --out is given)")
+    parser.add_argument("--out", help="write the converted checkpoint here instead of in the file's place")
+    args = parser.parse_args(argv)
+    try:
+        from fasttrain.checkpoint.convert import convert_checkpoint
+
+        written = convert_checkpoint(args.checkpoint, args.out)
+    except UserError as err:
+        report(err)
+        return EXIT_USER_ERROR
+    kept = "" if args.out else f" (the original is kept as {args.checkpoint}.orig)"
+    print(f"wrote {written}: data only, with a content hash{kept}")
+    return 0
+
+
 def _bench_roots() -> list:
     """Where a source checkout's benchmarks/ may be: beside the fasttrain package (a clone, installed
     editable or run from its folder), then the current folder (a clone beside a wheel install)."""
@@ -100,13 +120,15 @@ def _bench(argv: Sequence[str]) -> int:
 
 COMMANDS = {"train": "train a model (same as python -m fasttrain.run)", "eval": "evaluate a checkpoint",
             "bench": "the benchmark suite against the tutorial's loop (same as python -m benchmarks)",
-            "plot": "plot a run folder's loss, accuracy, learning rate and throughput"}
+            "plot": "plot a run folder's loss, accuracy, learning rate and throughput",
+            "convert-checkpoint": "make an older checkpoint data only (for a file you trust)"}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        usage = "usage: fasttrain {train,eval,bench,plot} ...\n\n" + "\n".join(f"  {k:<6} {v}" for k, v in COMMANDS.items())
+        usage = (f"usage: fasttrain {{{','.join(COMMANDS)}}} ...\n\n"
+                 + "\n".join(f"  {k:<18} {v}" for k, v in COMMANDS.items()))
         if argv and argv[0] not in ("-h", "--help"):
             print(f"fasttrain: error: unknown command '{argv[0]}'\n{usage}", file=sys.stderr)
             return EXIT_USER_ERROR
@@ -118,6 +140,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _plot(argv[1:])
     if argv[0] == "bench":
         return _bench(argv[1:])
+    if argv[0] == "convert-checkpoint":
+        return _convert(argv[1:])
     return _eval(argv[1:])
 
 

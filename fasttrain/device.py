@@ -33,8 +33,14 @@ def seed_everything(seed: int) -> None:
 
 def rng_state(device: torch.device) -> dict:
     """Every RNG state that affects this process's training (dropout draws from torch's; Python's and
-    NumPy's are saved too, for user code and transforms that use them)."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    NumPy's are saved too, for user code and transforms that use them). Data only: tensors, numbers,
+    strings and tuples, so that a checkpoint holding it loads with torch.load(weights_only=True)."""
+    numpy_state = np.random.get_state(legacy=False)
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": {"bit_generator": str(numpy_state["bit_generator"]),
+                       "key": torch.from_numpy(numpy_state["state"]["key"].astype(np.int64)),
+                       "pos": int(numpy_state["state"]["pos"]), "has_gauss": int(numpy_state["has_gauss"]),
+                       "gauss": float(numpy_state["gauss"])}}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
     return state
@@ -42,7 +48,10 @@ def rng_state(device: torch.device) -> dict:
 
 def set_rng_state(state: dict, device: torch.device) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    saved = state["numpy"]
+    np.random.set_state({"bit_generator": saved["bit_generator"],
+                         "state": {"key": saved["key"].numpy().astype(np.uint32), "pos": saved["pos"]},
+                         "has_gauss": saved["has_gauss"], "gauss": saved["gauss"]})
     torch.set_rng_state(state["torch"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)

@@ -4,6 +4,10 @@ Runs on one process or under torchrun (every test image is counted once across r
 a run that kept an EMA of its weights is evaluated with the averaged weights, as its validation was
 (`train.ema_decay=0` evaluates the trained ones); `train.tta` applies as in training, and can be set
 here (`train.tta=flip`).
+
+A checkpoint is data: the model it names is built only when that is no import of code. A registered
+name or torchvision:<name> is built as saved; a `package.module:callable` (your own model) must be
+named again on the command line (`model.name=...`), so that a file never chooses code to run.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from fasttrain import config as config_mod
 from fasttrain import dist
 from fasttrain.build import model_on_device
 from fasttrain.checkpoint import load_checkpoint, load_model_state
+from fasttrain.config import TORCHVISION_PREFIX
+from fasttrain.own_models import SCRIPT_MODULE
 from fasttrain.data import build_eval_loader
 from fasttrain.errors import UserError
 from fasttrain.precision import build_precision
@@ -33,6 +39,7 @@ def evaluate_checkpoint(path: str, overrides: Sequence[str] = ()) -> CheckpointE
     """The checkpoint's accuracy and loss on the test split. Overrides such as data.root=... or
     train.device=cpu apply on top of the checkpoint's own config."""
     ckpt = load_checkpoint(path)
+    _refuse_imports_named_by_the_file(path, ckpt["config"], overrides)
     try:
         cfg = config_mod.from_dict(ckpt["config"], overrides)
     except UserError as err:
@@ -50,3 +57,14 @@ def evaluate_checkpoint(path: str, overrides: Sequence[str] = ()) -> CheckpointE
         return CheckpointEvaluation(validate(model, loader, precision, cfg.train.tta), ckpt, which, str(cfg.train.tta))
     finally:
         dist.teardown()
+
+
+def _refuse_imports_named_by_the_file(path: str, saved: dict, overrides: Sequence[str]) -> None:
+    name = str(saved.get("model", {}).get("name", ""))
+    if ":" not in name or name.startswith((TORCHVISION_PREFIX, f"{SCRIPT_MODULE}:")):
+        return  # a registered model, torchvision's, or a script's class (refused with its own line): no import
+    if any(override.split("=", 1)[0].strip() == "model.name" for override in overrides):
+        return  # the user chose the model to build, on the command line
+    raise UserError(f"checkpoint {path} names its model by import (model.name={name!r}) and fasttrain imports no "
+                    f"code that a file names: if you trust that module, name it yourself: fasttrain eval {path} "
+                    f"model.name={name}")

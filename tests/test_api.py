@@ -198,7 +198,7 @@ def test_eval_rebuilds_an_importable_model_and_names_one_it_cannot(tmp_path, mon
     importable = fasttrain.fit(model=usernets.Net(10), overrides=TINY + ["train.epochs=1",
                                                                        f"output.dir={tmp_path / 'importable'}"])
     assert importable.config.model.name == "usernets:Net"
-    assert cli.main(["eval", str(importable.best_checkpoint), "--json"]) == 0
+    assert cli.main(["eval", str(importable.best_checkpoint), "model.name=usernets:Net", "--json"]) == 0
     evaluated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert evaluated["val_acc"] == evaluated["recorded_val_acc"] == importable.best_val_acc
 

@@ -19,6 +19,7 @@ import torch
 
 from conftest import REPO, run_fasttrain
 from fasttrain import cli, run
+from fasttrain.checkpoint import save_checkpoint
 from fasttrain.config import SEED_MAX
 
 # a tiny run on synthetic data: a checkpoint of ~0.6 MB, a second or two on a CPU
@@ -223,7 +224,7 @@ def _hand_made(earlier: Path, folder: Path, key: str, value, name: str = "bad.pt
     state = torch.load(earlier / "checkpoints" / "last.pt", weights_only=False)
     state[key] = value
     path = folder / name
-    torch.save(state, path)
+    save_checkpoint(state, path)  # crafted with a matching content hash: the checks below must catch it
     return path
 
 

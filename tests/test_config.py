@@ -124,7 +124,7 @@ def test_help_lists_every_config_key_with_its_default():
 def test_console_script_lists_its_subcommands():
     result = run_fasttrain("--help", module="fasttrain.cli")
     assert result.returncode == 0
-    for command in ("train", "eval", "bench", "plot"):
+    for command in ("train", "eval", "bench", "plot", "convert-checkpoint"):
         assert f"  {command} " in result.stdout
     bench = run_fasttrain("bench", "--help", module="fasttrain.cli")
     assert bench.returncode == 0 and "--preset" in bench.stdout

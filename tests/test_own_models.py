@@ -84,8 +84,8 @@ def fasttrain(*args: str, module: str = "fasttrain.run", pythonpath: Path | None
                           timeout=300)
 
 
-def eval_json(checkpoint: Path, pythonpath: Path | None = None) -> dict:
-    result = fasttrain("eval", str(checkpoint), "--json", module="fasttrain.cli", pythonpath=pythonpath)
+def eval_json(checkpoint: Path, *overrides: str, pythonpath: Path | None = None) -> dict:
+    result = fasttrain("eval", str(checkpoint), "--json", *overrides, module="fasttrain.cli", pythonpath=pythonpath)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -122,7 +122,10 @@ def test_your_own_model_trains_with_its_kwargs_and_evaluates_from_its_checkpoint
     checkpoint = torch.load(run_dir / "checkpoints" / "best.pt", weights_only=False)
     assert checkpoint["config"]["model"]["kwargs"] == {"width": 24}  # what eval and resume rebuild the model from
 
-    out = eval_json(run_dir / "checkpoints" / "best.pt", pythonpath=my_nets)
+    # the checkpoint names its model by import: eval builds it only when the user names it too
+    refused = fasttrain("eval", str(run_dir / "checkpoints" / "best.pt"), module="fasttrain.cli", pythonpath=my_nets)
+    assert refused.returncode == 2 and "fasttrain imports no code that a file names" in refused.stderr
+    out = eval_json(run_dir / "checkpoints" / "best.pt", "model.name=my_nets:WideNet", pythonpath=my_nets)
     assert out["total"] == 32 and out["val_acc"] == out["recorded_val_acc"]
 
 

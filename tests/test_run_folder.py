@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from conftest import read_jsonl, run_fasttrain, start
+from fasttrain.checkpoint import save_checkpoint
 
 RUN = ["--config", "configs/smoke.yaml", "data.train_size=512", "data.val_size=64", "model.name=MLP",
        "model.hidden_sizes=[32]", "train.batch_size=32"]
@@ -94,7 +95,7 @@ def test_best_pt_left_behind_by_a_stop_between_the_two_writes_is_put_back_on_res
     if damage == "stale":
         ckpt = torch.load(best, weights_only=False)
         ckpt["epoch"], ckpt["model"] = 1, {k: torch.zeros_like(v) for k, v in ckpt["model"].items()}
-        torch.save(ckpt, best)
+        save_checkpoint(ckpt, best)
     else:
         best.unlink()
     result = run_fasttrain(*RUN, "train.epochs=2", "resume=auto", f"output.dir={out}")

@@ -7,12 +7,20 @@ checkpoint intact and never a partial one. The folder holds `last.pt` (end of th
 `best.pt` (best validation accuracy) and `step-NNNNNNNN.pt` (mid-epoch: every
 checkpoint.every_steps steps, on preemption and on train.stop_after_steps; the newest
 checkpoint.keep are kept). Temporary files start with '.' and are never candidates.
+
+A checkpoint is data, never code: it is loaded with torch.load(weights_only=True) (tensors, numbers,
+strings, lists, dicts; no pickled objects), and its content hash (`digest.py`) is checked before
+anything in it is used. A file that needs more (written by an older fasttrain, or by anything
+else) is refused with the command that converts it once, for a file the user trusts
+(`fasttrain convert-checkpoint`). Files get the mode the umask allows (group-readable on a shared
+cluster where the umask says so), not mkstemp's owner-only 0600.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import pickle
 import re
 import tempfile
 from io import BytesIO
@@ -22,12 +30,29 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+from fasttrain.checkpoint.digest import DIGEST_KEY, content_digest
 from fasttrain.config import Config, from_dict
 from fasttrain.errors import UserError
 
 REQUIRED_KEYS = ("model", "optimizer", "scheduler", "epoch", "config")
 CONFIG_SECTIONS = tuple(f.name for f in dataclasses.fields(Config) if dataclasses.is_dataclass(f.default_factory))
 STEP_FILE = re.compile(r"^step-(\d+)\.pt$")
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it (os.umask sets it: racy with the writer thread)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # no /proc (macOS): at import, before any writer thread exists
+    os.umask(mask)
+    return mask
+
+
+FILE_MODE = 0o666 & ~_umask()  # what open() would give a new file: mkstemp's 0600 hides best.pt from a team
 
 
 def step_checkpoint_name(global_step: int) -> str:
@@ -39,10 +64,10 @@ def save_checkpoint(state: Dict[str, Any], path: Path) -> None:
 
 
 def serialize(state: Dict[str, Any]) -> BytesIO:
-    """The checkpoint's bytes, in memory: torch's file writer hides the OSError of a full disk, and one
-    serialization serves several files (last.pt and best.pt)."""
+    """The checkpoint's bytes, in memory, with its content hash: torch's file writer hides the OSError
+    of a full disk, and one serialization serves several files (last.pt and best.pt)."""
     buffer = BytesIO()
-    torch.save(state, buffer)
+    torch.save({**state, DIGEST_KEY: content_digest(state)}, buffer)
     return buffer
 
 
@@ -54,6 +79,7 @@ def write_serialized(buffer: BytesIO, paths: List[Path]) -> None:
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         try:
             with os.fdopen(fd, "wb") as f:
+                os.fchmod(f.fileno(), FILE_MODE)
                 f.write(buffer.getbuffer())
                 f.flush()
                 os.fsync(f.fileno())
@@ -85,10 +111,29 @@ def load_checkpoint(path: str | Path) -> Dict[str, Any]:
         raise UserError(f"checkpoint {file} not found: give the path of a .pt file written by fasttrain "
                         f"(e.g. runs/<run>/checkpoints/last.pt)")
     try:
-        state = torch.load(file, map_location="cpu", weights_only=False)
-    except Exception as err:  # truncated zip, bad pickle, not a torch file at all, ...
+        state = torch.load(file, map_location="cpu", weights_only=True)  # data only: no pickled code runs
+    except pickle.UnpicklingError as err:
+        if "weights only load failed" not in str(err).lower():
+            raise UserError(f"checkpoint {file} is truncated or corrupt (UnpicklingError): use another "
+                            f"checkpoint (last.pt / best.pt) or retrain") from None
+        raise UserError(f"checkpoint {file} holds Python objects, not only data (written by an older fasttrain, "
+                        f"or not by fasttrain), and is not loaded: if you trust where it came from, convert it once "
+                        f"with: fasttrain convert-checkpoint {file}") from None
+    except Exception as err:  # truncated zip, not a torch file at all, ...
         raise UserError(f"checkpoint {file} is truncated or corrupt ({type(err).__name__}): use another "
                         f"checkpoint (last.pt / best.pt) or retrain") from None
+    if isinstance(state, dict) and REQUIRED_KEYS[0] in state and DIGEST_KEY not in state:
+        raise UserError(f"checkpoint {file} has no content hash (written by an older fasttrain): if you trust it, "
+                        f"add one with: fasttrain convert-checkpoint {file}")
+    if isinstance(state, dict) and DIGEST_KEY in state:
+        try:
+            intact = state[DIGEST_KEY] == content_digest(state)
+        except TypeError:
+            intact = False
+        if not intact:
+            raise UserError(f"checkpoint {file} does not match its content hash: it was changed after fasttrain "
+                            f"wrote it (a flipped bit, a copy gone wrong, an edit): use another checkpoint "
+                            f"(last.pt / best.pt / step-*.pt) or retrain")
     missing = [k for k in REQUIRED_KEYS if not isinstance(state, dict) or k not in state]
     if missing:
         raise UserError(f"checkpoint {file} is not a fasttrain checkpoint (missing {', '.join(missing)})")
@@ -131,7 +176,9 @@ def _is_rank_state(value: Any) -> bool:
     if not isinstance(value, dict) or not {"rng", "buffers", "epoch_totals"} <= value.keys():
         return False
     rng = value["rng"]
-    return (isinstance(rng, dict) and isinstance(rng.get("python"), tuple) and isinstance(rng.get("numpy"), tuple)
+    numpy_rng = rng.get("numpy") if isinstance(rng, dict) else None
+    return (isinstance(rng, dict) and isinstance(rng.get("python"), tuple) and isinstance(numpy_rng, dict)
+            and isinstance(numpy_rng.get("key"), torch.Tensor) and _is_int(numpy_rng.get("pos"), 0)
             and isinstance(rng.get("torch"), torch.Tensor) and _is_tensor_dict(value["buffers"])
             and (value["epoch_totals"] is None or isinstance(value["epoch_totals"], torch.Tensor)))
 
@@ -171,6 +218,10 @@ def checkpoint_problem(state: Dict[str, Any]) -> Optional[str]:
     for key, (ok, expected) in _CHECKS.items():
         if key in state and not ok(state[key]):
             return f"{key} is {_shown(state[key])}, expected {expected}"
+    broken = next((name for name, tensor in state["model"].items()
+                   if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())), None)
+    if broken:
+        return f"its weight {broken} holds nan/inf (saved from a diverged run)"
     try:
         from_dict(state["config"])  # the saved config itself: known keys, accepted values
     except UserError as err:

@@ -102,7 +102,7 @@ def capture(cfg: Config, world_size: int, parts: Resumable, state: RunState, tot
             "global_step": state.global_step, "step_in_epoch": state.step_in_epoch, "best_val_acc": state.best_val_acc,
             "best_epoch": state.best_epoch, "world_size": world_size, "batch_size": cfg.train.batch_size,
             "config": config_mod.to_dict(cfg), "history": state.history, "ranks": ranks,
-            "versions": {"fasttrain": fasttrain.__version__, "torch": torch.__version__},
+            "versions": {"fasttrain": fasttrain.__version__, "torch": str(torch.__version__)},
             **(parts.averages.state_dict() if parts.averages else {}), **extra}
 
 
