@@ -4,7 +4,9 @@
 exclusive lock on `.fasttrain.lock` in it: a second run into the same folder stops at once with
 one line naming the run that holds it (its pid, host and start time). The lock is the kernel's
 (flock), so a run that is killed, even with SIGKILL, releases it. Then the checks that need no
-data: a folder that is a file, a fresh run (resume=none) into a folder with checkpoints.
+data: a folder that is a file, a fresh run (resume=none) into a folder with checkpoints, and a
+resume=PATH into a folder whose checkpoints are not continued by it (another run's, or a point
+before the folder's newest): without output.overwrite=true a run never replaces a run's files.
 
 Nothing in the folder is written until `commit`, which the trainer calls once the run is
 accepted: data loaded, model built, and the checkpoint it continues from put back. A run
@@ -26,6 +28,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from fasttrain.checkpoint import remove_stale_temporaries
+from fasttrain.checkpoint.io import find_resume_checkpoint
 from fasttrain.errors import UserError
 from fasttrain.preemption import MARKER
 
@@ -68,10 +71,26 @@ class RunFolder:
             if resume == "none" and ckpts.is_dir() and any(ckpts.glob("*.pt")) and not overwrite:
                 raise UserError(f"output.dir {path} already holds checkpoints of an earlier run: continue it with "
                                 f"resume=auto, choose another output.dir, or set output.overwrite=true to start over")
+            if resume not in ("none", "auto") and ckpts.is_dir() and any(ckpts.glob("*.pt")) and not overwrite:
+                folder._refuse_a_resume_that_replaces(resume)
         except BaseException:
             folder.abandon()
             raise
         return folder
+
+    def _refuse_a_resume_that_replaces(self, resume: str) -> None:
+        """resume=PATH into a folder holding checkpoints continues that folder only from its newest
+        checkpoint (what resume=auto picks): anything else would replace a run's last.pt, best.pt and
+        metrics with another's."""
+        try:
+            newest = find_resume_checkpoint(self.checkpoints, warn=lambda _: None)
+        except UserError:
+            newest = None  # only broken files: still a run's folder, not this resume's to replace
+        if newest is not None and _same_file(newest[0], Path(resume)):
+            return
+        raise UserError(f"output.dir {self.path} already holds checkpoints of a run, and resume={resume} does not "
+                        f"continue from its newest one: it would replace that run's files; choose an empty "
+                        f"output.dir, continue that run with resume=auto, or set output.overwrite=true to replace it")
 
     def _lock(self) -> None:
         lock = self.path / LOCK
@@ -117,7 +136,8 @@ class RunFolder:
         ckpts = self.checkpoints
         try:
             ckpts.mkdir(exist_ok=True)
-            if resume == "none":
+            replaced = overwrite and resume not in ("none", "auto") and not _inside(Path(resume), ckpts)
+            if resume == "none" or replaced:
                 for name in HISTORY_FILES:
                     (self.path / name).unlink(missing_ok=True)  # overwrite=true: start the history afresh
                 if overwrite:
@@ -167,6 +187,20 @@ class RunFolder:
                 self.path.rmdir()  # only when empty: never takes anything else with it
             except OSError:
                 pass
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve() or os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    try:
+        return path.resolve().parent == folder.resolve()
+    except OSError:
+        return False
 
 
 def _read_holder(fd: int) -> str:

@@ -205,6 +205,7 @@ class Trainer:
                          time_first_steps=(WARMUP_STEPS + 1 if cfg.train.capture else int(cfg.train.compile != "off"))
                          if first else 0)
         parts.train_loader.set_epoch(epoch - 1, state.start_sample)
+        state.epoch_origin = (plan.start_step, state.start_sample)  # a checkpoint counts its exact sample from here
         state.step_in_epoch, state.carried, state.start_sample = 0, None, 0
         if self.ctx.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.ctx.device)

@@ -196,6 +196,7 @@ _CHECKS: Dict[str, Tuple[Callable[[Any], bool], str]] = {
                "a dict of config sections (data, model, optim, train, ...)"),
     "global_step": (lambda v: _is_int(v, 0), "an integer >= 0"),
     "step_in_epoch": (lambda v: _is_int(v, 0), "an integer >= 0"),
+    "sample_in_epoch": (lambda v: _is_int(v, 0), "an integer >= 0"),
     "best_epoch": (lambda v: _is_int(v, 0), "an integer >= 0"),
     "best_val_acc": (_is_number, "a number"),
     "val_acc": (_is_number, "a number"),

@@ -5,7 +5,8 @@ own state: its RNG states (dropout draws from them), its buffers (BatchNorm stat
 per rank until they are averaged at the epoch's end) and its running loss sums of the epoch in
 progress; and the position: completed epochs, optimizer steps, and steps done in the current
 epoch. Loaders are pure functions of (seed, epoch), so the position is all they need: the
-resumed epoch starts `step_in_epoch x batch x world size` samples into the epoch's order.
+resumed epoch starts `sample_in_epoch` samples into the epoch's order (the exact sample: after a
+resume with another world size, an epoch's steps no longer start at a multiple of the batch).
 Same world size: training N steps straight or k steps, stopping and resuming, gives the same
 weights bit for bit (on CPU). Another world size: allowed, with a warning that the data order
 (and the per-rank random streams) change from there on.
@@ -14,11 +15,10 @@ weights bit for bit (on CPU). Another world size: allowed, with a warning that t
 from __future__ import annotations
 
 import logging
-import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as torch_dist
@@ -51,6 +51,8 @@ class RunState:
     step_in_epoch: int = 0  # steps done in epoch `epoch + 1` (0 at an epoch's end)
     carried: Optional[torch.Tensor] = None  # this rank's running sums of that epoch before the stop
     start_sample: int = 0  # where epoch `epoch + 1` resumes in its sample order
+    # (step_in_epoch, sample) where this process began the epoch in progress: (0, 0), or a resumed position
+    epoch_origin: Tuple[int, int] = (0, 0)
     stopped_by: Optional[str] = None  # when fit stopped early: a signal's name, or "stop_after_steps"
     finished_by: Optional[str] = None  # when fit finished before its last epoch: "target_acc" (a complete run)
     last_checkpoint: Optional[Path] = None  # the checkpoint fit wrote last
@@ -99,11 +101,22 @@ def capture(cfg: Config, world_size: int, parts: Resumable, state: RunState, tot
         return None
     return {"model": model.state_dict(), "optimizer": parts.optimizer.state_dict(),
             "scheduler": parts.schedule.state_dict(), "scaler": parts.scaler.state_dict(), "epoch": state.epoch,
-            "global_step": state.global_step, "step_in_epoch": state.step_in_epoch, "best_val_acc": state.best_val_acc,
+            "global_step": state.global_step, "step_in_epoch": state.step_in_epoch,
+            "sample_in_epoch": sample_in_epoch(state, cfg.train.batch_size * world_size),
+            "best_val_acc": state.best_val_acc,
             "best_epoch": state.best_epoch, "world_size": world_size, "batch_size": cfg.train.batch_size,
             "config": config_mod.to_dict(cfg), "history": state.history, "ranks": ranks,
             "versions": {"fasttrain": fasttrain.__version__, "torch": str(torch.__version__)},
             **(parts.averages.state_dict() if parts.averages else {}), **extra}
+
+
+def sample_in_epoch(state: RunState, global_batch: int) -> int:
+    """The exact sample of its epoch's order that a run stopped at: the steps since this process began
+    the epoch, counted from where it began (a resumed position need not be a multiple of the batch)."""
+    if not state.step_in_epoch:
+        return 0
+    origin_step, origin_sample = state.epoch_origin
+    return origin_sample + (state.step_in_epoch - origin_step) * global_batch
 
 
 def _flatten(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
@@ -160,7 +173,12 @@ def restore(ckpt: Dict[str, Any], source: Path, cfg: Config, rank: int, world_si
                      history=list(ckpt.get("history", [])), step_in_epoch=int(ckpt.get("step_in_epoch", 0)))
     saved_world = int(ckpt.get("world_size", world_size))
     saved_batch = int(ckpt.get("batch_size", saved_cfg.get("train", {}).get("batch_size", cfg.train.batch_size)))
-    state.start_sample = state.step_in_epoch * saved_batch * saved_world
+    state.start_sample = int(ckpt.get("sample_in_epoch", state.step_in_epoch * saved_batch * saved_world))
+    epoch_samples = steps_per_epoch * cfg.train.batch_size * world_size  # at least the epoch's sample count
+    if state.start_sample >= epoch_samples or (state.step_in_epoch == 0) != (state.start_sample == 0):
+        raise UserError(f"checkpoint {source} stands at sample {state.start_sample:,} (step {state.step_in_epoch}) of "
+                        f"epoch {state.epoch + 1}, which does not fit this run's epoch of {steps_per_epoch} steps: "
+                        f"resume with the dataset it was trained on, or use another checkpoint")
     ranks = ckpt.get("ranks")
     if saved_world == world_size and ranks and len(ranks) == world_size:
         mine = ranks[rank]
@@ -181,6 +199,7 @@ def restore(ckpt: Dict[str, Any], source: Path, cfg: Config, rank: int, world_si
                     f"continues from sample {state.start_sample} resharded over {world_size} rank(s), random "
                     f"streams restart, and the result will not match an uninterrupted run bit for bit")
         torch.manual_seed(cfg.train.seed + rank + 1_000_003 * state.global_step)
+    if saved_batch * saved_world != cfg.train.batch_size * world_size:
         state.step_in_epoch = state.start_sample // (cfg.train.batch_size * world_size)  # in this run's steps
     _rescale_per_batch_schedule(schedule, optimizer, state, steps_per_epoch, cfg.train.epochs)
     return state
@@ -196,11 +215,12 @@ def _rescale_per_batch_schedule(schedule: Schedule, optimizer: torch.optim.Optim
     if not schedule.per_batch or scheduler is None or not hasattr(scheduler, "total_steps"):
         return
     total = epochs * steps_per_epoch
-    if total == scheduler.total_steps:
-        return
-    done = state.epoch + state.step_in_epoch / max(steps_per_epoch, 1)
+    # where training stands, in this run's steps (exact integers: the same run resumes bit for bit)
+    position = min(total - 1, state.epoch * steps_per_epoch + state.step_in_epoch)
+    if total == scheduler.total_steps and position == scheduler.last_epoch:
+        return  # nothing changed (equal totals alone are not enough: another steps-per-epoch can give them)
     scheduler.total_steps = total
-    scheduler.last_epoch = min(total - 1, math.floor(done * steps_per_epoch))
+    scheduler.last_epoch = position
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # get_lr() outside step() warns; this is the closed form we want
         for group, lr in zip(optimizer.param_groups, scheduler.get_lr()):
