@@ -4,6 +4,8 @@ io.py       the files: atomic write, key-by-key validation, load, step-file name
 state.py    what a checkpoint captures (RunState, each rank's RNG/buffers/sums) and restores; config diff
 manager.py  the ranks' choreography: choose on rank 0, restore on every rank, save, prune, trim the records
 writer.py   writes off the critical path: a copy to host memory, then a background thread (one write at a time)
+digest.py   the content hash every checkpoint carries and every load checks
+convert.py  `fasttrain convert-checkpoint`: an older, pickled checkpoint made data only (for a file the user trusts)
 """
 
 from fasttrain.checkpoint.io import (load_checkpoint, load_model_state, remove_stale_temporaries, restore_best,
