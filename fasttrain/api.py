@@ -46,7 +46,7 @@ from fasttrain.errors import ConfigError, UserError
 from fasttrain.observe import LOGGER_NAME
 
 ConfigSource = Union[None, str, "os.PathLike[str]", Config]
-Overrides = Union[Sequence[str], Mapping[str, Any]]
+Overrides = Union[Sequence[str], Mapping[str, Any], None]  # None: no overrides
 
 
 @dataclass(frozen=True)
@@ -125,7 +125,7 @@ def fit(config: ConfigSource = None, model: Optional[nn.Module] = None, override
     trained in place) instead of the config's model.name when given; see `Trainer.fit`.
 
     config: a YAML recipe's path, a `fasttrain.config.Config`, or None (the built-in defaults).
-    overrides: `["train.epochs=3", ...]` or `{"train.epochs": 3, ...}`, applied on top of it."""
+    overrides: `["train.epochs=3", ...]` or `{"train.epochs": 3, ...}`, applied on top of it (None: none)."""
     return Trainer(config, overrides).fit(model)
 
 
@@ -150,6 +150,8 @@ def config_from(config: ConfigSource, overrides: Overrides = ()) -> Config:
 
 def _override_items(overrides: Overrides) -> List[str]:
     """`key.sub=value` strings; a mapping's values written as YAML reads them back (true, [1, 2], 0.001)."""
+    if overrides is None:  # the usual Python spelling of "none given" (overrides=None)
+        return []
     if isinstance(overrides, str):
         raise ConfigError(f"config error: overrides must be a list of key.sub=value strings (or a dict), not one "
                           f"string: write overrides=[{overrides!r}]")

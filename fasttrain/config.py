@@ -12,8 +12,10 @@ import dataclasses
 import datetime
 import enum
 import io
+import math
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple
@@ -65,6 +67,27 @@ SEED_MAX = 2**31 - 1
 # the optimizers whose hyperparameters a captured step can read from the device (fasttrain.step)
 CAPTURABLE_OPTIMIZERS = ("sgd", "adam", "adamw")
 
+# Upper bounds: each the most a real run could use, so that a typo (an extra zero, 1e12, inf) fails here
+# in one line, before the run folder exists, instead of forking for minutes or filling memory later.
+EPOCHS_MAX = 100_000  # ImageNet recipes run 90 to 600 epochs; CIFAR-10 ones 10 to 200
+STEPS_MAX = 10**9  # optimizer steps, batches and step intervals: more than any run takes
+BATCH_MAX = 65_536  # images per process in one batch: the largest large-batch recipes use this many in all
+IMAGE_SIDE_MAX = 1024  # pixels a side: a folder split is held decoded in host memory (3 MiB an image here)
+HIDDEN_MAX = 65_536  # one hidden layer of 65536 after another is 4.3e9 weights (17 GB): the most that fits
+LR_MAX = 1000.0  # learning rates: LARS-style recipes peak near 30; runs that test divergence use 10
+WORKERS_PER_CPU = 4  # data.num_workers <= 4 x os.cpu_count(): more only adds fork and memory cost
+# every split is held in host memory as uint8 (at least 784 bytes an image, MNIST's), so 1e8 images is at
+# least 78 GB: more than a host gives one split
+SPLIT_MAX = 10**8
+# data.dataset=synthetic generates each split in host memory: three float32 copies of a 3x32x32 image at the
+# peak of fasttrain.data.synthetic.make_synthetic (36 KiB an image, measured); a split must fit this budget
+HOST_MEMORY_BUDGET = 16 * 2**30
+SYNTHETIC_PEAK_BYTES = 3 * 4 * 3 * 32 * 32
+SYNTHETIC_MAX = HOST_MEMORY_BUDGET // SYNTHETIC_PEAK_BYTES
+# the array datasets' own image side (fasttrain.data.load_split checks data.image_size against the arrays);
+# data.dataset=folder learns its side when it scans the images
+DATASET_SIDES = {"cifar10": 32, "mnist": 28, "synthetic": 32}
+
 
 @dataclass(frozen=True)
 class Range:
@@ -79,6 +102,8 @@ class Range:
     said: str = ""  # the whole "expected ..." where the bounds alone would say it less clearly
 
     def holds(self, value: float) -> bool:
+        if isinstance(value, float) and not math.isfinite(value):  # nan passes no comparison, inf an open bound
+            return False
         return ((self.low is None or value >= self.low) and (self.high is None or value <= self.high)
                 and (self.above is None or value > self.above) and (self.below is None or value < self.below))
 
@@ -172,15 +197,15 @@ class DataConfig(Section):
                                 "that applies; logged)")
     num_workers: int = _field(-1, "DataLoader worker processes (0 = load in the main process; -1 = auto: min(4, CPUs "
                                   "this process may use / processes on the node), logged); DALI CPU threads",
-                              low=-1, expected="an integer >= 0, or -1 (auto)")
+                              low=-1, expected="an integer >= 0, or -1 (auto)")  # its upper bound: check()
     pin_memory: Optional[bool] = _field(None, "pin host memory; null = on when training on CUDA")
     shuffle: bool = _field(True, "reshuffle the training set every epoch")
     drop_last: bool = _field(False, "drop the last incomplete training batch")
     persistent_workers: bool = _field(True, "keep DataLoader workers alive between epochs")
     train_size: int = _field(0, "use a seeded random subset of this many training images (0 = all; synthetic: 5000)",
-                             low=0, note="0 = all")
+                             low=0, note="0 = all")  # its upper bound: check()
     val_size: int = _field(0, "use a seeded random subset of this many test images (0 = all; synthetic: 1000)",
-                           low=0, note="0 = all")
+                           low=0, note="0 = all")  # its upper bound: check()
     subset_seed: int = _field(0, "seed of the subset choice (independent of train.seed; 0 to 2147483647)",
                               low=0, high=SEED_MAX)
     mean: List[float] = _field([0.5, 0.5, 0.5], "Normalize mean, one value or one per channel")
@@ -188,7 +213,7 @@ class DataConfig(Section):
     image_size: int = _field(0, "side of the square training images (folder: each image resized and cropped to it; "
                                 "0 = the dataset's own size: folder images must then all be square and of one size; "
                                 "cifar10 / mnist / synthetic accept only 0 or their own size)",
-                             low=0, high=4096, note="0 = the dataset's own size")
+                             low=0, high=IMAGE_SIDE_MAX, note="0 = the dataset's own size")
     skip_bad_images: bool = _field(False, "folder: leave out image files that cannot be opened (counted in the log) "
                                           "instead of stopping with their name")
     cache_dir: str = _field("", "cifar10 / mnist: keep the decoded arrays as .npy files here, so the next run reads "
@@ -196,15 +221,33 @@ class DataConfig(Section):
                                 "$XDG_CACHE_HOME/fasttrain/data or ~/.cache/fasttrain/data; off = no cache)")
 
     def check(self) -> None:
+        cpus = os.cpu_count() or 1
+        _require(self.num_workers <= WORKERS_PER_CPU * cpus, "data.num_workers", self.num_workers,
+                 f"an integer in [-1, {WORKERS_PER_CPU * cpus}] ({WORKERS_PER_CPU} x os.cpu_count() = "
+                 f"{WORKERS_PER_CPU} x {cpus} on this machine; -1 = auto): set data.num_workers=-1")
+        for key, size in (("train_size", self.train_size), ("val_size", self.val_size)):
+            if self.dataset == "synthetic":
+                _require(size <= SYNTHETIC_MAX, f"data.{key}", size,
+                         f"an integer in [0, {SYNTHETIC_MAX}] with data.dataset=synthetic (0 = the default; its "
+                         f"images are generated in host memory, {SYNTHETIC_PEAK_BYTES // 1024} KiB each at the peak: "
+                         f"{SYNTHETIC_MAX} fill the {HOST_MEMORY_BUDGET // 2**30} GiB budget of a split): set a "
+                         f"smaller data.{key}")
+            else:
+                _require(size <= SPLIT_MAX, f"data.{key}", size,
+                         f"an integer in [0, {SPLIT_MAX}] (0 = all; a split is held in host memory, at least 784 "
+                         f"bytes an image, and a larger subset than the dataset is all of it): set data.{key}=0")
+        # ToTensor scales pixels to [0, 1]; 255 leaves room for statistics written on the 0-255 scale
         _require(len(self.mean) in (1, 3), "data.mean", list(self.mean), "a list of 1 or 3 floats")
+        _require(all(abs(m) <= 255 for m in self.mean), "data.mean", list(self.mean), "floats in [-255, 255]")
         _require(len(self.std) in (1, 3), "data.std", list(self.std), "a list of 1 or 3 floats")
-        _require(all(s > 0 for s in self.std), "data.std", list(self.std), "positive values")
+        _require(all(0 < s <= 255 for s in self.std), "data.std", list(self.std), "floats in (0, 255]")
 
 
 @dataclass
 class AugConfig(Section):
     key: ClassVar[str] = "aug"
-    crop_padding: int = _field(4, "RandomCrop(size, padding=N) on training images; 0 = no crop", low=0)
+    crop_padding: int = _field(4, "RandomCrop(size, padding=N) on training images; 0 = no crop (at most "
+                                   "the image side)", low=0)  # its upper bound: Config.__post_init__
     hflip: bool = _field(True, "RandomHorizontalFlip on training images")
     rotation: float = _field(0.0, "RandomRotation(degrees); 0 = off", low=0, high=180, what="degrees")
     color_jitter: List[float] = _field([0.0, 0.0, 0.0, 0.0], "ColorJitter [brightness, contrast, saturation, hue]; "
@@ -212,8 +255,9 @@ class AugConfig(Section):
 
     def check(self) -> None:
         jitter = list(self.color_jitter)
-        _require(len(jitter) == 4 and all(v >= 0 for v in jitter), "aug.color_jitter", jitter,
-                 "4 values >= 0: [brightness, contrast, saturation, hue]")
+        # a factor of 10 already spans [0, 11] times the brightness, contrast or saturation
+        _require(len(jitter) == 4 and all(0 <= v <= 10 for v in jitter), "aug.color_jitter", jitter,
+                 "4 values in [0, 10]: [brightness, contrast, saturation, hue]")
         _require(jitter[3] <= 0.5, "aug.color_jitter", jitter, "hue (the 4th value) <= 0.5")
 
 
@@ -224,6 +268,17 @@ TORCHVISION_PREFIX = "torchvision:"
 _IDENTIFIER = r"[A-Za-z_]\w*"
 _TORCHVISION_NAME_RE = re.compile(rf"^torchvision:{_IDENTIFIER}$")
 _IMPORT_PATH_RE = re.compile(rf"^{_IDENTIFIER}(\.{_IDENTIFIER})*:{_IDENTIFIER}(\.{_IDENTIFIER})*$")
+
+
+def check_not_stdlib(reference: str) -> None:
+    """A package.module:callable model must come from your own code: the standard library (and builtins)
+    holds no model, and `os:system` or `builtins:eval` with model.kwargs would run a command or code.
+    Refused from the name alone, before anything is imported or called."""
+    top = reference.partition(":")[0].partition(".")[0]
+    if top in sys.stdlib_module_names:
+        raise ConfigError(f"config error: model.name={reference!r} is not valid: {top!r} is a Python standard-library "
+                          f"module, which holds no model; name a class (an nn.Module subclass) or function in a "
+                          f"module of your own")
 
 
 def model_names_accepted() -> str:
@@ -243,7 +298,7 @@ class ModelConfig(Section):
     # a mapping: _field's defaults are scalars or lists
     kwargs: Dict[str, Any] = field(default_factory=dict, metadata={
         "doc": "keyword arguments of a torchvision: or package.module:callable model (model.kwargs.width=64); "
-               "they win over the num_classes / in_channels / image_size fasttrain passes"})
+               "they win over the num_classes / in_channels / image_size fasttrain passes; the built-in models take none"})
 
     def check_name(self, key: str, value: str, registry: Registry) -> None:
         if value in registry.names() or ":" not in value:  # a plain name keeps the message listing the registry
@@ -251,25 +306,36 @@ class ModelConfig(Section):
             return
         pattern = _TORCHVISION_NAME_RE if value.startswith(TORCHVISION_PREFIX) else _IMPORT_PATH_RE
         _require(bool(pattern.match(value)), key, value, model_names_accepted())
+        if not value.startswith(TORCHVISION_PREFIX):
+            check_not_stdlib(value)
 
     def check(self) -> None:
-        _require(len(self.hidden_sizes) >= 1 and all(h >= 1 for h in self.hidden_sizes),
-                 "model.hidden_sizes", list(self.hidden_sizes), "a non-empty list of positive integers")
+        _require(len(self.hidden_sizes) >= 1 and all(1 <= h <= HIDDEN_MAX for h in self.hidden_sizes),
+                 "model.hidden_sizes", list(self.hidden_sizes), f"a non-empty list of integers in [1, {HIDDEN_MAX}]")
+        # the built-in builders read model.hidden_sizes and model.dropout, nothing else: kwargs given to them
+        # would be dropped without a word. A builder registered elsewhere gets the whole ModelConfig and may
+        # read model.kwargs itself.
+        if self.kwargs and self.name in MODELS and MODELS.is_builtin(self.name):
+            raise ConfigError(f"config error: model.kwargs={dict(self.kwargs)!r} is not valid with "
+                              f"model.name={self.name!r}: the built-in models accept no model.kwargs (set "
+                              f"model.hidden_sizes or model.dropout instead), only torchvision:<name> and "
+                              f"package.module:callable models take them; remove model.kwargs")
 
 
 @dataclass
 class OptimConfig(Section):
     key: ClassVar[str] = "optim"
     name: str = _field("adamw", "", OPTIMIZERS)
-    lr: float = _field(1e-3, "learning rate (OneCycleLR overrides it with sched.max_lr / sched.div_factor)", above=0)
-    weight_decay: float = _field(0.01, "weight decay (decoupled for adamw)", low=0)
+    lr: float = _field(1e-3, "learning rate (OneCycleLR overrides it with sched.max_lr / sched.div_factor)", above=0,
+                       high=LR_MAX)
+    weight_decay: float = _field(0.01, "weight decay (decoupled for adamw)", low=0, high=10)
     momentum: float = _field(0.9, "sgd momentum", low=0, below=1)
     nesterov: bool = _field(False, "sgd Nesterov momentum (needs momentum > 0)")
     betas: List[float] = _field([0.9, 0.999], "adam/adamw betas")
     decay_bn_bias: bool = _field(True, "weight decay on BatchNorm and bias parameters (every 1-d parameter) too; "
                                        "false = decay only the weight matrices and convolution kernels")
     bn_bias_lr_scale: float = _field(1.0, "learning-rate multiplier of BatchNorm and bias parameters (every 1-d "
-                                          "parameter), applied through every schedule", above=0)
+                                          "parameter), applied through every schedule", above=0, high=LR_MAX)
 
     def check(self) -> None:
         _require(not (self.nesterov and self.name == "sgd" and self.momentum == 0), "optim.nesterov",
@@ -283,17 +349,20 @@ class OptimConfig(Section):
 class SchedConfig(Section):
     key: ClassVar[str] = "sched"
     name: str = _field("onecycle", "(onecycle steps every batch, plateau on val_loss, the rest every epoch)", SCHEDULES)
-    step_size: int = _field(30, "step: epochs between decays", low=1)
+    step_size: int = _field(30, "step: epochs between decays", low=1, high=EPOCHS_MAX)
     gamma: float = _field(0.1, "step / exponential: decay factor", above=0, high=1)
-    t_max: int = _field(0, "cosine: period in epochs (0 = train.epochs)", low=0, note="0 = train.epochs")
-    eta_min: float = _field(0.0, "cosine: lowest learning rate", low=0)
-    max_lr: float = _field(0.01, "onecycle: peak learning rate", above=0)
+    t_max: int = _field(0, "cosine: period in epochs (0 = train.epochs)", low=0, high=EPOCHS_MAX,
+                       note="0 = train.epochs")
+    eta_min: float = _field(0.0, "cosine: lowest learning rate", low=0, high=LR_MAX)
+    max_lr: float = _field(0.01, "onecycle: peak learning rate", above=0, high=LR_MAX)
     pct_start: float = _field(0.3, "onecycle: fraction of steps spent warming up", above=0, below=1)
-    div_factor: float = _field(25.0, "onecycle: initial lr = max_lr / div_factor", above=0)
-    final_div_factor: float = _field(1e4, "onecycle: final lr = initial lr / final_div_factor", above=0)
+    div_factor: float = _field(25.0, "onecycle: initial lr = max_lr / div_factor", above=0, high=1e6)
+    final_div_factor: float = _field(1e4, "onecycle: final lr = initial lr / final_div_factor",
+                                     above=0, high=1e9)
     plateau_factor: float = _field(0.1, "plateau: factor applied when val_loss stops improving", above=0, below=1)
-    plateau_patience: int = _field(10, "plateau: epochs without improvement before reducing", low=0)
-    min_lr: float = _field(0.0, "plateau: lower bound on the learning rate", low=0)
+    plateau_patience: int = _field(10, "plateau: epochs without improvement before reducing", low=0,
+                                  high=EPOCHS_MAX)
+    min_lr: float = _field(0.0, "plateau: lower bound on the learning rate", low=0, high=LR_MAX)
 
 
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
@@ -302,15 +371,19 @@ _DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 @dataclass
 class TrainConfig(Section):
     key: ClassVar[str] = "train"
-    epochs: int = _field(100, "number of passes over the training set", low=1)
-    batch_size: int = _field(128, "training batch size per process (global batch = batch_size x world size)", low=1)
-    eval_batch_size: int = _field(0, "evaluation batch size (0 = train.batch_size)", low=0)
+    epochs: int = _field(100, "number of passes over the training set", low=1, high=EPOCHS_MAX)
+    batch_size: int = _field(128, "training batch size per process (global batch = batch_size x world size)", low=1,
+                            high=BATCH_MAX)
+    eval_batch_size: int = _field(0, "evaluation batch size (0 = train.batch_size)", low=0,
+                                 high=BATCH_MAX, note="0 = train.batch_size")
     seed: int = _field(42, "seed of weights, shuffling and augmentation (0 to 2147483647)", low=0, high=SEED_MAX)
     device: str = _field("auto", "auto | cpu | cuda | cuda:N (auto = cuda when available)")
     limit_train_batches: int = _field(0, "stop each epoch after this many batches (0 = whole epoch)", low=0,
-                                      note="0 = whole epoch")
-    log_every: int = _field(50, "log the mean loss and images/s every N steps (one host sync each)", low=1)
-    grad_clip: float = _field(0.0, "clip the gradient norm to this value (0 = off)", low=0, note="0 = off")
+                                      high=STEPS_MAX, note="0 = whole epoch")
+    log_every: int = _field(50, "log the mean loss and images/s every N steps (one host sync each)", low=1,
+                           high=STEPS_MAX)
+    grad_clip: float = _field(0.0, "clip the gradient norm to this value (0 = off)", low=0, high=1e6,
+                              note="0 = off")
     precision: PrecisionName = _field(PrecisionName.fp32, "fp32 | bf16 (autocast) | fp16 (autocast + GradScaler, "
                                                           "CUDA only)")
     tf32: bool = _field(True, "allow TF32 matmuls and convolutions on CUDA")
@@ -324,26 +397,30 @@ class TrainConfig(Section):
     deterministic: bool = _field(False, "deterministic algorithms only (torch.use_deterministic_algorithms, no cuDNN "
                                         "autotuning, CUBLAS_WORKSPACE_CONFIG set): bitwise repeatable on a GPU, slower")
     peak_tflops: float = _field(0.0, "the device's peak TFLOP/s for MFU (0 = fasttrain's table of known GPUs; "
-                                     "no MFU where unknown, e.g. CPUs)", low=0, note="0 = known GPUs")
+                                     "no MFU where unknown, e.g. CPUs)", low=0, high=100_000,
+                                note="0 = known GPUs")
     stop_after_steps: int = _field(0, "stop with a resumable checkpoint once this many optimizer steps are done in "
                                       "all (0 = train every epoch); the schedule still spans train.epochs, so a "
-                                      "later resume=auto continues it exactly", low=0, note="0 = no early stop")
+                                      "later resume=auto continues it exactly", low=0, high=STEPS_MAX,
+                                  note="0 = no early stop")
     label_smoothing: float = _field(0.0, "label smoothing of the training loss (0 = off); validation reports the "
                                          "plain cross-entropy", low=0, below=1, what="a fraction")
     ema_decay: float = _field(0.0, "keep an exponential moving average of the weights with this decay per update "
                                    "(0 = off; e.g. 0.99): validation, best.pt's choice and fasttrain eval use the "
                                    "averaged weights; checkpoints hold both", low=0, below=1, what="a fraction")
-    ema_every: int = _field(1, "update the weight average every N optimizer steps", low=1)
+    ema_every: int = _field(1, "update the weight average every N optimizer steps", low=1,
+                           high=STEPS_MAX)
     lookahead_k: int = _field(0, "lookahead: every k optimizer steps the slow weights move lookahead_alpha of the "
                                  "way to the trained ones, and training continues from them (0 = off)", low=0,
-                              note="0 = off")
+                              high=STEPS_MAX, note="0 = off")
     lookahead_alpha: float = _field(0.5, "lookahead: how far the slow weights move at each sync", above=0, high=1,
                                     what="a fraction")
     tta: TtaName = _field(TtaName.none, "test-time augmentation of validation and fasttrain eval: none | flip (the "
                                         "mean of the logits of each image and its mirror) | flip_shift (and of both "
                                         "shifted one pixel up-left and down-right: 6 views)")
     eval_every: int = _field(1, "validate every N epochs; the last epoch always validates (the epochs between have "
-                                "no val_* values, and best.pt is chosen among validated epochs)", low=1)
+                                "no val_* values, and best.pt is chosen among validated epochs)", low=1,
+                            high=EPOCHS_MAX)
     target_acc: float = _field(0.0, "stop once validation accuracy reaches this fraction (0 = off), recording the "
                                     "time from process start and the steps it took", low=0, high=1,
                                what="a fraction", note="0 = off")
@@ -368,18 +445,19 @@ class DistConfig(Section):
 class CheckpointConfig(Section):
     key: ClassVar[str] = "checkpoint"
     every_steps: int = _field(0, "also write a resumable checkpoint every N optimizer steps, mid-epoch included "
-                                 "(0 = at epoch ends only)", low=0, note="0 = epoch ends")
+                                 "(0 = at epoch ends only)", low=0, high=STEPS_MAX,
+                             note="0 = epoch ends")
     keep: int = _field(3, "how many of those step checkpoints to keep (the newest; last.pt and best.pt are kept "
-                          "apart)", low=1)
+                          "apart)", low=1, high=10_000)
     signals: List[SignalName] = _field([SignalName.SIGTERM, SignalName.SIGUSR1],
                                        "signals that mean 'preempted': the run saves a checkpoint at the next step "
                                        "boundary on every rank and exits with code 75 ([] = none)")
     signal_check_every: int = _field(0, "0 = the ranks agree on the preemption flag at every log interval, inside "
                                         "the reduction that runs there anyway (stop within train.log_every steps); "
                                         "N = also every N steps, with one small CPU collective of its own",
-                                     low=0, note="0 = at log intervals only")
+                                     low=0, high=STEPS_MAX, note="0 = at log intervals only")
     every_epochs: int = _field(1, "write last.pt (and best.pt when validation improved) every N epochs; the last "
-                                  "epoch always", low=1)
+                                  "epoch always", low=1, high=EPOCHS_MAX)
     background: bool = _field(True, "write epoch and periodic checkpoints from a background thread once the state "
                                     "is copied to host memory, while training goes on (the next save waits for "
                                     "it); preemption, Ctrl-C and the run's last save stay synchronous")
@@ -417,6 +495,14 @@ class Config:
 
     def __post_init__(self) -> None:
         _require(bool(self.resume), "resume", self.resume, "none, auto or the path of a checkpoint file")
+        # RandomCrop pads each side by aug.crop_padding: more than the image side crops padding only
+        side = self.data.image_size or DATASET_SIDES.get(self.data.dataset, 0)
+        which = (f"data.image_size={side}" if self.data.image_size else f"the image side of data.dataset="
+                 f"{self.data.dataset}" if side else f"the largest data.image_size; data.dataset={self.data.dataset}'s "
+                 f"own side is known once its images are read")
+        _require(self.aug.crop_padding <= (side or IMAGE_SIDE_MAX), "aug.crop_padding", self.aug.crop_padding,
+                 f"an integer in [0, {side or IMAGE_SIDE_MAX}] ({which}): set a smaller aug.crop_padding, or 0 for "
+                 f"no crop")
         if self.train.capture:
             _require(self.train.compile in ("default", "max-autotune"), "train.compile", self.train.compile,
                      "default or max-autotune with train.capture=true (the captured step is compiled; "

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from fasttrain.config import TORCHVISION_PREFIX, ModelConfig
-from fasttrain.own_models import check_output, imported_model, torchvision_model
+from fasttrain.own_models import check_output, check_parameters, imported_model, torchvision_model
 from fasttrain.registry import MODELS
 
 
@@ -153,6 +153,7 @@ def build_model(cfg: ModelConfig, in_channels: int, image_size: int, num_classes
         model = torchvision_model(cfg.name[len(TORCHVISION_PREFIX):], cfg.kwargs, in_channels, image_size, num_classes)
     else:
         model = imported_model(cfg.name, cfg.kwargs, in_channels, image_size, num_classes)
+    check_parameters(model, cfg.name)
     check_output(model, cfg.name, in_channels, image_size, num_classes)
     return model
 

@@ -14,12 +14,13 @@ import importlib
 import inspect
 import math
 import pkgutil
+import sys
 from typing import Any, Callable, Dict, List
 
 import torch
 from torch import nn
 
-from fasttrain.config import TORCHVISION_PREFIX, model_names_accepted
+from fasttrain.config import TORCHVISION_PREFIX, check_not_stdlib, model_names_accepted
 from fasttrain.errors import ConfigError, UserError
 
 
@@ -109,6 +110,7 @@ def imported_model(reference: str, kwargs: Dict[str, Any], in_channels: int, ima
 
 def _import_attribute(reference: str) -> Callable[..., Any]:
     module_name, _, attribute_path = reference.partition(":")
+    check_not_stdlib(reference)  # the config did too; here for a ModelConfig changed after it was checked
     try:
         target: Any = importlib.import_module(module_name)
     except ModuleNotFoundError as err:
@@ -122,6 +124,9 @@ def _import_attribute(reference: str) -> Callable[..., Any]:
                           + (f"; did you mean {' or '.join(close)}?" if close else "")
                           + f" (modules are imported from PYTHONPATH, and from the current folder under python -m; "
                           f"model.name accepts {model_names_accepted()})") from err
+    except (Exception, SystemExit) as err:  # noqa: BLE001 - the user's module ran and failed: whatever it raised
+        raise ConfigError(f"config error: model.name={reference!r}: importing module {module_name!r} failed: "
+                          f"{type(err).__name__}: {_first_line(err)} (fix that module, or name another)") from err
     where = module_name
     for part in attribute_path.split("."):
         if not hasattr(target, part):
@@ -133,7 +138,27 @@ def _import_attribute(reference: str) -> Callable[..., Any]:
     if not callable(target):
         raise ConfigError(f"config error: model.name={reference!r} is not callable (it holds a "
                           f"{type(target).__name__}): name a class or function that returns an nn.Module")
+    _check_builder_kind(reference, target)
     return target
+
+
+def _check_builder_kind(reference: str, target: Any) -> None:
+    """Only an nn.Module subclass, or a plain Python function of your own, is called: a builtin or a
+    standard-library function (os.system, subprocess.call, eval) imported into your module under another
+    name would run a command or code with model.kwargs as its arguments, and returns no model anyway."""
+    if inspect.isclass(target):
+        if issubclass(target, nn.Module):
+            return
+        what = f"a class that is not an nn.Module subclass ({target.__module__}.{target.__qualname__})"
+    elif inspect.isfunction(target):
+        home = (getattr(target, "__module__", None) or "").partition(".")[0]
+        if home not in sys.stdlib_module_names:
+            return
+        what = f"the standard-library function {home}.{target.__qualname__}"
+    else:
+        what = f"a {type(target).__name__}, not a class or a Python function"
+    raise ConfigError(f"config error: model.name={reference!r} is {what}: name an nn.Module subclass, or a "
+                      f"function of your own that returns one")
 
 
 def _sibling_modules(dotted: str) -> List[str]:
@@ -153,7 +178,7 @@ def _parameter_names(target: Callable[..., Any]) -> set:
     """The keyword parameters `target` names (a class: its __init__'s); none when it has no signature."""
     try:
         parameters = inspect.signature(target).parameters.values()
-    except (TypeError, ValueError):  # a builtin without a signature: pass model.kwargs only
+    except (TypeError, ValueError):  # no signature to read: pass model.kwargs only
         return set()
     return {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
@@ -163,14 +188,24 @@ def _call(reference: str, target: Callable[..., Any], arguments: Dict[str, Any])
     model.kwargs gives (an unexpected or missing argument): one line that shows what was passed."""
     try:
         model = target(**arguments)
-    except TypeError as err:
+    except Exception as err:  # noqa: BLE001 - the model's own constructor: any failure is one line, not a traceback
+        # a TypeError is an unexpected or missing argument; ValueError, RuntimeError, ... a value it refused
         passed = ", ".join(f"{key}={value!r}" for key, value in arguments.items()) or "no arguments"
-        raise ConfigError(f"config error: model.name={reference!r} called with {passed}: TypeError: "
+        raise ConfigError(f"config error: model.name={reference!r} called with {passed}: {type(err).__name__}: "
                           f"{_first_line(err)} (model.kwargs sets the arguments)") from err
     if not isinstance(model, nn.Module):
         raise ConfigError(f"config error: model.name={reference!r} returned a {type(model).__name__}, not a "
                           f"torch.nn.Module: return the model itself")
     return model
+
+
+def check_parameters(model: nn.Module, name: str) -> None:
+    """A model with nothing to train is a mistake (a forward of fixed operations, or parameters all frozen):
+    one line here instead of the optimizer's "empty parameter list" traceback."""
+    if not any(p.requires_grad for p in model.parameters()):
+        held = sum(p.numel() for p in model.parameters())
+        raise ConfigError(f"config error: model.name={name!r} has no trainable parameters ({held:,} parameters, "
+                          f"none requiring gradients): name a model with layers to train")
 
 
 def _first_line(err: BaseException) -> str:

@@ -60,6 +60,11 @@ class Registry(Generic[Builder]):
             raise ConfigError(f"config error: {self.key}={name!r} is not valid: expected one of {', '.join(names)}")
         return self._builders[name]
 
+    def is_builtin(self, name: str) -> bool:
+        """Whether `name` is one of fasttrain's own entries (registered by its home module), not one added
+        by your code."""
+        return self.get(name).__module__ == self._home
+
     # a collection of names, as the config's fixed tuples were
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
