@@ -19,6 +19,7 @@ from fasttrain import config as config_mod
 from fasttrain import dist
 from fasttrain.build import model_on_device
 from fasttrain.checkpoint import load_checkpoint, load_model_state
+from fasttrain.checkpoint.io import portable_config
 from fasttrain.config import TORCHVISION_PREFIX
 from fasttrain.own_models import SCRIPT_MODULE
 from fasttrain.data import build_eval_loader
@@ -41,7 +42,7 @@ def evaluate_checkpoint(path: str, overrides: Sequence[str] = ()) -> CheckpointE
     ckpt = load_checkpoint(path)
     _refuse_imports_named_by_the_file(path, ckpt["config"], overrides)
     try:
-        cfg = config_mod.from_dict(ckpt["config"], overrides)
+        cfg = config_mod.from_dict(portable_config(ckpt["config"]), overrides)
     except UserError as err:
         raise UserError(f"checkpoint {path}: {err}") from None
     ctx = dist.setup(cfg.train.device, cfg.dist.backend, cfg.dist.timeout_s, cfg.train.precision, cfg.train.compile)

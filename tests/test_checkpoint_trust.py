@@ -188,3 +188,14 @@ def test_an_older_checkpoint_is_refused_until_the_user_converts_it(earlier, tmp_
     assert load_checkpoint(out / "checkpoints" / "last.pt")["epoch"] == 2
     # a second conversion would overwrite the kept original: refused
     one_line_error(capsys, cli.main(["convert-checkpoint", str(older)]), "last.pt.orig exists already")
+
+
+def test_a_checkpoint_from_a_machine_with_more_cpus_still_loads_and_evaluates(earlier, tmp_path, capsys):
+    """data.num_workers is bounded by this machine's CPUs; a checkpoint written with 4 workers per CPU
+    of a larger machine is still a valid checkpoint here (eval uses auto workers)."""
+    state = load_checkpoint(earlier / "checkpoints" / "last.pt")
+    state["config"]["data"]["num_workers"] = 4 * (os.cpu_count() or 1) + 4
+    moved = tmp_path / "from-a-larger-machine.pt"
+    save_checkpoint(state, moved)
+    load_checkpoint(moved)
+    assert cli.main(["eval", str(moved), "--json"]) == 0

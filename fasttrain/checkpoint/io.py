@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from fasttrain.checkpoint.digest import DIGEST_KEY, content_digest
-from fasttrain.config import Config, from_dict
+from fasttrain.config import WORKERS_PER_CPU, Config, from_dict
 from fasttrain.errors import UserError
 
 REQUIRED_KEYS = ("model", "optimizer", "scheduler", "epoch", "config")
@@ -224,12 +224,22 @@ def checkpoint_problem(state: Dict[str, Any]) -> Optional[str]:
     if broken:
         return f"its weight {broken} holds nan/inf (saved from a diverged run)"
     try:
-        from_dict(state["config"])  # the saved config itself: known keys, accepted values
+        from_dict(portable_config(state["config"]))  # the saved config itself: known keys, accepted values
     except UserError as err:
         return f"its config: {str(err).removeprefix('config error: ')}"
     except Exception as err:  # noqa: BLE001 - untrusted data: OmegaConf may refuse it in other ways
         return f"its config cannot be read ({type(err).__name__})"
     return None
+
+
+def portable_config(saved: Dict[str, Any]) -> Dict[str, Any]:
+    """A checkpoint's config as this machine can use it: a worker count above this machine's bound (the
+    file came from a larger machine; a key that never changes what is computed) becomes -1, auto."""
+    data = saved.get("data")
+    workers = data.get("num_workers") if isinstance(data, dict) else None
+    if isinstance(workers, int) and workers > WORKERS_PER_CPU * (os.cpu_count() or 1):
+        return {**saved, "data": {**data, "num_workers": -1}}
+    return saved
 
 
 def load_model_state(model: nn.Module, state: Dict[str, torch.Tensor], source: str) -> None:
