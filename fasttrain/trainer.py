@@ -27,7 +27,7 @@ import torch
 
 import fasttrain
 from fasttrain import config as config_mod
-from fasttrain import dist, environment, timing
+from fasttrain import dist, environment, preemption, timing
 from fasttrain.build import Parts, build_parts
 from fasttrain.compile_cache import cache_counts, compile_cache
 from fasttrain.callbacks import (Boundary, Callback, Interval, MetricSinks, PeriodicCheckpoints, Preemption,
@@ -146,28 +146,12 @@ class Trainer:
     # ---------------------------------------------------------------- the run
 
     def fit(self) -> RunState:
-        state = self.state
         try:
-            if self._stopped_before_start():
-                return state
-            first_epoch = state.epoch + 1
-            for epoch in range(first_epoch, self.cfg.train.epochs + 1):
-                stats = self.train_epoch(epoch, first=epoch == first_epoch)
-                if stats.stopped_early and stats.steps < self.parts.steps_per_epoch:
-                    state.step_in_epoch = stats.steps
-                    return state  # stopped mid-epoch: the step checkpoint holds everything
-                stops = stats.stopped_early or stats.signal_at_end is not None
-                self._end_epoch(epoch, stats, first=epoch == first_epoch,
-                                last=epoch == self.cfg.train.epochs or stops)
-                if state.finished_by:
-                    return state  # train.target_acc reached: a complete run
-                if stats.signal_at_end and not stats.stopped_early:
-                    state.stopped_by = stats.signal_at_end  # agreed in the epoch-end reduction
-                if stops:
-                    if epoch == self.cfg.train.epochs:
-                        state.stopped_by = None  # the stop came with the last step: the run is complete
-                    return state  # stopped at the epoch's last step: the epoch-end checkpoint holds everything
-            finish_writes(self.ctx, self.writer)  # every rank: the last background write ended well
+            state = self._epochs()
+            if state.stopped_by in (None, "stop_after_steps"):
+                # nothing is left to save: a preemption signal from now on is noted and ignored, not a kill
+                self.preemption.watch.training_ended()
+            return state
         finally:
             if self.writer.pending:  # an error is on its way out: let the write end, keep the error raised
                 try:
@@ -176,6 +160,29 @@ class Trainer:
                     self.logger.info(f"warning: {err}")
             for callback in self.callbacks:
                 callback.close()
+
+    def _epochs(self) -> RunState:
+        state = self.state
+        if self._stopped_before_start():
+            return state
+        first_epoch = state.epoch + 1
+        for epoch in range(first_epoch, self.cfg.train.epochs + 1):
+            stats = self.train_epoch(epoch, first=epoch == first_epoch)
+            if stats.stopped_early and stats.steps < self.parts.steps_per_epoch:
+                state.step_in_epoch = stats.steps
+                return state  # stopped mid-epoch: the step checkpoint holds everything
+            stops = stats.stopped_early or stats.signal_at_end is not None
+            self._end_epoch(epoch, stats, first=epoch == first_epoch,
+                            last=epoch == self.cfg.train.epochs or stops)
+            if state.finished_by:
+                return state  # train.target_acc reached: a complete run
+            if stats.signal_at_end and not stats.stopped_early:
+                state.stopped_by = stats.signal_at_end  # agreed in the epoch-end reduction
+            if stops:
+                if epoch == self.cfg.train.epochs:
+                    state.stopped_by = None  # the stop came with the last step: the run is complete
+                return state  # stopped at the epoch's last step: the epoch-end checkpoint holds everything
+        finish_writes(self.ctx, self.writer)  # every rank: the last background write ended well
         return state
 
     def _stopped_before_start(self) -> bool:
@@ -449,6 +456,9 @@ def _finish(cfg: Config, folder: Optional[RunFolder], logger: logging.Logger, cl
                 folder.record_env("time_split", summary)
             except UserError:
                 pass  # said above
+        late = preemption.signal_after_end()
+        if late:
+            logger.info(preemption.after_end_line(late))
         logger.info(timing.describe(summary))
     finally:
         if folder is not None:
@@ -532,7 +542,8 @@ def train(cfg: Config, model: Optional[torch.nn.Module] = None) -> RunState:
     """Join the process group, train, and leave it on every exit path. `model`: a module built by the
     caller (fasttrain.fit) to train in place of the config's, which cfg.model.name names."""
     use_deterministic_algorithms(cfg.train.deterministic)
-    ctx = dist.setup(cfg.train.device, cfg.dist.backend, cfg.dist.timeout_s, cfg.train.precision, cfg.train.compile)
+    ctx = dist.setup(cfg.train.device, cfg.dist.backend, cfg.dist.timeout_s, cfg.train.precision, cfg.train.compile,
+                     stop_requested=preemption.held_signal)
     timing.clock().startup_done("setup")
     finish: Optional[Callable[[], None]] = None
     try:
