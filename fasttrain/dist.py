@@ -234,6 +234,16 @@ def average_buffers(module: torch.nn.Module) -> None:
             buffer.div_(world)
 
 
+def failure_message(err: Exception, doing: str, rank: int) -> str:
+    """The line every rank fails with when `err` was raised on one of them in a section the ranks then
+    agree on (`agree_on_error`): a UserError's own line; any other exception (a bug, a file cut short by
+    a full disk) as one line too, naming what was being done, so that every rank stops at the agreement
+    instead of the others waiting for the failed one in a collective until dist.timeout_s."""
+    if isinstance(err, UserError):
+        return str(err)
+    return f"{doing} failed on rank {rank}: {type(err).__name__}: {err}"
+
+
 def agree_on_error(message: Optional[str]) -> None:
     """Raise the same UserError on every rank when any rank has one (rank order decides which)."""
     messages: List[Optional[str]] = [None] * torch_dist.get_world_size()

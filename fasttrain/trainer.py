@@ -55,8 +55,8 @@ def _claim_on_rank0(cfg: Config, ctx: dist.Dist) -> Optional[RunFolder]:
     if ctx.is_main:
         try:
             folder = RunFolder.claim(Path(cfg.output.dir), cfg.resume, cfg.output.overwrite)
-        except UserError as err:
-            error = str(err)
+        except Exception as err:  # any failure: the other ranks are waiting in the agreement below
+            error = dist.failure_message(err, f"claiming the run folder {cfg.output.dir}", ctx.rank)
     dist.agree_on_error(error)
     return folder
 
@@ -88,8 +88,9 @@ def _commit_on_rank0(cfg: Config, ctx: dist.Dist, folder: Optional[RunFolder], s
                 clear_marker(folder.path)
             if resume_from is not None and resume_from.parent == folder.checkpoints:
                 restore_best(folder.checkpoints, logger.info)
-        except UserError as err:
-            error = str(err)
+        except Exception as err:  # any failure: the other ranks are waiting in the agreement below
+            error = dist.failure_message(err, f"writing the run folder {folder.path} (config.yaml, env.json, train.log"
+                                              f"{', the records trimmed to the checkpoint' if state else ''})", ctx.rank)
     dist.agree_on_error(error)
 
 
@@ -366,7 +367,7 @@ def cudagraph_skip_count() -> int:
     return int(counters["inductor"]["cudagraph_skips"])
 
 
-def resolve(cfg: Config, device: torch.device) -> Tuple[Config, List[str]]:
+def resolve(cfg: Config, ctx: dist.Dist) -> Tuple[Config, List[str]]:
     """The config this run trains with: `cfg` (left as validated) with what the run derives from it and
     the machine: data.drop_last under compile (one training batch shape: no recompilation or re-capture
     per epoch) and the loader that data.loader=auto picks. Returns it with one note per derived value;
@@ -376,17 +377,34 @@ def resolve(cfg: Config, device: torch.device) -> Tuple[Config, List[str]]:
     if cfg.train.compile != "off" and not data.drop_last:
         data = dataclasses.replace(data, drop_last=True)
         notes.append("compile: data.drop_last set to true so that every training batch has the same shape")
-    loader, reason = resolve_loader(cfg, device)
     if data.loader == "auto":
+        loader, reason = _auto_loader_on_rank0(cfg, ctx)
         data = dataclasses.replace(data, loader=LoaderName(loader))
-        notes.append(f"data.loader=auto chose {loader}: {reason}")
+        shared = f" (rank 0's choice, used by all {ctx.world_size} ranks)" if ctx.world_size > 1 else ""
+        notes.append(f"data.loader=auto chose {loader}{shared}: {reason}")
     return (cfg if data is cfg.data else dataclasses.replace(cfg, data=data)), notes
+
+
+def _auto_loader_on_rank0(cfg: Config, ctx: dist.Dist) -> Tuple[str, str]:
+    """data.loader=auto decided once, by rank 0, and used by every rank. Each rank deciding for itself (from
+    its own free memory) could pick loaders that disagree: different epochs, or a DALI pipeline on one
+    rank only."""
+    choice: List[Optional[str]] = [None, None]
+    error: Optional[str] = None
+    if ctx.is_main:
+        try:
+            choice = list(resolve_loader(cfg, ctx.device))
+        except Exception as err:  # any failure: the other ranks are waiting in the agreement below
+            error = dist.failure_message(err, "choosing the loader for data.loader=auto", ctx.rank)
+    dist.agree_on_error(error)
+    dist.broadcast_object(choice)
+    return choice[0], choice[1]
 
 
 def _run(cfg: Config, ctx: dist.Dist, model: Optional[torch.nn.Module] = None) -> Tuple[RunState, Callable[[], None]]:
     """The run, and what ends it once the process group is gone (`_finish`: the time split's line and record,
     then the folder's lock released). On an error the folder is released (or abandoned) here."""
-    cfg, notes = resolve(cfg, ctx.device)
+    cfg, notes = resolve(cfg, ctx)
     folder = _claim_on_rank0(cfg, ctx)
     committed = finished = False
     parts: Optional[Parts] = None
