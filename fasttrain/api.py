@@ -113,7 +113,11 @@ class Trainer:
             cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name=model_path(model)))
         clock = timing.restart("the fit() call")  # this run's time split starts here, not at the process's start
         with _process_state_restored():
-            state = train(cfg, model)
+            preemption.narrow_early_hold(cfg.checkpoint.signals)  # as run.main: others keep their own handling
+            try:
+                state = train(cfg, model)
+            except preemption.PreemptedBeforeStart as stop:  # while waiting for the other ranks: nothing to save
+                state = RunState(stopped_by=stop.signal_name)
         if state.stopped_by == preemption.INTERRUPT:
             raise KeyboardInterrupt(f"fasttrain: stopped by Ctrl-C after step {state.global_step}; resume=auto "
                                     f"output.dir={cfg.output.dir} continues from its checkpoint")

@@ -124,7 +124,8 @@ COMMANDS = {"train": "train a model (same as python -m fasttrain.run)", "eval": 
             "convert-checkpoint": "make an older checkpoint data only (for a file you trust)"}
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Optional[Sequence[str]] = None, ends_process: bool = False) -> int:
+    """`ends_process`: as run.main's (the console script ends train and eval with run.exit_now)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         usage = (f"usage: fasttrain {{{','.join(COMMANDS)}}} ...\n\n"
@@ -135,7 +136,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(usage)
         return 0 if argv else EXIT_USER_ERROR
     if argv[0] == "train":
-        return run.main(argv[1:], prog="fasttrain train")
+        return run.main(argv[1:], prog="fasttrain train", ends_process=ends_process)
     if argv[0] == "plot":
         return _plot(argv[1:])
     if argv[0] == "bench":
@@ -149,8 +150,9 @@ def entry() -> NoReturn:
     """The `fasttrain` console script: commands that join a process group (train, eval) end as
     `python -m fasttrain.run` does (run.exit_now: torch's teardown after gloo can abort a finished
     process, seen under torchrun for eval too)."""
-    code = main()
-    if sys.argv[1:2] in (["train"], ["eval"]):
+    ends = sys.argv[1:2] in (["train"], ["eval"])
+    code = main(ends_process=ends)
+    if ends:
         run.exit_now(code)
     sys.exit(code)
 

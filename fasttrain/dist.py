@@ -12,14 +12,17 @@ from __future__ import annotations
 import datetime
 import hashlib
 import os
+import socket
+import sys
+import time
 from dataclasses import dataclass
-from typing import List, Mapping, Optional
+from typing import Callable, List, Mapping, Optional
 
 import torch
 import torch.distributed as torch_dist
 
 from fasttrain.device import resolve_device
-from fasttrain.errors import UserError
+from fasttrain.errors import UserError, incomplete_launch
 from fasttrain.hostlist import first_host
 from fasttrain.launcher import check_launch
 
@@ -41,6 +44,10 @@ class DistEnv:
 
 def read_env(environ: Mapping[str, str] = os.environ) -> DistEnv:
     """Rank, local rank, world size and rendezvous address from torchrun's or SLURM's variables."""
+    problem = incomplete_launch(environ)
+    if problem:
+        raise UserError(problem)
+
     def number(name: str) -> int:
         try:
             return int(environ[name])
@@ -104,10 +111,74 @@ def pick_device(device_name: str, env: DistEnv) -> torch.device:
     return torch.device("cuda", index)
 
 
+ANNOUNCE_WAIT_S = 5.0  # a rank still waiting for the others after this long says so (once)
+POLL_S = 0.05  # between two looks at the store or the port: a signal is acted on within this
+
+
+def _join_store(env: DistEnv, timeout_s: int, stop_requested: Callable[[], Optional[str]]) -> torch_dist.Store:
+    """env://'s rendezvous in steps that a signal can interrupt. torch's own (`rendezvous("env://")`) waits
+    inside C++ until every rank has connected, for up to dist.timeout_s (1800 s by default), and Python runs
+    signal handlers only between bytecodes: a rank whose peers never came ignored SIGTERM and Ctrl-C for that
+    long. Here rank 0 serves the store without waiting for the others, the others poll its port, and every
+    rank counts itself in under a key of the store; each wait is a short sleep, after which a preemption
+    signal (`stop_requested`: its name) stops the process and Ctrl-C's KeyboardInterrupt is raised."""
+    host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    timeout = datetime.timedelta(seconds=timeout_s)
+    started = time.monotonic()
+    announced = False
+
+    def wait(joined: str) -> None:
+        nonlocal announced
+        name = stop_requested()
+        if name is not None:
+            from fasttrain.preemption import PreemptedBeforeStart
+
+            raise PreemptedBeforeStart(name, f"while waiting for the other ranks to join at {host}:{port} ({joined})")
+        waited = time.monotonic() - started
+        if waited > timeout_s:
+            raise UserError(f"the ranks did not all join at {host}:{port} within dist.timeout_s={timeout_s} "
+                            f"({joined}): start all {env.world_size} processes with the same MASTER_ADDR and "
+                            f"MASTER_PORT (torchrun, srun), or check that this address is reachable")
+        if waited > ANNOUNCE_WAIT_S and not announced:
+            prefix = "" if env.is_main else f"[rank {env.rank}] "
+            sys.stderr.write(f"{prefix}fasttrain: waiting for the other ranks to join at {host}:{port} ({joined}; "
+                             f"dist.timeout_s={timeout_s}; SIGTERM or Ctrl-C stops the wait)\n")
+            sys.stderr.flush()
+            announced = True
+        time.sleep(POLL_S)
+
+    # under torchrun the agent already serves the store at MASTER_ADDR:MASTER_PORT, and every rank is its client
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    if env.rank == 0 and not agent:
+        store = torch_dist.TCPStore(host, port, env.world_size, is_master=True, timeout=timeout, multi_tenant=True,
+                                    wait_for_workers=False)
+    else:
+        while not agent and not _port_open(host, port):  # the client's own connect would block in C++
+            wait("rank 0 not reachable yet")
+        store = torch_dist.TCPStore(host, port, env.world_size, is_master=False, timeout=timeout)
+    # torchrun keeps its store across `--max-restarts` restarts: each attempt counts its ranks apart
+    key = f"fasttrain/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/joined"
+    joined = store.add(key, 1)
+    while joined < env.world_size:
+        wait(f"{joined} of {env.world_size} ranks in")
+        joined = store.add(key, 0)
+    return store
+
+
+def _port_open(host: str, port: int) -> bool:
+    """Whether something accepts connections at host:port (rank 0's store, once it serves)."""
+    try:
+        with socket.create_connection((host, port), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
 def setup(device_name: str, backend: str = "auto", timeout_s: int = 1800, precision: Optional[str] = None,
-          compile_mode: Optional[str] = None) -> Dist:
+          compile_mode: Optional[str] = None, stop_requested: Callable[[], Optional[str]] = lambda: None) -> Dist:
     """Check the launch against the machine and the config (train.precision, train.compile: None when the
-    caller has none), pick the device and backend, then join the process group (world size 1 included)."""
+    caller has none), pick the device and backend, then join the process group (world size 1 included).
+    `stop_requested`: the name of a preemption signal that came meanwhile (see `_join_store`), or None."""
     check_launch(device_name, precision, compile_mode)
     env = read_env()
     device = pick_device(device_name, env)
@@ -125,7 +196,7 @@ def setup(device_name: str, backend: str = "auto", timeout_s: int = 1800, precis
     else:
         os.environ.setdefault("MASTER_ADDR", env.master_addr or "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(env.master_port))
-        store, _, _ = next(torch_dist.rendezvous("env://", rank=env.rank, world_size=env.world_size, timeout=timeout))
+        store = _join_store(env, timeout_s, stop_requested)
         # torchrun keeps its store across `--max-restarts` restarts: the restarted group meets under a
         # key prefix of its own, or it would read the dead ranks' addresses from the attempt before
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
@@ -161,6 +232,16 @@ def average_buffers(module: torch.nn.Module) -> None:
         if buffer.is_floating_point():
             torch_dist.all_reduce(buffer, op=torch_dist.ReduceOp.SUM)
             buffer.div_(world)
+
+
+def failure_message(err: Exception, doing: str, rank: int) -> str:
+    """The line every rank fails with when `err` was raised on one of them in a section the ranks then
+    agree on (`agree_on_error`): a UserError's own line; any other exception (a bug, a file cut short by
+    a full disk) as one line too, naming what was being done, so that every rank stops at the agreement
+    instead of the others waiting for the failed one in a collective until dist.timeout_s."""
+    if isinstance(err, UserError):
+        return str(err)
+    return f"{doing} failed on rank {rank}: {type(err).__name__}: {err}"
 
 
 def agree_on_error(message: Optional[str]) -> None:

@@ -28,6 +28,25 @@ def launcher_rank() -> str:
     return os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
 
 
+def incomplete_launch(environ=None) -> "str | None":
+    """A launcher's environment that is only partly there (RANK=1 set by hand, WORLD_SIZE without RANK,
+    LOCAL_RANK alone): None when complete or absent, else the one line that refuses it. Read as it is, such
+    a process would train alone as rank 0 of 1 while it reports as another rank (and as rank 1 it would not
+    even print a config error: those are printed by rank 0 only)."""
+    import os
+
+    environ = os.environ if environ is None else environ
+    present = [name for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK") if name in environ]
+    missing = [name for name in ("RANK", "WORLD_SIZE") if name not in environ]
+    if not present or not missing:
+        return None
+    given = ", ".join(f"{name}={environ[name]}" for name in present)
+    return (f"incomplete launch environment: {given} is set but {' and '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} not: launch with torchrun (or srun, accelerate launch), which "
+            f"sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT together, or unset "
+            f"{' and '.join(present)} to train as one process")
+
+
 def report(err: UserError) -> None:
     """Print a user error as one line on stderr; under a multi-process launch, config errors
     (the same on every rank) are printed by rank 0 only, other errors with their rank."""

@@ -42,6 +42,17 @@ EARLY = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGHUP")
 CATCHABLE = EARLY + ("SIGINT",)
 
 _early: Dict[str, Any] = {"received": None, "previous": {}}
+# after training ended: the first preemption signal absorbed, and the handlers to put back at release
+_ended: Dict[str, Any] = {"received": None, "previous": {}}
+
+
+class PreemptedBeforeStart(Exception):
+    """A configured preemption signal while this process waited for the other ranks to join: there is no
+    run folder yet and nothing to save, so the entry point exits with EXIT_PREEMPTED at once (no marker)."""
+
+    def __init__(self, signal_name: str, where: str):
+        super().__init__(f"preempted by {signal_name} {where}: nothing to save (no run folder yet)")
+        self.signal_name = signal_name
 
 
 def _record_early(number: int, _frame: Optional[FrameType]) -> None:
@@ -65,14 +76,57 @@ def hold_early_signals() -> None:
         _early["previous"][number] = signal.signal(number, _record_early)
 
 
+def narrow_early_hold(signal_names: List[str]) -> None:
+    """The config is known: the early hold keeps only the signals it names (checkpoint.signals). Any other
+    goes back to what it was before the hold (its default action, for a process started normally), now,
+    and one that was recorded meanwhile is sent again, so that it does what it would have done."""
+    for name in EARLY:
+        number = getattr(signal, name)
+        if name in signal_names or number not in _early["previous"]:
+            continue
+        previous = _early["previous"].pop(number)
+        if signal.getsignal(number) is _record_early:
+            signal.signal(number, previous)
+        if _early["received"] == name:
+            _early["received"] = None
+            os.kill(os.getpid(), number)
+
+
+def held_signal() -> Optional[str]:
+    """The preemption signal recorded by the early hold so far, not consumed (a wait that can be interrupted
+    asks this; the run's PreemptionWatch consumes it)."""
+    return _early["received"]
+
+
 def release_early_signals() -> None:
-    """The entry point's last step: handlers still recording (no run took them over) go back to what
-    they were, so that a caller of run.main in the same process (a test, a notebook) keeps its own."""
+    """The entry point's last step: handlers still recording (no run took them over), and those that absorb
+    signals after training ended, go back to what they were, so that a caller of run.main in the same process
+    (a test, a notebook) keeps its own."""
     for number, previous in _early["previous"].items():
         if signal.getsignal(number) is _record_early:
             signal.signal(number, previous)
     _early["previous"].clear()
     _early["received"] = None
+    for number, previous in _ended["previous"].items():
+        if signal.getsignal(number) is _absorb_after_end:
+            signal.signal(number, previous)
+    _ended["previous"].clear()
+    _ended["received"] = None
+
+
+def _absorb_after_end(number: int, _frame: Optional[FrameType]) -> None:
+    if _ended["received"] is None:
+        _ended["received"] = signal.Signals(number).name
+
+
+def signal_after_end() -> Optional[str]:
+    """The preemption signal that came after training had ended and was ignored (consumed: reported once)."""
+    name, _ended["received"] = _ended["received"], None
+    return name
+
+
+def after_end_line(name: str) -> str:
+    return f"{name} came after training had ended: ignored (nothing is left to save; the run finishes its outputs)"
 
 
 def _early_signal() -> Optional[str]:
@@ -150,8 +204,9 @@ class PreemptionWatch:
             self._on_signal(getattr(signal, name), None)
             return
         # recorded before the config was known, and the config does not handle it: what it would have done
-        signal.signal(getattr(signal, name), signal.SIG_DFL)
-        os.kill(os.getpid(), getattr(signal, name))
+        number = getattr(signal, name)
+        signal.signal(number, self._previous.get(number, _early["previous"].get(number, signal.SIG_DFL)))
+        os.kill(os.getpid(), number)
 
     def _on_signal(self, number: int, _frame: Optional[FrameType]) -> None:
         name = signal.Signals(number).name
@@ -194,10 +249,30 @@ class PreemptionWatch:
         total = float(self._flag.item())
         return self.agreed_elsewhere(total) if total > 0 else None
 
+    def training_ended(self) -> None:
+        """Training is over and complete: what is left (the ranks' weight digests, plots, the last lines,
+        the time split, the folder's lock) finishes a run that needs nothing more. From now on a preemption
+        signal is absorbed: noted (`signal_after_end`, logged by the trainer) and ignored, until the entry
+        point ends the process (its handlers are not put back before os._exit) or `release_early_signals`
+        restores the caller's. Before, it killed a complete run (-15), leaving the lock and no plots. A
+        signal that reached this rank after the ranks' last agreement is noted the same way. Ctrl-C gets
+        back its previous handler: the user stops on purpose (exit 130, the lock released)."""
+        if self.received in self._preempting:  # came on this rank after the ranks' last look at the flags
+            _ended["received"] = _ended["received"] or self.received
+        for number, previous in self._previous.items():
+            if signal.Signals(number).name in self._preempting:
+                signal.signal(number, _absorb_after_end)
+                _ended["previous"].setdefault(number, previous)
+            else:
+                signal.signal(number, previous)
+        self._previous.clear()
+        self.received = None
+
     def close(self) -> None:
         """Put the previous handlers back, unless the run is stopping for a signal: then this process
         is about to exit with EXIT_PREEMPTED, and a repeated signal (torchrun forwards one to the
-        ranks that are still tearing down) must not turn that into a kill."""
+        ranks that are still tearing down) must not turn that into a kill. After `training_ended` there is
+        nothing left to put back."""
         if self.received is not None:
             return
         for number, handler in self._previous.items():

@@ -10,33 +10,63 @@ import os
 import sys
 from typing import NoReturn, Optional, Sequence
 
+# only light modules here (no torch, no OmegaConf): `python -m fasttrain.run` imports them before main()'s
+# first line, and until then a SIGTERM has its default action
 from fasttrain import preemption, timing
-from fasttrain.config import describe_keys, load_config
-from fasttrain.errors import EXIT_USER_ERROR, UserError, launcher_rank, report
+from fasttrain.errors import EXIT_USER_ERROR, UserError, incomplete_launch, launcher_rank, report
+
+KEYS_HEADER = "config keys (set in the YAML file or as key.sub=value overrides; defaults shown):\n"
+
+
+class _TrainParser(argparse.ArgumentParser):
+    """The run's arguments. Its epilog (every config key) is built only when help is printed: describing
+    the keys imports the registries, so torch, torchvision and DALI (about 1.5 s), which a run must not
+    wait for before its early signal hold, nor pay twice."""
+
+    def format_help(self) -> str:
+        if self.epilog is None:
+            from fasttrain.config import describe_keys
+
+            self.epilog = KEYS_HEADER + "\n".join(describe_keys())
+        return super().format_help()
 
 
 def train_parser(prog: str = "python -m fasttrain.run") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=prog, description="Train an image classifier.", formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="config keys (set in the YAML file or as key.sub=value overrides; defaults shown):\n"
-               + "\n".join(describe_keys()))
+    parser = _TrainParser(prog=prog, description="Train an image classifier.",
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML recipe, e.g. configs/cifar10_cnn.yaml (default: built-in defaults)")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. train.epochs=5")
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m fasttrain.run") -> int:
-    args = train_parser(prog).parse_intermixed_args(argv)  # overrides before or after --config
-    preemption.hold_early_signals()  # a preemption signal from here on is acted on, not a kill
+def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m fasttrain.run", ends_process: bool = False) -> int:
+    """`ends_process`: the caller ends the process with `exit_now` as soon as this returns (the command
+    line). Then the handlers that absorb a preemption signal after training ended stay in place up to
+    os._exit instead of being put back, which would leave a moment in which the signal kills a complete run."""
+    preemption.hold_early_signals()  # the first line: a preemption signal from here on is acted on, not a kill
     try:
+        args = train_parser(prog).parse_intermixed_args(argv)  # overrides before or after --config
+        problem = incomplete_launch()
+        if problem:  # before the config: its errors are printed by rank 0 only, and RANK=1 alone is not rank 0
+            raise UserError(problem)
+        from fasttrain.config import load_config
+
         cfg = load_config(args.config, args.overrides)
+        preemption.narrow_early_hold(cfg.checkpoint.signals)  # a signal not configured: its default from now
         from fasttrain.trainer import train  # imported after the config is known good: fail fast
 
         timing.clock().startup_done("imports")  # the interpreter, torch and fasttrain, the config
         state = train(cfg)
+        late = preemption.signal_after_end()  # came after the run's last log line (the trainer logs earlier ones)
+        if late and launcher_rank() == "0":
+            sys.stderr.write(f"fasttrain: {preemption.after_end_line(late)}\n")
     except UserError as err:
         report(err)
         return EXIT_USER_ERROR
+    except preemption.PreemptedBeforeStart as stop:
+        sys.stderr.write(f"{_rank_prefix()}fasttrain: {stop}; exit code {preemption.EXIT_PREEMPTED} (resume=auto "
+                         f"starts it again)\n")
+        return preemption.EXIT_PREEMPTED
     except KeyboardInterrupt:
         # Ctrl-C before training started, or a second one during it: no traceback, checkpoints already
         # written are complete (atomic writes) and kept
@@ -44,7 +74,8 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m fasttrain.
                          f"(resume=auto continues from the newest); exit code {preemption.EXIT_INTERRUPTED}\n")
         return preemption.EXIT_INTERRUPTED
     finally:
-        preemption.release_early_signals()
+        if not ends_process:
+            preemption.release_early_signals()
     if state.stopped_by == preemption.INTERRUPT:
         sys.stderr.write(f"{_rank_prefix()}fasttrain: interrupted by Ctrl-C after step {state.global_step}: "
                          f"{_saved(state)}; exit code {preemption.EXIT_INTERRUPTED}\n")
@@ -80,4 +111,4 @@ def exit_now(code: int) -> NoReturn:
 
 
 if __name__ == "__main__":
-    exit_now(main())
+    exit_now(main(ends_process=True))

@@ -27,7 +27,7 @@ import torch
 
 import fasttrain
 from fasttrain import config as config_mod
-from fasttrain import dist, environment, timing
+from fasttrain import dist, environment, preemption, timing
 from fasttrain.build import Parts, build_parts
 from fasttrain.compile_cache import cache_counts, compile_cache
 from fasttrain.callbacks import (Boundary, Callback, Interval, MetricSinks, PeriodicCheckpoints, Preemption,
@@ -55,8 +55,8 @@ def _claim_on_rank0(cfg: Config, ctx: dist.Dist) -> Optional[RunFolder]:
     if ctx.is_main:
         try:
             folder = RunFolder.claim(Path(cfg.output.dir), cfg.resume, cfg.output.overwrite)
-        except UserError as err:
-            error = str(err)
+        except Exception as err:  # any failure: the other ranks are waiting in the agreement below
+            error = dist.failure_message(err, f"claiming the run folder {cfg.output.dir}", ctx.rank)
     dist.agree_on_error(error)
     return folder
 
@@ -88,8 +88,9 @@ def _commit_on_rank0(cfg: Config, ctx: dist.Dist, folder: Optional[RunFolder], s
                 clear_marker(folder.path)
             if resume_from is not None and resume_from.parent == folder.checkpoints:
                 restore_best(folder.checkpoints, logger.info)
-        except UserError as err:
-            error = str(err)
+        except Exception as err:  # any failure: the other ranks are waiting in the agreement below
+            error = dist.failure_message(err, f"writing the run folder {folder.path} (config.yaml, env.json, train.log"
+                                              f"{', the records trimmed to the checkpoint' if state else ''})", ctx.rank)
     dist.agree_on_error(error)
 
 
@@ -146,28 +147,12 @@ class Trainer:
     # ---------------------------------------------------------------- the run
 
     def fit(self) -> RunState:
-        state = self.state
         try:
-            if self._stopped_before_start():
-                return state
-            first_epoch = state.epoch + 1
-            for epoch in range(first_epoch, self.cfg.train.epochs + 1):
-                stats = self.train_epoch(epoch, first=epoch == first_epoch)
-                if stats.stopped_early and stats.steps < self.parts.steps_per_epoch:
-                    state.step_in_epoch = stats.steps
-                    return state  # stopped mid-epoch: the step checkpoint holds everything
-                stops = stats.stopped_early or stats.signal_at_end is not None
-                self._end_epoch(epoch, stats, first=epoch == first_epoch,
-                                last=epoch == self.cfg.train.epochs or stops)
-                if state.finished_by:
-                    return state  # train.target_acc reached: a complete run
-                if stats.signal_at_end and not stats.stopped_early:
-                    state.stopped_by = stats.signal_at_end  # agreed in the epoch-end reduction
-                if stops:
-                    if epoch == self.cfg.train.epochs:
-                        state.stopped_by = None  # the stop came with the last step: the run is complete
-                    return state  # stopped at the epoch's last step: the epoch-end checkpoint holds everything
-            finish_writes(self.ctx, self.writer)  # every rank: the last background write ended well
+            state = self._epochs()
+            if state.stopped_by in (None, "stop_after_steps"):
+                # nothing is left to save: a preemption signal from now on is noted and ignored, not a kill
+                self.preemption.watch.training_ended()
+            return state
         finally:
             if self.writer.pending:  # an error is on its way out: let the write end, keep the error raised
                 try:
@@ -176,6 +161,29 @@ class Trainer:
                     self.logger.info(f"warning: {err}")
             for callback in self.callbacks:
                 callback.close()
+
+    def _epochs(self) -> RunState:
+        state = self.state
+        if self._stopped_before_start():
+            return state
+        first_epoch = state.epoch + 1
+        for epoch in range(first_epoch, self.cfg.train.epochs + 1):
+            stats = self.train_epoch(epoch, first=epoch == first_epoch)
+            if stats.stopped_early and stats.steps < self.parts.steps_per_epoch:
+                state.step_in_epoch = stats.steps
+                return state  # stopped mid-epoch: the step checkpoint holds everything
+            stops = stats.stopped_early or stats.signal_at_end is not None
+            self._end_epoch(epoch, stats, first=epoch == first_epoch,
+                            last=epoch == self.cfg.train.epochs or stops)
+            if state.finished_by:
+                return state  # train.target_acc reached: a complete run
+            if stats.signal_at_end and not stats.stopped_early:
+                state.stopped_by = stats.signal_at_end  # agreed in the epoch-end reduction
+            if stops:
+                if epoch == self.cfg.train.epochs:
+                    state.stopped_by = None  # the stop came with the last step: the run is complete
+                return state  # stopped at the epoch's last step: the epoch-end checkpoint holds everything
+        finish_writes(self.ctx, self.writer)  # every rank: the last background write ended well
         return state
 
     def _stopped_before_start(self) -> bool:
@@ -360,7 +368,7 @@ def cudagraph_skip_count() -> int:
     return int(counters["inductor"]["cudagraph_skips"])
 
 
-def resolve(cfg: Config, device: torch.device) -> Tuple[Config, List[str]]:
+def resolve(cfg: Config, ctx: dist.Dist) -> Tuple[Config, List[str]]:
     """The config this run trains with: `cfg` (left as validated) with what the run derives from it and
     the machine: data.drop_last under compile (one training batch shape: no recompilation or re-capture
     per epoch) and the loader that data.loader=auto picks. Returns it with one note per derived value;
@@ -370,17 +378,34 @@ def resolve(cfg: Config, device: torch.device) -> Tuple[Config, List[str]]:
     if cfg.train.compile != "off" and not data.drop_last:
         data = dataclasses.replace(data, drop_last=True)
         notes.append("compile: data.drop_last set to true so that every training batch has the same shape")
-    loader, reason = resolve_loader(cfg, device)
     if data.loader == "auto":
+        loader, reason = _auto_loader_on_rank0(cfg, ctx)
         data = dataclasses.replace(data, loader=LoaderName(loader))
-        notes.append(f"data.loader=auto chose {loader}: {reason}")
+        shared = f" (rank 0's choice, used by all {ctx.world_size} ranks)" if ctx.world_size > 1 else ""
+        notes.append(f"data.loader=auto chose {loader}{shared}: {reason}")
     return (cfg if data is cfg.data else dataclasses.replace(cfg, data=data)), notes
+
+
+def _auto_loader_on_rank0(cfg: Config, ctx: dist.Dist) -> Tuple[str, str]:
+    """data.loader=auto decided once, by rank 0, and used by every rank. Each rank deciding for itself (from
+    its own free memory) could pick loaders that disagree: different epochs, or a DALI pipeline on one
+    rank only."""
+    choice: List[Optional[str]] = [None, None]
+    error: Optional[str] = None
+    if ctx.is_main:
+        try:
+            choice = list(resolve_loader(cfg, ctx.device))
+        except Exception as err:  # any failure: the other ranks are waiting in the agreement below
+            error = dist.failure_message(err, "choosing the loader for data.loader=auto", ctx.rank)
+    dist.agree_on_error(error)
+    dist.broadcast_object(choice)
+    return choice[0], choice[1]
 
 
 def _run(cfg: Config, ctx: dist.Dist, model: Optional[torch.nn.Module] = None) -> Tuple[RunState, Callable[[], None]]:
     """The run, and what ends it once the process group is gone (`_finish`: the time split's line and record,
     then the folder's lock released). On an error the folder is released (or abandoned) here."""
-    cfg, notes = resolve(cfg, ctx.device)
+    cfg, notes = resolve(cfg, ctx)
     folder = _claim_on_rank0(cfg, ctx)
     committed = finished = False
     parts: Optional[Parts] = None
@@ -450,6 +475,9 @@ def _finish(cfg: Config, folder: Optional[RunFolder], logger: logging.Logger, cl
                 folder.record_env("time_split", summary)
             except UserError:
                 pass  # said above
+        late = preemption.signal_after_end()
+        if late:
+            logger.info(preemption.after_end_line(late))
         logger.info(timing.describe(summary))
     finally:
         if folder is not None:
@@ -533,7 +561,8 @@ def train(cfg: Config, model: Optional[torch.nn.Module] = None) -> RunState:
     """Join the process group, train, and leave it on every exit path. `model`: a module built by the
     caller (fasttrain.fit) to train in place of the config's, which cfg.model.name names."""
     use_deterministic_algorithms(cfg.train.deterministic)
-    ctx = dist.setup(cfg.train.device, cfg.dist.backend, cfg.dist.timeout_s, cfg.train.precision, cfg.train.compile)
+    ctx = dist.setup(cfg.train.device, cfg.dist.backend, cfg.dist.timeout_s, cfg.train.precision, cfg.train.compile,
+                     stop_requested=preemption.held_signal)
     timing.clock().startup_done("setup")
     finish: Optional[Callable[[], None]] = None
     try:

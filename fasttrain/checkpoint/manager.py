@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Protocol
+from typing import Any, Callable, Dict, List, Optional, Protocol
 
 import torch
 from torch import nn
@@ -24,7 +24,6 @@ from fasttrain.checkpoint.io import load_checkpoint, prune_step_checkpoints, ste
 from fasttrain.checkpoint.state import Resumable, RunState, capture, choose_checkpoint, restore
 from fasttrain.checkpoint.writer import CheckpointWriter
 from fasttrain.config import Config
-from fasttrain.errors import UserError
 from fasttrain.optim import Schedule
 
 
@@ -68,15 +67,18 @@ def trim_history(run_dir: Path, state: RunState) -> None:
 
 
 def _write_on_rank0(ctx: dist.Dist, ckpt: Optional[Dict[str, Any]], paths: List[Path], writer: CheckpointWriter,
-                    background: bool) -> None:
-    """Rank 0 writes (atomically; in the background, `writer`'s thread, once the previous write ended); the
-    others wait, and every rank learns of a failure (of this write, or of the background write before it)."""
+                    background: bool, after: Optional[Callable[[], None]] = None) -> None:
+    """Rank 0 writes (atomically; in the background, `writer`'s thread, once the previous write ended) and
+    then does `after`; the others wait, and every rank learns of a failure (of this write, of the
+    background write before it, or of `after`)."""
     error: Optional[str] = None
     if ctx.is_main:
         try:
             writer.write(ckpt, paths, background)
-        except UserError as err:
-            error = str(err)
+            if after is not None:
+                after()
+        except Exception as err:  # any failure: the other ranks are waiting in the agreement below
+            error = dist.failure_message(err, f"writing {', '.join(p.name for p in paths)}", ctx.rank)
     dist.agree_on_error(error)  # also the barrier that keeps the other ranks from running ahead
 
 
@@ -86,8 +88,8 @@ def finish_writes(ctx: dist.Dist, writer: CheckpointWriter) -> None:
     if ctx.is_main:
         try:
             writer.wait()
-        except UserError as err:
-            error = str(err)
+        except Exception as err:  # any failure: the other ranks are waiting in the agreement below
+            error = dist.failure_message(err, "the background checkpoint write", ctx.rank)
     dist.agree_on_error(error)
 
 
@@ -102,9 +104,8 @@ def save_step_checkpoint(cfg: Config, ctx: dist.Dist, parts: RunParts, state: Ru
     one being written)."""
     ckpt_dir = run_dir / "checkpoints"
     path = ckpt_dir / step_checkpoint_name(state.global_step)
-    _write_on_rank0(ctx, _capture(cfg, ctx, parts, state, totals, {}), [path], writer, background)
-    if ctx.is_main:
-        prune_step_checkpoints(ckpt_dir, cfg.checkpoint.keep)
+    _write_on_rank0(ctx, _capture(cfg, ctx, parts, state, totals, {}), [path], writer, background,
+                    after=lambda: prune_step_checkpoints(ckpt_dir, cfg.checkpoint.keep))
     return path
 
 
@@ -128,8 +129,8 @@ def choose_on_rank0(cfg: Config, ctx: dist.Dist, run_dir: Path, logger: logging.
         try:
             path = choose_checkpoint(cfg, run_dir, logger.info)
             chosen = [str(path) if path else None]
-        except UserError as err:
-            error = str(err)
+        except Exception as err:  # any failure: the other ranks are waiting in the agreement below
+            error = dist.failure_message(err, "choosing the checkpoint to resume from", ctx.rank)
     dist.agree_on_error(error)
     dist.broadcast_object(chosen)
     return Path(chosen[0]) if chosen[0] else None
@@ -146,8 +147,9 @@ def restore_on_every_rank(cfg: Config, ctx: dist.Dist, parts: RunParts, path: Pa
     try:
         ckpt = load_checkpoint(path)
         state = restore(ckpt, path, cfg, ctx.rank, ctx.world_size, _resumable(ctx, parts), steps_per_epoch, logger)
-    except UserError as err:
-        error = f"{err}" if ctx.is_main else f"[rank {ctx.rank}] {err}"
+    except Exception as err:  # any failure, on any rank: the others are waiting in the agreement below
+        error = dist.failure_message(err, f"restoring {path}", ctx.rank)
+        error = error if ctx.is_main else f"[rank {ctx.rank}] {error}"
     dist.agree_on_error(error)
     where = (f"{state.step_in_epoch} of {steps_per_epoch} steps into epoch {state.epoch + 1}"
              + (f" (from its sample {state.start_sample:,})" if state.start_sample else "")
