@@ -15,7 +15,9 @@ import os
 import socket
 import sys
 import time
+import traceback
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, List, Mapping, Optional
 
 import torch
@@ -241,7 +243,11 @@ def failure_message(err: Exception, doing: str, rank: int) -> str:
     instead of the others waiting for the failed one in a collective until dist.timeout_s."""
     if isinstance(err, UserError):
         return str(err)
-    return f"{doing} failed on rank {rank}: {type(err).__name__}: {err}"
+    frames = traceback.extract_tb(err.__traceback__)
+    # where it was raised, so that a bug stays findable without the traceback the line replaces
+    where = f" (raised at {Path(frames[-1].filename).name}:{frames[-1].lineno} in {frames[-1].name})" if frames else ""
+    first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return f"{doing} failed on rank {rank}: {type(err).__name__}: {first}{where}"
 
 
 def agree_on_error(message: Optional[str]) -> None:
