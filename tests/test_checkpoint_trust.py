@@ -104,16 +104,24 @@ def test_a_checkpoint_that_runs_code_when_unpickled_is_refused_by_eval_and_resum
     assert not marker.exists(), "unpickling the checkpoint ran its code"
 
 
-def test_a_model_the_checkpoint_names_by_import_is_not_imported_by_eval(earlier, tmp_path, capsys):
+def test_a_model_the_checkpoint_names_by_import_is_not_imported_by_eval(earlier, tmp_path, capsys, monkeypatch):
+    """The checkpoint's config names a module whose import runs code: eval imports it only when the user
+    names it on the command line too. (Standard-library callables such as os:system are refused even
+    then: tests/test_bounds.py.)"""
     marker = tmp_path / "code-ran"
+    (tmp_path / "trojan_nets.py").write_text(f"open({str(marker)!r}, 'w').close()\nNet = None\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
     state = load_checkpoint(earlier / "checkpoints" / "last.pt")
-    state["config"]["model"] = {**state["config"]["model"], "name": "os:system",
-                                "kwargs": {"command": f"touch {marker}"}}
+    state["config"]["model"] = {**state["config"]["model"], "name": "trojan_nets:Net"}
     crafted = tmp_path / "crafted.pt"
     save_checkpoint(state, crafted)  # a valid hash: the file is well formed, its config names code
-    one_line_error(capsys, cli.main(["eval", str(crafted)]), "names its model by import (model.name='os:system')",
-                   "fasttrain imports no code that a file names")
+    one_line_error(capsys, cli.main(["eval", str(crafted)]), "names its model by import (model.name='trojan_nets:Net')",
+                   "fasttrain imports no code that a file names",
+                   f"fasttrain eval {crafted} model.name=trojan_nets:Net")
     assert not marker.exists()
+    # named by the user, it is imported (and refused there: Net is no model)
+    one_line_error(capsys, cli.main(["eval", str(crafted), "model.name=trojan_nets:Net"]), "trojan_nets:Net")
+    assert marker.exists()
 
 
 def test_a_flipped_bit_is_refused(earlier, tmp_path, capsys):
