@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 import logging
 from dataclasses import dataclass
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -70,6 +70,7 @@ class Parts:
     flops_per_image: float = 0.0  # forward + backward, counted on the model
     peak_flops: Optional[float] = None  # the device's, for this precision; None when unknown
     steps_per_epoch: int = 0  # optimizer steps in a whole epoch (train.limit_train_batches applied)
+    classes: Tuple[str, ...] = ()  # the dataset's class names, label i = classes[i]: saved in checkpoints
 
 
 def build_parts(cfg: Config, ctx: dist.Dist, logger: logging.Logger, model: Optional[nn.Module] = None) -> Parts:
@@ -132,7 +133,7 @@ def build_parts(cfg: Config, ctx: dist.Dist, logger: logging.Logger, model: Opti
         logger.info("accuracy tools: " + ", ".join(_accuracy_tools(cfg)))
     clock.startup_done("model")
     return Parts(model, step, evaluator, averages, optimizer, schedule, precision, train_loader, val_loader, flops,
-                 peak, steps_per_epoch)
+                 peak, steps_per_epoch, tuple(info.classes))
 
 
 def eval_batch_size(cfg: Config) -> int:

@@ -69,13 +69,29 @@ def read_env(environ: Mapping[str, str] = os.environ) -> DistEnv:
             raise UserError(f"{err}: export MASTER_ADDR with the first node's address") from None
     else:
         rank, world, local, addr = 0, 1, 0, None
-    port = number("MASTER_PORT") if "MASTER_PORT" in environ else DEFAULT_MASTER_PORT
+    port = _port(environ["MASTER_PORT"]) if "MASTER_PORT" in environ else DEFAULT_MASTER_PORT
     if not 0 <= rank < world:
         raise UserError(f"rank {rank} is outside world size {world}: check the launcher's environment")
     if world > 1 and not addr:
         raise UserError("world size > 1 but no MASTER_ADDR (nor SLURM node list): launch with torchrun, srun or "
                         "accelerate launch, or export MASTER_ADDR and MASTER_PORT")
     return DistEnv(rank, local, world, addr, port)
+
+
+PORT_FIX = ("choose a free port: MASTER_PORT=<port> (1024-65535, free on rank 0's node), or let torchrun choose one "
+            "(torchrun --standalone) or name it (torchrun --master-port <port>, --rdzv-endpoint <host>:<port>)")
+
+
+def _port(value: str) -> int:
+    """MASTER_PORT as a TCP port, or one line saying why it is none (torch would fail with a traceback, or,
+    given 0, serve the store on a random port the other ranks cannot know)."""
+    try:
+        port = int(value)
+    except ValueError:
+        port = -1
+    if not 1 <= port <= 65535:
+        raise UserError(f"environment variable MASTER_PORT={value!r} is not a TCP port (1-65535): {PORT_FIX}")
+    return port
 
 
 @dataclass(frozen=True)
@@ -149,11 +165,15 @@ def _join_store(env: DistEnv, timeout_s: int, stop_requested: Callable[[], Optio
             announced = True
         time.sleep(POLL_S)
 
+    _check_address(host, port)
     # under torchrun the agent already serves the store at MASTER_ADDR:MASTER_PORT, and every rank is its client
     agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     if env.rank == 0 and not agent:
-        store = torch_dist.TCPStore(host, port, env.world_size, is_master=True, timeout=timeout, multi_tenant=True,
-                                    wait_for_workers=False)
+        try:
+            store = torch_dist.TCPStore(host, port, env.world_size, is_master=True, timeout=timeout,
+                                        multi_tenant=True, wait_for_workers=False)
+        except torch_dist.DistNetworkError as err:
+            raise UserError(_serve_failure(host, port, err)) from None
     else:
         while not agent and not _port_open(host, port):  # the client's own connect would block in C++
             wait("rank 0 not reachable yet")
@@ -165,6 +185,29 @@ def _join_store(env: DistEnv, timeout_s: int, stop_requested: Callable[[], Optio
         wait(f"{joined} of {env.world_size} ranks in")
         joined = store.add(key, 0)
     return store
+
+
+def _check_address(host: str, port: int) -> None:
+    """MASTER_ADDR must name a host: without this check rank 0's store fails with torch's traceback, and the
+    other ranks would take an unknown name for a rank 0 not up yet and wait for dist.timeout_s."""
+    try:
+        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as err:
+        why = err.strerror if isinstance(err, socket.gaierror) and err.strerror else str(err)
+        raise UserError(f"environment variable MASTER_ADDR={host!r} cannot be resolved ({why}): check MASTER_ADDR: "
+                        f"the host name or IP address of the node that runs rank 0 (127.0.0.1 on one node), as "
+                        f"every node can resolve it") from None
+
+
+def _serve_failure(host: str, port: int, err: Exception) -> str:
+    """Rank 0 could not serve the store at MASTER_PORT: torch's message, as one line that names the fix."""
+    text = str(err)
+    if "EADDRINUSE" in text or "address already in use" in text.lower():
+        return (f"MASTER_PORT={port} is already in use on this node (another job, or another run's rank 0, "
+                f"listens on it), so rank 0 cannot serve the rendezvous at {host}:{port}: {PORT_FIX}")
+    said = text.strip().splitlines()[0] if text.strip() else type(err).__name__
+    return (f"rank 0 cannot serve the rendezvous at MASTER_ADDR={host} MASTER_PORT={port} ({said}): check that "
+            f"MASTER_ADDR names this node, or {PORT_FIX}")
 
 
 def _port_open(host: str, port: int) -> bool:

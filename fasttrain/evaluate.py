@@ -49,6 +49,7 @@ def evaluate_checkpoint(path: str, overrides: Sequence[str] = ()) -> CheckpointE
     try:
         precision = build_precision(cfg.train.precision, ctx.device, cfg.train.tf32)
         loader, info = build_eval_loader(cfg, ctx.device, ctx.rank, ctx.world_size, precision.input_dtype)
+        _check_classes(path, ckpt, info.classes, cfg.data.root)
         model = model_on_device(cfg, info, ctx.device)
         weights = dict(ckpt["model"])
         which = "ema" if cfg.train.ema_decay > 0 and "ema" in ckpt else "trained"
@@ -58,6 +59,25 @@ def evaluate_checkpoint(path: str, overrides: Sequence[str] = ()) -> CheckpointE
         return CheckpointEvaluation(validate(model, loader, precision, cfg.train.tta), ckpt, which, str(cfg.train.tta))
     finally:
         dist.teardown()
+
+
+def _check_classes(path: str, ckpt: dict, classes: Sequence[str], root: str) -> None:
+    """Label i must mean the same class for the model and the data: an accuracy over other classes, or the
+    same ones in another order, would be a number about nothing. Checkpoints record their classes (from
+    this version on); an older one without them is checked by its model's output size as it loads."""
+    saved = ckpt.get("classes")
+    if saved is None or list(saved) == list(classes):
+        return
+    only_model = [name for name in saved if name not in classes]
+    only_data = [name for name in classes if name not in saved]
+    if only_model or only_data:
+        differ = "; ".join(part for part in (f"only in the checkpoint: {', '.join(only_model)}" if only_model else "",
+                                             f"only in the data: {', '.join(only_data)}" if only_data else "") if part)
+    else:
+        differ = f"the same names in another order: {', '.join(saved)} vs {', '.join(classes)}"
+    raise UserError(f"checkpoint {path} was trained on {len(saved)} classes and data.root={root} holds "
+                    f"{len(classes)} ({differ}): evaluate on data with the checkpoint's class folders (the same "
+                    f"names), or train a model on these classes")
 
 
 def _refuse_imports_named_by_the_file(path: str, saved: dict, overrides: Sequence[str]) -> None:

@@ -204,6 +204,7 @@ _CHECKS: Dict[str, Tuple[Callable[[Any], bool], str]] = {
     "world_size": (lambda v: _is_int(v, 1), "an integer >= 1"),
     "batch_size": (lambda v: _is_int(v, 1), "an integer >= 1"),
     "history": (lambda v: isinstance(v, list) and all(isinstance(r, dict) for r in v), "a list of dicts"),
+    "classes": (lambda v: isinstance(v, list) and all(isinstance(c, str) for c in v), "a list of class names"),
     "ranks": (lambda v: v is None or (isinstance(v, list) and all(_is_rank_state(r) for r in v)),
               "a list of per-rank states (rng, buffers, epoch_totals) or None"),
     "scaler": (lambda v: v is None or isinstance(v, dict), "a GradScaler state dict or None"),

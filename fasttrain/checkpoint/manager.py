@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Protocol
+from typing import Any, Callable, Dict, List, Optional, Protocol, Tuple
 
 import torch
 from torch import nn
@@ -48,6 +48,8 @@ class RunParts(Protocol):
     def steps_per_epoch(self) -> int: ...
     @property
     def averages(self) -> Optional[Averages]: ...
+    @property
+    def classes(self) -> Tuple[str, ...]: ...
 
 
 def _resumable(ctx: dist.Dist, parts: RunParts) -> Resumable:
@@ -95,7 +97,9 @@ def finish_writes(ctx: dist.Dist, writer: CheckpointWriter) -> None:
 
 def _capture(cfg: Config, ctx: dist.Dist, parts: RunParts, state: RunState, totals: Optional[torch.Tensor],
              extra: Dict[str, Any]) -> Optional[Dict[str, Any]]:
-    return capture(cfg, ctx.world_size, _resumable(ctx, parts), state, totals, extra)
+    # the class names say what each output of the model means: `fasttrain eval` on other data checks them
+    return capture(cfg, ctx.world_size, _resumable(ctx, parts), state, totals,
+                   {"classes": list(parts.classes), **extra})
 
 
 def save_step_checkpoint(cfg: Config, ctx: dist.Dist, parts: RunParts, state: RunState, totals: torch.Tensor,

@@ -123,11 +123,19 @@ class FolderSplits:
     bad: Tuple[BadFiles, ...]
 
 
-def folder_splits(data: DataConfig) -> FolderSplits:
+def folder_splits(data: DataConfig, decoder: str = "pil") -> FolderSplits:
     """data.root scanned (train/ and val/), checked and cut to the configured subsets. Kept per process
-    (loader choice, train and eval loaders all ask) until a class folder or split folder changes."""
+    (loader choice, train and eval loaders all ask) until a class folder or split folder changes.
+    `decoder` (`scan_decoder`): which decoder data.skip_bad_images asks whether a file decodes."""
+    decoder = decoder if data.skip_bad_images else "pil"  # without skip_bad_images no file is decoded
     return _scan_folder(data.root, data.skip_bad_images, data.image_size, data.train_size, data.val_size,
-                        data.subset_seed, _folder_stamp(data.root))
+                        data.subset_seed, _folder_stamp(data.root), decoder)
+
+
+def scan_decoder(loader: str, device: torch.device) -> str:
+    """The decoder that will decode the folder's files: "dali:<device>" for the dali loader (it refuses
+    files PIL reads, such as a GIF named .png, and reads some PIL refuses), else "pil"."""
+    return f"dali:{device}" if loader == "dali" else "pil"
 
 
 def _folder_stamp(root: str) -> Tuple[Tuple[str, int], ...]:
@@ -144,8 +152,14 @@ def _folder_stamp(root: str) -> Tuple[Tuple[str, int], ...]:
 
 @functools.lru_cache(maxsize=4)
 def _scan_folder(root: str, skip_bad: bool, image_size: int, train_size: int, val_size: int, subset_seed: int,
-                 stamp: Tuple[Tuple[str, int], ...]) -> FolderSplits:
-    train, val = folder.scan_images(root, "train", skip_bad), folder.scan_images(root, "val", skip_bad)
+                 stamp: Tuple[Tuple[str, int], ...], decoder: str = "pil") -> FolderSplits:
+    check = None
+    if decoder.startswith("dali:"):
+        from fasttrain.data.dali_folder import undecodable  # imports DALI
+
+        device = torch.device(decoder.removeprefix("dali:"))
+        check = functools.partial(undecodable, device=device, num_threads=folder.THREADS)
+    train, val = (folder.scan_images(root, split, skip_bad, check) for split in ("train", "val"))
     folder.check_same_classes(train.index, val.index, root)
     side = image_size or folder.common_size([train, val])
     bad = tuple(scan.bad for scan in (train, val) if scan.bad is not None)
@@ -231,21 +245,22 @@ def _resolve_folder_loader(cfg: Config, device: torch.device) -> Tuple[str, str]
                      f"decode the files every epoch")
 
 
-def _split(cfg: Config, loader: str, train: bool) -> Tuple[Union[np.ndarray, FolderIndex], np.ndarray, DatasetInfo]:
+def _split(cfg: Config, loader: str, train: bool,
+           device: torch.device) -> Tuple[Union[np.ndarray, FolderIndex], np.ndarray, DatasetInfo]:
     """(images, labels, info) of one split as `loader` takes it: a uint8 array, or for folder data read
     by the plain or dali loader, the file index (decoded batch by batch)."""
     if cfg.data.dataset == "folder" and loader in ("plain", "dali"):
-        splits = folder_splits(cfg.data)
+        splits = folder_splits(cfg.data, scan_decoder(loader, device))
         index = splits.train if train else splits.val
         return index, index.labels, splits.info
     return load_split(cfg.data, train)
 
 
-def _report_skipped(cfg: Config) -> None:
+def _report_skipped(cfg: Config, loader: str, device: torch.device) -> None:
     """The files data.skip_bad_images left out, in the run's log (rank 0's: other ranks' is silent)."""
     if cfg.data.dataset != "folder":
         return
-    for bad in folder_splits(cfg.data).bad:
+    for bad in folder_splits(cfg.data, scan_decoder(loader, device)).bad:
         logging.getLogger(LOGGER_NAME).info(
             f"data folder: {bad.count} unreadable image file(s) left out (data.skip_bad_images=true), the first: "
             f"{bad.first} ({bad.reason})")
@@ -255,10 +270,10 @@ def build_eval_loader(cfg: Config, device: torch.device, rank: int = 0, world_si
                       dtype: torch.dtype = torch.float32) -> Tuple[Loader, DatasetInfo]:
     """The test split, sharded exactly: every image once across ranks, nothing padded."""
     name, _ = resolve_loader(cfg, device)
-    images, labels, info = _split(cfg, name, train=False)
+    images, labels, info = _split(cfg, name, train=False, device=device)
     batches = ShardedBatches(len(labels), cfg.train.eval_batch_size or cfg.train.batch_size, shuffle=False,
                              seed=cfg.train.seed, rank=rank, world_size=world_size, exact=True)
-    _report_skipped(cfg)
+    _report_skipped(cfg, name, device)
     return _loader(cfg, name, images, labels, info, batches, device, dtype, train=False), info
 
 
@@ -270,7 +285,7 @@ def build_loaders(cfg: Config, device: torch.device, rank: int = 0, world_size: 
     Batches arrive on `device` in `dtype`, channels_last when train.channels_last is set.
     """
     name, _ = resolve_loader(cfg, device)
-    images, labels, info = _split(cfg, name, train=True)
+    images, labels, info = _split(cfg, name, train=True, device=device)
     batches = ShardedBatches(len(labels), cfg.train.batch_size, cfg.data.shuffle, cfg.train.seed, rank, world_size,
                              drop_last=cfg.data.drop_last)
     if len(batches) == 0:

@@ -35,19 +35,102 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from typing import Deque, Iterator, List, Sequence, Tuple
+from typing import Deque, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
-from fasttrain.data.dali import DaliPipelineLoader, as_batch
-from fasttrain.data.folder import FolderIndex, decode_rgb
+from fasttrain.data.dali import DaliPipelineLoader, as_batch, import_dali
+from fasttrain.data.folder import FolderIndex, UnreadableImage, undecodable_line
 from fasttrain.data.gpu import BatchFormat, epoch_augmentation
 from fasttrain.data.plain import ShardedBatches
 
 CROP_AREA = (0.08, 1.0)  # fraction of the image's area a training crop covers (torchvision's scale)
 CROP_RATIO = (3 / 4, 4 / 3)  # its width / height (torchvision's ratio), drawn log-uniformly
 PREFETCH_BATCHES = 2  # batches DALI decodes ahead of the one being consumed
+CHECK_BATCH = 64  # files decoded together by `undecodable`; a batch that fails is decoded again file by file
+
+
+# --------------------------------------------------------------------------- which files DALI decodes
+
+
+def _decoder_device(device: torch.device) -> Tuple[str, Optional[int]]:
+    """(the decoders' device argument, the pipeline's device_id) for a loader on `device`."""
+    if device.type != "cuda":
+        return "cpu", None  # device_id=None: a pipeline without a GPU
+    return "mixed", device.index if device.index is not None else torch.cuda.current_device()
+
+
+class _DecodeCheck:
+    """A pipeline that only decodes: files fed in, nothing read out. DALI invalidates a pipeline whose
+    run failed, so a new one is built after each failure."""
+
+    def __init__(self, device: torch.device, num_threads: int):
+        self.dali, self.fn, self.types = import_dali()
+        self.decoder, self.device_id = _decoder_device(device)
+        self.num_threads = max(1, num_threads)
+        self._pipe = None
+
+    def _build(self):
+        fn, types = self.fn, self.types
+
+        @self.dali.pipeline_def(batch_size=CHECK_BATCH, num_threads=self.num_threads, device_id=self.device_id,
+                                prefetch_queue_depth=1)
+        def pipeline():
+            encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
+            # the whole image, as the loader's eval pipeline decodes it: a file that decodes whole also
+            # decodes as any of the training crops (fn.decoders.image_slice decodes a part of it)
+            return fn.decoders.image(encoded, device=self.decoder, output_type=types.RGB)
+
+        pipe = pipeline()
+        pipe.build()
+        return pipe
+
+    def decodes(self, paths: Sequence[str]) -> Optional[str]:
+        """None when DALI decodes every file of `paths` (at most CHECK_BATCH), else DALI's reason."""
+        if self._pipe is None:
+            self._pipe = self._build()
+        try:
+            self._pipe.feed_input("encoded", [np.fromfile(path, dtype=np.uint8) for path in paths])
+            self._pipe.run()
+            return None
+        except RuntimeError as err:
+            pipe, self._pipe = self._pipe, None
+            pipe._shutdown()  # DALI: "Current pipeline object is no longer valid"
+            return _dali_reason(err)
+
+    def close(self) -> None:
+        if self._pipe is not None:
+            pipe, self._pipe = self._pipe, None
+            pipe._shutdown()
+
+
+def _dali_reason(err: RuntimeError) -> str:
+    """DALI's own words for a failed decode, one line: what follows its "encountered:" (e.g. "nvImageCodec
+    failure: '#4'" for a GIF), without the operator's traceback around it."""
+    lines = [line.strip() for line in str(err).splitlines()]
+    after = lines[lines.index("encountered:") + 1:] if "encountered:" in lines else lines
+    said = next((line for line in after if line and "no longer valid" not in line), "")
+    return f"DALI's image decoder fails on it: {said.rstrip(' :')}" if said else "DALI's image decoder fails on it"
+
+
+def undecodable(paths: Sequence[str], device: torch.device, num_threads: int = 2) -> List[Optional[str]]:
+    """For each file, None when the dali loader's decoder (on `device`: the CPU's, or "mixed" on a GPU)
+    decodes it, else why not. data.skip_bad_images uses this to leave out what the dali loader would
+    fail on: PIL reads files that DALI refuses (a GIF or an icon named .png), and the other way round.
+    Files are decoded CHECK_BATCH at a time; only a batch that fails is decoded again one by one."""
+    check = _DecodeCheck(device, num_threads)
+    reasons: List[Optional[str]] = [None] * len(paths)
+    try:
+        for start in range(0, len(paths), CHECK_BATCH):
+            batch = paths[start : start + CHECK_BATCH]
+            if check.decodes(batch) is None:
+                continue
+            for offset, path in enumerate(batch):
+                reasons[start + offset] = check.decodes([path])
+    finally:
+        check.close()
+    return reasons
 
 
 def epoch_crops(seed: int, epoch: int, num_samples: int, hflip: bool) -> Tuple[np.ndarray, np.ndarray]:
@@ -204,17 +287,19 @@ class DaliFolderLoader(DaliPipelineLoader):
     # ------------------------------------------------------------------ epochs
     def _run(self):
         """The pipeline's next batch (StopIteration at the epoch's end). A file DALI cannot decode (a
-        truncated JPEG passes a scan that reads headers only) ends the epoch with the plain loader's one
-        UnreadableImage line naming it: DALI's own message gives at most the sample's place in a batch,
-        so the batches it was fed and has not returned are decoded again with PIL to find the file."""
+        truncated JPEG or a GIF named .png pass a scan that reads headers only) ends the epoch with the
+        plain loader's one UnreadableImage line naming it: DALI's own message gives at most the sample's
+        place in a batch, so the batches it was fed and has not returned are decoded again, by the same
+        decoder, to find the file."""
         try:
             outputs = self._pipe.run()
         except RuntimeError as err:
             suspects = [path for batch in self._source.fed for path in batch]
             self.close()  # DALI: "Current pipeline object is no longer valid"
-            for path in suspects:
-                decode_rgb(path)  # raises UnreadableImage for the first file PIL cannot decode either
-            raise RuntimeError(f"DALI failed on a batch whose files all decode with PIL ({err})") from err
+            for path, reason in zip(suspects, undecodable(suspects, self.device, self.num_threads)):
+                if reason is not None:
+                    raise UnreadableImage(undecodable_line(path, reason)) from None
+            raise  # every file it was fed decodes on its own: not a file's fault, DALI's own error
         self._source.fed.popleft()
         return outputs
 

@@ -7,7 +7,9 @@
 each class, so every rank and every run sees the same index. While scanning, each file's header
 is read (and a PNG's checksums checked): files that are not images stop the run before training
 with one line naming how many there are and the first. With `skip_bad` (data.skip_bad_images)
-every file is decoded once instead, and those that fail are left out and counted. A file whose
+every file is decoded once instead, and those that fail are left out and counted: by PIL, or by
+the decoder the loader will use when the caller gives one (`decode_check`: the dali loader's, which
+refuses files PIL reads, such as a GIF named .png). A file whose
 header is sound but whose pixels are not (a truncated JPEG) is otherwise found when it is decoded:
 `decode_rgb` raises one `UnreadableImage` line naming it, in a DataLoader worker too.
 
@@ -120,8 +122,12 @@ def scan_split(root: str, split: str, skip_bad: bool = False) -> FolderIndex:
     return scan_images(root, split, skip_bad).index
 
 
-def scan_images(root: str, split: str, skip_bad: bool = False) -> Scan:
-    """scan_split, with each file's size and the files left out."""
+DecodeCheck = Callable[[Sequence[str]], List[Optional[str]]]  # per file: None when it decodes, else why not
+
+
+def scan_images(root: str, split: str, skip_bad: bool = False, decode_check: Optional[DecodeCheck] = None) -> Scan:
+    """scan_split, with each file's size and the files left out. `decode_check`, with `skip_bad`: the
+    loader's own decoder decides which files decode (PIL then reads only the headers, for the sizes)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     split_dir = Path(root) / split
@@ -137,7 +143,13 @@ def scan_images(root: str, split: str, skip_bad: bool = False) -> Scan:
         candidates.extend((str(class_dir / name), label) for name in files)
     # file I/O and PIL's decoders release the GIL: threads overlap them (map keeps the files' order)
     with ThreadPoolExecutor(max_workers=THREADS) as pool:
-        probes = list(pool.map(_probe, [path for path, _ in candidates], [skip_bad] * len(candidates)))
+        decode = skip_bad and decode_check is None
+        probes = list(pool.map(_probe, [path for path, _ in candidates], [decode] * len(candidates)))
+    if skip_bad and decode_check is not None:
+        readable = [i for i, (size, _) in enumerate(probes) if size is not None]
+        for i, why in zip(readable, decode_check([candidates[i][0] for i in readable])):
+            if why is not None:
+                probes[i] = (None, why)
     bad = [(path, why) for (path, _), (_, why) in zip(candidates, probes) if why is not None]
     bad_files = BadFiles(len(bad), bad[0][0], bad[0][1]) if bad else None
     if bad_files and not skip_bad:
@@ -190,9 +202,14 @@ def decode_rgb(path: str) -> Image.Image:
                 image = image.convert("RGBA")
             return image.convert("RGB")  # convert() decodes: a truncated file fails here
     except Exception as err:
-        raise UnreadableImage(f"data error: cannot decode image file {path} ({_short(err)}): fix or remove it, or "
-                              f"set data.skip_bad_images=true (each file is then decoded once when the folder is "
-                              f"scanned, and those that fail are left out)") from None
+        raise UnreadableImage(undecodable_line(path, _short(err))) from None
+
+
+def undecodable_line(path: str, reason: str) -> str:
+    """The one line every loader stops with for a file its decoder cannot decode."""
+    return (f"data error: cannot decode image file {path} ({reason}): fix or remove it, or set "
+            f"data.skip_bad_images=true (each file is then decoded once when the folder is scanned, by the decoder "
+            f"the loader uses, and those that fail are left out)")
 
 
 def decode_split(index: FolderIndex, fit: Callable[[Image.Image], Image.Image], threads: int) -> np.ndarray:
