@@ -1,0 +1,143 @@
+"""Edges of a running job: its run folder made read-only or removed while it trains, a captured step fed a
+batch of another shape, the DALI loader's close and reference cycle, and the process-wide settings that
+fasttrain.fit puts back."""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import weakref
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, read_jsonl, torchrun_command, wait_for_step
+from fasttrain.checkpoint import load_checkpoint
+
+RUN = ["--config", "configs/smoke.yaml", "data.train_size=512", "data.val_size=64", "model.name=MLP",
+       "model.hidden_sizes=[32]", "train.batch_size=32", "train.epochs=50", "train.log_every=1",
+       "checkpoint.every_steps=4", "checkpoint.background=false"]
+
+
+# --------------------------------------------------------------------------- the run folder, mid-run
+
+
+def _launch(out: Path, *extra: str, ranks: int = 1) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    args = [*RUN, *extra, f"output.dir={out}"]
+    command = torchrun_command(ranks, *args) if ranks > 1 else [sys.executable, "-m", "fasttrain.run", *args]
+    return subprocess.Popen(command, cwd=REPO, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+
+
+def _wait_for_checkpoint(out: Path, job: subprocess.Popen) -> None:
+    """Until a step checkpoint is on disk and the run has logged a step past it (synchronized on the files
+    the run writes, not on time)."""
+    wait_for_step(out, 6, job, timeout=60)
+    assert any((out / "checkpoints").glob("step-*.pt"))
+
+
+def _ended(job: subprocess.Popen) -> tuple[int, str]:
+    try:
+        _, stderr = job.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        job.kill()
+        job.communicate()
+        raise AssertionError("the run went on after its folder became unusable")
+    return job.returncode, stderr
+
+
+def _one_line(code: int, stderr: str) -> str:
+    assert code == 2, f"exit {code}\n{stderr[-3000:]}"
+    assert "Traceback" not in stderr and "Logging error" not in stderr, stderr[-3000:]
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert lines and lines[-1].startswith("fasttrain: error: "), stderr[-3000:]
+    return lines[-1]
+
+
+def _immutable_supported(folder: Path) -> bool:
+    """Whether `chattr +i` works here: the read-only flag that binds root too (permission bits do not)."""
+    if shutil.which("chattr") is None:
+        return False
+    probe = folder / "probe"
+    probe.mkdir()
+    try:
+        if subprocess.run(["chattr", "+i", str(probe)], capture_output=True).returncode != 0:
+            return False
+        try:
+            (probe / "x").touch()
+            return False  # the flag did not hold
+        except OSError:
+            return True
+    finally:
+        subprocess.run(["chattr", "-i", str(probe)], capture_output=True)
+        shutil.rmtree(probe, ignore_errors=True)
+
+
+def test_a_run_folder_removed_mid_run_stops_with_one_line_naming_it(tmp_path):
+    out = tmp_path / "run"
+    job = _launch(out)
+    try:
+        _wait_for_checkpoint(out, job)
+        os.rename(out, tmp_path / "moved")  # atomic: from now on the run's folder is gone
+        shutil.rmtree(tmp_path / "moved")
+        line = _one_line(*_ended(job))
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.communicate()
+    assert str(out) in line and ("was removed" in line), line
+    assert not out.exists()  # never recreated behind the user's back (nor its checkpoints/ folder)
+
+
+def test_a_run_folder_made_read_only_mid_run_stops_with_one_line_and_keeps_its_checkpoints(tmp_path):
+    if not _immutable_supported(tmp_path):
+        pytest.skip("chattr +i (the read-only flag that holds for root too) is not supported on this file system; "
+                    "permission bits do not stop root")
+    out = tmp_path / "run"
+    job = _launch(out)
+    try:
+        _wait_for_checkpoint(out, job)
+        subprocess.run(["chattr", "-R", "+i", str(out)], check=True)
+        kept = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (out / "checkpoints").glob("*.pt")}
+        line = _one_line(*_ended(job))
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.communicate()
+        subprocess.run(["chattr", "-R", "-i", str(out)], capture_output=True)
+    assert str(out) in line and "resume=auto" in line, line
+    assert kept and {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+                     for p in (out / "checkpoints").glob("*.pt")} == kept
+    for name in kept:
+        load_checkpoint(out / "checkpoints" / name)  # each whole and valid (its content hash checked)
+    logged = read_jsonl(out / "steps.jsonl")
+    assert logged and all(r["step"] for r in logged)
+
+
+def test_under_ddp_every_rank_stops_together_when_rank_0_cannot_write(tmp_path):
+    """Rank 0 alone writes the folder: its failure (here steps.jsonl, at a log interval with no checkpoint
+    due) reaches rank 1 in the next reduction, and both stop with the same line, well before dist.timeout_s."""
+    out = tmp_path / "run"
+    job = _launch(out, "checkpoint.every_steps=0", "dist.timeout_s=120", ranks=2)
+    try:
+        wait_for_step(out, 3, job, timeout=60)
+        os.rename(out, tmp_path / "moved")
+        code, stderr = _ended(job)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, 9)
+            job.communicate()
+    # torchrun reports its failed workers with a traceback of its own; the workers print none
+    assert code != 0 and str(REPO / "fasttrain") not in stderr, stderr[-3000:]
+    assert stderr.count("exitcode  : 2") == 2, stderr[-3000:]  # both ranks: exit 2, none waited to time out
+    errors = [line for line in stderr.splitlines() if "fasttrain: error: " in line]
+    rank1 = [line for line in errors if line.startswith("[rank 1] ")]
+    rank0 = [line for line in errors if line.startswith("fasttrain: error: ")]
+    assert rank0 and rank1, stderr[-3000:]
+    assert rank1[0].removeprefix("[rank 1] ") == rank0[0] and str(out) in rank0[0] and "was removed" in rank0[0]
