@@ -141,3 +141,43 @@ def test_under_ddp_every_rank_stops_together_when_rank_0_cannot_write(tmp_path):
     rank0 = [line for line in errors if line.startswith("fasttrain: error: ")]
     assert rank0 and rank1, stderr[-3000:]
     assert rank1[0].removeprefix("[rank 1] ") == rank0[0] and str(out) in rank0[0] and "was removed" in rank0[0]
+
+
+# --------------------------------------------------------------------------- the captured step's inputs
+
+
+def _recorded_step():
+    """A CapturedStep as it stands after its capture on CUDA (static inputs of a batch of 8, a replay), on
+    the CPU: the replay only counts (what it would run is not what is tested here)."""
+    from fasttrain.config import OptimConfig
+    from fasttrain.optim import build_optimizer
+    from fasttrain.precision import build_precision
+    from fasttrain.step import CapturedStep
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 10))
+    optimizer = build_optimizer(OptimConfig(name="adamw", lr=1e-3), model, torch.device("cpu"), capture=True)
+    step = CapturedStep(model, optimizer, build_precision("fp32", torch.device("cpu"), tf32=False))
+    step.on_cuda = True  # the CUDA path's control flow
+    step.static_images, step.static_labels = torch.zeros(8, 3, 4, 4), torch.zeros(8, dtype=torch.int64)
+    replays = []
+    step.replay = lambda: replays.append(1)
+    return step, replays
+
+
+@pytest.mark.parametrize("images,labels,wrong", [
+    ((1, 3, 4, 4), (1,), "images of shape (8, 3, 4, 4) (torch.float32) but got (1, 3, 4, 4)"),  # broadcasts
+    ((5, 3, 4, 4), (5,), "but got (5, 3, 4, 4)"),  # an epoch's last, smaller batch
+    ((8, 3, 4, 4), (1,), "labels of shape (8,) (torch.int64) but got (1,)"),
+], ids=["a batch of 1", "a smaller batch", "labels of 1"])
+def test_a_captured_step_refuses_a_batch_of_another_shape_naming_both(images, labels, wrong):
+    step, replays = _recorded_step()
+    with pytest.raises(ValueError) as raised:
+        step(torch.ones(images), torch.ones(labels, dtype=torch.int64))
+    assert wrong in str(raised.value) and "\n" not in str(raised.value)
+    assert not replays and bool((step.static_images == 0).all())  # nothing copied, nothing replayed
+
+
+def test_a_captured_step_copies_a_batch_of_its_shape_and_replays():
+    step, replays = _recorded_step()
+    step(torch.ones(8, 3, 4, 4), torch.full((8,), 3, dtype=torch.int64))
+    assert replays == [1] and bool((step.static_images == 1).all()) and bool((step.static_labels == 3).all())
