@@ -13,6 +13,7 @@ import sys
 import weakref
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -181,3 +182,58 @@ def test_a_captured_step_copies_a_batch_of_its_shape_and_replays():
     step, replays = _recorded_step()
     step(torch.ones(8, 3, 4, 4), torch.full((8,), 3, dtype=torch.int64))
     assert replays == [1] and bool((step.static_images == 1).all()) and bool((step.static_labels == 3).all())
+
+
+# --------------------------------------------------------------------------- the DALI loaders' lifetime
+
+
+def _dali_loader():
+    from fasttrain.data.dali import DaliLoader
+    from fasttrain.data.gpu import BatchFormat, CropFlip
+    from fasttrain.data.plain import ShardedBatches
+
+    images = np.random.default_rng(0).integers(0, 256, (96, 32, 32, 3), dtype=np.uint8)
+    fmt = BatchFormat(torch.device("cpu"), [0.5, 0.5, 0.5], [0.25, 0.25, 0.25], torch.float32, False)
+    return DaliLoader(images, np.arange(96) % 10, ShardedBatches(96, 32, True, 5), fmt, CropFlip(4, True, 5))
+
+
+def _dali_folder_loader(tmp_path: Path):
+    from PIL import Image
+
+    from fasttrain.data.dali_folder import DaliFolderLoader
+    from fasttrain.data.folder import scan_split
+    from fasttrain.data.gpu import BatchFormat
+    from fasttrain.data.plain import ShardedBatches
+
+    for label in ("cat", "dog"):
+        (tmp_path / "train" / label).mkdir(parents=True)
+        for k in range(6):
+            Image.fromarray(np.full((20, 24, 3), 40 * k, dtype=np.uint8)).save(tmp_path / "train" / label / f"{k}.png")
+    index = scan_split(str(tmp_path), "train")
+    fmt = BatchFormat(torch.device("cpu"), [0.5, 0.5, 0.5], [0.25, 0.25, 0.25], torch.float32, False)
+    return DaliFolderLoader(index, ShardedBatches(len(index.paths), 4, True, 5), fmt, image_size=16, train=True)
+
+
+@pytest.mark.parametrize("kind", ["arrays", "folder"])
+@pytest.mark.parametrize("closed", [True, False], ids=["closed", "dropped"])
+def test_a_dali_loader_is_freed_at_once_without_the_garbage_collector(kind, closed, tmp_path):
+    """close() stops the pipeline (its threads, its buffers), and no reference cycle holds the loader: the
+    last reference gone, it and its pipeline are freed by reference counting, with the collector off."""
+    pytest.importorskip("nvidia.dali")
+    loader = _dali_loader() if kind == "arrays" else _dali_folder_loader(tmp_path)
+    loader.set_epoch(0)
+    first = next(iter(loader))  # a pipeline built, its epoch left in the middle
+    assert first[0].shape[0] == loader.batches.batch_size
+    pipeline = weakref.ref(loader._pipe)
+    gc.collect()
+    gc.disable()
+    try:
+        if closed:
+            loader.close()
+            assert loader._pipe is None and pipeline() is None  # released by close itself
+            assert len(list(loader)) == len(loader)  # a later epoch builds a new pipeline and runs whole
+        freed = weakref.ref(loader)
+        del loader
+        assert freed() is None and pipeline() is None
+    finally:
+        gc.enable()
