@@ -5,6 +5,7 @@ fasttrain.fit puts back."""
 from __future__ import annotations
 
 import gc
+import logging
 import hashlib
 import os
 import shutil
@@ -237,3 +238,98 @@ def test_a_dali_loader_is_freed_at_once_without_the_garbage_collector(kind, clos
         assert freed() is None and pipeline() is None
     finally:
         gc.enable()
+
+
+# --------------------------------------------------------------------------- what fit leaves behind
+
+
+def _process_settings() -> dict:
+    """Every process-wide setting a run may touch, as values."""
+    import signal
+
+    import torch._dynamo.config as dynamo_config
+    import torch._inductor.config as inductor_config
+
+    from fasttrain.preemption import CATCHABLE
+
+    loggers = {name: (list(logging.getLogger(name).handlers), list(logging.getLogger(name).filters),
+                      logging.getLogger(name).level, logging.getLogger(name).propagate)
+               for name in ("fasttrain", "fasttrain.silent", "torch._dynamo.variables.ctx_manager")}
+    return {"signals": {name: signal.getsignal(getattr(signal, name)) for name in CATCHABLE},
+            "loggers": loggers, "environ": dict(os.environ),
+            "dynamo": dynamo_config.get_config_copy(), "inductor": inductor_config.get_config_copy(),
+            "switches": (torch.are_deterministic_algorithms_enabled(),
+                         torch.is_deterministic_algorithms_warn_only_enabled(), torch.backends.cudnn.benchmark,
+                         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,
+                         torch.backends.cudnn.deterministic),
+            "dtype": torch.get_default_dtype(), "threads": (torch.get_num_threads(), torch.get_num_interop_threads()),
+            "process_group": torch.distributed.is_initialized()}
+
+
+def _changed(before: dict, after: dict) -> dict:
+    changed = {}
+    for key in before:
+        if isinstance(before[key], dict):
+            keys = set(before[key]) | set(after[key])
+            diff = {k: (before[key].get(k), after[key].get(k)) for k in keys if before[key].get(k) != after[key].get(k)}
+            if diff:
+                changed[key] = diff
+        elif before[key] != after[key]:
+            changed[key] = (before[key], after[key])
+    return changed
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.parametrize("ends", ["returns", "raises"])
+def test_fit_puts_back_every_process_wide_setting_it_changes(tmp_path, monkeypatch, ends):
+    """A deterministic run launched as one srun task (fit sets MASTER_ADDR from the node list): afterwards,
+    whether fit returned or raised, the process is as it was (compiling in-process costs half a minute on a
+    CPU: the compile settings are checked on the restoring block below)."""
+    import fasttrain
+
+    # one srun task: the rendezvous address comes from the node list (fit exports it); a free port of our own
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    monkeypatch.setenv("SLURM_NODELIST", "localhost")
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    before = _process_settings()
+    overrides = ["data.dataset=synthetic", "data.train_size=64", "data.val_size=32", "train.batch_size=32",
+                 "train.device=cpu", "data.num_workers=0", "model.name=MLP", "model.hidden_sizes=[16]",
+                 "train.epochs=1", "train.deterministic=true", f"output.dir={tmp_path / 'run'}"]
+    if ends == "raises":  # fails in the middle of training, after everything was set up: a nan loss
+        overrides += ["optim.name=sgd", "optim.lr=1000", "sched.name=none", "train.log_every=1", "train.epochs=5"]
+        with pytest.raises(fasttrain.errors.UserError, match="training diverged"):
+            fasttrain.fit(overrides=overrides)
+    else:
+        assert fasttrain.fit(overrides=overrides).epoch == 1
+    assert _changed(before, _process_settings()) == {}
+
+
+def test_what_a_compiled_or_captured_run_sets_is_put_back():
+    """torch._dynamo.config.optimize_ddp, set by a compiled run under DDP (build.wrap_ddp: more than one rank,
+    which one CPU process cannot make), and the filter a captured step adds to a Dynamo logger: fit's
+    restoring block puts both back (checked on that block: compiling a captured step costs half a minute)."""
+    from fasttrain.api import _process_state_restored
+    from fasttrain.build import wrap_ddp  # noqa: F401 - the setter named above
+    from fasttrain.config import OptimConfig
+    from fasttrain.optim import build_optimizer
+    from fasttrain.precision import build_precision
+    from fasttrain.step import CapturedStep
+
+    before = _process_settings()
+    with _process_state_restored():
+        torch._dynamo.config.optimize_ddp = not torch._dynamo.config.optimize_ddp  # as wrap_ddp does
+        model = torch.nn.Linear(4, 2)
+        optimizer = build_optimizer(OptimConfig(name="sgd", lr=0.1), model, torch.device("cpu"), capture=True)
+        CapturedStep(model, optimizer, build_precision("fp32", torch.device("cpu"), tf32=False))
+        assert _changed(before, _process_settings())  # both changed in the block
+    assert _changed(before, _process_settings()) == {}
