@@ -14,8 +14,9 @@ of the call: config.yaml and every checkpoint say which model was trained, `resu
 class continues, and `fasttrain eval` rebuilds it from there when that class can be imported.
 
 What the command line does for its whole process is undone when `fit` returns or raises: signal
-handlers, logging handlers, the process group, deterministic-algorithm and cuDNN switches; so a script
-can call `fit` again. The random generators stay as the run left them (it seeds them, as the CLI does).
+handlers, logging handlers and filters, the process group, deterministic-algorithm, cuDNN and TF32
+switches, the torch.compile settings it changes, the current CUDA device and environment variables; so a
+script can call `fit` again. The random generators stay as the run left them (it seeds them, as the CLI does).
 Bad input raises the CLI's one-line `UserError` (`ConfigError` for config keys and values) instead
 of exiting; a Ctrl-C stops at the next log interval with a checkpoint, then raises KeyboardInterrupt.
 """
@@ -24,10 +25,12 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import importlib
 import json
 import logging
 import os
 import signal
+import sys
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -112,7 +115,7 @@ class Trainer:
         if model is not None:  # recorded in config.yaml and the checkpoints, in model.name's import form
             cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name=model_path(model)))
         clock = timing.restart("the fit() call")  # this run's time split starts here, not at the process's start
-        with _process_state_restored():
+        with _process_state_restored(compiles=cfg.train.compile != "off"):
             preemption.narrow_early_hold(cfg.checkpoint.signals)  # as run.main: others keep their own handling
             try:
                 state = train(cfg, model)
@@ -202,22 +205,34 @@ def _result(cfg: Config, state: RunState, time_split: Dict[str, Any]) -> FitResu
 # --------------------------------------------------------------------------- the process
 
 
+# loggers whose handlers, level or filters a run changes: fasttrain's own (its console and train.log; the
+# silent one other ranks log to) and the Dynamo logger a captured step filters (step._quiet_profiler_notice)
+_LOGGERS = (LOGGER_NAME, f"{LOGGER_NAME}.silent", "torch._dynamo.variables.ctx_manager")
+# the torch.compile configs a run sets (torch._dynamo.config.optimize_ddp in build.wrap_ddp,
+# torch._inductor.config.force_disable_caches in compile_cache): restored key by key
+_COMPILE_CONFIGS = ("torch._dynamo.config", "torch._inductor.config")
+
+
 @contextmanager
-def _process_state_restored() -> Iterator[None]:
+def _process_state_restored(compiles: bool = True) -> Iterator[None]:
     """Everything `python -m fasttrain.run` sets for the whole process, put back as it was on every exit:
     signal handlers (the early hold, the run's preemption and Ctrl-C handlers, which a stopped run leaves in
-    place for a process that is about to exit), the `fasttrain` logger's handlers (the run replaces them with
-    its console and train.log, then closes those), deterministic algorithms, cuDNN and TF32 switches and
-    CUBLAS_WORKSPACE_CONFIG. The trainer itself leaves the process group."""
+    place for a process that is about to exit), the handlers, level and filters of the loggers a run sets up
+    (`_LOGGERS`), deterministic algorithms, cuDNN and TF32 switches, the torch.compile configs (`_COMPILE_CONFIGS`:
+    read only when the run compiles or they are loaded already; importing Dynamo costs seconds), the current
+    CUDA device, and the environment (CUBLAS_WORKSPACE_CONFIG, MASTER_ADDR / MASTER_PORT under srun,
+    TORCHINDUCTOR_CACHE_DIR). The trainer itself leaves the process group."""
     main_thread = threading.current_thread() is threading.main_thread()
     numbers = [getattr(signal, name) for name in preemption.CATCHABLE]
     handlers = {number: signal.getsignal(number) for number in numbers} if main_thread else {}
     switches = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
                 torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32,
                 torch.backends.cuda.matmul.allow_tf32)
-    cublas = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
-    logger = logging.getLogger(LOGGER_NAME)
-    log_setup = (list(logger.handlers), logger.level, logger.propagate)
+    environ = dict(os.environ)
+    loggers = {name: _logger_setup(logging.getLogger(name)) for name in _LOGGERS}
+    configs = {name: importlib.import_module(name).get_config_copy() for name in _COMPILE_CONFIGS
+               if compiles or name in sys.modules}
+    cuda_device = torch.cuda.current_device() if torch.cuda.is_initialized() else 0  # no CUDA start-up here
     preemption.hold_early_signals()  # as run.main: a preemption signal while the run starts is acted on
     try:
         yield
@@ -230,6 +245,23 @@ def _process_state_restored() -> Iterator[None]:
         torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
         torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32 = benchmark, cudnn_tf32
         torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
-        if cublas is None:
-            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
-        logger.handlers[:], logger.level, logger.propagate = log_setup
+        for name, saved in configs.items():
+            config = sys.modules[name]
+            now = config.get_config_copy()  # not getattr: reading a deprecated key warns
+            for key, value in saved.items():
+                if now.get(key) != value:
+                    setattr(config, key, value)
+        if torch.cuda.is_initialized():
+            torch.cuda.set_device(cuda_device)
+        for key in set(os.environ) - set(environ):
+            del os.environ[key]
+        for key, value in environ.items():
+            if os.environ.get(key) != value:
+                os.environ[key] = value
+        for name, setup in loggers.items():
+            logger = logging.getLogger(name)
+            logger.handlers[:], logger.filters[:], (logger.level, logger.propagate) = setup
+
+
+def _logger_setup(logger: logging.Logger) -> tuple:
+    return list(logger.handlers), list(logger.filters), (logger.level, logger.propagate)

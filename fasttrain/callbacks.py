@@ -19,10 +19,12 @@ Rank 0's sinks (files, TensorBoard, the progress display) are only given to rank
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
+from fasttrain.errors import folder_write_failed
 from fasttrain.observe import CsvRows, JsonLines, Progress, TensorBoard, epoch_line
 from fasttrain.preemption import PreemptionWatch
 
@@ -72,28 +74,43 @@ class Callback:
 
 class MetricSinks(Callback):
     """Rank 0's records: steps.jsonl per log interval; metrics.jsonl, metrics.csv and the epoch line per
-    epoch; both as TensorBoard scalars when asked for."""
+    epoch; both as TensorBoard scalars when asked for. A file that cannot be written (the run folder made
+    read-only or removed, a full disk) raises the one line of `folder_write_failed`."""
 
     def __init__(self, run_dir: Path, columns: List[str], history: List[Dict[str, Any]], epochs: int,
                  tensorboard: bool, log) -> None:
+        self.run_dir = run_dir
         self.steps = JsonLines(run_dir / "steps.jsonl")
         self.metrics = JsonLines(run_dir / "metrics.jsonl")
-        self.table = CsvRows(run_dir / "metrics.csv", columns, history)
+        with self._writing("metrics.csv"):
+            self.table = CsvRows(run_dir / "metrics.csv", columns, history)
         self.board = TensorBoard(run_dir / "tensorboard") if tensorboard else None
         self.epochs, self.log = epochs, log
+
+    @contextmanager
+    def _writing(self, what: str) -> Iterator[None]:
+        try:
+            yield
+        except OSError as err:
+            raise folder_write_failed(self.run_dir, what, err) from None
 
     def on_interval(self, interval: Interval) -> None:
         record = {"step": interval.step, "epoch": interval.epoch, "loss": interval.loss, "lr": interval.lr,
                   "images_per_sec": interval.images_per_sec, "mfu": interval.mfu}
-        self.steps.write(record)
+        with self._writing("steps.jsonl"):
+            self.steps.write(record)
         if self.board is not None:
-            self.board.scalars("step", record, interval.step)
+            with self._writing("tensorboard/"):
+                self.board.scalars("step", record, interval.step)
 
     def on_epoch_end(self, record: Dict[str, Any]) -> None:
-        self.metrics.write(record)
-        self.table.write(record)
+        with self._writing("metrics.jsonl"):
+            self.metrics.write(record)
+        with self._writing("metrics.csv"):
+            self.table.write(record)
         if self.board is not None:
-            self.board.scalars("epoch", record, record["epoch"])
+            with self._writing("tensorboard/"):
+                self.board.scalars("epoch", record, record["epoch"])
         self.log(epoch_line(record, self.epochs))
 
     def close(self) -> None:

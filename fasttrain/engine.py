@@ -23,9 +23,10 @@ from fasttrain.errors import TrainingDiverged
 from fasttrain.optim import Schedule
 from fasttrain.step import LOSS_SUM, NONFINITE, SKIPPED, SUMS
 
-# the vector summed over ranks at a log interval: the step's SUMS, then samples and the preemption flag
-SAMPLES, SIGNALLED = SUMS, SUMS + 1
-REDUCED = SUMS + 2
+# the vector summed over ranks at a log interval: the step's SUMS, then samples, the preemption flag and
+# rank 0's flag for a write into the run folder that failed (its records, train.log)
+SAMPLES, SIGNALLED, WRITE_FAILED = SUMS, SUMS + 1, SUMS + 2
+REDUCED = SUMS + 3
 # what a checkpoint carries as a rank's running sums of the epoch in progress: [loss sum, samples,
 # skipped steps, non-finite losses] (the layout checkpoints have always had)
 TOTALS = 4
@@ -112,6 +113,11 @@ class Boundaries:
     tick: Optional[Callable[[], None]] = None  # per step, host only (a progress counter; rank 0)
     # per step, with the global step just done: the weight averages (every rank; None when the run keeps none)
     after_step: Optional[Callable[[int], None]] = None
+    # 1.0 when this rank (rank 0: the run folder's files) has a failure the ranks must stop on, else 0.0: a
+    # host float that rides in the reductions; when their sum is positive every rank calls `stop_on_failure`,
+    # which agrees on the message and raises it on every rank
+    write_failed: Callable[[], float] = lambda: 0.0
+    stop_on_failure: Optional[Callable[[], None]] = None
 
     def next_after(self, global_step: int) -> int:
         """The first boundary after `global_step`."""
@@ -201,8 +207,11 @@ def train_one_epoch(step, loader: Iterable[Tuple[torch.Tensor, torch.Tensor]], s
             vector[:SUMS] = interval
             vector[SAMPLES] = interval_samples
             vector[SIGNALLED] = float(boundaries.signal_flag())
+            vector[WRITE_FAILED] = boundaries.write_failed()
             reduced = dist.all_reduce_sum_tensor(vector).tolist()  # host sync, once per log interval
             _raise_if_diverged(reduced[NONFINITE], step, interval_start_step, epoch)
+            if reduced[WRITE_FAILED] > 0 and boundaries.stop_on_failure is not None:
+                boundaries.stop_on_failure()  # raises on every rank, with rank 0's line
             now = time.perf_counter()
             if log_step is not None:
                 log_step(global_step, epoch, reduced[LOSS_SUM] / max(reduced[SAMPLES], 1), last_lr,
@@ -230,9 +239,12 @@ def train_one_epoch(step, loader: Iterable[Tuple[torch.Tensor, torch.Tensor]], s
     now_totals = _as_totals(epoch_sums, epoch_samples)
     flag = torch.zeros(TOTALS, dtype=torch.float64, device=device)
     flag[0] = 0.0 if stopped_early else float(boundaries.signal_flag())
+    flag[1] = boundaries.write_failed()
     reduced_now, reduced_before, reduced_flag = dist.all_reduce_sum_tensor(
         torch.stack([now_totals, before, flag])).tolist()  # host sync, per epoch
     _raise_if_diverged(reduced_now[3], step, interval_start_step, epoch)
+    if reduced_flag[1] > 0 and boundaries.stop_on_failure is not None:
+        boundaries.stop_on_failure()
     synchronize(device)
     seconds = time.perf_counter() - start
     loss_sum, samples, skipped_total = (reduced_now[i] + reduced_before[i] for i in range(3))

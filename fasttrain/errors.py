@@ -57,3 +57,18 @@ def report(err: UserError) -> None:
         return
     prefix = "" if rank == "0" else f"[rank {rank}] "
     print(f"{prefix}fasttrain: error: {err}", file=sys.stderr)
+
+
+def folder_write_failed(folder, what: str, err: OSError) -> UserError:
+    """The one line a running job stops with when its run folder cannot be written any more (removed,
+    made read-only, a full disk): which folder, what was being written, and what to do about it."""
+    from pathlib import Path
+
+    reason = err.strerror or str(err)
+    if not Path(folder).is_dir():
+        return UserError(f"output.dir {folder} was removed while the run was going (writing {what}: {reason}): "
+                         f"nothing more can be saved there; start again with an output.dir that stays, or continue "
+                         f"from a copy of its checkpoints with resume=PATH")
+    return UserError(f"output.dir {folder} cannot be written any more (writing {what}: {reason}): it was made "
+                     f"read-only or its disk is full; the checkpoints written before are kept: make it writable or "
+                     f"free space, then continue with resume=auto output.dir={folder}")

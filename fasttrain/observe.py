@@ -10,7 +10,7 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional, Tuple
 
 LOGGER_NAME = "fasttrain"
 
@@ -47,13 +47,55 @@ def attach_run_log(run_dir: Path) -> None:
     """From now on also log to run_dir/train.log (appended: a resumed run continues it), starting
     with the records held so far."""
     logger = logging.getLogger(LOGGER_NAME)
-    file = logging.FileHandler(run_dir / "train.log")
+    file = _RunLog(run_dir)
     file.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
     for held in [h for h in logger.handlers if isinstance(h, _HeldRecords)]:
         for record in held.records:
             file.handle(record)
         logger.removeHandler(held)
     logger.addHandler(file)
+
+
+class _RunLog(logging.FileHandler):
+    """train.log. A write that fails (the folder made read-only or removed, a full disk) is kept, not
+    printed as logging's traceback: the trainer reads it at its next log interval (`run_log_failure`)
+    and every rank stops with one line. Nothing more is written to the file after a failure."""
+
+    def __init__(self, run_dir: Path):
+        super().__init__(run_dir / "train.log")
+        self.run_dir = run_dir
+        self.failure: Optional[OSError] = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.failure is None:
+            super().emit(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        err = sys.exc_info()[1]
+        if not isinstance(err, OSError):
+            super().handleError(record)  # a record that does not format: logging's own report
+            return
+        self.failure = err
+
+    def flush(self) -> None:
+        try:
+            super().flush()
+        except OSError as err:
+            self.failure = self.failure or err
+
+    def close(self) -> None:
+        try:
+            super().close()
+        except OSError as err:  # the last flush: what it could not write is lost with the folder
+            self.failure = self.failure or err
+
+
+def run_log_failure() -> Optional[Tuple[Path, OSError]]:
+    """(run folder, error) when a write to train.log has failed, else None."""
+    for handler in logging.getLogger(LOGGER_NAME).handlers:
+        if isinstance(handler, _RunLog) and handler.failure is not None:
+            return handler.run_dir, handler.failure
+    return None
 
 
 def silent_logger() -> logging.Logger:

@@ -328,8 +328,7 @@ class CapturedStep(cuda_graphs.GraphCapture):
                 self.optimizer.zero_grad(set_to_none=True)  # the next backward writes fresh gradients
             return
         if self.replay is not None:
-            self.static_images.copy_(images)  # the graph reads its inputs from fixed addresses
-            self.static_labels.copy_(labels)
+            self._copy_in(images, labels)
             self.replay()
             return
         if self.steps_run < WARMUP_STEPS:
@@ -345,6 +344,20 @@ class CapturedStep(cuda_graphs.GraphCapture):
             self.replay = self._record(lambda: self._body(self.static_images, self.static_labels))
             self.replay()  # the capture recorded this batch's step without running it
         self.steps_run += 1
+
+    def _copy_in(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        """The batch into the graph's static inputs (the graph reads them from fixed addresses). A batch of
+        another shape would broadcast into them silently (a batch of 1 fills every row) and train on a batch
+        that does not exist; another dtype would be cast. Both are checked on the host: shape and dtype are
+        tensor metadata, no device sync."""
+        for name, static, batch in (("images", self.static_images, images), ("labels", self.static_labels, labels)):
+            if batch.shape != static.shape or batch.dtype != static.dtype:
+                raise ValueError(f"the captured step was recorded for {name} of shape {tuple(static.shape)} "
+                                 f"({static.dtype}) but got {tuple(batch.shape)} ({batch.dtype}): every training "
+                                 f"batch of a captured step must have the first one's shape (data.drop_last=true, "
+                                 f"which train.compile sets)")
+        self.static_images.copy_(images)
+        self.static_labels.copy_(labels)
 
     # ------------------------------------------------------------------ the contract's reads
 

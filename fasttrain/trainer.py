@@ -37,8 +37,9 @@ from fasttrain.checkpoint import (CheckpointWriter, RunState, choose_on_rank0, f
 from fasttrain.config import Config, LoaderName
 from fasttrain.data import resolve_loader
 from fasttrain.engine import Boundaries, EpochPlan, EpochStats, train_one_epoch
-from fasttrain.errors import UserError
-from fasttrain.observe import attach_run_log, close_logging, peak_memory_mb, setup_logging, silent_logger
+from fasttrain.errors import UserError, folder_write_failed
+from fasttrain.observe import (attach_run_log, close_logging, peak_memory_mb, run_log_failure, setup_logging,
+                               silent_logger)
 from fasttrain.plots import plot_run, plot_time_split
 from fasttrain.preemption import (EXIT_INTERRUPTED, EXIT_PREEMPTED, INTERRUPT, PreemptionWatch, clear_marker,
                                   write_marker)
@@ -125,20 +126,30 @@ class Trainer:
                                 graceful_interrupt=True, announce=_console if ctx.is_main else lambda _line: None)
         self.preemption = Preemption(watch)
         self.callbacks: List[Callback] = [self.preemption]
+        # the first failure of a callback on this rank (rank 0: a run folder file it could not write), kept
+        # until the ranks agree on it at the next reduction (see _stop_on_failure)
+        self._failure: Optional[str] = None
         try:  # the handlers are in place: a failure from here on closes what was made (fit's finally is not reached)
             self.callbacks += [StopAfterSteps(cfg.train.stop_after_steps), PeriodicCheckpoints(cfg.checkpoint.every_steps)]
             tick = None
+            error: Optional[str] = None
             if ctx.is_main:
                 display = ProgressDisplay(logger.info)
-                self.callbacks += [MetricSinks(run_dir, EPOCH_COLUMNS, self.state.history, cfg.train.epochs,
-                                               cfg.output.tensorboard, logger.info), display]
+                try:
+                    self.callbacks.append(MetricSinks(run_dir, EPOCH_COLUMNS, self.state.history, cfg.train.epochs,
+                                                      cfg.output.tensorboard, logger.info))
+                except Exception as err:  # any failure: the other ranks are waiting in the agreement below
+                    error = dist.failure_message(err, f"starting the records in {run_dir}", ctx.rank)
+                self.callbacks.append(display)
                 tick = display.tick
+            dist.agree_on_error(error)
             self.boundaries = Boundaries(log_every=cfg.train.log_every, every=cfg.checkpoint.every_steps,
                                          stop_at=cfg.train.stop_after_steps,
                                          signal_every=cfg.checkpoint.signal_check_every, at_boundary=self._at_boundary,
                                          signal_flag=watch.flag, signal_agreed=watch.agreed_elsewhere,
                                          agree_on_signal=watch.agreed, log_step=self._log_interval, tick=tick,
-                                         after_step=parts.averages.after_step if parts.averages else None)
+                                         after_step=parts.averages.after_step if parts.averages else None,
+                                         write_failed=self._write_failed, stop_on_failure=self._stop_on_failure)
         except BaseException:
             for callback in reversed(self.callbacks):
                 callback.close()
@@ -149,6 +160,7 @@ class Trainer:
     def fit(self) -> RunState:
         try:
             state = self._epochs()
+            self._stop_on_failure()  # every rank: a record or log line of the last epoch that failed to write
             if state.stopped_by in (None, "stop_after_steps"):
                 # nothing is left to save: a preemption signal from now on is noted and ignored, not a kill
                 self.preemption.watch.training_ended()
@@ -277,8 +289,7 @@ class Trainer:
             # the stall training saw (metrics.jsonl has it; the checkpoint's own copy of the record does not)
             record["checkpoint_seconds"] = time.perf_counter() - started
             self.clock.switch("steps")
-        for callback in self.callbacks:
-            callback.on_epoch_end(record)
+        self._each_callback(lambda callback: callback.on_epoch_end(record), f"writing epoch {epoch}'s record")
 
     def _reached_target(self, record: Dict[str, Any], evaluation: EvalStats) -> None:
         """train.target_acc reached at this validation: recorded (time from the clock's start, the DAWNBench
@@ -313,8 +324,30 @@ class Trainer:
 
     def _log_interval(self, step: int, epoch: int, loss: float, lr: float, images_per_sec: float) -> None:
         interval = Interval(step, epoch, loss, lr, images_per_sec, self._mfu(images_per_sec))
+        self._each_callback(lambda callback: callback.on_interval(interval), f"writing step {step}'s record")
+
+    def _each_callback(self, call: Callable[[Callback], None], doing: str) -> None:
+        """`call` on every callback. A failure is kept, not raised: on rank 0 it is the run folder's records,
+        which the other ranks do not write, and raising here would leave them waiting in the next collective.
+        The next reduction carries it (`_write_failed`) and every rank stops together (`_stop_on_failure`)."""
         for callback in self.callbacks:
-            callback.on_interval(interval)
+            try:
+                call(callback)
+            except Exception as err:  # noqa: BLE001 - raised on every rank at the next agreement
+                self._failure = self._failure or dist.failure_message(err, doing, self.ctx.rank)
+
+    def _write_failed(self) -> float:
+        """This rank's failure flag for the next reduction (a host read: no device value)."""
+        return 1.0 if self._failure is not None or run_log_failure() is not None else 0.0
+
+    def _stop_on_failure(self) -> None:
+        """Every rank: raise the same one line when a rank's callback or rank 0's train.log failed (the engine
+        calls this when the reduced flags say so, and fit once at the end of the epochs)."""
+        message = self._failure
+        logged = run_log_failure()
+        if message is None and logged is not None:
+            message = str(folder_write_failed(logged[0], "train.log", logged[1]))
+        dist.agree_on_error(message)
 
     def _at_boundary(self, global_step: int, step_in_epoch: int, totals: Callable[[], torch.Tensor],
                      signal: Optional[str]) -> bool:
@@ -475,6 +508,10 @@ def _finish(cfg: Config, folder: Optional[RunFolder], logger: logging.Logger, cl
                 folder.record_env("time_split", summary)
             except UserError:
                 pass  # said above
+        logged = run_log_failure()
+        if logged is not None:  # after the ranks' last agreement (a complete run): said, not an error
+            logger.info(f"warning: {logged[0] / 'train.log'} could not be written ({logged[1].strerror or logged[1]}): "
+                        f"its last lines are missing")
         late = preemption.signal_after_end()
         if late:
             logger.info(preemption.after_end_line(late))
@@ -536,8 +573,13 @@ def _report_stop(cfg: Config, ctx: dist.Dist, state: RunState, run_dir: Path, lo
         logger.info(f"interrupted (Ctrl-C): every rank stopped after step {state.global_step}; {saved}; exiting "
                     f"with code {EXIT_INTERRUPTED}; {resume}")
         return state
+    error: Optional[str] = None
     if ctx.is_main:
-        write_marker(run_dir, state.stopped_by or "", state.global_step, state.last_checkpoint)
+        try:
+            write_marker(run_dir, state.stopped_by or "", state.global_step, state.last_checkpoint)
+        except OSError as err:  # no marker: a job script would not requeue; every rank stops with the line
+            error = str(folder_write_failed(run_dir, "preempted.json", err))
+    dist.agree_on_error(error)
     logger.info(f"preempted ({state.stopped_by}): every rank stopped after step {state.global_step}; {saved}; "
                 f"exiting with code {EXIT_PREEMPTED} so that a job script can requeue; {resume}")
     return state

@@ -73,29 +73,49 @@ def serialize(state: Dict[str, Any]) -> BytesIO:
 
 def write_serialized(buffer: BytesIO, paths: List[Path]) -> None:
     """Write the bytes to each path atomically: a temporary file in the same folder, flushed and fsynced,
-    then renamed over the target (and the rename itself made durable)."""
+    then renamed over the target (and the rename itself made durable). Every OSError on the way (the folder
+    made read-only or removed, a full disk) is one UserError naming the file; the previous file is kept."""
     for path in paths:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        tmp_name: Optional[str] = None
         try:
+            # the checkpoints folder only, never its parents: a run folder removed while the run goes is an
+            # error, not something to recreate silently (the run's lock and history went with it)
+            path.parent.mkdir(exist_ok=True)
+            fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
             with os.fdopen(fd, "wb") as f:
                 os.fchmod(f.fileno(), FILE_MODE)
                 f.write(buffer.getbuffer())
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp_name, path)
+            tmp_name = None
+            dir_fd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)  # make the rename itself durable
+            finally:
+                os.close(dir_fd)
         except OSError as err:
-            Path(tmp_name).unlink(missing_ok=True)
-            raise UserError(f"could not write checkpoint {path} ({err.strerror or err}); free disk space or set "
-                            f"output.dir to a writable folder (earlier checkpoints are untouched)") from None
+            _discard(tmp_name)
+            reason = err.strerror or str(err)
+            if not path.parent.parent.is_dir():
+                raise UserError(f"could not write checkpoint {path}: its run folder {path.parent.parent} was removed "
+                                f"({reason}); start again with an output.dir that stays, or continue from a copy of "
+                                f"its checkpoints with resume=PATH") from None
+            raise UserError(f"could not write checkpoint {path} ({reason}): free disk space or make {path.parent} "
+                            f"writable again (earlier checkpoints are untouched) and continue with resume=auto, or "
+                            f"set output.dir to a writable folder") from None
         except BaseException:
-            Path(tmp_name).unlink(missing_ok=True)
+            _discard(tmp_name)
             raise
-        dir_fd = os.open(path.parent, os.O_RDONLY)
+
+
+def _discard(tmp_name: Optional[str]) -> None:
+    """Remove a temporary file a failed write left (when the folder still allows it)."""
+    if tmp_name is not None:
         try:
-            os.fsync(dir_fd)  # make the rename itself durable
-        finally:
-            os.close(dir_fd)
+            Path(tmp_name).unlink(missing_ok=True)
+        except OSError:
+            pass  # a read-only or removed folder: the next run's commit removes stale temporaries
 
 
 def load_checkpoint(path: str | Path) -> Dict[str, Any]:

@@ -24,6 +24,7 @@ from fasttrain.checkpoint.io import load_checkpoint, prune_step_checkpoints, ste
 from fasttrain.checkpoint.state import Resumable, RunState, capture, choose_checkpoint, restore
 from fasttrain.checkpoint.writer import CheckpointWriter
 from fasttrain.config import Config
+from fasttrain.errors import folder_write_failed
 from fasttrain.optim import Schedule
 
 
@@ -109,8 +110,15 @@ def save_step_checkpoint(cfg: Config, ctx: dist.Dist, parts: RunParts, state: Ru
     ckpt_dir = run_dir / "checkpoints"
     path = ckpt_dir / step_checkpoint_name(state.global_step)
     _write_on_rank0(ctx, _capture(cfg, ctx, parts, state, totals, {}), [path], writer, background,
-                    after=lambda: prune_step_checkpoints(ckpt_dir, cfg.checkpoint.keep))
+                    after=lambda: _prune(run_dir, cfg.checkpoint.keep))
     return path
+
+
+def _prune(run_dir: Path, keep: int) -> None:
+    try:
+        prune_step_checkpoints(run_dir / "checkpoints", keep)
+    except OSError as err:  # a folder made read-only or removed: the run's one line, not a traceback
+        raise folder_write_failed(run_dir, "checkpoints/ (removing old step checkpoints)", err) from None
 
 
 def save_epoch_checkpoints(cfg: Config, ctx: dist.Dist, parts: RunParts, state: RunState, val_acc: Optional[float],

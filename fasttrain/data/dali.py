@@ -50,22 +50,25 @@ def import_dali():
 
 class _EpochSource:
     """What the external source pulls: this epoch's batches, computed when the epoch's first batch
-    is requested (a generator body runs lazily), i.e. after set_epoch."""
+    is requested (a generator body runs lazily), i.e. after set_epoch. It holds the arrays and the plan,
+    not the loader: the pipeline holds its source, and a source holding the loader would be a reference
+    cycle (loader -> pipeline -> source -> loader) that keeps DALI's threads and buffers alive until the
+    garbage collector happens to run."""
 
-    def __init__(self, loader: "DaliLoader"):
-        self.loader = loader
+    def __init__(self, images: np.ndarray, labels: np.ndarray, batches: ShardedBatches, aug: CropFlip):
+        self.images, self.labels, self.batches = images, labels, batches
+        self.seed, self.crop_padding, self.hflip = aug.seed, aug.crop_padding, aug.hflip
 
     def __iter__(self) -> Iterator[Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
-        loader = self.loader
-        shard = loader.batches.shard().numpy()
-        corners, flips = epoch_augmentation(loader.seed, loader.batches.epoch, len(loader.labels),
-                                            loader.crop_padding, loader.hflip)
-        anchors = (corners.numpy() - loader.crop_padding).astype(np.int32)  # slice start: may be negative (pad)
+        shard = self.batches.shard().numpy()
+        corners, flips = epoch_augmentation(self.seed, self.batches.epoch, len(self.labels), self.crop_padding,
+                                            self.hflip)
+        anchors = (corners.numpy() - self.crop_padding).astype(np.int32)  # slice start: may be negative (pad)
         mirror = flips.numpy().astype(np.int32)
-        size = loader.batches.batch_size
+        size = self.batches.batch_size
         for start in range(0, len(shard), size):
             index = shard[start : start + size]
-            yield loader.images[index], loader.labels[index], anchors[index], mirror[index]
+            yield self.images[index], self.labels[index], anchors[index], mirror[index]
 
 
 class DaliPipelineLoader(ShardLoader):
@@ -86,6 +89,14 @@ class DaliPipelineLoader(ShardLoader):
         self._pipe = None
         self._mid_epoch = False  # a consumer stopped early: the pipeline must be run out before reuse
 
+    def close(self) -> None:
+        """Stop the pipeline's threads and free its buffers (device memory on a GPU) now, not whenever the
+        loader is collected; a later iteration builds a new pipeline. The trainer calls it on every way out."""
+        if self._pipe is not None:
+            pipe, self._pipe = self._pipe, None
+            pipe._shutdown()  # what Pipeline.__del__ does; DALI has no public close
+        self._mid_epoch = False
+
 
 class DaliLoader(DaliPipelineLoader):
     """Loader contract as in `fasttrain.data.plain`: (images, labels) on the device, set_epoch, len."""
@@ -95,6 +106,7 @@ class DaliLoader(DaliPipelineLoader):
         super().__init__(labels, batches, fmt, aug.seed, num_threads)
         self.images = images  # (N, H, W, C) uint8, read-only, shared
         self.crop_padding, self.hflip = aug.crop_padding, aug.hflip
+        self._source = _EpochSource(images, self.labels, batches, aug)
 
     @property
     def num_samples(self) -> int:
@@ -111,7 +123,7 @@ class DaliLoader(DaliPipelineLoader):
                                 prefetch_queue_depth=2)
         def pipeline():
             images, labels, anchors, mirror = fn.external_source(
-                source=_EpochSource(self), num_outputs=4, cycle="raise", batch=True,
+                source=self._source, num_outputs=4, cycle="raise", batch=True,
                 layout=["HWC", "", "", ""])
             if on_gpu:
                 images, labels = images.gpu(), labels.gpu()

@@ -330,9 +330,6 @@ class DaliFolderLoader(DaliPipelineLoader):
 
     def close(self) -> None:
         """Stop the pipeline's threads (and free its device memory); a later iteration builds a new one."""
-        if self._pipe is not None:
-            pipe, self._pipe = self._pipe, None
-            pipe._shutdown()  # what Pipeline.__del__ does; DALI has no public close
-            self._source.stop = False
-            self._source.fed.clear()
-            self._mid_epoch = False
+        super().close()
+        self._source.stop = False
+        self._source.fed.clear()
