@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from conftest import assert_same_weights, read_jsonl, run_fasttrain, run_torchrun
+from fasttrain.checkpoint import load_checkpoint
 
 # 256 images: 8 steps per epoch for one process of batch 32, 4 for two ranks; 2 epochs
 RUN = ["--config", "configs/smoke.yaml", "data.train_size=256", "data.val_size=64", "model.name=CIFAR10_CNN",
@@ -149,3 +150,19 @@ def test_one_process_checkpoint_continued_by_two_ranks_when_the_rest_of_the_epoc
     assert (last["epoch"], last["world_size"]) == (2, 2)
     # epoch 1: 1 step of one process, then 1 step of two ranks; epoch 2: 97 images = 2 steps of two ranks
     assert last["global_step"] == 1 + 1 + 2
+
+
+def test_a_second_stop_after_a_resume_with_another_world_size_records_the_exact_sample(two_rank_stop, tmp_path):
+    """2 ranks stopped at sample 192 of epoch 1 (3 steps x 32 x 2); one process at batch 40 resumes there (192 is
+    no multiple of 40) and stops one step later: the checkpoint stands at sample 232, where the loader was, and
+    the next start finishes the epoch from there (a position in steps said 5 x 40 = 200: 32 samples twice)."""
+    out = tmp_path / "run"
+    shutil.copytree(two_rank_stop, out)
+    stopped = train(1, *LOADER_ARGS["plain"], "train.batch_size=40", "train.stop_after_steps=4", "resume=auto",
+                    f"output.dir={out}")
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
+    ckpt = load_checkpoint(out / "checkpoints" / "step-00000004.pt")
+    assert (ckpt["world_size"], ckpt["sample_in_epoch"]) == (1, 192 + 40)
+    finished = train(1, *LOADER_ARGS["plain"], "train.batch_size=40", "resume=auto", f"output.dir={out}")
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert [r["epoch"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2]
