@@ -21,6 +21,9 @@ REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("FASTTRAIN_CACHE_DIR", tempfile.mkdtemp(prefix="fasttrain-test-cache-"))
 # the real CIFAR-10 beside the project (developers' and CI machines); absent on a user's fresh clone
 REAL_CIFAR_ROOT = Path(os.environ.get("FASTTRAIN_REAL_CIFAR_ROOT", REPO.parent / "shared" / "data"))
+# a tiny run on synthetic data: a checkpoint of ~0.6 MB, a second or two on a CPU
+TINY = ["--config", str(REPO / "configs" / "smoke.yaml"), "data.train_size=64", "data.val_size=32", "model.name=MLP",
+        "model.hidden_sizes=[16]", "train.epochs=1", "train.batch_size=32", "data.download=false"]
 needs_real_cifar = pytest.mark.skipif(not (REAL_CIFAR_ROOT / "cifar-10-batches-py").is_dir(),
                                       reason=f"real CIFAR-10 not found in {REAL_CIFAR_ROOT}/cifar-10-batches-py")
 
@@ -121,3 +124,22 @@ def assert_same_weights(run_a: Path, run_b: Path) -> None:
     assert a.keys() == b.keys()
     differing = [name for name in a if not torch.equal(a[name], b[name])]
     assert not differing, f"weights differ in {differing[:5]}"
+
+
+@pytest.fixture(scope="module")
+def no_plots():
+    """For a module whose runs are about something else: skip drawing curves.png (half a tiny run's
+    time). A module asks for it with `pytestmark = pytest.mark.usefixtures("no_plots")`."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("fasttrain.trainer.plot_run", lambda run_dir: [], raising=False)
+        yield
+
+
+@pytest.fixture(scope="module")
+def earlier(tmp_path_factory, no_plots) -> Path:
+    """A finished tiny run with a checkpoint after every step: the base of hand-made checkpoints."""
+    from fasttrain import run
+
+    out = tmp_path_factory.mktemp("earlier") / "run"
+    assert run.main([*TINY, "checkpoint.every_steps=1", f"output.dir={out}"]) == 0
+    return out

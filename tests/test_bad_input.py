@@ -17,15 +17,11 @@ from typing import Callable, Dict, List, Sequence
 import pytest
 import torch
 
-from conftest import REPO, run_fasttrain
+from conftest import REPO, TINY, run_fasttrain
 from fasttrain import cli, run
 from fasttrain.checkpoint import save_checkpoint
 from fasttrain.config import SEED_MAX
 
-# a tiny run on synthetic data: a checkpoint of ~0.6 MB, a second or two on a CPU
-SMOKE = str(REPO / "configs" / "smoke.yaml")
-TINY = ["--config", SMOKE, "data.train_size=64", "data.val_size=32", "model.name=MLP", "model.hidden_sizes=[16]",
-        "train.epochs=1", "train.batch_size=32", "data.download=false"]
 
 
 def digest_tree(folder: Path) -> Dict[str, str]:
@@ -56,20 +52,9 @@ def eval_fails(argv: Sequence[str], capsys, *needles: str) -> str:
     return fails(cli.main, ["eval", *argv], capsys, *needles)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def no_plots():
-    """The runs here are about their input: skip drawing curves.png (half a tiny run's time)."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("fasttrain.trainer.plot_run", lambda run_dir: [], raising=False)
-        yield
+pytestmark = pytest.mark.usefixtures("no_plots")  # the runs here are about their input, not plots
 
 
-@pytest.fixture(scope="module")
-def earlier(tmp_path_factory, no_plots) -> Path:
-    """A finished tiny run: its checkpoints are the base of the hand-made ones."""
-    out = tmp_path_factory.mktemp("earlier") / "run"
-    assert run.main([*TINY, "checkpoint.every_steps=1", f"output.dir={out}"]) == 0
-    return out
 
 
 # --------------------------------------------------------------------------- 1. the config file
@@ -156,7 +141,7 @@ def test_the_largest_seed_trains_with_every_loader_and_overrides_may_come_before
     """SEED_MAX reaches every seeded generator (weights, shuffles, augmentation, subsets, DALI's own);
     the overrides are given before --config, as users type them."""
     out = tmp_path / "run"
-    argv = [f"train.seed={SEED_MAX}", f"data.subset_seed={SEED_MAX}", f"data.loader={loader}", "--config", SMOKE,
+    argv = [f"train.seed={SEED_MAX}", f"data.subset_seed={SEED_MAX}", f"data.loader={loader}", "--config", str(REPO / "configs" / "smoke.yaml"),
             "data.train_size=64", "data.val_size=32", "model.name=MLP", "model.hidden_sizes=[16]", "train.epochs=1",
             "train.batch_size=32", f"output.dir={out}"]
     assert run.main(argv) == 0

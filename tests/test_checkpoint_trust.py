@@ -17,30 +17,16 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, TINY
 from fasttrain import cli, run
 from fasttrain.checkpoint import load_checkpoint, save_checkpoint
 from fasttrain.checkpoint.digest import DIGEST_KEY
 
-SMOKE = str(REPO / "configs" / "smoke.yaml")
-TINY = ["--config", SMOKE, "data.train_size=64", "data.val_size=32", "model.name=MLP", "model.hidden_sizes=[16]",
-        "train.epochs=1", "train.batch_size=32", "data.download=false"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def no_plots():
-    """The runs here are about their checkpoints: skip drawing curves.png (half a tiny run's time)."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("fasttrain.trainer.plot_run", lambda run_dir: [], raising=False)
-        yield
+pytestmark = pytest.mark.usefixtures("no_plots")  # the runs here are about their input, not plots
 
 
-@pytest.fixture(scope="module")
-def earlier(tmp_path_factory, no_plots) -> Path:
-    """A finished tiny run with step checkpoints: the base of the crafted files."""
-    out = tmp_path_factory.mktemp("earlier") / "run"
-    assert run.main([*TINY, "checkpoint.every_steps=1", f"output.dir={out}"]) == 0
-    return out
 
 
 class RunsCode:

@@ -19,11 +19,7 @@ RUN = ["--config", SMOKE, "data.train_size=256", "data.val_size=32", "model.name
        "train.batch_size=32", "data.download=false", "sched.name=onecycle"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def no_plots():
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("fasttrain.trainer.plot_run", lambda run_dir: [], raising=False)
-        yield
+pytestmark = pytest.mark.usefixtures("no_plots")  # the runs here are about their input, not plots
 
 
 def tree(folder: Path) -> Dict[str, str]:

@@ -158,31 +158,30 @@ def test_preemption_signals_after_training_ended_are_absorbed_and_the_run_comple
 # ---------------------------------------------------------------- 3. signals the config does not name
 
 
+def signal_at_step_2(out: Path, signum: int, *overrides: str) -> tuple:
+    """Start a run, send `signum` once it has logged step 2; its exit code and output."""
+    job = start([*PYTHON, *RUN, *overrides, f"output.dir={out}"])
+    try:
+        wait_for_step(out, 2, job)
+        job.send_signal(signum)
+        output, _ = job.communicate(timeout=120)
+    finally:
+        stop(job)
+    return job.returncode, output
+
+
 def test_sighup_and_sigusr2_not_in_checkpoint_signals_keep_their_default_action(tmp_path):
     """Before, SIGUSR2 and SIGHUP were recorded by the early hold and then swallowed for the whole run: a
     closed terminal or a `kill -USR2` did nothing. Not named in checkpoint.signals, they now end the
     process as they would any program."""
-    out = tmp_path / "run"
-    job = start([*PYTHON, *RUN, f"output.dir={out}"])
-    try:
-        wait_for_step(out, 2, job)
-        job.send_signal(signal.SIGUSR2)
-        output, _ = job.communicate(timeout=120)
-    finally:
-        stop(job)
-    assert job.returncode == -signal.SIGUSR2, output[-3000:]
+    code, output = signal_at_step_2(tmp_path / "run", signal.SIGUSR2)
+    assert code == -signal.SIGUSR2, output[-3000:]
 
 
 def test_sighup_named_in_checkpoint_signals_preempts_like_sigterm(tmp_path):
     out = tmp_path / "run"
-    job = start([*PYTHON, *RUN, "checkpoint.signals=[SIGTERM,SIGHUP]", f"output.dir={out}"])
-    try:
-        wait_for_step(out, 2, job)
-        job.send_signal(signal.SIGHUP)
-        output, _ = job.communicate(timeout=120)
-    finally:
-        stop(job)
-    assert job.returncode == EXIT_PREEMPTED, output[-3000:]
+    code, output = signal_at_step_2(out, signal.SIGHUP, "checkpoint.signals=[SIGTERM,SIGHUP]")
+    assert code == EXIT_PREEMPTED, output[-3000:]
     assert json.loads((out / "preempted.json").read_text())["signal"] == "SIGHUP"
 
 
