@@ -8,6 +8,7 @@ import gc
 import logging
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -137,12 +138,16 @@ def test_under_ddp_every_rank_stops_together_when_rank_0_cannot_write(tmp_path):
             job.communicate()
     # torchrun reports its failed workers with a traceback of its own; the workers print none
     assert code != 0 and str(REPO / "fasttrain") not in stderr, stderr[-3000:]
-    assert stderr.count("exitcode  : 2") == 2, stderr[-3000:]  # both ranks: exit 2, none waited to time out
+    # Rank 1 writes nothing: it can only name the removed folder by the ranks' agreement on rank 0's
+    # failure, and it stops with exit 2 (within _ended's 60 s, not dist.timeout_s). Rank 0 stops with the
+    # same line, unless torchrun's SIGTERM to the remaining ranks (after the first one exits) comes first.
     errors = [line for line in stderr.splitlines() if "fasttrain: error: " in line]
-    rank1 = [line for line in errors if line.startswith("[rank 1] ")]
+    rank1 = [line.removeprefix("[rank 1] ") for line in errors if line.startswith("[rank 1] ")]
     rank0 = [line for line in errors if line.startswith("fasttrain: error: ")]
-    assert rank0 and rank1, stderr[-3000:]
-    assert rank1[0].removeprefix("[rank 1] ") == rank0[0] and str(out) in rank0[0] and "was removed" in rank0[0]
+    assert rank1 and str(out) in rank1[0] and "was removed" in rank1[0], stderr[-3000:]
+    assert re.search(r"rank\s*: 1 \(local_rank: 1\)\s+exitcode\s*: 2 ", stderr), stderr[-3000:]
+    assert all(line == rank1[0] for line in rank0), stderr[-3000:]
+    assert rank0 or re.search(r"rank\s*: 0 \(local_rank: 0\)\s+exitcode\s*: -15 ", stderr), stderr[-3000:]
 
 
 # --------------------------------------------------------------------------- the captured step's inputs
