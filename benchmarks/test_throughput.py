@@ -1,7 +1,9 @@
 """pytest-benchmark versions of the key comparisons, CPU-sized: `pytest benchmarks/`.
 
 Benchmarks, not assertions about speed: save them (`--benchmark-autosave`) and compare commits
-(`--benchmark-compare`). Each group puts the tutorial's way next to fasttrain's.
+(`--benchmark-compare`). Each group puts the tutorial's way next to fasttrain's. What each one times
+is checked after it (a step that learns the batch, a loader that yields whole batches), so that a
+benchmark of something broken fails instead of timing it.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from fasttrain.precision import build_precision
 
 CPU = torch.device("cpu")
 BATCH = 64
+STEPS_CHECKED = 6  # a benchmarked step must have lowered the batch's loss after this many calls
 
 
 @pytest.fixture(scope="module")
@@ -42,14 +45,19 @@ def test_step_tutorial_loop(benchmark, batch):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     criterion = torch.nn.CrossEntropyLoss()
 
+    losses = []
+
     def step():  # the tutorial's step, with its per-step loss.item()
         optimizer.zero_grad()
         loss = criterion(model(images), labels)
         loss.backward()
         optimizer.step()
-        return loss.item()
+        losses.append(loss.item())
 
     benchmark.pedantic(step, rounds=5, iterations=1, warmup_rounds=1)
+    while len(losses) < STEPS_CHECKED:  # under xdist pytest-benchmark is off and calls the step once
+        step()
+    assert losses[-1] < losses[0]  # steps on one batch: it is being learned
 
 
 @pytest.mark.benchmark(group="train step (CNN, batch 64)")
@@ -60,12 +68,32 @@ def test_step_fasttrain(benchmark, batch, precision):
     optimizer = build_optimizer(OptimConfig(), model, CPU)
     step = EagerStep(model, optimizer, build_precision(precision, CPU, tf32=False))
     images, labels = batch
-    benchmark.pedantic(lambda: step(images, labels), rounds=5, iterations=1, warmup_rounds=1)
+    before, calls = _batch_loss(model, images, labels), []
+
+    def counted_step():
+        step(images, labels)
+        calls.append(1)
+
+    benchmark.pedantic(counted_step, rounds=5, iterations=1, warmup_rounds=1)
+    while len(calls) < STEPS_CHECKED:  # under xdist pytest-benchmark is off and calls the step once
+        counted_step()
+    assert _batch_loss(model, images, labels) < before  # steps on one batch: it is being learned
+
+
+def _batch_loss(model, images, labels) -> float:
+    with torch.no_grad():
+        return torch.nn.functional.cross_entropy(model(images), labels).item()
 
 
 def _next_batch(loader):
     batches = itertools.chain.from_iterable(_epochs(loader))
-    return lambda: next(batches)[1].sum()
+    return lambda: next(batches)
+
+
+def _assert_a_whole_batch(found) -> None:
+    images, labels = found
+    assert tuple(images.shape) == (BATCH, 3, 32, 32) and images.is_floating_point()
+    assert tuple(labels.shape) == (BATCH,) and 0 <= int(labels.min()) and int(labels.max()) < 10
 
 
 def _epochs(loader):
@@ -79,7 +107,7 @@ def _epochs(loader):
 def test_loader_tutorial_dataloader(benchmark):
     images, labels = make_synthetic(2048, seed=0)
     loader = tutorial_loader(images, labels, BATCH, num_workers=0, pin_memory=False)
-    benchmark.pedantic(_next_batch(loader), rounds=20, iterations=1, warmup_rounds=2)
+    _assert_a_whole_batch(benchmark.pedantic(_next_batch(loader), rounds=20, iterations=1, warmup_rounds=2))
 
 
 @pytest.mark.benchmark(group="loader alone (batch 64)")
@@ -90,4 +118,4 @@ def test_loader_fasttrain(benchmark, kind, tmp_path):
     cfg = load_config(None, ["data.dataset=synthetic", "data.train_size=2048", f"data.loader={kind}",
                              f"train.batch_size={BATCH}", "data.num_workers=0", f"output.dir={tmp_path}"])
     loader, _, _ = build_loaders(cfg, CPU)
-    benchmark.pedantic(_next_batch(loader), rounds=20, iterations=1, warmup_rounds=2)
+    _assert_a_whole_batch(benchmark.pedantic(_next_batch(loader), rounds=20, iterations=1, warmup_rounds=2))
