@@ -82,12 +82,13 @@ class RunFolder:
         """resume=PATH into a folder holding checkpoints continues that folder only from its newest
         checkpoint (what resume=auto picks): anything else would replace a run's last.pt, best.pt and
         metrics with another's."""
-        try:
-            newest = find_resume_checkpoint(self.checkpoints, warn=lambda _: None)
-        except UserError:
-            newest = None  # only broken files: still a run's folder, not this resume's to replace
-        if newest is not None and _same_file(newest[0], Path(resume)):
-            return
+        if _inside(Path(resume), self.checkpoints):  # another folder's file is never this one's newest: no load
+            try:
+                newest = find_resume_checkpoint(self.checkpoints, warn=lambda _: None)
+            except UserError:
+                newest = None  # only broken files: still a run's folder, not this resume's to replace
+            if newest is not None and _same_file(newest[0], Path(resume)):
+                return
         raise UserError(f"output.dir {self.path} already holds checkpoints of a run, and resume={resume} does not "
                         f"continue from its newest one: it would replace that run's files; choose an empty "
                         f"output.dir, continue that run with resume=auto, or set output.overwrite=true to replace it")

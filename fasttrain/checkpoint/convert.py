@@ -18,25 +18,19 @@ import numpy as np
 import torch
 
 from fasttrain.checkpoint.digest import DIGEST_KEY, content_digest
-from fasttrain.checkpoint.io import REQUIRED_KEYS, load_checkpoint, serialize, write_serialized
+from fasttrain.checkpoint.io import REQUIRED_KEYS, load_checkpoint, map_leaves, serialize, write_serialized
 from fasttrain.errors import UserError
 
 
 def _as_data(value: Any) -> Any:
-    """`value` with NumPy arrays as tensors and NumPy scalars as Python numbers; the RNG tuple
-    np.random.get_state() gives as the dict fasttrain writes now."""
+    """A leaf of an older checkpoint as fasttrain writes it now: a NumPy array as a tensor, a NumPy scalar as a
+    Python number, a str subclass as a str."""
     if isinstance(value, np.ndarray):
         return torch.from_numpy(value.astype(np.int64) if value.dtype == np.uint32 else value.copy())
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, str) and type(value) is not str:  # torch.__version__ (a TorchVersion) in older ones
         return str(value)
-    if isinstance(value, dict):
-        return {key: _as_data(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_as_data(item) for item in value]
-    if isinstance(value, tuple):
-        return tuple(_as_data(item) for item in value)
     return value
 
 
@@ -66,7 +60,7 @@ def convert_checkpoint(path: str | Path, out: Optional[str | Path] = None) -> Pa
     for rank in state.get("ranks") or []:
         if isinstance(rank, dict) and isinstance(rank.get("rng"), dict):
             rank["rng"]["numpy"] = _numpy_rng(rank["rng"].get("numpy"))
-    state = _as_data(state)
+    state = map_leaves(state, _as_data)
     try:
         content_digest(state)
     except TypeError as err:

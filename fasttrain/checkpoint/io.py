@@ -55,6 +55,18 @@ def _umask() -> int:
 FILE_MODE = 0o666 & ~_umask()  # what open() would give a new file: mkstemp's 0600 hides best.pt from a team
 
 
+def map_leaves(value: Any, leaf: Callable[[Any], Any]) -> Any:
+    """`value` with every dict, list and tuple rebuilt and `leaf` applied to everything else: the one walk
+    of a checkpoint's tree that copies it (the background writer's host copy, the conversion of older files)."""
+    if isinstance(value, dict):
+        return {key: map_leaves(item, leaf) for key, item in value.items()}
+    if isinstance(value, list):
+        return [map_leaves(item, leaf) for item in value]
+    if isinstance(value, tuple):
+        return tuple(map_leaves(item, leaf) for item in value)
+    return leaf(value)
+
+
 def step_checkpoint_name(global_step: int) -> str:
     return f"step-{global_step:08d}.pt"
 

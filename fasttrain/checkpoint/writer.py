@@ -17,21 +17,19 @@ from typing import Any, List, Optional
 
 import torch
 
-from fasttrain.checkpoint.io import serialize, write_serialized
+from fasttrain.checkpoint.io import map_leaves, serialize, write_serialized
 from fasttrain.errors import UserError
 
 
 def host_copy(value: Any) -> Any:
     """`value` with every tensor copied to host memory and every container rebuilt: nothing in the copy
     is shared with the running job (a history list it appends to, a parameter it steps)."""
+    return map_leaves(value, _to_host)
+
+
+def _to_host(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return value.detach().to("cpu", copy=True)  # a device tensor: read back (host sync, per save)
-    if isinstance(value, dict):
-        return {key: host_copy(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [host_copy(item) for item in value]
-    if isinstance(value, tuple):
-        return tuple(host_copy(item) for item in value)
     return value
 
 
