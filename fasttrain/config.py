@@ -473,6 +473,8 @@ class OutputConfig(Section):
                                     "started over (its checkpoints are replaced)")
     tensorboard: bool = _field(False, "also write TensorBoard event files to <output.dir>/tensorboard "
                                       "(needs the tensorboard package)")
+    plots: bool = _field(True, "draw curves.png, throughput.png and time.png at the end of the run (false: skip "
+                               "matplotlib, about a second of every run's end on a CPU; `fasttrain plot` draws them later)")
 
     def check(self) -> None:
         _require("/" not in self.name and self.name not in (".", ".."), "output.name", self.name,

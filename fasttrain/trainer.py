@@ -496,7 +496,8 @@ def _finish(cfg: Config, folder: Optional[RunFolder], logger: logging.Logger, cl
         if folder is not None:
             try:
                 folder.record_env("time_split", _time_split(cfg, clock))
-                plot_time_split(folder.path)
+                if cfg.output.plots:
+                    plot_time_split(folder.path)
             except UserError as err:  # a record lost, not the finished run
                 logger.info(f"warning: {err}: the time split is in train.log only")
             except Exception as err:  # a plot must never cost a finished run
@@ -541,7 +542,7 @@ def _train_and_finish(cfg: Config, ctx: dist.Dist, parts: Parts, state: Optional
         raise RuntimeError(f"weights differ across ranks at the end of training (sha256 per rank: {digests})")
     logger.info(f"weights identical on all {ctx.world_size} rank(s) (sha256 {digests[0][:16]})")
     plotted = ""
-    if ctx.is_main:
+    if ctx.is_main and cfg.output.plots:
         try:
             plotted = ", " + ", ".join(p.name for p in plot_run(run_dir, time_split=False)) + ", time.png"
         except Exception as err:  # a plot must never cost a finished run

@@ -21,9 +21,10 @@ REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("FASTTRAIN_CACHE_DIR", tempfile.mkdtemp(prefix="fasttrain-test-cache-"))
 # the real CIFAR-10 beside the project (developers' and CI machines); absent on a user's fresh clone
 REAL_CIFAR_ROOT = Path(os.environ.get("FASTTRAIN_REAL_CIFAR_ROOT", REPO.parent / "shared" / "data"))
-# a tiny run on synthetic data: a checkpoint of ~0.6 MB, a second or two on a CPU
+# a tiny run on synthetic data: a checkpoint of ~0.6 MB, a second or two on a CPU; no plots (a second of matplotlib
+# per run: the tests about plots ask for them)
 TINY = ["--config", str(REPO / "configs" / "smoke.yaml"), "data.train_size=64", "data.val_size=32", "model.name=MLP",
-        "model.hidden_sizes=[16]", "train.epochs=1", "train.batch_size=32", "data.download=false"]
+        "model.hidden_sizes=[16]", "train.epochs=1", "train.batch_size=32", "data.download=false", "output.plots=false"]
 needs_real_cifar = pytest.mark.skipif(not (REAL_CIFAR_ROOT / "cifar-10-batches-py").is_dir(),
                                       reason=f"real CIFAR-10 not found in {REAL_CIFAR_ROOT}/cifar-10-batches-py")
 

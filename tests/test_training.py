@@ -12,7 +12,7 @@ import torch
 import yaml
 from PIL import Image
 
-from conftest import read_jsonl, run_fasttrain
+from conftest import TINY, read_jsonl, run_fasttrain
 from fasttrain.config import load_config
 from fasttrain.errors import UserError
 from fasttrain.observe import Progress
@@ -106,13 +106,14 @@ def test_cuda_requested_without_cuda_exits_2(tmp_path):
     assert result.returncode == 2 and "CUDA is not available" in result.stderr
 
 
-TINY = ["data.dataset=synthetic", "data.train_size=256", "data.val_size=64", "model.name=CNN", "train.epochs=2",
-        "data.num_workers=0",
-        "train.batch_size=32", "train.device=cpu", "output.save_checkpoints=false"]
+# in-process runs (fasttrain.trainer.train): the CNN on a little synthetic data, nothing saved or drawn
+SMALL = ["data.dataset=synthetic", "data.train_size=256", "data.val_size=64", "model.name=CNN", "train.epochs=2",
+         "data.num_workers=0", "train.batch_size=32", "train.device=cpu", "output.save_checkpoints=false",
+         "output.plots=false"]
 
 
 def _losses(tmp_path, name, *overrides):
-    state = train(load_config(None, TINY + [f"output.dir={tmp_path / name}", *overrides]))
+    state = train(load_config(None, SMALL + [f"output.dir={tmp_path / name}", *overrides]))
     return [(h["train_loss"], h["val_loss"]) for h in state.history]
 
 
@@ -143,16 +144,16 @@ def test_smoke_run_writes_its_environment_and_plots(smoke_run):
     assert "curves.png, throughput.png" in result.stdout
 
 
-def test_fasttrain_plot_redraws_a_run_folder(smoke_run, tmp_path):
-    run_dir, _ = smoke_run
-    copy = tmp_path / "copy"
-    copy.mkdir()
-    for name in ("metrics.jsonl", "steps.jsonl"):
-        (copy / name).write_text((run_dir / name).read_text())
-    result = run_fasttrain("plot", str(copy), module="fasttrain.cli")
-    assert result.returncode == 0, result.stderr
-    _assert_plot(copy / "curves.png", min_width=1000)
-    _assert_plot(copy / "throughput.png")
+def test_a_run_with_plots_off_draws_none_and_fasttrain_plot_draws_them_later(tmp_path):
+    out = tmp_path / "run"
+    result = run_fasttrain(*TINY, f"output.dir={out}")  # TINY says output.plots=false
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not list(out.glob("*.png")) and ".png" not in result.stdout
+    drawn = run_fasttrain("plot", str(out), module="fasttrain.cli")
+    assert drawn.returncode == 0, drawn.stderr
+    _assert_plot(out / "curves.png", min_width=1000)
+    _assert_plot(out / "throughput.png")
+    assert Image.open(out / "time.png").format == "PNG"  # env.json's time split, drawn too
 
 
 def test_fasttrain_plot_reports_bad_input_with_exit_2(tmp_path):
@@ -205,7 +206,7 @@ def test_metrics_csv_mirrors_the_json_lines(smoke_run):
 
 
 def test_mfu_uses_the_models_flops_and_the_given_peak(tmp_path):
-    state = train(load_config(None, TINY + [f"output.dir={tmp_path / 'mfu'}", "train.peak_tflops=0.5"]))
+    state = train(load_config(None, SMALL + [f"output.dir={tmp_path / 'mfu'}", "train.peak_tflops=0.5"]))
     cnn_flops = 35.0e6  # CNN forward + backward per 3x32x32 image (FlopCounterMode)
     for record in state.history:
         assert record["mfu"] == pytest.approx(record["images_per_sec"] * cnn_flops / 0.5e12, rel=0.01)
@@ -213,10 +214,10 @@ def test_mfu_uses_the_models_flops_and_the_given_peak(tmp_path):
 
 def test_tensorboard_events_only_when_enabled(tmp_path):
     pytest.importorskip("tensorboard")
-    train(load_config(None, TINY + [f"output.dir={tmp_path / 'on'}", "output.tensorboard=true"]))
+    train(load_config(None, SMALL + [f"output.dir={tmp_path / 'on'}", "output.tensorboard=true"]))
     events = list((tmp_path / "on" / "tensorboard").glob("events.out.tfevents.*"))
     assert len(events) == 1 and events[0].stat().st_size > 0
-    train(load_config(None, TINY + [f"output.dir={tmp_path / 'off'}"]))
+    train(load_config(None, SMALL + [f"output.dir={tmp_path / 'off'}"]))
     assert not (tmp_path / "off" / "tensorboard").exists()
 
 
@@ -224,7 +225,7 @@ def test_tensorboard_missing_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(UserError, match="output.tensorboard=true needs the tensorboard package"):
-        train(load_config(None, TINY + [f"output.dir={tmp_path / 'x'}", "output.tensorboard=true"]))
+        train(load_config(None, SMALL + [f"output.dir={tmp_path / 'x'}", "output.tensorboard=true"]))
     # the trainer had installed its signal handlers when the error came: they are put back
     assert signal.getsignal(signal.SIGTERM) is before
 
@@ -235,7 +236,7 @@ def test_a_run_that_fails_after_its_loaders_are_built_closes_them(tmp_path, monk
     import fasttrain.trainer as trainer_mod
 
     first = tmp_path / "first"
-    train(load_config(None, TINY + [f"output.dir={first}", "output.save_checkpoints=true", "train.epochs=1"]))
+    train(load_config(None, SMALL + [f"output.dir={first}", "output.save_checkpoints=true", "train.epochs=1"]))
     closed = []
     real_build_parts = trainer_mod.build_parts
 
@@ -248,6 +249,6 @@ def test_a_run_that_fails_after_its_loaders_are_built_closes_them(tmp_path, monk
 
     monkeypatch.setattr(trainer_mod, "build_parts", build_parts)
     with pytest.raises(UserError, match="does not fit this model"):
-        train(load_config(None, TINY + [f"output.dir={tmp_path / 'second'}", "model.name=MLP",
+        train(load_config(None, SMALL + [f"output.dir={tmp_path / 'second'}", "model.name=MLP",
                                         f"resume={first / 'checkpoints' / 'last.pt'}"]))
     assert closed == ["train_loader", "val_loader"]
