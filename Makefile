@@ -3,6 +3,8 @@
 #                extras), train CIFAR10_CNN on CIFAR-10 (configs/cifar10_cnn.yaml)
 #   make test    create .venv, install fasttrain[dev,dali] (what the test suite needs: pytest, accelerate,
 #                DALI's CUDA 13 build, which the tests run on the CPU), run the whole test suite
+#   make test-fast  the same without the tests marked slow (whole trainings, benchmarks, multi-process runs):
+#                a few minutes, for the edit-test loop; `make test` before a commit
 # Variables: PYTHON (interpreter that makes the venv), EXTRAS (extras `make train` adds, comma-separated:
 # dali-cuda12, dali-cuda13, tensorboard, dev; e.g. `make train EXTRAS=dali-cuda12`), TORCH_INDEX (a pip index
 # that torch and torchvision come from when the venv is made, e.g. https://download.pytorch.org/whl/cpu for
@@ -25,7 +27,7 @@ comma := ,
 TRAIN_STAMP := $(BIN)/.installed-train$(if $(EXTRAS),-$(subst $(comma),-,$(EXTRAS)))
 TEST_STAMP := $(BIN)/.installed
 
-.PHONY: train test clean
+.PHONY: train test test-fast clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +47,9 @@ train: $(TRAIN_STAMP)
 
 test: $(TEST_STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS) tests benchmarks
+
+test-fast: $(TEST_STAMP)
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS) -m "not slow" tests benchmarks
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
