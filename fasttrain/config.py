@@ -212,7 +212,7 @@ class DataConfig(Section):
     std: List[float] = _field([0.5, 0.5, 0.5], "Normalize std, one value or one per channel")
     image_size: int = _field(0, "side of the square training images (folder: each image resized and cropped to it; "
                                 "0 = the dataset's own size: folder images must then all be square and of one size; "
-                                "cifar10 / mnist / synthetic accept only 0 or their own size)",
+                                "cifar10 / mnist accept only 0 or their own size; synthetic: 0 or up to 32)",
                              low=0, high=IMAGE_SIDE_MAX, note="0 = the dataset's own size")
     skip_bad_images: bool = _field(False, "folder: leave out image files that cannot be opened (counted in the log) "
                                           "instead of stopping with their name")

@@ -121,3 +121,13 @@ def test_evaluation_batches_equal_the_plain_loaders(tmp_path):
     for (xp, yp), (xg, yg) in pairs:
         assert torch.equal(yp, yg)
         torch.testing.assert_close(xg, xp, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("loader", ["plain", "gpu"])
+def test_synthetic_images_come_at_a_smaller_side_on_request(loader):
+    """data.image_size up to 32 makes synthetic data of that side (the quick CPU runs of the tests use 16)."""
+    cfg = load_config(None, ["data.dataset=synthetic", "data.image_size=16", "data.val_size=40", f"data.loader={loader}",
+                             "train.device=cpu", "train.batch_size=8", "data.num_workers=0"])
+    loader, info = build_eval_loader(cfg, CPU)
+    images, labels = next(iter(loader))
+    assert images.shape == (8, 3, 16, 16) and labels.shape == (8,) and info.image_size == 16

@@ -35,6 +35,7 @@ from fasttrain.observe import LOGGER_NAME
 from fasttrain.registry import DATASETS
 
 SYNTHETIC_SIZES = {True: 5000, False: 1000}  # default train / test sizes of the synthetic dataset
+SYNTHETIC_SIDE = 32  # its default (and largest) image side
 
 
 @dataclass(frozen=True)
@@ -84,8 +85,12 @@ def mnist_split(data: DataConfig, train: bool) -> Split:
 @DATASETS.register("synthetic")
 def synthetic_split(data: DataConfig, train: bool) -> Split:
     size = (data.train_size if train else data.val_size) or SYNTHETIC_SIZES[train]
+    # generated at data.image_size up to CIFAR's 32 px (smaller: quicker CPU runs; the host-memory bound on
+    # data.train_size is for 32 px); a larger side is refused by load_split, which sees 32 px images
+    side = data.image_size if 0 < data.image_size <= SYNTHETIC_SIDE else SYNTHETIC_SIDE
     # distinct seeds so the synthetic test split is not a copy of the training split
-    return (*synthetic.make_synthetic(size, seed=data.subset_seed * 2 + int(train)), synthetic.CLASSES)
+    return (*synthetic.make_synthetic(size, seed=data.subset_seed * 2 + int(train), image_size=side),
+            synthetic.CLASSES)
 
 
 @DATASETS.register("folder")
@@ -102,9 +107,10 @@ def load_split(data: DataConfig, train: bool) -> Tuple[np.ndarray, np.ndarray, D
     images, labels, classes = DATASETS.get(data.dataset)(data, train)
     images, labels = _subset(images, labels, size, data.subset_seed + int(train))
     if data.image_size and images.shape[1] != data.image_size:
+        smaller = f" or at most {SYNTHETIC_SIDE}" if data.dataset == "synthetic" else ""
         raise ConfigError(f"config error: data.image_size={data.image_size} but the {data.dataset} images are "
                           f"{images.shape[1]} px: only data.dataset=folder resizes; set data.image_size=0 (the "
-                          f"dataset's own size)")
+                          f"dataset's own size){smaller}")
     skipped = folder_splits(data).info.skipped_files if data.dataset == "folder" else 0
     info = DatasetInfo(data.dataset, images.shape[-1], images.shape[1], tuple(classes), skipped)
     return images, labels, info
