@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import List
 
@@ -109,6 +111,27 @@ def wait_for_step(run_dir: Path, step: int, job: subprocess.Popen, timeout: floa
                 return logged[-1]
         time.sleep(0.02)
     raise AssertionError(f"step {step} not reached in {timeout}s")
+
+
+def logged_steps(run_dir: Path) -> List[int]:
+    """The steps steps.jsonl has logged so far (complete lines only: the run may be writing the next one)."""
+    steps = run_dir / "steps.jsonl"
+    lines = steps.read_text().split("\n")[:-1] if steps.is_file() else []
+    return [json.loads(line)["step"] for line in lines if line.strip()]
+
+
+@contextmanager
+def frozen(*pids: int):
+    """SIGSTOP the processes, SIGCONT them on leaving: what a test reads (the newest logged step) and the
+    signals it sends meanwhile meet the run at one known point, however loaded the machine is (a stopped
+    process gets its pending signals when it continues)."""
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
 
 
 def final_weights(run_dir: Path) -> dict:
