@@ -1,7 +1,9 @@
 """Bad input and numerical faults: a clear one-line error, exit code 2, and nothing already saved lost.
 
-Every case runs the real command line against a finished earlier run; after each, that run's
-files are byte for byte what they were.
+Every case runs the command line's entry point against a finished earlier run; after each, that run's
+files are byte for byte what they were. A few cases run it as its own process (what a user sees: exit
+code and stderr); the others call `fasttrain.run.main` in this one, the same code without the 3 s of
+start-up a process costs.
 """
 
 from __future__ import annotations
@@ -21,10 +23,12 @@ import pytest
 import torch
 
 from conftest import REPO, make_cifar_images, read_jsonl, run_fasttrain, write_cifar10_layout
+from fasttrain import run
 
 # a small MLP on synthetic data: a checkpoint of ~2.5 MB (weights + AdamW state)
 EARLIER = ["--config", "configs/smoke.yaml", "data.train_size=256", "data.val_size=64", "model.name=MLP",
-           "model.hidden_sizes=[64]", "train.epochs=1", "train.batch_size=64", "checkpoint.every_steps=2"]
+           "model.hidden_sizes=[64]", "train.epochs=1", "train.batch_size=64", "checkpoint.every_steps=2",
+           "output.plots=false"]
 
 
 def digest_tree(folder: Path) -> Dict[str, str]:
@@ -47,6 +51,7 @@ class Case:
     expect: str  # the error must say this
     module: str = "fasttrain.run"
     file_size_limit: int = 0  # RLIMIT_FSIZE for the process (bytes): a disk that fills up
+    process: bool = False  # a process of its own (always for another module or a file size limit)
 
 
 def _file(scratch: Path, name: str, text: str) -> Path:
@@ -94,7 +99,7 @@ def _full_disk_copy(earlier: Path, scratch: Path) -> Path:
 
 RUN = ["--config", "configs/smoke.yaml"]
 CASES = [
-    Case("unknown key", lambda e, s: [*RUN, "train.epoch=3"], "unknown key 'train.epoch'"),
+    Case("unknown key", lambda e, s: [*RUN, "train.epoch=3"], "unknown key 'train.epoch'", process=True),
     Case("wrong type", lambda e, s: [*RUN, "train.epochs=three"], "train.epochs"),
     Case("out of range", lambda e, s: [*RUN, "train.batch_size=0"], "train.batch_size=0 is not valid"),
     Case("unknown model", lambda e, s: [*RUN, "model.name=ResNet9000"], "model.name='ResNet9000' is not valid"),
@@ -108,7 +113,8 @@ CASES = [
     Case("unknown preemption signal", lambda e, s: [*RUN, "checkpoint.signals=[SIGFOO]"], "checkpoint.signals"),
     Case("normalize mean of 2 values", lambda e, s: [*RUN, "data.mean=[0.5,0.5]"], "data.mean"),
     Case("missing dataset", lambda e, s: [*RUN, "data.dataset=cifar10", f"data.root={s / 'none'}",
-                                          "data.download=false", f"output.dir={s / 'out'}"], "CIFAR-10 not found"),
+                                          "data.download=false", f"output.dir={s / 'out'}"], "CIFAR-10 not found",
+         process=True),
     Case("corrupt dataset file", lambda e, s: [*RUN, "data.dataset=cifar10", f"data.root={_corrupt_cifar(s)}",
                                                "data.download=false", f"output.dir={s / 'out'}"],
          "data_batch_2 is truncated or corrupt"),
@@ -122,7 +128,7 @@ CASES = [
     Case("resume a checkpoint of another model", lambda e, s: [*EARLIER, "model.hidden_sizes=[32]",
                                                                f"resume={e / 'checkpoints' / 'last.pt'}",
                                                                f"output.dir={s / 'out'}"],
-         "shapes differ: layers.1.weight (64, 3072) vs model (32, 3072)"),
+         "shapes differ: layers.1.weight (64, 3072) vs model (32, 3072)", process=True),
     Case("resume with another optimizer", lambda e, s: [*EARLIER, "optim.name=sgd",
                                                          f"resume={e / 'checkpoints' / 'last.pt'}",
                                                          f"output.dir={s / 'out'}"],
@@ -148,7 +154,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_bad_input_is_one_clear_line_with_exit_2_and_damages_nothing(case, earlier, tmp_path):
+def test_bad_input_is_one_clear_line_with_exit_2_and_damages_nothing(case, earlier, tmp_path, capsys):
     before = digest_tree(earlier)
     args = case.args(earlier, tmp_path)
     module, *command = case.module.split()
@@ -164,8 +170,11 @@ def test_bad_input_is_one_clear_line_with_exit_2_and_damages_nothing(case, earli
                                 capture_output=True, timeout=600, preexec_fn=fill_up_at_limit,
                                 env={**os.environ, "PYTHONPATH": str(REPO)})
         assert digest_tree(copy / "checkpoints") == saved  # the checkpoints it resumed from are intact
-    else:
+    elif case.process or module != "fasttrain.run":
         result = run_fasttrain(*command, *args, module=module)
+    else:
+        code, err = _main(capsys, *args)
+        result = subprocess.CompletedProcess(args, code, "", err)
     assert result.returncode == 2, f"exit {result.returncode}\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
     error_lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert error_lines and error_lines[-1].startswith("fasttrain: error: "), result.stderr[-2000:]
@@ -174,16 +183,24 @@ def test_bad_input_is_one_clear_line_with_exit_2_and_damages_nothing(case, earli
     assert digest_tree(earlier) == before  # the earlier run is untouched
 
 
+def _main(capsys, *args: str):
+    """`python -m fasttrain.run ARGS` in this process: (exit code, stderr)."""
+    capsys.readouterr()
+    code = run.main(list(args))
+    return code, capsys.readouterr().err
+
+
 @pytest.mark.parametrize("every_steps,found_by", [(0, "the loss became nan/inf"), (2, "the weights hold nan/inf")])
-def test_a_diverging_run_stops_naming_the_step_and_keeps_its_last_good_checkpoint(tmp_path, every_steps, found_by):
+def test_a_diverging_run_stops_naming_the_step_and_keeps_its_last_good_checkpoint(tmp_path, capsys, every_steps,
+                                                                                 found_by):
     """SGD at lr 10 diverges within a few steps: found at the next log interval (the loss) or, sooner,
     by the check every checkpoint makes of the weights before it is written."""
     out = tmp_path / "run"
-    result = run_fasttrain("--config", "configs/smoke.yaml", "data.train_size=512", "optim.name=sgd", "optim.lr=10",
-                           "sched.name=none", "train.epochs=2", "train.log_every=1",
-                           f"checkpoint.every_steps={every_steps}", f"output.dir={out}")
-    assert result.returncode == 2, result.stderr[-2000:]
-    error = result.stderr.strip().splitlines()[-1]
+    code, err = _main(capsys, "--config", "configs/smoke.yaml", "data.train_size=512", "optim.name=sgd", "optim.lr=10",
+                      "sched.name=none", "train.epochs=2", "train.log_every=1",
+                      f"checkpoint.every_steps={every_steps}", f"output.dir={out}")
+    assert code == 2, err[-2000:]
+    error = err.strip().splitlines()[-1]
     assert error.startswith(f"fasttrain: error: training diverged: {found_by} at step "), error
     bad_step = int(error.split("at step ")[1].split()[0].rstrip(";"))
     logged = read_jsonl(out / "steps.jsonl")
@@ -198,16 +215,16 @@ def test_a_diverging_run_stops_naming_the_step_and_keeps_its_last_good_checkpoin
         assert all(torch.isfinite(t).all() for t in ckpt["model"].values() if t.is_floating_point())
 
 
-def test_divergence_found_at_a_log_interval_still_names_the_exact_step(tmp_path):
+def test_divergence_found_at_a_log_interval_still_names_the_exact_step(tmp_path, capsys):
     """The loss is checked where the sums are read (every train.log_every steps), not every step;
     the step named is still the first one whose loss was nan/inf, as a check at every step finds."""
     named = []
     for log_every in (1, 4):
-        result = run_fasttrain("--config", "configs/smoke.yaml", "data.train_size=512", "optim.name=sgd",
-                               "optim.lr=10", "sched.name=none", "train.epochs=2", f"train.log_every={log_every}",
-                               "output.save_checkpoints=false", f"output.dir={tmp_path / str(log_every)}")
-        assert result.returncode == 2, result.stderr[-2000:]
-        error = result.stderr.strip().splitlines()[-1]
+        code, err = _main(capsys, "--config", "configs/smoke.yaml", "data.train_size=512", "optim.name=sgd",
+                          "optim.lr=10", "sched.name=none", "train.epochs=2", f"train.log_every={log_every}",
+                          "output.save_checkpoints=false", f"output.dir={tmp_path / str(log_every)}")
+        assert code == 2, err[-2000:]
+        error = err.strip().splitlines()[-1]
         assert "training diverged: the loss became nan/inf at step " in error, error
         named.append(int(error.split("at step ")[1].split()[0]))
     assert named[0] == named[1] and named[0] % 4 != 0, named  # found mid-interval, and named exactly
