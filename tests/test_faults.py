@@ -22,8 +22,7 @@ from typing import Callable, Dict, List
 import pytest
 import torch
 
-from conftest import REPO, make_cifar_images, read_jsonl, run_fasttrain, write_cifar10_layout
-from fasttrain import run
+from conftest import REPO, make_cifar_images, read_jsonl, run_fasttrain, run_in_process, write_cifar10_layout
 
 # a small MLP on synthetic data: a checkpoint of ~2.5 MB (weights + AdamW state)
 EARLIER = ["--config", "configs/smoke.yaml", "data.train_size=256", "data.val_size=64", "model.name=MLP",
@@ -173,8 +172,7 @@ def test_bad_input_is_one_clear_line_with_exit_2_and_damages_nothing(case, earli
     elif case.process or module != "fasttrain.run":
         result = run_fasttrain(*command, *args, module=module)
     else:
-        code, err = _main(capsys, *args)
-        result = subprocess.CompletedProcess(args, code, "", err)
+        result = run_in_process(capsys, *args)
     assert result.returncode == 2, f"exit {result.returncode}\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
     error_lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert error_lines and error_lines[-1].startswith("fasttrain: error: "), result.stderr[-2000:]
@@ -184,10 +182,8 @@ def test_bad_input_is_one_clear_line_with_exit_2_and_damages_nothing(case, earli
 
 
 def _main(capsys, *args: str):
-    """`python -m fasttrain.run ARGS` in this process: (exit code, stderr)."""
-    capsys.readouterr()
-    code = run.main(list(args))
-    return code, capsys.readouterr().err
+    result = run_in_process(capsys, *args)
+    return result.returncode, result.stderr
 
 
 @pytest.mark.parametrize("every_steps,found_by", [(0, "the loss became nan/inf"), (2, "the weights hold nan/inf")])

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import read_jsonl, run_fasttrain, start
+from conftest import frozen, read_jsonl, run_fasttrain, run_in_process, start
 from fasttrain.checkpoint import save_checkpoint
 
 RUN = ["--config", "configs/smoke.yaml", "data.train_size=512", "data.val_size=64", "model.name=MLP",
-       "model.hidden_sizes=[32]", "train.batch_size=32"]
+       "model.hidden_sizes=[32]", "train.batch_size=32", "output.plots=false"]
 
 
 def snapshot(folder: Path) -> dict:
@@ -42,26 +42,25 @@ def test_a_second_run_into_a_folder_in_use_stops_with_one_line_and_changes_nothi
         from conftest import wait_for_step
 
         wait_for_step(out, 2, first)
-        before = snapshot(out / "checkpoints")
-        for extra in (["resume=auto"], ["output.overwrite=true"]):
-            second = run_fasttrain(*RUN, "train.epochs=50", f"output.dir={out}", *extra)
-            assert second.returncode == 2, second.stderr[-2000:]
-            error = second.stderr.strip().splitlines()[-1]
-            assert error.startswith(f"fasttrain: error: output.dir {out} is in use by another fasttrain run (pid "
-                                    f"{first.pid} on "), error
-            assert snapshot(out / "checkpoints") == before or first.poll() is None  # only the first run writes
-        logged = [r["step"] for r in read_jsonl(out / "steps.jsonl")]  # read once: the first run keeps appending
-        assert logged == sorted(set(logged))
+        with frozen(first.pid):  # the first run holds the folder, and writes nothing while the others try
+            before = snapshot(out)
+            for extra in (["resume=auto"], ["output.overwrite=true"]):
+                second = run_fasttrain(*RUN, "train.epochs=50", f"output.dir={out}", *extra)
+                assert second.returncode == 2, second.stderr[-2000:]
+                error = second.stderr.strip().splitlines()[-1]
+                assert error.startswith(f"fasttrain: error: output.dir {out} is in use by another fasttrain run "
+                                        f"(pid {first.pid} on "), error
+                assert snapshot(out) == before
     finally:
         first.kill()
         first.communicate()
 
 
-def test_a_rejected_resume_leaves_the_run_folder_exactly_as_it_was(finished, tmp_path):
+def test_a_rejected_resume_leaves_the_run_folder_exactly_as_it_was(finished, tmp_path, capsys):
     out = tmp_path / "run"
     shutil.copytree(finished, out)
     before = snapshot(out)
-    result = run_fasttrain(*RUN, "train.epochs=3", "optim.name=sgd", "resume=auto", f"output.dir={out}")
+    result = run_in_process(capsys, *RUN, "train.epochs=3", "optim.name=sgd", "resume=auto", f"output.dir={out}")
     assert result.returncode == 2 and "was trained with optim.name=adamw" in result.stderr, result.stderr[-2000:]
     assert snapshot(out) == before  # config.yaml, env.json and train.log included
     assert {p.name for p in out.iterdir()} == {Path(k).parts[0] for k in before}  # nothing added
@@ -69,23 +68,24 @@ def test_a_rejected_resume_leaves_the_run_folder_exactly_as_it_was(finished, tmp
 
 @pytest.mark.parametrize("bad", [["data.dataset=cifar10", "data.root=/nonexistent", "data.download=false"],
                                  ["train.precision=fp16"]], ids=["missing data", "fp16 on the CPU"])
-def test_a_run_that_fails_before_training_leaves_no_folder_behind(tmp_path, bad):
+def test_a_run_that_fails_before_training_leaves_no_folder_behind(tmp_path, capsys, bad):
     out = tmp_path / "run"
-    result = run_fasttrain(*RUN, *bad, f"output.dir={out}")
+    result = run_in_process(capsys, *RUN, *bad, f"output.dir={out}")
     assert result.returncode == 2, result.stderr[-2000:]
     assert not out.exists()
 
 
-def test_a_run_that_fails_while_training_keeps_the_error_in_its_log(tmp_path):
+def test_a_run_that_fails_while_training_keeps_the_error_in_its_log(tmp_path, capsys):
     out = tmp_path / "run"
-    result = run_fasttrain("--config", "configs/smoke.yaml", "data.train_size=512", "optim.name=sgd", "optim.lr=10",
+    result = run_in_process(capsys, "--config", "configs/smoke.yaml", "data.train_size=512", "optim.name=sgd", "optim.lr=10",
                            "sched.name=none", "train.log_every=1", f"output.dir={out}")
     assert result.returncode == 2
     assert "error: training diverged" in (out / "train.log").read_text().splitlines()[-1]
 
 
 @pytest.mark.parametrize("damage", ["stale", "missing"])
-def test_best_pt_left_behind_by_a_stop_between_the_two_writes_is_put_back_on_resume(finished, tmp_path, damage):
+def test_best_pt_left_behind_by_a_stop_between_the_two_writes_is_put_back_on_resume(finished, tmp_path, capsys,
+                                                                                    damage):
     """An epoch's end writes last.pt, then best.pt: a kill (or a full disk) in between leaves best.pt of an
     older epoch (or none) while last.pt records the newer best. resume=auto puts it back from last.pt,
     also when the run has nothing left to train."""
@@ -98,7 +98,7 @@ def test_best_pt_left_behind_by_a_stop_between_the_two_writes_is_put_back_on_res
         save_checkpoint(ckpt, best)
     else:
         best.unlink()
-    result = run_fasttrain(*RUN, "train.epochs=2", "resume=auto", f"output.dir={out}")
+    result = run_in_process(capsys, *RUN, "train.epochs=2", "resume=auto", f"output.dir={out}")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "best.pt put back from last.pt (epoch 2, the best so far)" in result.stdout
     assert best.read_bytes() == (finished / "checkpoints" / "best.pt").read_bytes()
