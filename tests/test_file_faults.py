@@ -130,7 +130,7 @@ def test_eval_on_a_folder_of_other_classes_is_refused_naming_them(folder_checkpo
 # --------------------------------------------------------------------------- 3. the rendezvous address
 
 RUN = ["-m", "fasttrain.run", "data.dataset=synthetic", "data.train_size=32", "data.val_size=16", "train.epochs=1",
-       "train.device=cpu", "train.batch_size=8"]
+       "train.device=cpu", "train.batch_size=8", "output.plots=false"]
 
 
 def launch_rank(rank: int, world: int, run_dir: Path, **env: str) -> subprocess.Popen:

@@ -16,7 +16,7 @@ from fasttrain.checkpoint import load_checkpoint, save_checkpoint
 
 SMOKE = str(REPO / "configs" / "smoke.yaml")
 RUN = ["--config", SMOKE, "data.train_size=256", "data.val_size=32", "model.name=MLP", "model.hidden_sizes=[16]",
-       "train.batch_size=32", "data.download=false", "sched.name=onecycle"]
+       "train.batch_size=32", "data.download=false", "sched.name=onecycle", "output.plots=false"]
 
 
 pytestmark = pytest.mark.usefixtures("no_plots")  # the runs here are about their input, not plots

@@ -24,7 +24,7 @@ from fasttrain.checkpoint import load_checkpoint
 
 RUN = ["--config", "configs/smoke.yaml", "data.train_size=512", "data.val_size=64", "model.name=MLP",
        "model.hidden_sizes=[32]", "train.batch_size=32", "train.epochs=50", "train.log_every=1",
-       "checkpoint.every_steps=4", "checkpoint.background=false"]
+       "checkpoint.every_steps=4", "checkpoint.background=false", "output.plots=false"]
 
 
 # --------------------------------------------------------------------------- the run folder, mid-run

@@ -27,7 +27,7 @@ from conftest import REPO, run_torchrun, start, wait_for_step
 EXIT_PREEMPTED, EXIT_INTERRUPTED, EXIT_USER_ERROR = 75, 130, 2
 # 16 steps of one epoch, a step logged each: long enough to signal mid-run, short to finish
 RUN = ["--config", "configs/smoke.yaml", "data.train_size=256", "data.val_size=64", "train.batch_size=16",
-       "train.epochs=1", "train.log_every=1", "data.num_workers=0"]
+       "train.epochs=1", "train.log_every=1", "data.num_workers=0", "output.plots=false"]
 PYTHON = [sys.executable, "-m", "fasttrain.run"]
 
 
@@ -137,7 +137,7 @@ def test_preemption_signals_after_training_ended_are_absorbed_and_the_run_comple
     the lock still to come): before, either killed the complete run (-15 / -10), leaving the lock and no
     plots. Now: one line says they came after the end and were ignored; exit 0, plots, no lock."""
     out = tmp_path / "run"
-    job = launch([*PYTHON, *RUN, f"output.dir={out}"], clean_env(PYTHONUNBUFFERED="1"))
+    job = launch([*PYTHON, *RUN, "output.plots=true", f"output.dir={out}"], clean_env(PYTHONUNBUFFERED="1"))
     lines = Lines(job)
     try:
         lines.wait_for(r"weights identical on all 1 rank")
@@ -201,15 +201,12 @@ def test_rank_0_waiting_for_a_peer_that_never_comes_stops_on_sigterm_with_75(tmp
             assert job.poll() is None and time.monotonic() < deadline, job.stdout.read()[-3000:]
             time.sleep(0.02)
         job.send_signal(signal.SIGTERM)
-        signalled = time.monotonic()
-        output, _ = job.communicate(timeout=20)
-        took = time.monotonic() - signalled
+        output, _ = job.communicate(timeout=60)  # before: the wait went on for dist.timeout_s (1800 s)
     finally:
         stop(job)
     assert job.returncode == EXIT_PREEMPTED, output[-3000:]
     said = [line for line in output.splitlines() if "fasttrain:" in line]
     assert len(said) == 1 and "preempted by SIGTERM while waiting for the other ranks" in said[0], output[-3000:]
-    assert took < 10  # a second when idle; generous for a loaded machine
     assert not (tmp_path / "run").exists()  # nothing was claimed or written
 
 
@@ -241,14 +238,13 @@ def test_any_exception_in_rank_0s_section_stops_every_rank_at_once_with_one_line
     assert first.returncode == 0, first.stderr[-3000:]
     steps = out / "steps.jsonl"
     steps.write_text(steps.read_text() + '{"step": 4, "epoch": 1, "lo')
-    started = time.monotonic()
-    result = run_torchrun(2, *RUN, "resume=auto", "dist.timeout_s=120", f"output.dir={out}", timeout=300)
-    took = time.monotonic() - started
+    # a rank left waiting would stop only at dist.timeout_s, with a timeout error instead of the JSONDecodeError
+    # (and past the 300 s this test waits)
+    result = run_torchrun(2, *RUN, "resume=auto", "dist.timeout_s=1800", f"output.dir={out}", timeout=300)
     errors = [line for line in result.stderr.splitlines() if "fasttrain: error:" in line]
     assert result.returncode != 0
     assert len(errors) == 2 and all("JSONDecodeError" in line for line in errors), result.stderr[-3000:]
     assert any(line.startswith("[rank 1] ") for line in errors)
-    assert took < 100, f"the ranks took {took:.0f}s to stop: one was waiting for the other"
 
 
 # ---------------------------------------------------------------- 6. data.loader=auto on every rank
