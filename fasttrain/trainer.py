@@ -63,7 +63,7 @@ def _claim_on_rank0(cfg: Config, ctx: dist.Dist) -> Optional[RunFolder]:
 
 
 def _commit_on_rank0(cfg: Config, ctx: dist.Dist, folder: Optional[RunFolder], state: Optional[RunState],
-                     resume_from: Optional[Path], logger: logging.Logger) -> None:
+                     resume_from: Optional[Path], model: torch.nn.Module, logger: logging.Logger) -> None:
     """The run is accepted (data, model and the checkpoint it continues from are in place): rank 0
     writes its config and environment, trims a resumed run's history to its checkpoint, puts back a
     best.pt that a stop between two checkpoint writes left behind, and starts train.log with the
@@ -74,6 +74,8 @@ def _commit_on_rank0(cfg: Config, ctx: dist.Dist, folder: Optional[RunFolder], s
             header = (f"# fasttrain {fasttrain.__version__} resolved config; world size {ctx.world_size}: "
                       f"train.batch_size is per process, global batch {cfg.train.batch_size * ctx.world_size}\n")
             env = environment.describe(ctx.device, ctx.world_size, ctx.backend)
+            env["model"] = {"name": cfg.model.name, "parameters": sum(p.numel() for p in model.parameters()),
+                            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
             if state is not None and resume_from is not None:
                 # where this start continued from, as a value (the log says it in words)
                 env["resumed_from"] = {"checkpoint": str(resume_from), "epoch": state.epoch,
@@ -453,7 +455,7 @@ def _run(cfg: Config, ctx: dist.Dist, model: Optional[torch.nn.Module] = None) -
             parts = build_parts(cfg, ctx, logger, model)
             state = restore_on_every_rank(cfg, ctx, parts, resume_from, logger) if resume_from else None
             # accepted: data, model and the checkpoint it continues from are in place
-            _commit_on_rank0(cfg, ctx, folder, state, resume_from, logger)
+            _commit_on_rank0(cfg, ctx, folder, state, resume_from, parts.model, logger)
             committed = True
             clock.startup_done("restore")
             try:

@@ -8,9 +8,12 @@ test images.
 
 import json
 
+import pytest
+
 from conftest import REAL_CIFAR_ROOT, read_jsonl, run_fasttrain, needs_real_cifar
 
 
+@pytest.mark.slow
 @needs_real_cifar
 def test_cifar10_cnn_beats_35_percent_on_real_data(tmp_path):
     run_dir = tmp_path / "real"
@@ -18,7 +21,8 @@ def test_cifar10_cnn_beats_35_percent_on_real_data(tmp_path):
                            "data.download=false", "data.train_size=5000", "data.val_size=2000", "data.num_workers=2",
                            "train.epochs=4", "train.device=cpu", "train.precision=bf16", "sched.max_lr=0.003", f"output.dir={run_dir}")
     assert result.returncode == 0, result.stderr
-    assert "815,018 parameters" in result.stdout
+    assert json.loads((run_dir / "env.json").read_text())["model"] == {
+        "name": "CIFAR10_CNN", "parameters": 815_018, "trainable": 815_018}
     history = read_jsonl(run_dir / "metrics.jsonl")
     assert history[-1]["val_total"] == 2000
 
