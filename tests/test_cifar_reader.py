@@ -5,7 +5,7 @@ import pickle
 import numpy as np
 import pytest
 
-from conftest import make_cifar_images, run_fasttrain
+from conftest import make_cifar_images, run_in_process
 from fasttrain.data.cifar import load_cifar10, write_cifar10_layout
 from fasttrain.errors import UserError
 
@@ -50,16 +50,16 @@ def test_missing_folder_says_where_it_looked_and_which_setting_to_change(tmp_pat
         load_cifar10(str(tmp_path / "nowhere"), train=True, download=False)
 
 
-def test_cli_reports_a_corrupt_file_with_exit_2(tiny_cifar_root, tmp_path):
+def test_cli_reports_a_corrupt_file_with_exit_2(tiny_cifar_root, tmp_path, capsys):
     (tiny_cifar_root / "cifar-10-batches-py" / "data_batch_1").write_bytes(b"not a pickle")
-    result = run_fasttrain("--config", "configs/smoke.yaml", "data.dataset=cifar10", f"data.root={tiny_cifar_root}",
+    result = run_in_process(capsys, "--config", "configs/smoke.yaml", "data.dataset=cifar10", f"data.root={tiny_cifar_root}",
                            f"output.dir={tmp_path / 'run'}")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "data_batch_1 is truncated or corrupt" in result.stderr
 
 
-def test_cli_reports_missing_data_offline_with_exit_2(tmp_path):
-    result = run_fasttrain("--config", "configs/smoke.yaml", "data.dataset=cifar10", f"data.root={tmp_path}",
+def test_cli_reports_missing_data_offline_with_exit_2(tmp_path, capsys):
+    result = run_in_process(capsys, "--config", "configs/smoke.yaml", "data.dataset=cifar10", f"data.root={tmp_path}",
                            "data.download=false", f"output.dir={tmp_path / 'run'}")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "CIFAR-10 not found" in result.stderr and "data.root" in result.stderr

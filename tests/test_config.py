@@ -3,7 +3,7 @@
 import pytest
 import yaml
 
-from conftest import REPO, run_fasttrain
+from conftest import REPO, run_fasttrain, run_in_process
 from fasttrain.config import load_config
 from fasttrain.errors import ConfigError
 
@@ -87,30 +87,31 @@ def test_cli_unknown_key_exits_2_with_one_line(tmp_path):
     assert not (tmp_path / "run").exists()  # stopped before any work
 
 
-def test_cli_wrong_type_exits_2(tmp_path):
-    _assert_one_line_error(run_fasttrain("--config", "configs/smoke.yaml", "train.batch_size=big"),
+# the entry point in this process (run_in_process) from here on: the same code; one real process above shows the exit
+def test_cli_wrong_type_exits_2(capsys):
+    _assert_one_line_error(run_in_process(capsys, "--config", "configs/smoke.yaml", "train.batch_size=big"),
                            "train.batch_size", "expected int")
 
 
-def test_cli_bad_value_exits_2():
-    _assert_one_line_error(run_fasttrain("--config", "configs/smoke.yaml", "data.loader=turbo"),
+def test_cli_bad_value_exits_2(capsys):
+    _assert_one_line_error(run_in_process(capsys, "--config", "configs/smoke.yaml", "data.loader=turbo"),
                            "data.loader='turbo'", "plain")
 
 
-def test_cli_missing_config_file_exits_2():
-    _assert_one_line_error(run_fasttrain("--config", "configs/nope.yaml"), "configs/nope.yaml", "not found")
+def test_cli_missing_config_file_exits_2(capsys):
+    _assert_one_line_error(run_in_process(capsys, "--config", "configs/nope.yaml"), "configs/nope.yaml", "not found")
 
 
-def test_cli_unknown_key_in_yaml_file_exits_2(tmp_path):
+def test_cli_unknown_key_in_yaml_file_exits_2(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"train": {"epochs": 1, "learning_rate": 0.1}}))
-    _assert_one_line_error(run_fasttrain("--config", str(bad)), "train.learning_rate")
+    _assert_one_line_error(run_in_process(capsys, "--config", str(bad)), "train.learning_rate")
 
 
-def test_cli_invalid_yaml_exits_2(tmp_path):
+def test_cli_invalid_yaml_exits_2(tmp_path, capsys):
     bad = tmp_path / "broken.yaml"
     bad.write_text("train:\n  epochs: [1,\n")
-    _assert_one_line_error(run_fasttrain("--config", str(bad)), "not valid YAML")
+    _assert_one_line_error(run_in_process(capsys, "--config", str(bad)), "not valid YAML")
 
 
 def test_help_lists_every_config_key_with_its_default():
