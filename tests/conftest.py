@@ -19,6 +19,10 @@ import pytest
 from fasttrain.data.cifar import TEST_FILES, TRAIN_FILES, write_cifar10_layout
 
 REPO = Path(__file__).resolve().parents[1]
+# one torch thread per process, this one and every run it starts: the suite runs two tests at once on a 2-core
+# machine, and torch's OpenMP threads spin while they wait for a core another process holds (a 16 px CNN run
+# under that load: 3.8 s of CPU with one thread, 14 s with two, for the same result)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 # the decoded-dataset cache (data.cache_dir's default) of this test session: never the user's ~/.cache
 os.environ.setdefault("FASTTRAIN_CACHE_DIR", tempfile.mkdtemp(prefix="fasttrain-test-cache-"))
 # the real CIFAR-10 beside the project (developers' and CI machines); absent on a user's fresh clone
@@ -58,6 +62,12 @@ def read_jsonl(path: Path) -> List[dict]:
 def make_cifar_images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     return rng.integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, size=n)
+
+
+def pytest_configure(config):
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture
