@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import List
 
+import yaml
+
 from conftest import REPO, run_torchrun, start, wait_for_step
 
 EXIT_PREEMPTED, EXIT_INTERRUPTED, EXIT_USER_ERROR = 75, 130, 2
