@@ -1,6 +1,6 @@
 """Counting host-device syncs in a real run, and where in the step loop they happen.
 
-`sync_report(cfg)` trains `cfg` with `fasttrain.trainer.train` (schedule, logging, progress,
+`sync_report(cfg)` trains `cfg` with `fasttrain.train.lifecycle.train` (schedule, logging, progress,
 checkpoints and the preemption watch all active) while every sync is recorded with its position:
 inside a step, or after step k. On CUDA the detector is PyTorch's own
 (`torch.cuda.set_sync_debug_mode("warn")`: every synchronizing CUDA call warns); on the CPU, where
@@ -21,7 +21,7 @@ from typing import Iterator, List, Tuple
 import torch
 from torch.overrides import TorchFunctionMode
 
-from fasttrain import trainer
+from fasttrain.train import lifecycle as trainer
 from fasttrain.config import Config
 
 HOST_READS = {"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy"}

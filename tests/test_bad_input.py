@@ -130,7 +130,7 @@ def test_a_collective_timeout_too_large_names_the_accepted_range(tmp_path, capsy
 
 
 def _dali_installed() -> bool:
-    from fasttrain.data.dali import dali_available
+    from fasttrain.data.loaders.dali import dali_available
 
     return dali_available()
 

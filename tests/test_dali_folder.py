@@ -18,11 +18,11 @@ import torch
 
 from conftest import run_fasttrain
 from fasttrain.data.folder import UnreadableImage, scan_split
-from fasttrain.data.gpu import BatchFormat
-from fasttrain.data.plain import ShardedBatches
+from fasttrain.data.loaders.gpu import BatchFormat
+from fasttrain.data.loaders.plain import ShardedBatches
 
 pytest.importorskip("nvidia.dali")
-from fasttrain.data.dali_folder import DaliFolderLoader  # noqa: E402
+from fasttrain.data.loaders.dali_folder import DaliFolderLoader  # noqa: E402
 
 CPU = torch.device("cpu")
 CLASSES = ("cat", "dog", "frog")
@@ -204,7 +204,7 @@ def test_images_are_the_drawn_crop_or_the_centre_resized_as_pil_does(folder):
     interpolation differences (a few levels of 255) of PIL's bilinear resize of the same region."""
     from PIL import Image
 
-    from fasttrain.data.dali_folder import epoch_crops
+    from fasttrain.data.loaders.dali_folder import epoch_crops
 
     index, train = _loader(folder, "train", batch=24, seed=8)
     (images, _), = _epoch(train, 0)
@@ -239,7 +239,7 @@ def test_images_are_the_drawn_crop_or_the_centre_resized_as_pil_does(folder):
 
 
 def test_with_crop_padding_the_fitted_image_is_padded_and_cropped_as_the_gpu_loader_does(folder):
-    from fasttrain.data.gpu import crop_flip, epoch_augmentation
+    from fasttrain.data.loaders.gpu import crop_flip, epoch_augmentation
 
     index = scan_split(folder, "train")
     fmt = BatchFormat(CPU, MEAN, STD)

@@ -15,8 +15,8 @@ from PIL import Image
 from conftest import read_jsonl, run_fasttrain
 from fasttrain.config import load_config
 from fasttrain.errors import UserError
-from fasttrain.observe import Progress
-from fasttrain.trainer import EPOCH_COLUMNS, train
+from fasttrain.observe.logs import Progress
+from fasttrain.train.lifecycle import EPOCH_COLUMNS, train
 
 EPOCH_FIELDS = {"epoch", "train_loss", "val_loss", "val_acc", "lr", "images_per_sec"}
 
@@ -232,7 +232,7 @@ def test_tensorboard_missing_is_a_clear_error(tmp_path, monkeypatch):
 def test_a_run_that_fails_after_its_loaders_are_built_closes_them(tmp_path, monkeypatch):
     """A checkpoint of another model fails the restore, after the loaders were built: they are
     closed (worker processes, device memory) before the error reaches the caller."""
-    import fasttrain.trainer as trainer_mod
+    import fasttrain.train.lifecycle as trainer_mod
 
     first = tmp_path / "first"
     train(load_config(None, TINY + [f"output.dir={first}", "output.save_checkpoints=true", "train.epochs=1"]))

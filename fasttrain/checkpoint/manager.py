@@ -19,13 +19,13 @@ import torch
 from torch import nn
 
 from fasttrain import dist
-from fasttrain.averaging import Averages
+from fasttrain.train.averaging import Averages
 from fasttrain.checkpoint.io import load_checkpoint, prune_step_checkpoints, step_checkpoint_name
 from fasttrain.checkpoint.state import Resumable, RunState, capture, choose_checkpoint, restore
 from fasttrain.checkpoint.writer import CheckpointWriter
 from fasttrain.config import Config
 from fasttrain.errors import folder_write_failed
-from fasttrain.optim import Schedule
+from fasttrain.train.optim import Schedule
 
 
 class _HasScaler(Protocol):

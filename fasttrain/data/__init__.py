@@ -1,9 +1,9 @@
 """Datasets as uint8 arrays or image files, and the loaders built on them.
 
 `load_split` reads one split of the configured dataset (an entry of the `data.dataset` registry,
-fasttrain.registry.DATASETS) as (N, H, W, C) uint8 images and int64 labels (optionally a seeded
+fasttrain.config.registry.DATASETS) as (N, H, W, C) uint8 images and int64 labels (optionally a seeded
 subset); `build_loaders` wraps the two splits in the configured loader. Every loader follows the
-contract described in `fasttrain.data.plain`.
+contract described in `fasttrain.data.loaders.plain`.
 
 `data.dataset=folder` (the user's own images, fasttrain.data.folder) is scanned once per process
 (`folder_splits`); the gpu loader gets its images decoded into a uint8 array like the others'
@@ -25,14 +25,14 @@ import torch
 from fasttrain.config import Config, DataConfig
 from fasttrain.data import cifar, folder, mnist, synthetic
 from fasttrain.data.array_cache import resolve_cache_dir
-from fasttrain.data.plain import CustomDataset, PlainLoader, ShardedBatches, ShardLoader
-from fasttrain.data.dali import DaliLoader, dali_available
-from fasttrain.data.gpu import BatchFormat, CropFlip, GpuLoader
+from fasttrain.data.loaders.plain import CustomDataset, PlainLoader, ShardedBatches, ShardLoader
+from fasttrain.data.loaders.dali import DaliLoader, dali_available
+from fasttrain.data.loaders.gpu import BatchFormat, CropFlip, GpuLoader
 from fasttrain.data.folder import BadFiles, FolderIndex
 from fasttrain.data.transforms import eval_transform, fit_to_size, per_channel, train_transform
 from fasttrain.errors import ConfigError
-from fasttrain.observe import LOGGER_NAME
-from fasttrain.registry import DATASETS
+from fasttrain.observe.logs import LOGGER_NAME
+from fasttrain.config.registry import DATASETS
 
 SYNTHETIC_SIZES = {True: 5000, False: 1000}  # default train / test sizes of the synthetic dataset
 
@@ -155,7 +155,7 @@ def _scan_folder(root: str, skip_bad: bool, image_size: int, train_size: int, va
                  stamp: Tuple[Tuple[str, int], ...], decoder: str = "pil") -> FolderSplits:
     check = None
     if decoder.startswith("dali:"):
-        from fasttrain.data.dali_folder import undecodable  # imports DALI
+        from fasttrain.data.loaders.dali_folder import undecodable  # imports DALI
 
         device = torch.device(decoder.removeprefix("dali:"))
         check = functools.partial(undecodable, device=device, num_threads=folder.THREADS)
@@ -180,7 +180,7 @@ AUTO_WORKERS_MAX = 4  # the tutorial's DataLoader(num_workers=4)
 def resolve_workers(num_workers: int) -> int:
     """data.num_workers, with -1 (auto) as min(4, the CPUs this process may run on / the processes on this
     node): more workers than CPUs only add switching (and torch warns about it for every loader). Neither
-    the data order nor the augmentation depends on the count (fasttrain.data.plain), so auto is as
+    the data order nor the augmentation depends on the count (fasttrain.data.loaders.plain), so auto is as
     reproducible as a fixed number."""
     if num_workers >= 0:
         return num_workers
@@ -324,7 +324,7 @@ def _folder_file_loader(cfg: Config, name: str, index: FolderIndex, info: Datase
     crop as the resident gpu loader does when aug.crop_padding > 0 (the fitted image, padded and cropped
     back), and take a random resized crop when it is 0."""
     if name == "dali":
-        from fasttrain.data.dali_folder import DaliFolderLoader  # imports no DALI until it is built
+        from fasttrain.data.loaders.dali_folder import DaliFolderLoader  # imports no DALI until it is built
 
         return DaliFolderLoader(index, batches, fmt, info.image_size, train, cfg.aug.hflip, cfg.train.seed,
                                 max(1, resolve_workers(cfg.data.num_workers)),

@@ -17,7 +17,7 @@ Every image is decoded as RGB (grayscale, palette and RGBA files included; alpha
 
 Two ways of loading, chosen by the loader (fasttrain.data):
 - by file: `FolderDataset` decodes and transforms in the DataLoader workers (the plain loader),
-  DaliFolderLoader (fasttrain.data.dali_folder) in a DALI pipeline;
+  DaliFolderLoader (fasttrain.data.loaders.dali_folder) in a DALI pipeline;
 - resident: `decode_split` decodes every image once, fitted to image_size (shorter side resized,
   centre cropped), into one (N, S, S, 3) uint8 array that the gpu loader keeps on its device.
 """
@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fasttrain.data.plain import CustomDataset, PlainLoader
+from fasttrain.data.loaders.plain import CustomDataset, PlainLoader
 from fasttrain.errors import ConfigError, UserError
 
 SPLITS = ("train", "val")

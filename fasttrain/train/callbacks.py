@@ -1,6 +1,6 @@
 """What a run does around its step loop, as small objects the Trainer calls at fixed points.
 
-The step loop (`fasttrain.engine`) leaves its per-step path only at boundaries that every rank
+The step loop (`fasttrain.train.loop`) leaves its per-step path only at boundaries that every rank
 reaches at the same global step (log intervals, periodic checkpoints, a requested stop). There
 the Trainer asks its callbacks whether to stop and whether to save; at a log interval it hands
 them the numbers it has just read; after validation, the epoch's record. Nothing here runs per
@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
 
 from fasttrain.errors import folder_write_failed
-from fasttrain.observe import CsvRows, JsonLines, Progress, TensorBoard, epoch_line
-from fasttrain.preemption import PreemptionWatch
+from fasttrain.observe.logs import CsvRows, JsonLines, Progress, TensorBoard, epoch_line
+from fasttrain.dist.preemption import PreemptionWatch
 
 
 @dataclass(frozen=True)
@@ -136,7 +136,7 @@ class ProgressDisplay(Callback):
 
 
 class Preemption(Callback):
-    """The signal handlers (`fasttrain.preemption.PreemptionWatch`): the loop sums each rank's flag at
+    """The signal handlers (`fasttrain.dist.preemption.PreemptionWatch`): the loop sums each rank's flag at
     its log intervals; an agreed signal stops the run at that boundary."""
 
     def __init__(self, watch: PreemptionWatch) -> None:

@@ -26,7 +26,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 
 from fasttrain.errors import ConfigError
 # the registries are the lists of names the config accepts: register an entry, and its name is valid
-from fasttrain.registry import DATASETS, MODELS, OPTIMIZERS, SCHEDULES, Registry
+from fasttrain.config.registry import DATASETS, MODELS, OPTIMIZERS, SCHEDULES, Registry
 
 
 
@@ -64,7 +64,7 @@ TtaName = _choices("TtaName", ("none", "flip", "flip_shift"))
 # seeds reach torch (< 2**64), NumPy, DALI (< 2**63) and derived seeds such as seed * 1_000_003 + epoch;
 # 31 bits keeps every one of them valid, and is what most seed APIs take
 SEED_MAX = 2**31 - 1
-# the optimizers whose hyperparameters a captured step can read from the device (fasttrain.step)
+# the optimizers whose hyperparameters a captured step can read from the device (fasttrain.train.step)
 CAPTURABLE_OPTIMIZERS = ("sgd", "adam", "adamw")
 
 # Upper bounds: each the most a real run could use, so that a typo (an extra zero, 1e12, inf) fails here

@@ -7,7 +7,7 @@ case-study network: three stages of two 3x3 conv-BN-ReLU blocks and a 2x2 max-po
 815,018 parameters on CIFAR-10.
 
 `model.name` also takes models from outside the registry, built by `build_model`:
-`torchvision:<name>` and `package.module:callable` (fasttrain.own_models).
+`torchvision:<name>` and `package.module:callable` (fasttrain.models.imported).
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from fasttrain.config import TORCHVISION_PREFIX, ModelConfig
-from fasttrain.own_models import check_output, check_parameters, imported_model, torchvision_model
-from fasttrain.registry import MODELS
+from fasttrain.models.imported import check_output, check_parameters, imported_model, torchvision_model
+from fasttrain.config.registry import MODELS
 
 
 class SimpleModel(nn.Module):

@@ -21,8 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fasttrain import cuda_graphs, dist
-from fasttrain.precision import Precision
+from fasttrain.train import cuda_graphs
+from fasttrain import dist
+from fasttrain.train.precision import Precision
 
 IGNORED = -1  # the label of a padding image: no loss, never a correct prediction
 WARMUP_BATCHES = 2  # run for real before a CUDA graph records the eval batch (compilation, autotuning)

@@ -30,7 +30,7 @@ from typing import List, Optional
 from fasttrain.checkpoint import remove_stale_temporaries
 from fasttrain.checkpoint.io import find_resume_checkpoint
 from fasttrain.errors import UserError
-from fasttrain.preemption import MARKER
+from fasttrain.dist.preemption import MARKER
 
 LOCK = ".fasttrain.lock"
 HISTORY_FILES = ("metrics.jsonl", "steps.jsonl", "metrics.csv", MARKER)

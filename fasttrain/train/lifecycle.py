@@ -1,7 +1,7 @@
 """Build a run from a Config and fit it: the tutorial's train_model, distributed and with a run folder.
 
 `train(cfg)` joins the process group (world size 1 included), prepares the run folder (rank 0),
-builds data, model, optimizer, schedule and the step (`fasttrain.step`: eager, with DDP where there
+builds data, model, optimizer, schedule and the step (`fasttrain.train.step`: eager, with DDP where there
 are other ranks, or the whole step captured), puts back the checkpoint it resumes from
 (resume=auto|PATH), then `fit` runs epochs of train_one_epoch + validate, writes metrics,
 and keeps `checkpoints/last.pt`, `checkpoints/best.pt` (by validation accuracy) and step
@@ -27,29 +27,31 @@ import torch
 
 import fasttrain
 from fasttrain import config as config_mod
-from fasttrain import dist, environment, preemption, timing
-from fasttrain.build import Parts, build_parts
-from fasttrain.compile_cache import cache_counts, compile_cache
-from fasttrain.callbacks import (Boundary, Callback, Interval, MetricSinks, PeriodicCheckpoints, Preemption,
-                                 ProgressDisplay, StopAfterSteps)
+from fasttrain import dist
+from fasttrain.observe import environment, timing
+from fasttrain.dist import preemption
+from fasttrain.train.build import Parts, build_parts
+from fasttrain.train.compile_cache import cache_counts, compile_cache
+from fasttrain.train.callbacks import (Boundary, Callback, Interval, MetricSinks, PeriodicCheckpoints, Preemption,
+                                       ProgressDisplay, StopAfterSteps)
 from fasttrain.checkpoint import (CheckpointWriter, RunState, choose_on_rank0, finish_writes, restore_best,
                                   restore_on_every_rank, save_epoch_checkpoints, save_step_checkpoint, trim_history)
 from fasttrain.config import Config, LoaderName
 from fasttrain.data import resolve_loader
-from fasttrain.engine import Boundaries, EpochPlan, EpochStats, train_one_epoch
+from fasttrain.train.loop import Boundaries, EpochPlan, EpochStats, train_one_epoch
 from fasttrain.errors import UserError, folder_write_failed
-from fasttrain.observe import (attach_run_log, close_logging, peak_memory_mb, run_log_failure, setup_logging,
+from fasttrain.observe.logs import (attach_run_log, close_logging, peak_memory_mb, run_log_failure, setup_logging,
                                silent_logger)
-from fasttrain.plots import plot_run, plot_time_split
-from fasttrain.preemption import (EXIT_INTERRUPTED, EXIT_PREEMPTED, INTERRUPT, PreemptionWatch, clear_marker,
-                                  write_marker)
-from fasttrain.run_folder import RunFolder
-from fasttrain.step import WARMUP_STEPS
-from fasttrain.validation import EvalStats
+from fasttrain.observe.plots import plot_run, plot_time_split
+from fasttrain.dist.preemption import (EXIT_INTERRUPTED, EXIT_PREEMPTED, INTERRUPT, PreemptionWatch, clear_marker,
+                                       write_marker)
+from fasttrain.checkpoint.run_folder import RunFolder
+from fasttrain.train.step import WARMUP_STEPS
+from fasttrain.train.validation import EvalStats
 
 
 def _claim_on_rank0(cfg: Config, ctx: dist.Dist) -> Optional[RunFolder]:
-    """Rank 0 claims output.dir (fasttrain.run_folder); every rank learns whether that failed, and
+    """Rank 0 claims output.dir (fasttrain.checkpoint.run_folder); every rank learns whether that failed, and
     fails with it."""
     error: Optional[str] = None
     folder: Optional[RunFolder] = None
@@ -103,11 +105,11 @@ TARGET_REACHED = "target_acc"  # RunState.finished_by: train.target_acc was reac
 
 
 class Trainer:
-    """Owns a run's parts and the order of events: epochs of steps (`fasttrain.engine`), validation
-    (`fasttrain.validation`, every train.eval_every epochs and at the last), the epoch's record,
+    """Owns a run's parts and the order of events: epochs of steps (`fasttrain.train.loop`), validation
+    (`fasttrain.train.validation`, every train.eval_every epochs and at the last), the epoch's record,
     checkpoints (every checkpoint.every_epochs epochs and at the last, written in the background). What
-    happens around the steps is in its callbacks (`fasttrain.callbacks`: preemption, planned stops,
-    periodic checkpoints, metric sinks, progress). The run's clock (`fasttrain.timing`) is switched
+    happens around the steps is in its callbacks (`fasttrain.train.callbacks`: preemption, planned stops,
+    periodic checkpoints, metric sinks, progress). The run's clock (`fasttrain.observe.timing`) is switched
     at each of these phases.
 
     `fit()` trains the remaining epochs and returns the final state; `state.stopped_by` says when

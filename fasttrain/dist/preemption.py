@@ -140,7 +140,7 @@ def ignore_in_worker(_worker_id: int = 0) -> None:
     scheduler (SLURM at preemption, `kill -TERM -PGID`) or a terminal (Ctrl-C) signals the whole
     process group; a worker that died of it would make the main process fail ("DataLoader worker
     is killed by signal") before it could save. The main process ends its workers itself (the
-    loader's shutdown; at interpreter exit `fasttrain.data.plain` does it before multiprocessing
+    loader's shutdown; at interpreter exit `fasttrain.data.loaders.plain` does it before multiprocessing
     would terminate them with a SIGTERM they now ignore)."""
     numbers = [getattr(signal, name) for name in CATCHABLE]
     for number in numbers:

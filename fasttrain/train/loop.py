@@ -1,8 +1,8 @@
-"""One training epoch: the tutorial's train_one_epoch (its validate is `fasttrain.validation`).
+"""One training epoch: the tutorial's train_one_epoch (its validate is `fasttrain.train.validation`).
 
-The step loop does per step only what a step needs: fetch a batch, run the step (`fasttrain.step`),
+The step loop does per step only what a step needs: fetch a batch, run the step (`fasttrain.train.step`),
 advance the schedule (host floats), count samples on the host, and, when the run keeps weight averages
-(`fasttrain.averaging`), hand them the global step. Everything else happens at
+(`fasttrain.train.averaging`), hand them the global step. Everything else happens at
 boundaries that every rank reaches at the same global step: every `train.log_every` steps the
 running sums are taken from the step, summed over ranks with the preemption flag riding along,
 and read by the host once (a non-finite sum means a non-finite loss: the run stops, naming the
@@ -20,8 +20,8 @@ import torch
 
 from fasttrain import dist
 from fasttrain.errors import TrainingDiverged
-from fasttrain.optim import Schedule
-from fasttrain.step import LOSS_SUM, NONFINITE, SKIPPED, SUMS
+from fasttrain.train.optim import Schedule
+from fasttrain.train.step import LOSS_SUM, NONFINITE, SKIPPED, SUMS
 
 # the vector summed over ranks at a log interval: the step's SUMS, then samples, the preemption flag and
 # rank 0's flag for a write into the run folder that failed (its records, train.log)

@@ -1,6 +1,6 @@
 """SLURM node lists, without scontrol (and without importing torch: used by the sbatch scripts).
 
-`python -m fasttrain.hostlist first 'gpu[07-09,12],cpu1'` prints `gpu07`.
+`python -m fasttrain.dist.hostlist first 'gpu[07-09,12],cpu1'` prints `gpu07`.
 
 The whole list is checked before its first host is taken: a malformed one (`node[01-`, cut short in a
 job script or a copy) read leniently names a host that does not exist (`node`), and every rank would
@@ -57,8 +57,8 @@ def first_host(nodelist: str) -> str:
 
 if __name__ == "__main__":
     if len(sys.argv) != 3 or sys.argv[1] != "first":
-        sys.exit("usage: python -m fasttrain.hostlist first NODELIST")
+        sys.exit("usage: python -m fasttrain.dist.hostlist first NODELIST")
     try:
         print(first_host(sys.argv[2]))
     except ValueError as err:  # one line for the job script's log, no traceback
-        sys.exit(f"fasttrain.hostlist: error: {err}")
+        sys.exit(f"fasttrain.dist.hostlist: error: {err}")

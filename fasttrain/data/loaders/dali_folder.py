@@ -7,7 +7,7 @@ one), on the CPU with device="cpu". DALI's own `fn.readers.file(shard_id, num_sh
 used: it shards a fixed file list into contiguous blocks, shuffles within a buffer, and pads or
 drops at the shard ends, so neither "every sample once per epoch across ranks", nor exact
 evaluation with nothing padded, nor resuming in the middle of an epoch would be the contract the
-other loaders keep (`fasttrain.data.plain`). With the plan deciding the order, they are: rank r
+other loaders keep (`fasttrain.data.loaders.plain`). With the plan deciding the order, they are: rank r
 decodes exactly `batches.shard()`, in its order, from `start_sample` on; batches at the end of an
 epoch may be short (DALI accepts a smaller batch from an external source), and nothing is padded.
 
@@ -18,7 +18,7 @@ Augmentation, in the pipeline, on the pipeline's device:
   to image_size x image_size (linear, antialiased), mirrored when `hflip` draws it, normalized;
 - train with crop_padding = p > 0 (aug.crop_padding): the image fitted as for eval, zero-padded by p
   and randomly cropped back to image_size, mirrored when drawn, normalized: the crops and flips the
-  gpu loader draws (fasttrain.data.gpu.epoch_augmentation) for the same fitted images;
+  gpu loader draws (fasttrain.data.loaders.gpu.epoch_augmentation) for the same fitted images;
 - eval: the shorter side resized to image_size, the centre image_size x image_size cropped, normalized.
 Every image decodes to 3 channels (grayscale, palette and RGBA PNGs included; alpha is dropped).
 Each sample's crop and flip are drawn on the host from (seed, epoch) for the whole split and
@@ -26,7 +26,7 @@ indexed by sample, so they depend on neither the world size nor where an epoch w
 crop is turned into the image's own coordinates in the pipeline (`fn.peek_image_shape` reads
 only the file's header).
 
-Batches come out as the other loaders' do (fasttrain.data.gpu.BatchFormat): images (B, 3, S, S)
+Batches come out as the other loaders' do (fasttrain.data.loaders.gpu.BatchFormat): images (B, 3, S, S)
 on the device in its dtype (channels_last storage when asked; DALI has no bfloat16, so bf16 is a
 cast on the device), labels int64 on the device.
 """
@@ -40,10 +40,10 @@ from typing import Deque, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from fasttrain.data.dali import DaliPipelineLoader, as_batch, import_dali
+from fasttrain.data.loaders.dali import DaliPipelineLoader, as_batch, import_dali
 from fasttrain.data.folder import FolderIndex, UnreadableImage, undecodable_line
-from fasttrain.data.gpu import BatchFormat, epoch_augmentation
-from fasttrain.data.plain import ShardedBatches
+from fasttrain.data.loaders.gpu import BatchFormat, epoch_augmentation
+from fasttrain.data.loaders.plain import ShardedBatches
 
 CROP_AREA = (0.08, 1.0)  # fraction of the image's area a training crop covers (torchvision's scale)
 CROP_RATIO = (3 / 4, 4 / 3)  # its width / height (torchvision's ratio), drawn log-uniformly
@@ -169,7 +169,7 @@ class _EpochFiles:
             return ()
         if self.crop_padding == 0:
             return epoch_crops(self.seed, epoch, count, self.hflip)
-        # the gpu loader's draws (fasttrain.data.gpu): the same crops and flips of the same fitted images
+        # the gpu loader's draws (fasttrain.data.loaders.gpu): the same crops and flips of the same fitted images
         corners, flips = epoch_augmentation(self.seed, epoch, count, self.crop_padding, self.hflip)
         anchors = (corners.numpy() - self.crop_padding).astype(np.int32)  # (row, col); may be negative: padding
         return anchors, flips.numpy().astype(np.int32)
@@ -189,7 +189,7 @@ class _EpochFiles:
 
 
 class DaliFolderLoader(DaliPipelineLoader):
-    """Loader contract as in `fasttrain.data.plain`: (images, labels) on the device, set_epoch, len, close.
+    """Loader contract as in `fasttrain.data.loaders.plain`: (images, labels) on the device, set_epoch, len, close.
 
     index: the split's files and labels (fasttrain.data.folder.FolderIndex: `paths`, `labels`).
     batches: this rank's plan over len(index.paths) samples (sharded by global rank; exact for eval).

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from fasttrain.preemption import ignore_in_worker, signals_held
+from fasttrain.dist.preemption import ignore_in_worker, signals_held
 
 
 def _sample_seed(seed: int, epoch: int, index: int) -> int:

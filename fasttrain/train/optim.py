@@ -19,7 +19,7 @@ from torch import nn
 from torch.optim import lr_scheduler
 
 from fasttrain.config import CAPTURABLE_OPTIMIZERS, OptimConfig, SchedConfig
-from fasttrain.registry import OPTIMIZERS, SCHEDULES
+from fasttrain.config.registry import OPTIMIZERS, SCHEDULES
 
 
 def _fused_supported(device: torch.device) -> bool:
@@ -66,7 +66,7 @@ def build_optimizer(cfg: OptimConfig, model: nn.Module, device: torch.device | N
         if cfg.name not in CAPTURABLE_OPTIMIZERS:  # config validation refuses this; a direct caller gets the same
             raise ValueError(f"train.capture=true supports optim.name={', '.join(CAPTURABLE_OPTIMIZERS)}")
         if cfg.name == "sgd":
-            kernels = {"foreach": True}  # stepped by fasttrain's own device-hyperparameter update (fasttrain.step)
+            kernels = {"foreach": True}  # stepped by fasttrain's own device-hyperparameter update (fasttrain.train.step)
         else:
             kernels = {"foreach": True, "capturable": True} if device.type == "cuda" else {"foreach": False}
     else:

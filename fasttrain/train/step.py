@@ -35,8 +35,8 @@ import torch.distributed as torch_dist
 import torch.nn.functional as F
 from torch import nn
 
-from fasttrain import cuda_graphs
-from fasttrain.precision import Precision, found_inf
+from fasttrain.train import cuda_graphs
+from fasttrain.train.precision import Precision, found_inf
 
 # the running sums' layout (float64, on the device): loss summed over samples of finite losses,
 # non-finite losses counted, steps the fp16 GradScaler skipped

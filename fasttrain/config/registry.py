@@ -10,7 +10,7 @@ after which `model.name=ResNet9` is accepted: the config checks `data.dataset`, 
 `optim.name` and `sched.name` against these registries (there is no second list of names).
 
 This module imports no torch, so that fasttrain.config can import it. The built-in entries are
-registered when their module is imported (fasttrain.models, fasttrain.data, fasttrain.optim);
+registered when their module is imported (fasttrain.models.tutorial, fasttrain.data, fasttrain.train.optim);
 `names()` and `get()` import that module first, so the built-ins are known whichever module a
 program imported first. Names keep their registration order, which is the order error messages
 and `--help` list them in.
@@ -78,9 +78,9 @@ class Registry(Generic[Builder]):
 
 # builders: (DataConfig, train) -> (images, labels, classes); see fasttrain.data
 DATASETS: Registry[Callable[..., Tuple]] = Registry("data.dataset", "fasttrain.data")
-# builders: (ModelConfig, in_channels, image_size, num_classes) -> nn.Module; see fasttrain.models
-MODELS: Registry[Callable[..., object]] = Registry("model.name", "fasttrain.models")
-# builders: (OptimConfig, params, kernels) -> torch.optim.Optimizer; see fasttrain.optim
-OPTIMIZERS: Registry[Callable[..., object]] = Registry("optim.name", "fasttrain.optim")
-# builders: (SchedConfig, optimizer, epochs, steps_per_epoch) -> optim.Stepping; see fasttrain.optim
-SCHEDULES: Registry[Callable[..., object]] = Registry("sched.name", "fasttrain.optim")
+# builders: (ModelConfig, in_channels, image_size, num_classes) -> nn.Module; see fasttrain.models.tutorial
+MODELS: Registry[Callable[..., object]] = Registry("model.name", "fasttrain.models.tutorial")
+# builders: (OptimConfig, params, kernels) -> torch.optim.Optimizer; see fasttrain.train.optim
+OPTIMIZERS: Registry[Callable[..., object]] = Registry("optim.name", "fasttrain.train.optim")
+# builders: (SchedConfig, optimizer, epochs, steps_per_epoch) -> optim.Stepping; see fasttrain.train.optim
+SCHEDULES: Registry[Callable[..., object]] = Registry("sched.name", "fasttrain.train.optim")

@@ -1,10 +1,10 @@
 """A run's parts from its Config: data, model, optimizer, schedule, precision and the step.
 
-`model_on_device` is shared with evaluation (fasttrain.evaluate); `build_parts` adds what training
+`model_on_device` is shared with evaluation (fasttrain.train.evaluate); `build_parts` adds what training
 needs: the compiled model, DDP where there are other ranks (`wrap_ddp`), the optimizer, the schedule
-and the step (`fasttrain.step`: eager, or the whole step captured). Both take an optional `model`, a
+and the step (`fasttrain.train.step`: eager, or the whole step captured). Both take an optional `model`, a
 module the caller built (`fasttrain.fit(model=...)`), which then replaces the config's model once it
-is checked against the data as an imported model.name is (`fasttrain.own_models.check_output`)."""
+is checked against the data as an imported model.name is (`fasttrain.models.imported.check_output`)."""
 
 from __future__ import annotations
 
@@ -17,19 +17,20 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from fasttrain import dist, timing
-from fasttrain.averaging import Averages, build_averages
+from fasttrain import dist
+from fasttrain.observe import timing
+from fasttrain.train.averaging import Averages, build_averages
 from fasttrain.config import Config
 from fasttrain.data import DatasetInfo, build_loaders
-from fasttrain.device import seed_everything
+from fasttrain.dist.device import seed_everything
 from fasttrain.errors import UserError
-from fasttrain.flops import flops_per_image, peak_flops
+from fasttrain.observe.flops import flops_per_image, peak_flops
 from fasttrain.models import build_model, summarize
-from fasttrain.own_models import check_output
-from fasttrain.optim import Schedule, build_optimizer
-from fasttrain.precision import Precision, build_precision
-from fasttrain.step import CapturedStep, EagerStep
-from fasttrain.validation import Evaluator
+from fasttrain.models.imported import check_output
+from fasttrain.train.optim import Schedule, build_optimizer
+from fasttrain.train.precision import Precision, build_precision
+from fasttrain.train.step import CapturedStep, EagerStep
+from fasttrain.train.validation import Evaluator
 
 
 def model_on_device(cfg: Config, info: DatasetInfo, device: torch.device,
@@ -53,10 +54,10 @@ def model_on_device(cfg: Config, info: DatasetInfo, device: torch.device,
 @dataclass
 class Parts:
     """What a run is built from. `model` is the plain module (checkpoints, weight digests);
-    `step` runs one optimizer step on it (`fasttrain.step`: eager, with the model compiled and
+    `step` runs one optimizer step on it (`fasttrain.train.step`: eager, with the model compiled and
     DDP-wrapped as configured, or captured); `averages` are the weight averages kept beside it
-    (`fasttrain.averaging`; empty when none); `evaluator` runs validation over the model, or over
-    the EMA's copy when there is one (`fasttrain.validation`: compiled when compiling, captured on
+    (`fasttrain.train.averaging`; empty when none); `evaluator` runs validation over the model, or over
+    the EMA's copy when there is one (`fasttrain.train.validation`: compiled when compiling, captured on
     CUDA when the step is, never DDP: ranks may run different numbers of eval batches)."""
     model: nn.Module
     step: Any  # EagerStep | CapturedStep

@@ -17,15 +17,15 @@ from typing import Sequence
 
 from fasttrain import config as config_mod
 from fasttrain import dist
-from fasttrain.build import model_on_device
+from fasttrain.train.build import model_on_device
 from fasttrain.checkpoint import load_checkpoint, load_model_state
 from fasttrain.checkpoint.io import portable_config
 from fasttrain.config import TORCHVISION_PREFIX
-from fasttrain.own_models import SCRIPT_MODULE
+from fasttrain.models.imported import SCRIPT_MODULE
 from fasttrain.data import build_eval_loader
 from fasttrain.errors import UserError
-from fasttrain.precision import build_precision
-from fasttrain.validation import EvalStats, validate
+from fasttrain.train.precision import build_precision
+from fasttrain.train.validation import EvalStats, validate
 
 
 @dataclass(frozen=True)

@@ -23,10 +23,10 @@ from typing import Callable, List, Mapping, Optional
 import torch
 import torch.distributed as torch_dist
 
-from fasttrain.device import resolve_device
+from fasttrain.dist.device import resolve_device
 from fasttrain.errors import UserError, incomplete_launch
-from fasttrain.hostlist import first_host
-from fasttrain.launcher import check_launch
+from fasttrain.dist.hostlist import first_host
+from fasttrain.dist.launcher import check_launch
 
 DEFAULT_MASTER_PORT = 29500
 
@@ -149,7 +149,7 @@ def _join_store(env: DistEnv, timeout_s: int, stop_requested: Callable[[], Optio
         nonlocal announced
         name = stop_requested()
         if name is not None:
-            from fasttrain.preemption import PreemptedBeforeStart
+            from fasttrain.dist.preemption import PreemptedBeforeStart
 
             raise PreemptedBeforeStart(name, f"while waiting for the other ranks to join at {host}:{port} ({joined})")
         waited = time.monotonic() - started
