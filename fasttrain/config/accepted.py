@@ -50,7 +50,7 @@ SYNTHETIC_MAX = HOST_MEMORY_BUDGET // SYNTHETIC_PEAK_BYTES
 DATASET_SIDES = {"cifar10": 32, "mnist": 28, "synthetic": 32}
 
 # model.name beyond the registry: a torchvision classification model, or your own callable. The config
-# checks their syntax only (nothing is imported before the run is accepted); fasttrain.models imports
+# checks their syntax only (nothing is imported before the run is accepted); fasttrain.models.imported imports
 # and builds them, and says there what was not found
 TORCHVISION_PREFIX = "torchvision:"
 _IDENTIFIER = r"[A-Za-z_]\w*"

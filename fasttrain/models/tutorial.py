@@ -6,7 +6,7 @@ case-study network: three stages of two 3x3 conv-BN-ReLU blocks and a 2x2 max-po
 (32, 64, 128 channels), then Linear(2048, 256) - ReLU - Dropout - Linear(256, 10):
 815,018 parameters on CIFAR-10.
 
-`model.name` also takes models from outside the registry, built by `build_model`:
+`model.name` also takes models from outside the registry (fasttrain.models.build.build_model):
 `torchvision:<name>` and `package.module:callable` (fasttrain.models.imported).
 """
 
@@ -17,9 +17,7 @@ from typing import List, Sequence
 import torch
 from torch import nn
 
-from fasttrain.config import TORCHVISION_PREFIX, ModelConfig
-from fasttrain.models.imported import check_output, check_parameters, imported_model, torchvision_model
-from fasttrain.config.registry import MODELS
+from fasttrain.config import MODELS, ModelConfig
 
 
 class SimpleModel(nn.Module):
@@ -141,31 +139,3 @@ def cnn(cfg: ModelConfig, in_channels: int, image_size: int, num_classes: int) -
 @MODELS.register("CIFAR10_CNN")
 def cifar10_cnn(cfg: ModelConfig, in_channels: int, image_size: int, num_classes: int) -> nn.Module:
     return CIFAR10_CNN(in_channels, image_size, num_classes, cfg.dropout)
-
-
-def build_model(cfg: ModelConfig, in_channels: int, image_size: int, num_classes: int) -> nn.Module:
-    """The model `cfg.name` names, for inputs of this shape: a registered name, `torchvision:<name>`
-    (`torchvision_model`) or `package.module:callable` (`imported_model`). The last two are checked
-    against the data (`check_output`) before they are returned."""
-    if cfg.name in MODELS or ":" not in cfg.name:
-        return MODELS.get(cfg.name)(cfg, in_channels, image_size, num_classes)
-    if cfg.name.startswith(TORCHVISION_PREFIX):
-        model = torchvision_model(cfg.name[len(TORCHVISION_PREFIX):], cfg.kwargs, in_channels, image_size, num_classes)
-    else:
-        model = imported_model(cfg.name, cfg.kwargs, in_channels, image_size, num_classes)
-    check_parameters(model, cfg.name)
-    check_output(model, cfg.name, in_channels, image_size, num_classes)
-    return model
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def summarize(model: nn.Module, name: str) -> str:
-    """A short model summary: top-level children with their parameter counts, and the total."""
-    lines = [f"model {name}: {count_parameters(model):,} parameters "
-             f"({sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable)"]
-    for child_name, child in model.named_children():
-        lines.append(f"  {child_name:<12} {type(child).__name__:<12} {count_parameters(child):>12,}")
-    return "\n".join(lines)

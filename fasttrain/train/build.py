@@ -25,8 +25,7 @@ from fasttrain.data import DatasetInfo, build_loaders
 from fasttrain.dist.device import seed_everything
 from fasttrain.errors import UserError
 from fasttrain.observe.flops import flops_per_image, peak_flops
-from fasttrain.models import build_model, summarize
-from fasttrain.models.imported import check_output
+from fasttrain.models import build_model, check_output, summarize
 from fasttrain.train.optim import Schedule, build_optimizer
 from fasttrain.train.precision import Precision, build_precision
 from fasttrain.train.step import CapturedStep, EagerStep
