@@ -25,7 +25,7 @@ import torch.distributed as torch_dist
 
 from benchmarks.measure import guard
 from fasttrain.train.loop import Boundaries, EpochPlan, synchronize, train_one_epoch
-from fasttrain.observe.logs import Progress
+from fasttrain.observe.progress import Progress
 from fasttrain.dist.preemption import PreemptionWatch
 
 

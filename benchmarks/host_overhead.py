@@ -48,7 +48,9 @@ from fasttrain.config import Config, ModelConfig, load_config
 from fasttrain.data import load_split
 from fasttrain.train.loop import Boundaries, EpochPlan, synchronize, train_one_epoch
 from fasttrain.models import build_model
-from fasttrain.observe.logs import JsonLines, Progress, silent_logger
+from fasttrain.observe.metrics import JsonLines
+from fasttrain.observe.progress import Progress
+from fasttrain.observe.logs import silent_logger
 from fasttrain.train.optim import Schedule, build_optimizer
 from fasttrain.dist.preemption import PreemptionWatch
 from fasttrain.train.build import build_parts

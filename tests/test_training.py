@@ -15,7 +15,7 @@ from PIL import Image
 from conftest import read_jsonl, run_fasttrain
 from fasttrain.config import load_config
 from fasttrain.errors import UserError
-from fasttrain.observe.logs import Progress
+from fasttrain.observe.progress import Progress
 from fasttrain.train.lifecycle import EPOCH_COLUMNS, train
 
 EPOCH_FIELDS = {"epoch", "train_loss", "val_loss", "val_acc", "lr", "images_per_sec"}

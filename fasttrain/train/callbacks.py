@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
 
 from fasttrain.errors import folder_write_failed
-from fasttrain.observe.logs import CsvRows, JsonLines, Progress, TensorBoard, epoch_line
+from fasttrain.observe.metrics import CsvRows, JsonLines, TensorBoard
+from fasttrain.observe.progress import Progress, epoch_line
 from fasttrain.dist.preemption import PreemptionWatch
 
 
@@ -119,7 +120,7 @@ class MetricSinks(Callback):
 
 
 class ProgressDisplay(Callback):
-    """Rank 0's bar or per-interval line (`fasttrain.observe.Progress`); `tick` is the loop's per-step call."""
+    """Rank 0's bar or per-interval line (`fasttrain.observe.progress.Progress`); `tick` is the loop's per-step call."""
 
     def __init__(self, log) -> None:
         self.progress = Progress(enabled=True, log=log)

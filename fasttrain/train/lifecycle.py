@@ -40,8 +40,8 @@ from fasttrain.config import Config, LoaderName
 from fasttrain.data import resolve_loader
 from fasttrain.train.loop import Boundaries, EpochPlan, EpochStats, train_one_epoch
 from fasttrain.errors import UserError, folder_write_failed
-from fasttrain.observe.logs import (attach_run_log, close_logging, peak_memory_mb, run_log_failure, setup_logging,
-                               silent_logger)
+from fasttrain.observe.logs import attach_run_log, close_logging, run_log_failure, setup_logging, silent_logger
+from fasttrain.observe.metrics import peak_memory_mb
 from fasttrain.observe.plots import plot_run, plot_time_split
 from fasttrain.dist.preemption import (EXIT_INTERRUPTED, EXIT_PREEMPTED, INTERRUPT, PreemptionWatch, clear_marker,
                                        write_marker)
