@@ -207,9 +207,9 @@ def _result(cfg: Config, state: RunState, time_split: Dict[str, Any]) -> FitResu
 
 
 # loggers whose handlers, level or filters a run changes: fasttrain's own (its console and train.log; the
-# silent one other ranks log to) and the Dynamo logger a captured step filters (step._quiet_profiler_notice)
+# silent one other ranks log to) and the Dynamo logger a captured step filters (train.step._quiet_profiler_notice)
 _LOGGERS = (LOGGER_NAME, f"{LOGGER_NAME}.silent", "torch._dynamo.variables.ctx_manager")
-# the torch.compile configs a run sets (torch._dynamo.config.optimize_ddp in build.wrap_ddp,
+# the torch.compile configs a run sets (torch._dynamo.config.optimize_ddp in dist.ddp.wrap_ddp,
 # torch._inductor.config.force_disable_caches in compile_cache): restored key by key
 _COMPILE_CONFIGS = ("torch._dynamo.config", "torch._inductor.config")
 

@@ -320,11 +320,11 @@ def test_fit_puts_back_every_process_wide_setting_it_changes(tmp_path, monkeypat
 
 
 def test_what_a_compiled_or_captured_run_sets_is_put_back():
-    """torch._dynamo.config.optimize_ddp, set by a compiled run under DDP (build.wrap_ddp: more than one rank,
+    """torch._dynamo.config.optimize_ddp, set by a compiled run under DDP (dist.ddp.wrap_ddp: more than one rank,
     which one CPU process cannot make), and the filter a captured step adds to a Dynamo logger: fit's
     restoring block puts both back (checked on that block: compiling a captured step costs half a minute)."""
     from fasttrain.api import _process_state_restored
-    from fasttrain.train.build import wrap_ddp  # noqa: F401 - the setter named above
+    from fasttrain.dist.ddp import wrap_ddp  # noqa: F401 - the setter named above
     from fasttrain.config import OptimConfig
     from fasttrain.train.optim import build_optimizer
     from fasttrain.train.precision import build_precision

@@ -1,34 +1,33 @@
 """A run's parts from its Config: data, model, optimizer, schedule, precision and the step.
 
 `model_on_device` is shared with evaluation (fasttrain.train.evaluate); `build_parts` adds what training
-needs: the compiled model, DDP where there are other ranks (`wrap_ddp`), the optimizer, the schedule
+needs: the compiled model, DDP where there are other ranks (`fasttrain.dist.ddp`), the optimizer, the schedule
 and the step (`fasttrain.train.step`: eager, or the whole step captured). Both take an optional `model`, a
 module the caller built (`fasttrain.fit(model=...)`), which then replaces the config's model once it
 is checked against the data as an imported model.name is (`fasttrain.models.imported.check_output`)."""
 
 from __future__ import annotations
 
-import inspect
 import logging
 from dataclasses import dataclass
-from typing import Any, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from fasttrain import dist
-from fasttrain.observe import timing
-from fasttrain.train.averaging import Averages, build_averages
 from fasttrain.config import Config
-from fasttrain.data import DatasetInfo, build_loaders
+from fasttrain.data import DatasetInfo, Loader, build_loaders
+from fasttrain.dist.ddp import wrap_ddp
 from fasttrain.dist.device import seed_everything
 from fasttrain.errors import UserError
-from fasttrain.observe.flops import flops_per_image, peak_flops
 from fasttrain.models import build_model, check_output, summarize
+from fasttrain.observe import timing
+from fasttrain.observe.flops import flops_per_image, peak_flops
+from fasttrain.train.averaging import Averages, build_averages
 from fasttrain.train.optim import Schedule, build_optimizer
 from fasttrain.train.precision import Precision, build_precision
-from fasttrain.train.step import CapturedStep, EagerStep
+from fasttrain.train.step import CapturedStep, EagerStep, Step
 from fasttrain.train.validation import Evaluator
 
 
@@ -59,14 +58,14 @@ class Parts:
     the EMA's copy when there is one (`fasttrain.train.validation`: compiled when compiling, captured on
     CUDA when the step is, never DDP: ranks may run different numbers of eval batches)."""
     model: nn.Module
-    step: Any  # EagerStep | CapturedStep
+    step: Step  # EagerStep | CapturedStep
     evaluator: Evaluator
     averages: Averages
     optimizer: torch.optim.Optimizer
     schedule: Schedule
     precision: Precision
-    train_loader: Any
-    val_loader: Any
+    train_loader: Loader
+    val_loader: Loader
     flops_per_image: float = 0.0  # forward + backward, counted on the model
     peak_flops: Optional[float] = None  # the device's, for this precision; None when unknown
     steps_per_epoch: int = 0  # optimizer steps in a whole epoch (train.limit_train_batches applied)
@@ -94,7 +93,7 @@ def build_parts(cfg: Config, ctx: dist.Dist, logger: logging.Logger, model: Opti
     compile_mode = None if cfg.train.compile == "default" else cfg.train.compile
     torch.manual_seed(cfg.train.seed + ctx.rank)  # per-rank streams for dropout; data randomness is seeded apart
     optimizer = build_optimizer(cfg.optim, model, device, capture=cfg.train.capture)
-    step: Any
+    step: Step
     if cfg.train.capture:
         step = CapturedStep(model, optimizer, precision, cfg.train.grad_clip, compile_mode, ctx.world_size,
                             cfg.train.label_smoothing)
@@ -153,27 +152,3 @@ def _accuracy_tools(cfg: Config) -> List[str]:
     if train.tta != "none":
         tools.append(f"test-time augmentation {train.tta}")
     return tools
-
-
-DDP_BUCKET_MB = 25  # DDP's default bucket_cap_mb
-
-
-def wrap_ddp(train_model: nn.Module, model: nn.Module, device: torch.device, compiled: bool) -> nn.Module:
-    """DDP without per-forward buffer broadcasts (BatchNorm buffers are averaged at every epoch's
-    end), with gradients as views of its buckets (no copy in or out per step).
-
-    Compiled models: `torch._dynamo.config.optimize_ddp` splits the graph at bucket boundaries so
-    that an all-reduce can overlap the rest of the backward. When all gradients fit in one bucket
-    there is nothing to overlap and the split only adds graphs (CIFAR10_CNN: 2 forward + 2 backward
-    instead of 1 + 1) and launches; measured on 2 gloo ranks (benchmarks/ddp_graphs.py,
-    benchmarks/RESULTS.md), one graph was as fast or faster. So: off for models whose gradients
-    fit in one bucket, PyTorch's default (on) for larger ones."""
-    if compiled:
-        grad_mb = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad) / 2**20
-        torch._dynamo.config.optimize_ddp = grad_mb > DDP_BUCKET_MB
-    kwargs: dict = {"gradient_as_bucket_view": True}
-    if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters:
-        kwargs["forward_sync_buffers"] = False  # torch >= 2.14's name (it still syncs once, at construction)
-    else:
-        kwargs["broadcast_buffers"] = False
-    return DDP(train_model, device_ids=[device.index] if device.type == "cuda" else None, **kwargs)

@@ -54,12 +54,12 @@ def build_optimizer(cfg: OptimConfig, model: nn.Module, device: torch.device | N
 
     Eager steps use the fused kernels (CUDA and CPU): one launch for every parameter's update, and
     under fp16 the GradScaler's inf check runs inside that kernel instead of syncing every step.
-    A captured step (train.capture) takes the learning rate, betas and momentum as device tensors (see
-    `step.DeviceHyperparameters`), so that a compiled or CUDA-graph step reads the schedule's values
+    A captured step (train.capture) takes the learning rate, betas and momentum as device tensors
+    (`device_optim.DeviceHyperparameters`), so that a compiled or CUDA-graph step reads the schedule's values
     from memory instead of baking them in: Adam on CUDA the multi-tensor path with `capturable=True`
     (the fused kernel takes its betas as host floats); on the CPU, where `capturable` is not supported
     outside compiled code, the single-tensor path, which takes tensor hyperparameters as they are; SGD
-    keeps torch's state layout but is stepped by `step.device_sgd_step`."""
+    keeps torch's state layout but is stepped by `device_optim.device_sgd_step`."""
     groups = param_groups(cfg, model)
     device = device or torch.device("cpu")
     if capture:
