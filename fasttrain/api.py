@@ -92,8 +92,8 @@ class FitResult:
 class Trainer:
     """A run's config, loaded and checked when the Trainer is made (bad keys fail here, before any
     work), and `fit(model)` to train it. This is the front for scripts; the epochs themselves are run
-    by `fasttrain.train.lifecycle.Trainer`, which `fit` builds from the config (with data, optimizer, schedule,
-    step and run folder) exactly as the command line does.
+    by `fasttrain.train.session.TrainingSession`, which `fit` builds from the config (with data, optimizer,
+    schedule, step and run folder) exactly as the command line does.
 
     Each `fit` is one run into `config.output.dir`: a second fit of the same Trainer continues the first
     with `resume=auto` and is refused with `resume=none` (as the command line would be)."""

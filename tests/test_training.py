@@ -16,7 +16,8 @@ from conftest import read_jsonl, run_fasttrain
 from fasttrain.config import load_config
 from fasttrain.errors import UserError
 from fasttrain.observe.progress import Progress
-from fasttrain.train.lifecycle import EPOCH_COLUMNS, train
+from fasttrain.train.session import EPOCH_COLUMNS
+from fasttrain.train.lifecycle import train
 
 EPOCH_FIELDS = {"epoch", "train_loss", "val_loss", "val_acc", "lr", "images_per_sec"}
 

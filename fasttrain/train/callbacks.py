@@ -1,8 +1,8 @@
-"""What a run does around its step loop, as small objects the Trainer calls at fixed points.
+"""What a run does around its step loop, as small objects the TrainingSession calls at fixed points.
 
 The step loop (`fasttrain.train.loop`) leaves its per-step path only at boundaries that every rank
 reaches at the same global step (log intervals, periodic checkpoints, a requested stop). There
-the Trainer asks its callbacks whether to stop and whether to save; at a log interval it hands
+the session asks its callbacks whether to stop and whether to save; at a log interval it hands
 them the numbers it has just read; after validation, the epoch's record. Nothing here runs per
 step except `Progress.tick`, a host counter.
 

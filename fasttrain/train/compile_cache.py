@@ -1,5 +1,5 @@
-"""Compile once per machine: where torch.compile keeps what it compiled (train.compile_cache), and how
-much of a run's compilation came from there.
+"""Compile once per machine: where torch.compile keeps what it compiled (train.compile_cache), how much
+of a run's compilation came from there, and what else torch.compile counted (graphs, skipped CUDA graphs).
 
 Inductor keeps its compiled graphs (FX graph cache) and AOTAutograd its forward/backward graphs in one
 folder, keyed by the graph, the input shapes and the versions of torch and the compilers: a second run of
@@ -76,3 +76,19 @@ def cache_counts() -> Dict[str, int]:
             "fx_graph_misses": int(counters["inductor"]["fxgraph_cache_miss"]),
             "aot_autograd_hits": int(counters["aot_autograd"]["autograd_cache_hit"]),
             "aot_autograd_misses": int(counters["aot_autograd"]["autograd_cache_miss"])}
+
+
+def compiled_graph_count() -> int:
+    """Graphs torch.compile has produced so far in this process: flat after epoch 1 = no recompiles."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def cudagraph_skip_count() -> int:
+    """Times torch.compile's CUDA graphs (mode reduce-overhead) were skipped in this process: each
+    such skip also logs "skipping cudagraphs due to <reason>". Zero on the CPU, and under
+    train.capture=true, which records its own graph (a failed capture raises)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["inductor"]["cudagraph_skips"])
