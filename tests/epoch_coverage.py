@@ -10,7 +10,8 @@ import torch.distributed as torch_dist
 
 from fasttrain.data.loaders.dali import DaliLoader
 from fasttrain.data.loaders.gpu import BatchFormat, CropFlip, GpuLoader
-from fasttrain.data.loaders.plain import CustomDataset, PlainLoader, ShardedBatches
+from fasttrain.data.loaders.plain import CustomDataset, PlainLoader
+from fasttrain.data.sharding import ShardedBatches
 from torchvision import transforms as T
 
 

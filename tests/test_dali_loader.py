@@ -13,7 +13,7 @@ from conftest import REPO, run_torchrun
 from fasttrain.config import load_config
 from fasttrain.data import build_loaders
 from fasttrain.data.loaders.gpu import BatchFormat, CropFlip, GpuLoader
-from fasttrain.data.loaders.plain import ShardedBatches
+from fasttrain.data.sharding import ShardedBatches
 from fasttrain.errors import UserError
 
 CPU = torch.device("cpu")

@@ -11,7 +11,7 @@ from torchvision.transforms import functional as TF
 from fasttrain.config import load_config
 from fasttrain.data import build_eval_loader
 from fasttrain.data.loaders.gpu import BatchFormat, CropFlip, GpuLoader, crop_flip
-from fasttrain.data.loaders.plain import ShardedBatches
+from fasttrain.data.sharding import ShardedBatches
 
 CPU = torch.device("cpu")
 

@@ -236,7 +236,8 @@ def test_a_process_that_exits_holding_a_loader_with_workers_ends_them(tmp_path):
 
     script = ("import numpy as np, torch\n"
               "from fasttrain.config import DataConfig\n"
-              "from fasttrain.data.loaders.plain import CustomDataset, PlainLoader, ShardedBatches\n"
+              "from fasttrain.data.loaders.plain import CustomDataset, PlainLoader\n"
+              "from fasttrain.data.sharding import ShardedBatches\n"
               "from fasttrain.data.transforms import eval_transform\n"
               "data = CustomDataset(np.zeros((64, 32, 32, 3), np.uint8), np.zeros(64, np.int64), "
               "eval_transform(DataConfig(), 3))\n"

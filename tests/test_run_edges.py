@@ -196,7 +196,7 @@ def test_a_captured_step_copies_a_batch_of_its_shape_and_replays():
 def _dali_loader():
     from fasttrain.data.loaders.dali import DaliLoader
     from fasttrain.data.loaders.gpu import BatchFormat, CropFlip
-    from fasttrain.data.loaders.plain import ShardedBatches
+    from fasttrain.data.sharding import ShardedBatches
 
     images = np.random.default_rng(0).integers(0, 256, (96, 32, 32, 3), dtype=np.uint8)
     fmt = BatchFormat(torch.device("cpu"), [0.5, 0.5, 0.5], [0.25, 0.25, 0.25], torch.float32, False)
@@ -209,7 +209,7 @@ def _dali_folder_loader(tmp_path: Path):
     from fasttrain.data.loaders.dali_folder import DaliFolderLoader
     from fasttrain.data.folder import scan_split
     from fasttrain.data.loaders.gpu import BatchFormat
-    from fasttrain.data.loaders.plain import ShardedBatches
+    from fasttrain.data.sharding import ShardedBatches
 
     for label in ("cat", "dog"):
         (tmp_path / "train" / label).mkdir(parents=True)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from fasttrain.data.loaders.plain import ShardedBatches
+from fasttrain.data.sharding import ShardedBatches
 from fasttrain.dist import read_env
 from fasttrain.errors import UserError
 from fasttrain.dist.hostlist import first_host

@@ -258,7 +258,7 @@ import os, sys
 import fasttrain.data, fasttrain.train.lifecycle
 from fasttrain import run
 if os.environ["RANK"] == "1":  # this rank sees no free memory: left to itself it would choose another loader
-    fasttrain.data._free_memory = lambda device: (0, "host")
+    fasttrain.data.auto._free_memory = lambda device: (0, "host")
 build_parts = fasttrain.train.lifecycle.build_parts
 def recording(cfg, *args, **kwargs):
     with open(os.path.join(sys.argv[1], "loader-rank" + os.environ["RANK"]), "w") as f:

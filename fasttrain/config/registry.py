@@ -10,9 +10,9 @@ after which `model.name=ResNet9` is accepted: the config checks `data.dataset`, 
 `optim.name` and `sched.name` against these registries (there is no second list of names).
 
 This module imports no torch, so that fasttrain.config can import it. The built-in entries are
-registered when their module is imported (fasttrain.models.tutorial, fasttrain.data, fasttrain.train.optim);
-`names()` and `get()` import that module first, so the built-ins are known whichever module a
-program imported first. Names keep their registration order, which is the order error messages
+registered when their module is imported (fasttrain.models.tutorial, fasttrain.data.datasets,
+fasttrain.train.optim); `names()` and `get()` import that module first, so the built-ins are known
+whichever module a program imported first. Names keep their registration order, which is the order error messages
 and `--help` list them in.
 """
 
@@ -76,8 +76,8 @@ class Registry(Generic[Builder]):
         return len(self.names())
 
 
-# builders: (DataConfig, train) -> (images, labels, classes); see fasttrain.data
-DATASETS: Registry[Callable[..., Tuple]] = Registry("data.dataset", "fasttrain.data")
+# builders: (DataConfig, train) -> (images, labels, classes); see fasttrain.data.datasets
+DATASETS: Registry[Callable[..., Tuple]] = Registry("data.dataset", "fasttrain.data.datasets")
 # builders: (ModelConfig, in_channels, image_size, num_classes) -> nn.Module; see fasttrain.models.tutorial
 MODELS: Registry[Callable[..., object]] = Registry("model.name", "fasttrain.models.tutorial")
 # builders: (OptimConfig, params, kernels) -> torch.optim.Optimizer; see fasttrain.train.optim

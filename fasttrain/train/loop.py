@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional, Tuple
+from typing import Callable, Optional
 
 import torch
 
 from fasttrain import dist
+from fasttrain.data.sharding import Loader
 from fasttrain.errors import TrainingDiverged
 from fasttrain.train.optim import Schedule
-from fasttrain.train.step import LOSS_SUM, NONFINITE, SKIPPED, SUMS
+from fasttrain.train.step import LOSS_SUM, NONFINITE, SKIPPED, SUMS, Step
 
 # the vector summed over ranks at a log interval: the step's SUMS, then samples, the preemption flag and
 # rank 0's flag for a write into the run folder that failed (its records, train.log)
@@ -134,7 +135,7 @@ class Boundaries:
         return min(candidates)
 
 
-def _raise_if_diverged(nonfinite: float, step, interval_start: int, epoch: int) -> None:
+def _raise_if_diverged(nonfinite: float, step: Step, interval_start: int, epoch: int) -> None:
     """`nonfinite`: non-finite losses summed over ranks; one anywhere stops every rank here."""
     if nonfinite > 0:
         offset = step.first_bad_offset()  # host sync, only once it has gone wrong
@@ -152,8 +153,8 @@ def _as_totals(sums: torch.Tensor, samples: int) -> torch.Tensor:
     return totals
 
 
-def train_one_epoch(step, loader: Iterable[Tuple[torch.Tensor, torch.Tensor]], schedule: Schedule,
-                    plan: EpochPlan, boundaries: Boundaries) -> EpochStats:
+def train_one_epoch(step: Step, loader: Loader, schedule: Schedule, plan: EpochPlan,
+                    boundaries: Boundaries) -> EpochStats:
     """Train for one epoch with `step` (an EagerStep or CapturedStep, model in train mode); losses
     are means over the samples of all ranks."""
     device, epoch, global_step = plan.device, plan.epoch, plan.global_step

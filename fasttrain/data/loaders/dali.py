@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from fasttrain.data.loaders.gpu import BatchFormat, CropFlip, epoch_augmentation
-from fasttrain.data.loaders.plain import ShardedBatches, ShardLoader
+from fasttrain.data.sharding import ShardedBatches, ShardLoader
 from fasttrain.errors import UserError
 
 INSTALL_HINT = ("pip install nvidia-dali-cuda130 (CUDA 12: nvidia-dali-cuda120), or pip install 'fasttrain[dali]'; "
@@ -99,7 +99,7 @@ class DaliPipelineLoader(ShardLoader):
 
 
 class DaliLoader(DaliPipelineLoader):
-    """Loader contract as in `fasttrain.data.loaders.plain`: (images, labels) on the device, set_epoch, len."""
+    """Loader contract as in `fasttrain.data.sharding`: (images, labels) on the device, set_epoch, len."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, batches: ShardedBatches, fmt: BatchFormat,
                  aug: CropFlip = CropFlip(), num_threads: int = 2):

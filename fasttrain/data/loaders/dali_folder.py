@@ -7,7 +7,7 @@ one), on the CPU with device="cpu". DALI's own `fn.readers.file(shard_id, num_sh
 used: it shards a fixed file list into contiguous blocks, shuffles within a buffer, and pads or
 drops at the shard ends, so neither "every sample once per epoch across ranks", nor exact
 evaluation with nothing padded, nor resuming in the middle of an epoch would be the contract the
-other loaders keep (`fasttrain.data.loaders.plain`). With the plan deciding the order, they are: rank r
+other loaders keep (`fasttrain.data.sharding`). With the plan deciding the order, they are: rank r
 decodes exactly `batches.shard()`, in its order, from `start_sample` on; batches at the end of an
 epoch may be short (DALI accepts a smaller batch from an external source), and nothing is padded.
 
@@ -42,8 +42,8 @@ import torch
 
 from fasttrain.data.loaders.dali import DaliPipelineLoader, as_batch, import_dali
 from fasttrain.data.folder import FolderIndex, UnreadableImage, undecodable_line
-from fasttrain.data.loaders.gpu import BatchFormat, epoch_augmentation
-from fasttrain.data.loaders.plain import ShardedBatches
+from fasttrain.data.loaders.gpu import BatchFormat, CropFlip, epoch_augmentation
+from fasttrain.data.sharding import ShardedBatches
 
 CROP_AREA = (0.08, 1.0)  # fraction of the image's area a training crop covers (torchvision's scale)
 CROP_RATIO = (3 / 4, 4 / 3)  # its width / height (torchvision's ratio), drawn log-uniformly
@@ -153,12 +153,11 @@ class _EpochFiles:
     ends the epoch early (a consumer that stopped). `fed` holds the paths of the batches handed to
     DALI and not yet returned by it, oldest first."""
 
-    def __init__(self, paths: Sequence[str], labels: np.ndarray, batches: ShardedBatches, train: bool,
-                 crop_padding: int, hflip: bool, seed: int):
+    def __init__(self, paths: Sequence[str], labels: np.ndarray, batches: ShardedBatches, train: bool, aug: CropFlip):
         # the plan and the file list only, not the loader: a pipeline holding its loader would be a
         # reference cycle that keeps DALI's threads alive until the garbage collector runs
         self.paths, self.labels, self.batches = paths, labels, batches
-        self.train, self.crop_padding, self.hflip, self.seed = train, crop_padding, hflip, seed
+        self.train, self.crop_padding, self.hflip, self.seed = train, aug.crop_padding, aug.hflip, aug.seed
         self.stop = False
         self.fed: Deque[Tuple[str, ...]] = deque()
 
@@ -189,7 +188,7 @@ class _EpochFiles:
 
 
 class DaliFolderLoader(DaliPipelineLoader):
-    """Loader contract as in `fasttrain.data.loaders.plain`: (images, labels) on the device, set_epoch, len, close.
+    """Loader contract as in `fasttrain.data.sharding`: (images, labels) on the device, set_epoch, len, close.
 
     index: the split's files and labels (fasttrain.data.folder.FolderIndex: `paths`, `labels`).
     batches: this rank's plan over len(index.paths) samples (sharded by global rank; exact for eval).
@@ -198,27 +197,27 @@ class DaliFolderLoader(DaliPipelineLoader):
     image_size: the side of the square images delivered.
     train: a random crop and optional flip, both from (seed, epoch, sample); else the image fitted to
         image_size (shorter side resized to it, centre cropped).
-    crop_padding: 0 = the random resized crop; p > 0 = the fitted image zero-padded by p and randomly
-        cropped back to image_size (aug.crop_padding's RandomCrop, drawn as the gpu loader draws it).
-    hflip: mirror half of the training images; seed: the crops' and flips' seed (the run's seed).
+    aug: what training draws, from its seed (the run's seed): crop_padding 0 = the random resized crop,
+        p > 0 = the fitted image zero-padded by p and randomly cropped back to image_size (aug.crop_padding's
+        RandomCrop, drawn as the gpu loader draws it); hflip: mirror half of the training images.
     num_threads: DALI's CPU worker threads (decoding, on the CPU).
     """
 
     def __init__(self, index: FolderIndex, batches: ShardedBatches, fmt: BatchFormat, image_size: int,
-                 train: bool, hflip: bool = True, seed: int = 0, num_threads: int = 2, crop_padding: int = 0):
+                 train: bool, aug: CropFlip = CropFlip(hflip=True), num_threads: int = 2):
         if len(fmt.mean) != 3 or len(fmt.std) != 3:
             raise ValueError(f"the DALI folder loader decodes RGB: mean and std need 3 values each, got "
                              f"mean={list(fmt.mean)} std={list(fmt.std)}")
-        if image_size < 1 or crop_padding < 0:
-            raise ValueError(f"image_size must be >= 1 and crop_padding >= 0, got {image_size} and {crop_padding}")
+        if image_size < 1 or aug.crop_padding < 0:
+            raise ValueError(f"image_size must be >= 1 and crop_padding >= 0, got {image_size} and {aug.crop_padding}")
         if batches.num_samples != len(index.paths):
             raise ValueError(f"the batch plan covers {batches.num_samples} samples but the index holds "
                              f"{len(index.paths)} files")
-        super().__init__(index.labels, batches, fmt, seed, num_threads)  # the pipeline: built at the first iteration
+        super().__init__(index.labels, batches, fmt, aug.seed, num_threads)  # the pipeline: built at the first iteration
         self.paths = tuple(index.paths)
         self.image_size = image_size
-        self.train, self.crop_padding, self.hflip = train, crop_padding, hflip
-        self._source = _EpochFiles(self.paths, self.labels, batches, train, crop_padding, hflip, seed)
+        self.train, self.crop_padding, self.hflip = train, aug.crop_padding, aug.hflip
+        self._source = _EpochFiles(self.paths, self.labels, batches, train, aug)
 
     @property
     def num_samples(self) -> int:

@@ -19,7 +19,7 @@ from typing import Iterator, Sequence, Tuple
 import numpy as np
 import torch
 
-from fasttrain.data.loaders.plain import ShardedBatches, ShardLoader
+from fasttrain.data.sharding import ShardedBatches, ShardLoader
 
 # samples augmented and normalized at a time when an epoch starts (temporaries ~ 8192 x 3x40x40 floats)
 EPOCH_CHUNK = 8192
@@ -73,7 +73,7 @@ class CropFlip:
 
 
 class GpuLoader(ShardLoader):
-    """Loader contract as in `fasttrain.data.loaders.plain`: (images, labels) on the device, set_epoch, len."""
+    """Loader contract as in `fasttrain.data.sharding`: (images, labels) on the device, set_epoch, len."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, batches: ShardedBatches, fmt: BatchFormat,
                  aug: CropFlip = CropFlip()):

@@ -1,10 +1,8 @@
-"""The `plain` loader: the tutorial's Dataset + torchvision transforms + DataLoader.
+"""The `plain` loader: the tutorial's Dataset + torchvision transforms + DataLoader, over arrays
+(`CustomDataset`) or image files (`FolderDataset`, decoded in the workers).
 
-Loader contract (shared by every loader): iterating yields `(images, labels)` already on the
-training device; `len()` is the number of batches of a whole epoch; `set_epoch(e, start_sample)`
-selects epoch e's order, and resumes it after its first `start_sample` samples (a checkpoint's
-position; those samples were trained on before the stop). Epoch e's order is a permutation drawn from (seed, e), and the augmentation of sample i in
-epoch e is seeded by (seed, e, i), so the data a run sees does not depend on num_workers.
+It follows the loader contract of fasttrain.data.sharding: each sample's augmentation is seeded by
+(seed, epoch, index) wherever it is drawn, so the data a run sees does not depend on num_workers.
 """
 
 from __future__ import annotations
@@ -13,13 +11,15 @@ import atexit
 import sys
 import time
 import weakref
-from typing import Callable, Iterator, List, Optional, Tuple
+from typing import Callable, Iterator, Optional, Tuple
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
+from fasttrain.data.folder import FolderIndex, UnreadableImage, decode_rgb
+from fasttrain.data.sharding import ShardedBatches, ShardLoader
 from fasttrain.dist.preemption import ignore_in_worker, signals_held
 
 
@@ -63,107 +63,6 @@ class CustomDataset(Dataset):
                 return self.transform(image), label
         torch.default_generator.manual_seed(_sample_seed(self.seed, epoch, index))
         return self.transform(image), label
-
-
-class ShardedBatches(Sampler):
-    """This rank's batches of (epoch, index) pairs for one epoch.
-
-    Training (`exact=False`): epoch e's order is a permutation drawn from (seed, e) (or the natural
-    order); rank r takes positions r, r+W, r+2W, ... so step k of all W ranks together covers
-    positions k*B*W .. (k+1)*B*W - 1, exactly what one process with batch B*W would see. Every rank
-    gets the same number of steps: the last global batch is shared out (sizes differ by at most
-    one); with `drop_last`, or when fewer samples than ranks are left over, it is skipped.
-
-    Evaluation (`exact=True`): natural order, rank r takes positions r, r+W, ...: every sample
-    exactly once across ranks, no padding, ranks may differ by one sample.
-    """
-
-    def __init__(self, num_samples: int, batch_size: int, shuffle: bool, seed: int, rank: int = 0,
-                 world_size: int = 1, drop_last: bool = False, exact: bool = False):
-        self.num_samples = num_samples
-        self.batch_size = batch_size
-        self.shuffle = shuffle
-        self.seed = seed
-        self.rank = rank
-        self.world_size = world_size
-        self.drop_last = drop_last
-        self.exact = exact
-        self.epoch = 0
-        self.start_sample = 0
-
-    def set_epoch(self, epoch: int, start_sample: int = 0) -> None:
-        """Epoch `epoch`'s order, from position `start_sample` of it on (0 = the whole epoch). With the
-        world size the checkpoint was written with, start_sample = steps done x batch x world size, and
-        each rank's remaining batches are exactly the ones it had not yet trained on."""
-        if start_sample < 0:
-            raise ValueError(f"start_sample must be >= 0, got {start_sample}")
-        self.epoch = epoch
-        self.start_sample = start_sample
-
-    def order(self) -> torch.Tensor:
-        if not self.shuffle:
-            return torch.arange(self.num_samples)
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return torch.randperm(self.num_samples, generator=gen)
-
-    @property
-    def used_samples(self) -> int:
-        """How many samples of each epoch are trained on, across all ranks."""
-        if self.exact:
-            return self.num_samples
-        global_batch = self.batch_size * self.world_size
-        full = (self.num_samples // global_batch) * global_batch
-        leftover = self.num_samples - full
-        return full if self.drop_last or leftover < self.world_size else self.num_samples
-
-    def end_sample(self) -> int:
-        """Where the current epoch's part ends in its order: every rank must get the same number of
-        batches. From position 0 that is `used_samples`. A resumed epoch may start at a position that
-        is not a multiple of this run's global batch (a checkpoint of another world size): the rule is
-        then applied to what remains, so a leftover smaller than the number of ranks is left out there
-        too, instead of giving some ranks one batch more than the others (a hang in the next collective)."""
-        if self.exact:
-            return self.num_samples
-        remaining = max(self.num_samples - self.start_sample, 0)
-        global_batch = self.batch_size * self.world_size
-        full = (remaining // global_batch) * global_batch
-        leftover = remaining - full
-        return self.start_sample + (full if self.drop_last or leftover < self.world_size else remaining)
-
-    def shard(self) -> torch.Tensor:
-        """This rank's sample indices for the current epoch, in order (batches are consecutive slices)."""
-        return self.order()[self.start_sample : self.end_sample()][self.rank :: self.world_size]
-
-    def __iter__(self) -> Iterator[List[Tuple[int, int]]]:
-        epoch, size = self.epoch, self.batch_size
-        shard = self.shard().tolist()
-        return iter([[(epoch, i) for i in shard[start : start + size]] for start in range(0, len(shard), size)])
-
-    def __len__(self) -> int:
-        """Batches in a whole epoch (what schedules are built on)."""
-        shard = len(range(self.rank, self.used_samples, self.world_size))
-        return -(-shard // self.batch_size)
-
-    def batches_left(self) -> int:
-        """Batches this rank yields in the current epoch, from start_sample on."""
-        shard = len(range(self.start_sample + self.rank, self.end_sample(), self.world_size))
-        return -(-shard // self.batch_size)
-
-
-class ShardLoader:
-    """The loader contract's bookkeeping, shared by every loader: a `ShardedBatches` plan decides
-    which samples a rank sees; the subclass decides how they become device batches."""
-
-    batches: ShardedBatches
-
-    def set_epoch(self, epoch: int, start_sample: int = 0) -> None:
-        self.batches.set_epoch(epoch, start_sample)
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def close(self) -> None:
-        """Release what the loader holds beyond memory (worker processes); a no-op where there is none."""
 
 
 _live_loaders: "weakref.WeakSet[PlainLoader]" = weakref.WeakSet()
@@ -234,3 +133,26 @@ class PlainLoader(ShardLoader):
             # async host->device copies from pinned memory, then dtype and layout on the device
             images = images.to(self.device, non_blocking=True).to(self.dtype, memory_format=self.memory_format)
             yield images, labels.to(self.device, non_blocking=True)
+
+
+class FolderDataset(CustomDataset):
+    """CustomDataset over files: each image is decoded (RGB) where it is drawn, in a DataLoader worker;
+    seeding and transforms are CustomDataset's."""
+
+    def __init__(self, index: FolderIndex, transform: Optional[Callable] = None, seed: int = 0):
+        super().__init__(None, index.labels, transform, seed)
+        self.paths = index.paths
+
+    def load_image(self, index: int) -> Image.Image:
+        return decode_rgb(self.paths[index])
+
+
+class FolderPlainLoader(PlainLoader):
+    """PlainLoader over a FolderDataset: a file that fails to decode in a worker stops the epoch with
+    its one line (torch re-raises a worker's exception with the worker's traceback as its text)."""
+
+    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        try:
+            yield from super().__iter__()
+        except UnreadableImage as err:
+            raise UnreadableImage(err.one_line()) from None
