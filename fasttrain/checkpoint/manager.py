@@ -20,7 +20,8 @@ from torch import nn
 
 from fasttrain import dist
 from fasttrain.train.averaging import Averages
-from fasttrain.checkpoint.io import load_checkpoint, prune_step_checkpoints, step_checkpoint_name
+from fasttrain.checkpoint.io import load_checkpoint
+from fasttrain.checkpoint.folder import prune_step_checkpoints, step_checkpoint_name
 from fasttrain.checkpoint.state import Resumable, RunState, capture, choose_checkpoint, restore
 from fasttrain.checkpoint.writer import CheckpointWriter
 from fasttrain.config import Config

@@ -27,10 +27,9 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-from fasttrain.checkpoint import remove_stale_temporaries
-from fasttrain.checkpoint.io import find_resume_checkpoint
-from fasttrain.errors import UserError
+from fasttrain.checkpoint.folder import find_resume_checkpoint, remove_stale_temporaries
 from fasttrain.dist.preemption import MARKER
+from fasttrain.errors import UserError
 
 LOCK = ".fasttrain.lock"
 HISTORY_FILES = ("metrics.jsonl", "steps.jsonl", "metrics.csv", MARKER)

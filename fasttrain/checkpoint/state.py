@@ -27,7 +27,8 @@ from torch import nn
 import fasttrain
 from fasttrain import config as config_mod
 from fasttrain.train.averaging import Averages
-from fasttrain.checkpoint.io import find_resume_checkpoint, load_checkpoint, load_model_state
+from fasttrain.checkpoint.folder import find_resume_checkpoint
+from fasttrain.checkpoint.io import load_checkpoint, load_model_state
 from fasttrain.config import Config
 from fasttrain.dist.device import rng_state, set_rng_state
 from fasttrain.errors import TrainingDiverged, UserError

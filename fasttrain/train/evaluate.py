@@ -19,7 +19,7 @@ from fasttrain import config as config_mod
 from fasttrain import dist
 from fasttrain.train.build import model_on_device
 from fasttrain.checkpoint import load_checkpoint, load_model_state
-from fasttrain.checkpoint.io import portable_config
+from fasttrain.checkpoint.validate import portable_config
 from fasttrain.config import TORCHVISION_PREFIX
 from fasttrain.models.imported import SCRIPT_MODULE
 from fasttrain.data import build_eval_loader

@@ -28,8 +28,8 @@ import torch
 import fasttrain
 from fasttrain import config as config_mod
 from fasttrain import dist
-from fasttrain.checkpoint import RunState, choose_on_rank0, restore_best, restore_on_every_rank, trim_history
-from fasttrain.checkpoint.run_folder import RunFolder
+from fasttrain.checkpoint import (RunFolder, RunState, choose_on_rank0, restore_best, restore_on_every_rank,
+                                  trim_history)
 from fasttrain.config import Config, LoaderName
 from fasttrain.data import resolve_loader
 from fasttrain.dist import preemption
