@@ -110,7 +110,7 @@ class Trainer:
             raise UserError("a process group is already initialized in this process: fasttrain.fit joins one itself "
                             "from the launcher's environment (torchrun, srun, accelerate launch); call fit without "
                             "init_process_group, or destroy_process_group first")
-        from fasttrain.train.lifecycle import (train)  # heavy (data, step, checkpoints): imported once the input is checked
+        from fasttrain.train.lifecycle import train  # heavy (data, step, checkpoints): imported once the input is checked
 
         cfg = self.config
         if model is not None:  # recorded in config.yaml and the checkpoints, in model.name's import form

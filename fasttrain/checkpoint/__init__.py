@@ -20,6 +20,6 @@ from fasttrain.checkpoint.run_folder import RunFolder
 from fasttrain.checkpoint.state import NEUTRAL_KEYS, RunState
 from fasttrain.checkpoint.writer import CheckpointWriter
 
-__all__ = ["NEUTRAL_KEYS", "CheckpointWriter", "RunFolder", "RunState", "choose_on_rank0", "finish_writes", "load_checkpoint",
-           "load_model_state", "remove_stale_temporaries", "restore_best", "restore_on_every_rank", "save_checkpoint",
-           "save_epoch_checkpoints", "save_step_checkpoint", "trim_history"]
+__all__ = ["NEUTRAL_KEYS", "CheckpointWriter", "RunFolder", "RunState", "choose_on_rank0", "finish_writes",
+           "load_checkpoint", "load_model_state", "remove_stale_temporaries", "restore_best", "restore_on_every_rank",
+           "save_checkpoint", "save_epoch_checkpoints", "save_step_checkpoint", "trim_history"]

@@ -151,7 +151,7 @@ class Preemption(Callback):
 
 
 class StopAfterSteps(Callback):
-    """train.stop_after_steps: a planned stop with a checkpoint (the engine has a boundary there)."""
+    """train.stop_after_steps: a planned stop with a checkpoint (the epoch loop has a boundary there)."""
 
     def __init__(self, step: int) -> None:
         self.step = step
@@ -161,7 +161,7 @@ class StopAfterSteps(Callback):
 
 
 class PeriodicCheckpoints(Callback):
-    """checkpoint.every_steps: a step checkpoint every N optimizer steps (the engine has a boundary there)."""
+    """checkpoint.every_steps: a step checkpoint every N optimizer steps (the epoch loop has a boundary there)."""
 
     def __init__(self, every: int) -> None:
         self.every = every

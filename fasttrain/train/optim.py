@@ -66,7 +66,7 @@ def build_optimizer(cfg: OptimConfig, model: nn.Module, device: torch.device | N
         if cfg.name not in CAPTURABLE_OPTIMIZERS:  # config validation refuses this; a direct caller gets the same
             raise ValueError(f"train.capture=true supports optim.name={', '.join(CAPTURABLE_OPTIMIZERS)}")
         if cfg.name == "sgd":
-            kernels = {"foreach": True}  # stepped by fasttrain's own device-hyperparameter update (fasttrain.train.step)
+            kernels = {"foreach": True}  # stepped by fasttrain's own update (fasttrain.train.device_optim)
         else:
             kernels = {"foreach": True, "capturable": True} if device.type == "cuda" else {"foreach": False}
     else:

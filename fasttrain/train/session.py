@@ -222,9 +222,9 @@ class TrainingSession:
             self.clock.switch("checkpoint")
             started = time.perf_counter()
             ends_run = last or reached  # written before the run goes on to its end
-            state.last_checkpoint = save_epoch_checkpoints(
-                cfg, self.ctx, self.parts, state, evaluation.accuracy if evaluation else None,
-                evaluation.loss if evaluation else None, is_best, self.run_dir, self.writer,
+            evaluated = {"val_acc": evaluation.accuracy, "val_loss": evaluation.loss} if evaluation else {}
+            state.last_checkpoint = save_epoch_checkpoints(  # best.pt too when is_best (state.best_epoch)
+                cfg, self.ctx, self.parts, state, evaluated, self.run_dir, self.writer,
                 background=cfg.checkpoint.background and not ends_run)
             # the stall training saw (metrics.jsonl has it; the checkpoint's own copy of the record does not)
             record["checkpoint_seconds"] = time.perf_counter() - started
@@ -281,7 +281,7 @@ class TrainingSession:
         return 1.0 if self._failure is not None or run_log_failure() is not None else 0.0
 
     def _stop_on_failure(self) -> None:
-        """Every rank: raise the same one line when a rank's callback or rank 0's train.log failed (the engine
+        """Every rank: raise the same one line when a rank's callback or rank 0's train.log failed (the epoch loop
         calls this when the reduced flags say so, and fit once at the end of the epochs)."""
         message = self._failure
         logged = run_log_failure()
@@ -291,7 +291,7 @@ class TrainingSession:
 
     def _at_boundary(self, global_step: int, step_in_epoch: int, totals: Callable[[], torch.Tensor],
                      signal: Optional[str]) -> bool:
-        """Every rank, at the same boundaries (see engine.Boundaries): a step checkpoint when a callback
+        """Every rank, at the same boundaries (see loop.Boundaries): a step checkpoint when a callback
         asks for one or the run stops here (not at the epoch's last step: the epoch-end checkpoint follows).
         A periodic one is written in the background; one the run stops on, before it goes on."""
         here = Boundary(global_step, step_in_epoch, signal)

@@ -18,10 +18,11 @@ reference to each detached loss; the sums are computed from those at the log int
 `CapturedStep` (train.capture=true) is the same step compiled whole: forward and loss (torch.compile),
 backward, the gradient all-reduce (world size > 1: one collective over a flat gradient buffer,
 fasttrain.dist.ddp), the optimizer with its learning rate and betas (or momentum) read from device
-tensors (fasttrain.train.device_optim), and the running sums in fixed device buffers. On CUDA, after a few real steps on a side stream (compilation, cuDNN autotuning,
-NCCL setup), the step is recorded once as a CUDA graph; every later step is two copies into its
-static inputs, a fill per changed hyperparameter and one graph replay. On the CPU the same compiled
-step runs as it is (there are no CUDA graphs to replay).
+tensors (fasttrain.train.device_optim), and the running sums in fixed device buffers. On CUDA, after a
+few real steps on a side stream (compilation, cuDNN autotuning, NCCL setup), the step is recorded once
+as a CUDA graph; every later step is two copies into its static inputs, a fill per changed
+hyperparameter and one graph replay. On the CPU the same compiled step runs as it is (there are no
+CUDA graphs to replay).
 """
 
 from __future__ import annotations

@@ -213,7 +213,8 @@ class DaliFolderLoader(DaliPipelineLoader):
         if batches.num_samples != len(index.paths):
             raise ValueError(f"the batch plan covers {batches.num_samples} samples but the index holds "
                              f"{len(index.paths)} files")
-        super().__init__(index.labels, batches, fmt, aug.seed, num_threads)  # the pipeline: built at the first iteration
+        # the pipeline: built at the first iteration
+        super().__init__(index.labels, batches, fmt, aug.seed, num_threads)
         self.paths = tuple(index.paths)
         self.image_size = image_size
         self.train, self.crop_padding, self.hflip = train, aug.crop_padding, aug.hflip
