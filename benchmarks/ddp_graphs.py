@@ -22,9 +22,9 @@ import torch
 from benchmarks.epoch_loop import EpochLoopTimer
 from fasttrain import dist
 from fasttrain.config import load_config
-from fasttrain.observe import silent_logger
+from fasttrain.observe.logs import silent_logger
 from fasttrain.run import exit_now
-from fasttrain.build import build_parts
+from fasttrain.train.build import build_parts
 
 
 def aot_graphs() -> int:

@@ -1,6 +1,6 @@
 """Timing fasttrain the way it trains: the real epoch loop, not a bare step.
 
-`EpochLoopTimer.measure` drives `fasttrain.engine.train_one_epoch` with what the trainer gives it
+`EpochLoopTimer.measure` drives `fasttrain.train.loop.train_one_epoch` with what the trainer gives it
 (the step, the loader, the schedule, log-interval reductions with the preemption flag riding along,
 a progress counter and a steps.jsonl-like sink), epoch after epoch, in one continuous run: guard
 steps first (logged one by one: their losses must be finite and fall), then warm-up (compilation,
@@ -24,9 +24,9 @@ import torch
 import torch.distributed as torch_dist
 
 from benchmarks.measure import guard
-from fasttrain.engine import Boundaries, EpochPlan, synchronize, train_one_epoch
-from fasttrain.observe import Progress
-from fasttrain.preemption import PreemptionWatch
+from fasttrain.train.loop import Boundaries, EpochPlan, synchronize, train_one_epoch
+from fasttrain.observe.progress import Progress
+from fasttrain.dist.preemption import PreemptionWatch
 
 
 @dataclass
@@ -66,7 +66,7 @@ class _TimedLoader:
 
 
 class EpochLoopTimer:
-    """fasttrain's epoch loop on `parts` (from fasttrain.build.build_parts), as the trainer runs it."""
+    """fasttrain's epoch loop on `parts` (from fasttrain.train.build.build_parts), as the trainer runs it."""
 
     def __init__(self, parts, log_every: int, backend: str, world_size: int = 1):
         self.parts = parts

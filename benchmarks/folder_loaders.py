@@ -7,7 +7,7 @@ in one run, no model.
 
 Rows: the plain loader's way (fasttrain.data.folder's FolderDataset: PIL decode, then torchvision's
 RandomResizedCrop, flip, ToTensor, Normalize, in a DataLoader with 0, 1, 2 worker processes), then
-fasttrain.data.dali_folder's DaliFolderLoader decoding on the CPU (1 and 2 DALI threads) and, where
+fasttrain.data.loaders.dali_folder's DaliFolderLoader decoding on the CPU (1 and 2 DALI threads) and, where
 CUDA is available, on the GPU (device="mixed"). Every row delivers the same thing: batches of
 image_size x image_size float images and int64 labels on the benchmark's device (the GPU when
 there is one), random resized crops and flips included, each sample once per epoch in the same
@@ -32,11 +32,12 @@ import numpy as np
 import torch
 
 from benchmarks.measure import Windows, measure
-from fasttrain.data.dali import dali_available
-from fasttrain.data.folder import FolderDataset, FolderIndex, FolderPlainLoader, scan_split
-from fasttrain.data.gpu import BatchFormat
-from fasttrain.data.plain import ShardedBatches
-from fasttrain.environment import describe
+from fasttrain.data.loaders.dali import dali_available
+from fasttrain.data.loaders.plain import FolderDataset, FolderPlainLoader
+from fasttrain.data.folder import FolderIndex, scan_split
+from fasttrain.data.loaders.gpu import BatchFormat, CropFlip
+from fasttrain.data.sharding import ShardedBatches
+from fasttrain.observe.environment import describe
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet's, as a user's photos would use
 CLASSES = 10
@@ -109,10 +110,10 @@ def plain_batches(index: FolderIndex, setup: Setup, workers: int, device: torch.
 
 def dali_batches(index: FolderIndex, setup: Setup, threads: int, decode_on: torch.device,
                  device: torch.device) -> Iterator:
-    from fasttrain.data.dali_folder import DaliFolderLoader
+    from fasttrain.data.loaders.dali_folder import DaliFolderLoader
 
     loader = DaliFolderLoader(index, _plan(index, setup), BatchFormat(decode_on, MEAN, STD), setup.image_size,
-                              train=True, hflip=True, seed=0, num_threads=threads)
+                              train=True, aug=CropFlip(hflip=True, seed=0), num_threads=threads)
     return _endless(loader, device)
 
 

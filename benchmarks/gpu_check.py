@@ -129,7 +129,7 @@ def _tail(text: str, lines: int = 6) -> str:
 def hidden_syncs(plan: Plan, deadline: float) -> dict:
     from benchmarks.syncs import sync_report
     from fasttrain.config import load_config
-    from fasttrain.step import WARMUP_STEPS
+    from fasttrain.train.step import WARMUP_STEPS
 
     # 20 steps per epoch, 2 epochs, log every 5, checkpoint every 10 (smoke: 10 steps per epoch)
     size = ["data.train_size=640", "data.val_size=128"] if plan.smoke else ["train.batch_size=1024"]
@@ -231,9 +231,9 @@ def _fp16_overflow(device: torch.device) -> dict:
         raise Skipped("skipped: no CUDA (fp16 autocast with a GradScaler is CUDA only)")
     from fasttrain.config import ModelConfig, OptimConfig
     from fasttrain.models import build_model
-    from fasttrain.optim import build_optimizer
-    from fasttrain.precision import build_precision
-    from fasttrain.step import SKIPPED, EagerStep
+    from fasttrain.train.optim import build_optimizer
+    from fasttrain.train.precision import build_precision
+    from fasttrain.train.step import SKIPPED, EagerStep
 
     torch.manual_seed(0)
     model = build_model(ModelConfig(name="CNN"), 3, 32, 10).to(device)
@@ -255,7 +255,7 @@ def _bf16_tracks_fp32(device: torch.device) -> dict:
 
     from fasttrain.config import ModelConfig
     from fasttrain.models import build_model
-    from fasttrain.precision import build_precision
+    from fasttrain.train.precision import build_precision
 
     torch.manual_seed(0)
     model = build_model(ModelConfig(name="CNN"), 3, 32, 10).to(device)
@@ -462,7 +462,7 @@ def time_to_accuracy(plan: Plan, deadline: float, tutorial_images_per_sec: Optio
 
 
 def dali(plan: Plan, deadline: float) -> dict:
-    from fasttrain.data.dali import dali_available
+    from fasttrain.data.loaders.dali import dali_available
 
     if not dali_available():
         raise Skipped("skipped: nvidia.dali is not importable here")
@@ -481,7 +481,7 @@ def dali(plan: Plan, deadline: float) -> dict:
 
 
 def environment(plan: Plan, commit: Optional[str]) -> dict:
-    from fasttrain.environment import device_name, git_commit
+    from fasttrain.observe.environment import device_name, git_commit
 
     cuda = torch.cuda.is_available() and not plan.smoke
     driver = None

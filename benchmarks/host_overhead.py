@@ -46,12 +46,14 @@ from benchmarks.tutorial_loop import tutorial_loader, tutorial_steps
 from fasttrain import dist
 from fasttrain.config import Config, ModelConfig, load_config
 from fasttrain.data import load_split
-from fasttrain.engine import Boundaries, EpochPlan, synchronize, train_one_epoch
+from fasttrain.train.loop import Boundaries, EpochPlan, synchronize, train_one_epoch
 from fasttrain.models import build_model
-from fasttrain.observe import JsonLines, Progress, silent_logger
-from fasttrain.optim import Schedule, build_optimizer
-from fasttrain.preemption import PreemptionWatch
-from fasttrain.build import build_parts
+from fasttrain.observe.metrics import JsonLines
+from fasttrain.observe.progress import Progress
+from fasttrain.observe.logs import silent_logger
+from fasttrain.train.optim import Schedule, build_optimizer
+from fasttrain.dist.preemption import PreemptionWatch
+from fasttrain.train.build import build_parts
 
 COUNTED_STEPS = 100
 TUTORIAL = "tutorial loop (fp32, DataLoader, loss.item() per step)"

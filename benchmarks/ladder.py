@@ -9,7 +9,7 @@ in turn, on the same model, data and batch size, measured side by side in one ru
 Each rung: guard steps whose losses must be finite and decreasing (a broken fast path cannot post
 a number), more warm-up (compilation and capture happen there and are left out), then
 `--windows` timed windows of at least `--min-seconds` each; the figure is the median window.
-fasttrain's rungs run its real epoch loop (`fasttrain.engine.train_one_epoch` with the trainer's
+fasttrain's rungs run its real epoch loop (`fasttrain.train.loop.train_one_epoch` with the trainer's
 step, schedule, loader, log-interval reductions and preemption flag; benchmarks.epoch_loop), so
 per-epoch costs and periodic syncs land in the windows as they do in a run; the tutorial's loop
 runs its own loop. `python -m benchmarks` runs the full suite (ladder, batch sizes, loaders, host
@@ -37,13 +37,13 @@ from benchmarks.tutorial_loop import tutorial_loader, tutorial_steps
 from fasttrain import dist
 from fasttrain.config import Config, ModelConfig, load_config
 from fasttrain.data import build_loaders, load_split
-from fasttrain.data.dali import dali_available
-from fasttrain.engine import synchronize
-from fasttrain.environment import describe
-from fasttrain.flops import flops_per_image, peak_flops
+from fasttrain.data.loaders.dali import dali_available
+from fasttrain.train.loop import synchronize
+from fasttrain.observe.environment import describe
+from fasttrain.observe.flops import flops_per_image, peak_flops
 from fasttrain.models import build_model
-from fasttrain.observe import silent_logger
-from fasttrain.build import build_parts
+from fasttrain.observe.logs import silent_logger
+from fasttrain.train.build import build_parts
 
 TUTORIAL = "tutorial loop (PIL transforms, DataLoader, loss.item() per step)"
 # each rung adds its switch to the ones above it
@@ -212,7 +212,7 @@ def _epochs_of(loader) -> Callable[[], int]:
 
 
 def environment(ctx: dist.Dist) -> dict:
-    """A run's env.json (fasttrain.environment.describe: versions, device, world size, host, git commit,
+    """A run's env.json (fasttrain.observe.environment.describe: versions, device, world size, host, git commit,
     command) in the tables' terms: `device` is the device's name, `device_type` its kind; and the CPU count."""
     env = describe(ctx.device, ctx.world_size, ctx.backend)
     env.update(device=env.pop("device_name"), device_type=ctx.device.type, cpu_count=os.cpu_count())

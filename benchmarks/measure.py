@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Callable, List, Sequence
 
 import torch
-from fasttrain.engine import synchronize
+from fasttrain.train.loop import synchronize
 
 class BrokenVariant(RuntimeError):
     """A variant whose losses are not finite or do not decrease: its speed must not be posted."""

@@ -1,6 +1,6 @@
 """Counting host-device syncs in a real run, and where in the step loop they happen.
 
-`sync_report(cfg)` trains `cfg` with `fasttrain.trainer.train` (schedule, logging, progress,
+`sync_report(cfg)` trains `cfg` with `fasttrain.train.lifecycle.train` (schedule, logging, progress,
 checkpoints and the preemption watch all active) while every sync is recorded with its position:
 inside a step, or after step k. On CUDA the detector is PyTorch's own
 (`torch.cuda.set_sync_debug_mode("warn")`: every synchronizing CUDA call warns); on the CPU, where
@@ -21,7 +21,7 @@ from typing import Iterator, List, Tuple
 import torch
 from torch.overrides import TorchFunctionMode
 
-from fasttrain import trainer
+from fasttrain.train import lifecycle
 from fasttrain.config import Config
 
 HOST_READS = {"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy"}
@@ -73,8 +73,8 @@ class _CountedStep:
 
 @contextlib.contextmanager
 def _counted_steps(log: SyncLog) -> Iterator[None]:
-    """train() builds its parts with trainer.build_parts: hand it the step wrapped."""
-    original = trainer.build_parts
+    """train() builds its parts with lifecycle.build_parts: hand it the step wrapped."""
+    original = lifecycle.build_parts
 
     def build(cfg, ctx, logger, model=None):
         parts = original(cfg, ctx, logger, model)
@@ -82,11 +82,11 @@ def _counted_steps(log: SyncLog) -> Iterator[None]:
         log.steps_per_epoch = parts.steps_per_epoch
         return parts
 
-    trainer.build_parts = build
+    lifecycle.build_parts = build
     try:
         yield
     finally:
-        trainer.build_parts = original
+        lifecycle.build_parts = original
 
 
 @contextlib.contextmanager
@@ -131,7 +131,7 @@ def sync_report(cfg: Config, skip_first_steps: int = 0) -> SyncReport:
     on_cuda = cfg.train.device.startswith("cuda") or (cfg.train.device == "auto" and torch.cuda.is_available())
     detector = _cuda_sync_warnings(log) if on_cuda else _HostReads(log)
     with _counted_steps(log), detector:
-        trainer.train(cfg)
+        lifecycle.train(cfg)
     def boundary(k: int) -> bool:  # where the loop reads its sums, saves, or ends an epoch: syncs allowed
         return (k % cfg.train.log_every == 0 or (cfg.checkpoint.every_steps and k % cfg.checkpoint.every_steps == 0)
                 or (log.steps_per_epoch and k % log.steps_per_epoch == 0))

@@ -16,12 +16,12 @@ import torch
 from benchmarks.tutorial_loop import tutorial_loader
 from fasttrain.config import ModelConfig, OptimConfig, load_config
 from fasttrain.data import build_loaders
-from fasttrain.data.dali import dali_available
+from fasttrain.data.loaders.dali import dali_available
 from fasttrain.data.synthetic import make_synthetic
-from fasttrain.step import EagerStep
+from fasttrain.train.step import EagerStep
 from fasttrain.models import build_model
-from fasttrain.optim import build_optimizer
-from fasttrain.precision import build_precision
+from fasttrain.train.optim import build_optimizer
+from fasttrain.train.precision import build_precision
 
 CPU = torch.device("cpu")
 BATCH = 64

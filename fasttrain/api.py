@@ -5,7 +5,7 @@
     print(result.best_val_acc, result.run_dir)
 
 The same path as `python -m fasttrain.run`, not a second loop: the config is loaded and checked by
-`fasttrain.config`, then `fasttrain.trainer.train` joins the process group (world size 1, or the
+`fasttrain.config`, then `fasttrain.train.lifecycle.train` joins the process group (world size 1, or the
 ranks that torchrun / srun / accelerate launch started), claims the run folder, builds, resumes
 (`resume=auto|PATH`) and trains, with the same checkpoints, records and signal handling. A module
 passed as `model` is trained in place of the config's, and model.name becomes its class's import path
@@ -42,11 +42,12 @@ import torch.distributed as torch_dist
 from torch import nn
 
 from fasttrain import config as config_mod
-from fasttrain import preemption, timing
+from fasttrain.dist import preemption
+from fasttrain.observe import timing
 from fasttrain.checkpoint import RunState
 from fasttrain.config import Config
 from fasttrain.errors import ConfigError, UserError
-from fasttrain.observe import LOGGER_NAME
+from fasttrain.observe.logs import LOGGER_NAME
 
 ConfigSource = Union[None, str, "os.PathLike[str]", Config]
 Overrides = Union[Sequence[str], Mapping[str, Any], None]  # None: no overrides
@@ -91,8 +92,8 @@ class FitResult:
 class Trainer:
     """A run's config, loaded and checked when the Trainer is made (bad keys fail here, before any
     work), and `fit(model)` to train it. This is the front for scripts; the epochs themselves are run
-    by `fasttrain.trainer.Trainer`, which `fit` builds from the config (with data, optimizer, schedule,
-    step and run folder) exactly as the command line does.
+    by `fasttrain.train.session.TrainingSession`, which `fit` builds from the config (with data, optimizer,
+    schedule, step and run folder) exactly as the command line does.
 
     Each `fit` is one run into `config.output.dir`: a second fit of the same Trainer continues the first
     with `resume=auto` and is refused with `resume=none` (as the command line would be)."""
@@ -109,7 +110,7 @@ class Trainer:
             raise UserError("a process group is already initialized in this process: fasttrain.fit joins one itself "
                             "from the launcher's environment (torchrun, srun, accelerate launch); call fit without "
                             "init_process_group, or destroy_process_group first")
-        from fasttrain.trainer import train  # heavy (data, step, checkpoints): imported once the input is checked
+        from fasttrain.train.lifecycle import train  # heavy (data, step, checkpoints): imported once the input is checked
 
         cfg = self.config
         if model is not None:  # recorded in config.yaml and the checkpoints, in model.name's import form
@@ -206,9 +207,9 @@ def _result(cfg: Config, state: RunState, time_split: Dict[str, Any]) -> FitResu
 
 
 # loggers whose handlers, level or filters a run changes: fasttrain's own (its console and train.log; the
-# silent one other ranks log to) and the Dynamo logger a captured step filters (step._quiet_profiler_notice)
+# silent one other ranks log to) and the Dynamo logger a captured step filters (train.step._quiet_profiler_notice)
 _LOGGERS = (LOGGER_NAME, f"{LOGGER_NAME}.silent", "torch._dynamo.variables.ctx_manager")
-# the torch.compile configs a run sets (torch._dynamo.config.optimize_ddp in build.wrap_ddp,
+# the torch.compile configs a run sets (torch._dynamo.config.optimize_ddp in dist.ddp.wrap_ddp,
 # torch._inductor.config.force_disable_caches in compile_cache): restored key by key
 _COMPILE_CONFIGS = ("torch._dynamo.config", "torch._inductor.config")
 

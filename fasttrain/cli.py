@@ -26,7 +26,7 @@ def _eval(argv: Sequence[str]) -> int:
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
     args = parser.parse_intermixed_args(argv)  # --json and overrides in any order
     try:
-        from fasttrain.evaluate import evaluate_checkpoint
+        from fasttrain.train.evaluate import evaluate_checkpoint
 
         evaluation = evaluate_checkpoint(args.checkpoint, args.overrides)
     except UserError as err:
@@ -59,7 +59,7 @@ def _plot(argv: Sequence[str]) -> int:
     parser.add_argument("run_dir", help="a run folder written by fasttrain, e.g. runs/<run>")
     args = parser.parse_args(argv)
     try:
-        from fasttrain.plots import plot_run
+        from fasttrain.observe.plots import plot_run
 
         for path in plot_run(args.run_dir):
             print(f"wrote {path}")

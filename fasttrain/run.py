@@ -12,7 +12,8 @@ from typing import NoReturn, Optional, Sequence
 
 # only light modules here (no torch, no OmegaConf): `python -m fasttrain.run` imports them before main()'s
 # first line, and until then a SIGTERM has its default action
-from fasttrain import preemption, timing
+from fasttrain.dist import preemption
+from fasttrain.observe import timing
 from fasttrain.errors import EXIT_USER_ERROR, UserError, incomplete_launch, launcher_rank, report
 
 KEYS_HEADER = "config keys (set in the YAML file or as key.sub=value overrides; defaults shown):\n"
@@ -53,7 +54,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m fasttrain.
 
         cfg = load_config(args.config, args.overrides)
         preemption.narrow_early_hold(cfg.checkpoint.signals)  # a signal not configured: its default from now
-        from fasttrain.trainer import train  # imported after the config is known good: fail fast
+        from fasttrain.train.lifecycle import train  # imported after the config is known good: fail fast
 
         timing.clock().startup_done("imports")  # the interpreter, torch and fasttrain, the config
         state = train(cfg)

@@ -177,7 +177,7 @@ def no_plots():
     """For a module whose runs are about something else: skip drawing curves.png (half a tiny run's
     time). A module asks for it with `pytestmark = pytest.mark.usefixtures("no_plots")`."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("fasttrain.trainer.plot_run", lambda run_dir: [], raising=False)
+        patch.setattr("fasttrain.train.lifecycle.plot_run", lambda run_dir: [], raising=False)
         yield
 
 

@@ -8,9 +8,10 @@ import numpy as np
 import torch
 import torch.distributed as torch_dist
 
-from fasttrain.data.dali import DaliLoader
-from fasttrain.data.gpu import BatchFormat, CropFlip, GpuLoader
-from fasttrain.data.plain import CustomDataset, PlainLoader, ShardedBatches
+from fasttrain.data.loaders.dali import DaliLoader
+from fasttrain.data.loaders.gpu import BatchFormat, CropFlip, GpuLoader
+from fasttrain.data.loaders.plain import CustomDataset, PlainLoader
+from fasttrain.data.sharding import ShardedBatches
 from torchvision import transforms as T
 
 

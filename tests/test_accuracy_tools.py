@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from conftest import read_jsonl, run_fasttrain, run_torchrun
-from fasttrain.averaging import Lookahead, WeightEMA
-from fasttrain.precision import build_precision
-from fasttrain.validation import Evaluator, tta_logits, tta_views, validate
+from fasttrain.train.averaging import Lookahead, WeightEMA
+from fasttrain.train.precision import build_precision
+from fasttrain.train.validation import Evaluator, tta_logits, tta_views, validate
 
 CPU = torch.device("cpu")
 # every tool at once, on a small CNN (BatchNorm: the EMA copies its buffers) and synthetic data

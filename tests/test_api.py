@@ -23,9 +23,9 @@ from fasttrain import cli
 from fasttrain.checkpoint import load_checkpoint
 from fasttrain.config import load_config
 from fasttrain.errors import ConfigError, UserError
-from fasttrain.observe import LOGGER_NAME
-from fasttrain.preemption import CATCHABLE
-from fasttrain.registry import MODELS
+from fasttrain.observe.logs import LOGGER_NAME
+from fasttrain.dist.preemption import CATCHABLE
+from fasttrain.config.registry import MODELS
 
 from conftest import REPO, read_jsonl, run_torchrun
 

@@ -130,7 +130,7 @@ def test_a_collective_timeout_too_large_names_the_accepted_range(tmp_path, capsy
 
 
 def _dali_installed() -> bool:
-    from fasttrain.data.dali import dali_available
+    from fasttrain.data.loaders.dali import dali_available
 
     return dali_available()
 
@@ -172,7 +172,7 @@ def test_a_run_folder_path_too_long_for_the_file_system(tmp_path, capsys):
 def test_a_name_the_file_system_refuses_where_the_run_folder_is_made_is_one_line(tmp_path, capsys, monkeypatch):
     """A name the file system refuses although the config check passed (another file system below a
     mount point, say) still ends in one line where the folder is first touched."""
-    monkeypatch.setattr("fasttrain.config._check_output_dir", lambda run_dir, key: None)
+    monkeypatch.setattr("fasttrain.config.load._check_output_dir", lambda run_dir, key: None)
     train_fails([*TINY, f"output.dir={tmp_path / ('r' * 300)}"], capsys, "File name too long")
     assert os.listdir(tmp_path) == []
 

@@ -9,10 +9,10 @@ import torch
 from PIL import Image
 
 from benchmarks.measure import BrokenVariant, Windows, guard, measure
-from fasttrain.flops import flops_per_image
+from fasttrain.observe.flops import flops_per_image
 
 from conftest import run_fasttrain
-from fasttrain.data.dali import dali_available
+from fasttrain.data.loaders.dali import dali_available
 
 
 def test_ladder_runs_every_rung_and_writes_its_table(tmp_path):

@@ -22,8 +22,8 @@ from fasttrain.config import (HIDDEN_MAX, IMAGE_SIDE_MAX, SPLIT_MAX, SYNTHETIC_M
                               load_config)
 from fasttrain.errors import ConfigError
 from fasttrain.models import build_model
-from fasttrain.own_models import imported_model
-from fasttrain.registry import MODELS
+from fasttrain.models.imported import imported_model
+from fasttrain.config.registry import MODELS
 
 CPUS = os.cpu_count() or 1
 # a run of seconds should a value get through (as before this change): one short epoch of a tiny MLP

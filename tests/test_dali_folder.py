@@ -18,11 +18,11 @@ import torch
 
 from conftest import run_fasttrain
 from fasttrain.data.folder import UnreadableImage, scan_split
-from fasttrain.data.gpu import BatchFormat
-from fasttrain.data.plain import ShardedBatches
+from fasttrain.data.loaders.gpu import BatchFormat, CropFlip
+from fasttrain.data.sharding import ShardedBatches
 
 pytest.importorskip("nvidia.dali")
-from fasttrain.data.dali_folder import DaliFolderLoader  # noqa: E402
+from fasttrain.data.loaders.dali_folder import DaliFolderLoader  # noqa: E402
 
 CPU = torch.device("cpu")
 CLASSES = ("cat", "dog", "frog")
@@ -82,7 +82,8 @@ def _loader(folder: Path, split: str, batch: int, rank: int = 0, world_size: int
     batches = ShardedBatches(len(index.paths), batch, shuffle=train, seed=seed, rank=rank, world_size=world_size,
                              exact=not train)
     fmt = BatchFormat(CPU, MEAN, STD, dtype, channels_last)
-    return index, DaliFolderLoader(index, batches, fmt, SIZE, train=train, hflip=hflip, seed=seed, num_threads=2)
+    return index, DaliFolderLoader(index, batches, fmt, SIZE, train=train, aug=CropFlip(hflip=hflip, seed=seed),
+                                   num_threads=2)
 
 
 def _decoded_ids(images: torch.Tensor) -> list:
@@ -204,7 +205,7 @@ def test_images_are_the_drawn_crop_or_the_centre_resized_as_pil_does(folder):
     interpolation differences (a few levels of 255) of PIL's bilinear resize of the same region."""
     from PIL import Image
 
-    from fasttrain.data.dali_folder import epoch_crops
+    from fasttrain.data.loaders.dali_folder import epoch_crops
 
     index, train = _loader(folder, "train", batch=24, seed=8)
     (images, _), = _epoch(train, 0)
@@ -239,14 +240,14 @@ def test_images_are_the_drawn_crop_or_the_centre_resized_as_pil_does(folder):
 
 
 def test_with_crop_padding_the_fitted_image_is_padded_and_cropped_as_the_gpu_loader_does(folder):
-    from fasttrain.data.gpu import crop_flip, epoch_augmentation
+    from fasttrain.data.loaders.gpu import crop_flip, epoch_augmentation
 
     index = scan_split(folder, "train")
     fmt = BatchFormat(CPU, MEAN, STD)
     fitted_loader = DaliFolderLoader(index, ShardedBatches(len(index.paths), 24, False, 0, exact=True), fmt, SIZE,
                                      train=False)
     padded_loader = DaliFolderLoader(index, ShardedBatches(len(index.paths), 24, True, 5), fmt, SIZE, train=True,
-                                     seed=5, crop_padding=3)
+                                     aug=CropFlip(crop_padding=3, hflip=True, seed=5))
     (fitted, _), = _epoch(fitted_loader, 0)  # natural order: row i is sample i
     (padded, _), = _epoch(padded_loader, 1)
     corners, flips = epoch_augmentation(5, 1, len(index.paths), 3, hflip=True)

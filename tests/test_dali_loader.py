@@ -12,15 +12,15 @@ import torch
 from conftest import REPO, run_torchrun
 from fasttrain.config import load_config
 from fasttrain.data import build_loaders
-from fasttrain.data.gpu import BatchFormat, CropFlip, GpuLoader
-from fasttrain.data.plain import ShardedBatches
+from fasttrain.data.loaders.gpu import BatchFormat, CropFlip, GpuLoader
+from fasttrain.data.sharding import ShardedBatches
 from fasttrain.errors import UserError
 
 CPU = torch.device("cpu")
 
 
 def _pair(n=300, batch=64, **kw):
-    from fasttrain.data.dali import DaliLoader
+    from fasttrain.data.loaders.dali import DaliLoader
 
     images = np.random.default_rng(0).integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
     labels = np.arange(n) % 10
@@ -79,7 +79,7 @@ def test_missing_dali_is_a_clear_error(monkeypatch, tmp_path):
 
 
 def test_auto_on_the_cpu_picks_dali_else_the_resident_loader_and_plain_for_rotation(tmp_path, monkeypatch):
-    from fasttrain.data import dali as dali_module
+    from fasttrain.data.loaders import dali as dali_module
     from fasttrain.data import resolve_loader
 
     cfg = load_config(None, ["data.loader=auto", f"output.dir={tmp_path}"])

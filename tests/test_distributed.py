@@ -10,7 +10,7 @@ import yaml
 
 from conftest import REPO, read_jsonl, run_fasttrain, run_torchrun
 from fasttrain.config import load_config
-from fasttrain.trainer import train
+from fasttrain.train.lifecycle import train
 
 
 def test_torchrun_two_processes_train_the_smoke_config(tmp_path):

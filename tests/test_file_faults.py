@@ -24,7 +24,7 @@ from PIL import Image
 from conftest import REPO, run_fasttrain
 from fasttrain import cli
 from fasttrain.checkpoint import load_checkpoint
-from fasttrain.data.dali import dali_available
+from fasttrain.data.loaders.dali import dali_available
 from test_folder_data import _overrides, write_folder
 
 needs_dali = pytest.mark.skipif(not dali_available(), reason="NVIDIA DALI is not installed")

@@ -20,7 +20,7 @@ from PIL import Image
 from conftest import read_jsonl, run_fasttrain, run_torchrun
 from fasttrain.config import load_config
 from fasttrain.data import build_eval_loader, build_loaders, folder_splits, resolve_loader
-from fasttrain.data.dali import dali_available
+from fasttrain.data.loaders.dali import dali_available
 from fasttrain.data.folder import UnreadableImage, scan_split
 from fasttrain.errors import ConfigError, UserError
 

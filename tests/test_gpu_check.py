@@ -5,7 +5,7 @@ each module one process, and this one runs beside the other benchmark tests)."""
 import json
 
 from conftest import run_fasttrain
-from fasttrain.data.dali import dali_available
+from fasttrain.data.loaders.dali import dali_available
 
 
 def test_gpu_check_smoke_runs_every_section_on_the_cpu_and_writes_its_report(tmp_path):

@@ -10,8 +10,8 @@ from torchvision.transforms import functional as TF
 
 from fasttrain.config import load_config
 from fasttrain.data import build_eval_loader
-from fasttrain.data.gpu import BatchFormat, CropFlip, GpuLoader, crop_flip
-from fasttrain.data.plain import ShardedBatches
+from fasttrain.data.loaders.gpu import BatchFormat, CropFlip, GpuLoader, crop_flip
+from fasttrain.data.sharding import ShardedBatches
 
 CPU = torch.device("cpu")
 
@@ -46,7 +46,7 @@ def _loader(images, labels, rank=0, world=1, batch=100, kind="gpu", **kw):
     batches = ShardedBatches(len(labels), batch, shuffle=True, seed=3, rank=rank, world_size=world)
     if kind == "dali":
         pytest.importorskip("nvidia.dali")
-        from fasttrain.data.dali import DaliLoader as cls
+        from fasttrain.data.loaders.dali import DaliLoader as cls
     else:
         cls = GpuLoader
     return cls(images, labels, batches, BatchFormat(CPU, [0.0] * 3, [1.0] * 3),

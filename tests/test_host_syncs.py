@@ -42,9 +42,9 @@ def test_the_eager_step_adds_at_most_40_ops_per_step_around_the_model(tmp_path):
     minus the model's own forward and backward: the loader, loss, optimizer, schedule and bookkeeping
     fasttrain adds. A count, not a timing: the same on every machine."""
     from benchmarks.host_overhead import OpCounter, TrainerLoop, _config, _model_ops
-    from fasttrain.observe import silent_logger as _quiet
+    from fasttrain.observe.logs import silent_logger as _quiet
     from fasttrain import dist
-    from fasttrain.build import build_parts
+    from fasttrain.train.build import build_parts
 
     cfg = _config("cpu", ["model.name=CIFAR10_CNN", "train.batch_size=32", "data.train_size=2048",
                           "data.loader=gpu", "train.precision=bf16", "train.channels_last=true"])

@@ -8,7 +8,7 @@ import pytest
 from fasttrain.config import load_config
 from fasttrain.data.mnist import load_mnist
 from fasttrain.errors import UserError
-from fasttrain.trainer import train
+from fasttrain.train.lifecycle import train
 
 
 def _write_idx(path, array):

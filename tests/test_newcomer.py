@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fasttrain import cli, dist, launcher
+from fasttrain import cli, dist
+from fasttrain.dist import launcher
 from fasttrain.config import Config, DataConfig, load_config
 from fasttrain.data import build_loaders, resolve_workers
 from fasttrain.errors import ConfigError

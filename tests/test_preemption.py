@@ -221,7 +221,7 @@ def test_a_preemption_signal_while_the_run_is_being_built_is_acted_on_not_a_kill
 def test_the_watch_acts_on_an_early_signal_and_a_second_ctrl_c_stops_at_once():
     """In-process: a signal recorded before the watch exists is its first; Ctrl-C sets the interrupt code
     (which outweighs any number of preemption flags in the sum over ranks); a second Ctrl-C raises."""
-    from fasttrain import preemption
+    from fasttrain.dist import preemption
 
     saved = {n: signal.getsignal(n) for n in (signal.SIGINT, signal.SIGUSR1)}
     try:
@@ -249,7 +249,8 @@ def test_a_process_that_exits_holding_a_loader_with_workers_ends_them(tmp_path):
 
     script = ("import numpy as np, torch\n"
               "from fasttrain.config import DataConfig\n"
-              "from fasttrain.data.plain import CustomDataset, PlainLoader, ShardedBatches\n"
+              "from fasttrain.data.loaders.plain import CustomDataset, PlainLoader\n"
+              "from fasttrain.data.sharding import ShardedBatches\n"
               "from fasttrain.data.transforms import eval_transform\n"
               "data = CustomDataset(np.zeros((64, 32, 32, 3), np.uint8), np.zeros(64, np.int64), "
               "eval_transform(DataConfig(), 3))\n"

@@ -11,8 +11,8 @@ from fasttrain import run
 from fasttrain.config import OptimConfig, SchedConfig, describe_keys, load_config
 from fasttrain.errors import ConfigError
 from fasttrain.models import build_model
-from fasttrain.optim import EVERY_BATCH, Schedule, Stepping, build_optimizer
-from fasttrain.registry import DATASETS, MODELS, OPTIMIZERS, SCHEDULES
+from fasttrain.train.optim import EVERY_BATCH, Schedule, Stepping, build_optimizer
+from fasttrain.config.registry import DATASETS, MODELS, OPTIMIZERS, SCHEDULES
 
 TINY = ["--config", "configs/smoke.yaml", "train.epochs=1", "data.train_size=128", "data.val_size=64",
         "train.log_every=1"]

@@ -157,9 +157,9 @@ def _recorded_step():
     """A CapturedStep as it stands after its capture on CUDA (static inputs of a batch of 8, a replay), on
     the CPU: the replay only counts (what it would run is not what is tested here)."""
     from fasttrain.config import OptimConfig
-    from fasttrain.optim import build_optimizer
-    from fasttrain.precision import build_precision
-    from fasttrain.step import CapturedStep
+    from fasttrain.train.optim import build_optimizer
+    from fasttrain.train.precision import build_precision
+    from fasttrain.train.step import CapturedStep
 
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 10))
     optimizer = build_optimizer(OptimConfig(name="adamw", lr=1e-3), model, torch.device("cpu"), capture=True)
@@ -194,9 +194,9 @@ def test_a_captured_step_copies_a_batch_of_its_shape_and_replays():
 
 
 def _dali_loader():
-    from fasttrain.data.dali import DaliLoader
-    from fasttrain.data.gpu import BatchFormat, CropFlip
-    from fasttrain.data.plain import ShardedBatches
+    from fasttrain.data.loaders.dali import DaliLoader
+    from fasttrain.data.loaders.gpu import BatchFormat, CropFlip
+    from fasttrain.data.sharding import ShardedBatches
 
     images = np.random.default_rng(0).integers(0, 256, (96, 32, 32, 3), dtype=np.uint8)
     fmt = BatchFormat(torch.device("cpu"), [0.5, 0.5, 0.5], [0.25, 0.25, 0.25], torch.float32, False)
@@ -206,10 +206,10 @@ def _dali_loader():
 def _dali_folder_loader(tmp_path: Path):
     from PIL import Image
 
-    from fasttrain.data.dali_folder import DaliFolderLoader
+    from fasttrain.data.loaders.dali_folder import DaliFolderLoader
     from fasttrain.data.folder import scan_split
-    from fasttrain.data.gpu import BatchFormat
-    from fasttrain.data.plain import ShardedBatches
+    from fasttrain.data.loaders.gpu import BatchFormat
+    from fasttrain.data.sharding import ShardedBatches
 
     for label in ("cat", "dog"):
         (tmp_path / "train" / label).mkdir(parents=True)
@@ -255,7 +255,7 @@ def _process_settings() -> dict:
     import torch._dynamo.config as dynamo_config
     import torch._inductor.config as inductor_config
 
-    from fasttrain.preemption import CATCHABLE
+    from fasttrain.dist.preemption import CATCHABLE
 
     loggers = {name: (list(logging.getLogger(name).handlers), list(logging.getLogger(name).filters),
                       logging.getLogger(name).level, logging.getLogger(name).propagate)
@@ -320,15 +320,15 @@ def test_fit_puts_back_every_process_wide_setting_it_changes(tmp_path, monkeypat
 
 
 def test_what_a_compiled_or_captured_run_sets_is_put_back():
-    """torch._dynamo.config.optimize_ddp, set by a compiled run under DDP (build.wrap_ddp: more than one rank,
+    """torch._dynamo.config.optimize_ddp, set by a compiled run under DDP (dist.ddp.wrap_ddp: more than one rank,
     which one CPU process cannot make), and the filter a captured step adds to a Dynamo logger: fit's
     restoring block puts both back (checked on that block: compiling a captured step costs half a minute)."""
     from fasttrain.api import _process_state_restored
-    from fasttrain.build import wrap_ddp  # noqa: F401 - the setter named above
+    from fasttrain.dist.ddp import wrap_ddp  # noqa: F401 - the setter named above
     from fasttrain.config import OptimConfig
-    from fasttrain.optim import build_optimizer
-    from fasttrain.precision import build_precision
-    from fasttrain.step import CapturedStep
+    from fasttrain.train.optim import build_optimizer
+    from fasttrain.train.precision import build_precision
+    from fasttrain.train.step import CapturedStep
 
     before = _process_settings()
     with _process_state_restored():

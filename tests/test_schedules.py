@@ -9,7 +9,7 @@ import pytest
 
 from conftest import read_jsonl
 from fasttrain.config import load_config
-from fasttrain.trainer import train
+from fasttrain.train.lifecycle import train
 
 EPOCHS, STEPS = 4, 4
 BASE = ["data.dataset=synthetic", "data.train_size=64", "data.val_size=32", "data.num_workers=0",

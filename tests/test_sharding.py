@@ -2,10 +2,10 @@
 
 import pytest
 
-from fasttrain.data.plain import ShardedBatches
+from fasttrain.data.sharding import ShardedBatches
 from fasttrain.dist import read_env
 from fasttrain.errors import UserError
-from fasttrain.hostlist import first_host
+from fasttrain.dist.hostlist import first_host
 
 
 def epoch_batches(n, batch, world, epoch=0, **kw):

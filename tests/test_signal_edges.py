@@ -253,16 +253,16 @@ def test_any_exception_in_rank_0s_section_stops_every_rank_at_once_with_one_line
 
 CHOOSER = """
 import os, sys
-import fasttrain.data, fasttrain.trainer
+import fasttrain.data, fasttrain.train.lifecycle
 from fasttrain import run
 if os.environ["RANK"] == "1":  # this rank sees no free memory: left to itself it would choose another loader
-    fasttrain.data._free_memory = lambda device: (0, "host")
-build_parts = fasttrain.trainer.build_parts
+    fasttrain.data.auto._free_memory = lambda device: (0, "host")
+build_parts = fasttrain.train.lifecycle.build_parts
 def recording(cfg, *args, **kwargs):
     with open(os.path.join(sys.argv[1], "loader-rank" + os.environ["RANK"]), "w") as f:
         f.write(str(cfg.data.loader))
     return build_parts(cfg, *args, **kwargs)
-fasttrain.trainer.build_parts = recording
+fasttrain.train.lifecycle.build_parts = recording
 run.exit_now(run.main(sys.argv[2:], ends_process=True))
 """
 
@@ -307,7 +307,7 @@ def test_a_malformed_slurm_node_list_is_refused_with_one_line(tmp_path):
     assert result.returncode == EXIT_USER_ERROR, result.stderr[-3000:]
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "cannot read the SLURM node list 'node[01-'" in lines[0], result.stderr
-    script = subprocess.run([sys.executable, "-m", "fasttrain.hostlist", "first", "node[01-"], cwd=REPO, env=env,
+    script = subprocess.run([sys.executable, "-m", "fasttrain.dist.hostlist", "first", "node[01-"], cwd=REPO, env=env,
                             text=True, capture_output=True, timeout=60)
     assert script.returncode != 0 and script.stdout == ""
     assert len(script.stderr.strip().splitlines()) == 1 and "node[01-" in script.stderr

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from conftest import REPO, run_fasttrain
 from fasttrain.config import ModelConfig, load_config
 from fasttrain.models import build_model
-from fasttrain.precision import build_precision
-from fasttrain.trainer import train
+from fasttrain.train.precision import build_precision
+from fasttrain.train.lifecycle import train
 
 CPU = torch.device("cpu")
 

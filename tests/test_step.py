@@ -16,9 +16,9 @@ import yaml
 from conftest import REPO, read_jsonl, run_fasttrain, run_torchrun
 from fasttrain.config import ModelConfig, OptimConfig, SchedConfig, load_config
 from fasttrain.models import build_model
-from fasttrain.optim import Schedule, build_optimizer, load_optimizer_state
-from fasttrain.precision import build_precision
-from fasttrain.step import LOSS_SUM, NONFINITE, WARMUP_STEPS, CapturedStep, EagerStep
+from fasttrain.train.optim import Schedule, build_optimizer, load_optimizer_state
+from fasttrain.train.precision import build_precision
+from fasttrain.train.step import LOSS_SUM, NONFINITE, WARMUP_STEPS, CapturedStep, EagerStep
 
 CPU = torch.device("cpu")
 STEPS = 10
@@ -312,7 +312,7 @@ def test_a_captured_run_stopped_and_resumed_ends_with_the_same_weights(captured_
 ])
 def test_capture_refuses_what_it_cannot_capture(setting, expect):
     from fasttrain.errors import ConfigError
-    from fasttrain.registry import OPTIMIZERS
+    from fasttrain.config.registry import OPTIMIZERS
 
     OPTIMIZERS.register("lamb")(lambda cfg, groups, kernels: torch.optim.Adam(groups))  # a user's, not capturable
     try:
@@ -333,7 +333,7 @@ def test_capture_refuses_fp16_with_a_clear_message():
 
 def test_world_size_one_trains_without_ddp(tmp_path):
     from fasttrain import dist
-    from fasttrain.build import build_parts
+    from fasttrain.train.build import build_parts
 
     cfg = load_config(str(REPO / "configs" / "smoke.yaml"), [f"output.dir={tmp_path}"])
     ctx = dist.setup("cpu")

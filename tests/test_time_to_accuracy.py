@@ -212,7 +212,7 @@ def test_a_broken_cache_entry_or_folder_costs_the_cache_not_the_run(tiny_cifar_r
     import logging
 
     from fasttrain.data import cifar
-    from fasttrain.observe import LOGGER_NAME
+    from fasttrain.observe.logs import LOGGER_NAME
 
     said = []
     handler = logging.Handler()
@@ -240,7 +240,7 @@ def test_a_broken_cache_entry_or_folder_costs_the_cache_not_the_run(tiny_cifar_r
 
 
 def test_a_run_imports_no_plotting_tensorboard_or_dali_until_it_needs_them():
-    probe = ("import sys, fasttrain.run, fasttrain.trainer; "
+    probe = ("import sys, fasttrain.run, fasttrain.train.lifecycle; "
              "print(sorted({m.split('.')[0] for m in sys.modules} & {'matplotlib', 'tensorboard', 'torchvision'}), "
              "'nvidia.dali' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, text=True, capture_output=True,

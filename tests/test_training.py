@@ -15,8 +15,9 @@ from PIL import Image
 from conftest import TINY, read_jsonl, run_fasttrain
 from fasttrain.config import load_config
 from fasttrain.errors import UserError
-from fasttrain.observe import Progress
-from fasttrain.trainer import EPOCH_COLUMNS, train
+from fasttrain.observe.progress import Progress
+from fasttrain.train.session import EPOCH_COLUMNS
+from fasttrain.train.lifecycle import train
 
 EPOCH_FIELDS = {"epoch", "train_loss", "val_loss", "val_acc", "lr", "images_per_sec"}
 
@@ -107,7 +108,7 @@ def test_cuda_requested_without_cuda_exits_2(tmp_path):
     assert result.returncode == 2 and "CUDA is not available" in result.stderr
 
 
-# in-process runs (fasttrain.trainer.train): the CNN on a little synthetic data of 16 px, nothing saved or drawn
+# in-process runs (fasttrain.train.lifecycle.train): the CNN on a little synthetic data of 16 px, nothing saved or drawn
 SMALL = ["data.dataset=synthetic", "data.image_size=16", "data.train_size=256", "data.val_size=64", "model.name=CNN",
          "train.epochs=2",
          "data.num_workers=0", "train.batch_size=32", "train.device=cpu", "output.save_checkpoints=false",
@@ -210,7 +211,7 @@ def test_time_spent_waiting_for_batches_is_counted_as_data_wait(tmp_path, monkey
     """A loader that takes 50 ms a batch: each epoch's data_wait_seconds holds at least those waits (8 batches)."""
     import time
 
-    import fasttrain.trainer as trainer_mod
+    import fasttrain.train.lifecycle as trainer_mod
 
     class SlowLoader:
         def __init__(self, loader):
@@ -266,7 +267,7 @@ def test_tensorboard_missing_is_a_clear_error(tmp_path, monkeypatch):
 def test_a_run_that_fails_after_its_loaders_are_built_closes_them(tmp_path, monkeypatch):
     """A checkpoint of another model fails the restore, after the loaders were built: they are
     closed (worker processes, device memory) before the error reaches the caller."""
-    import fasttrain.trainer as trainer_mod
+    import fasttrain.train.lifecycle as trainer_mod
 
     first = tmp_path / "first"
     train(load_config(None, SMALL + [f"output.dir={first}", "output.save_checkpoints=true", "train.epochs=1"]))

@@ -1,5 +1,5 @@
-"""Checkpoint files: atomic writes, loads that check every key and fail with a clear message, and
-the choice of the file that `resume=auto` continues from (one process; no collectives here).
+"""Checkpoint files: atomic writes, and loads that check every key (validate.py) and fail with a clear
+message (one process; no collectives here).
 
 A checkpoint is serialized in memory, written to a temporary file in the same folder, flushed to
 disk and renamed over the target, so a crash or a full disk mid-write leaves the previous
@@ -18,25 +18,21 @@ cluster where the umask says so), not mkstemp's owner-only 0600.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import pickle
-import re
 import tempfile
 from io import BytesIO
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from torch import nn
 
 from fasttrain.checkpoint.digest import DIGEST_KEY, content_digest
-from fasttrain.config import WORKERS_PER_CPU, Config, from_dict
+from fasttrain.checkpoint.validate import checkpoint_problem
 from fasttrain.errors import UserError
 
 REQUIRED_KEYS = ("model", "optimizer", "scheduler", "epoch", "config")
-CONFIG_SECTIONS = tuple(f.name for f in dataclasses.fields(Config) if dataclasses.is_dataclass(f.default_factory))
-STEP_FILE = re.compile(r"^step-(\d+)\.pt$")
 
 
 def _umask() -> int:
@@ -65,10 +61,6 @@ def map_leaves(value: Any, leaf: Callable[[Any], Any]) -> Any:
     if isinstance(value, tuple):
         return tuple(map_leaves(item, leaf) for item in value)
     return leaf(value)
-
-
-def step_checkpoint_name(global_step: int) -> str:
-    return f"step-{global_step:08d}.pt"
 
 
 def save_checkpoint(state: Dict[str, Any], path: Path) -> None:
@@ -181,98 +173,6 @@ def _short(path: Path, limit: int = 80) -> str:
     return text if len(text) <= limit else f"{text[:limit // 2]}...{text[-limit // 4:]} ({len(text)} characters)"
 
 
-def _shown(value: Any) -> str:
-    """A value as an error message shows it: short, one line."""
-    if isinstance(value, torch.Tensor):
-        return f"a tensor of shape {tuple(value.shape)}"
-    if isinstance(value, (dict, list, tuple)) and len(repr(value)) > 40:
-        return f"a {type(value).__name__} of {len(value)} items"
-    text = repr(value).replace("\n", " ")
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-def _is_int(value: Any, low: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= low
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _is_tensor_dict(value: Any) -> bool:
-    return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items())
-
-
-def _is_rank_state(value: Any) -> bool:
-    """One rank's entry of `ranks`, as state.capture writes it and state.restore reads it."""
-    if not isinstance(value, dict) or not {"rng", "buffers", "epoch_totals"} <= value.keys():
-        return False
-    rng = value["rng"]
-    numpy_rng = rng.get("numpy") if isinstance(rng, dict) else None
-    return (isinstance(rng, dict) and isinstance(rng.get("python"), tuple) and isinstance(numpy_rng, dict)
-            and isinstance(numpy_rng.get("key"), torch.Tensor) and _is_int(numpy_rng.get("pos"), 0)
-            and isinstance(rng.get("torch"), torch.Tensor) and _is_tensor_dict(value["buffers"])
-            and (value["epoch_totals"] is None or isinstance(value["epoch_totals"], torch.Tensor)))
-
-
-# key -> (the check, what it must be); the optional keys are checked when present
-_CHECKS: Dict[str, Tuple[Callable[[Any], bool], str]] = {
-    "model": (_is_tensor_dict, "a state dict of named tensors"),
-    "optimizer": (lambda v: isinstance(v, dict) and isinstance(v.get("state"), dict)
-                  and isinstance(v.get("param_groups"), list) and all(isinstance(g, dict) for g in v["param_groups"]),
-                  "an optimizer state dict (state, param_groups)"),
-    "scheduler": (lambda v: isinstance(v, dict), "a scheduler state dict"),
-    "epoch": (lambda v: _is_int(v, 0), "an integer >= 0"),
-    "config": (lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v)
-               and all(isinstance(v[k], dict) for k in CONFIG_SECTIONS if k in v),
-               "a dict of config sections (data, model, optim, train, ...)"),
-    "global_step": (lambda v: _is_int(v, 0), "an integer >= 0"),
-    "step_in_epoch": (lambda v: _is_int(v, 0), "an integer >= 0"),
-    "sample_in_epoch": (lambda v: _is_int(v, 0), "an integer >= 0"),
-    "best_epoch": (lambda v: _is_int(v, 0), "an integer >= 0"),
-    "best_val_acc": (_is_number, "a number"),
-    "val_acc": (_is_number, "a number"),
-    "val_loss": (_is_number, "a number"),
-    "world_size": (lambda v: _is_int(v, 1), "an integer >= 1"),
-    "batch_size": (lambda v: _is_int(v, 1), "an integer >= 1"),
-    "history": (lambda v: isinstance(v, list) and all(isinstance(r, dict) for r in v), "a list of dicts"),
-    "classes": (lambda v: isinstance(v, list) and all(isinstance(c, str) for c in v), "a list of class names"),
-    "ranks": (lambda v: v is None or (isinstance(v, list) and all(_is_rank_state(r) for r in v)),
-              "a list of per-rank states (rng, buffers, epoch_totals) or None"),
-    "scaler": (lambda v: v is None or isinstance(v, dict), "a GradScaler state dict or None"),
-    "ema": (lambda v: isinstance(v, dict) and _is_int(v.get("updates"), 0) and _is_tensor_dict(v.get("weights")),
-            "the EMA's updates and weights"),
-    "lookahead": (lambda v: isinstance(v, dict) and _is_tensor_dict(v.get("weights")), "lookahead's slow weights"),
-}
-
-
-def checkpoint_problem(state: Dict[str, Any]) -> Optional[str]:
-    """What is wrong with a checkpoint dict, in words ("epoch is 'abc', expected an integer >= 0"), or
-    None when every key present has the type fasttrain writes and its config is one fasttrain accepts."""
-    for key, (ok, expected) in _CHECKS.items():
-        if key in state and not ok(state[key]):
-            return f"{key} is {_shown(state[key])}, expected {expected}"
-    broken = next((name for name, tensor in state["model"].items()
-                   if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())), None)
-    if broken:
-        return f"its weight {broken} holds nan/inf (saved from a diverged run)"
-    try:
-        from_dict(portable_config(state["config"]))  # the saved config itself: known keys, accepted values
-    except UserError as err:
-        return f"its config: {str(err).removeprefix('config error: ')}"
-    except Exception as err:  # noqa: BLE001 - untrusted data: OmegaConf may refuse it in other ways
-        return f"its config cannot be read ({type(err).__name__})"
-    return None
-
-
-def portable_config(saved: Dict[str, Any]) -> Dict[str, Any]:
-    """A checkpoint's config as this machine can use it: a worker count above this machine's bound (the
-    file came from a larger machine; a key that never changes what is computed) becomes -1, auto."""
-    data = saved.get("data")
-    workers = data.get("num_workers") if isinstance(data, dict) else None
-    if isinstance(workers, int) and workers > WORKERS_PER_CPU * (os.cpu_count() or 1):
-        return {**saved, "data": {**data, "num_workers": -1}}
-    return saved
 
 
 def load_model_state(model: nn.Module, state: Dict[str, torch.Tensor], source: str) -> None:
@@ -293,94 +193,3 @@ def load_model_state(model: nn.Module, state: Dict[str, torch.Tensor], source: s
         raise UserError(f"checkpoint {source} does not fit this model ({'; '.join(parts)}): use the model.name and "
                         f"dataset it was trained with")
     model.load_state_dict(state)
-
-
-def position(state: Dict[str, Any]) -> Tuple[int, int]:
-    """Where a checkpoint stands: (optimizer steps done, 1 at an epoch's end after validation, else 0)."""
-    return int(state.get("global_step", 0)), 0 if state.get("step_in_epoch") else 1
-
-
-def resume_candidates(ckpt_dir: Path) -> List[Path]:
-    """Checkpoints a run can continue from, newest step first (last.pt is placed by loading it)."""
-    steps = sorted((p for p in ckpt_dir.glob("step-*.pt") if STEP_FILE.match(p.name)),
-                   key=lambda p: int(STEP_FILE.match(p.name).group(1)), reverse=True)  # type: ignore[union-attr]
-    last = ckpt_dir / "last.pt"
-    return steps + ([last] if last.is_file() else [])
-
-
-def find_resume_checkpoint(ckpt_dir: Path, warn: Callable[[str], None]) -> Optional[Tuple[Path, Dict[str, Any]]]:
-    """The newest checkpoint in ckpt_dir that loads, or None when the folder holds none at all.
-
-    The newest step file that loads and last.pt compete by position; a truncated or corrupt file is
-    reported through `warn` and skipped. When every candidate is broken that is an error: starting
-    over would discard the run."""
-    candidates = resume_candidates(ckpt_dir)
-    if not candidates:
-        return None
-    good: List[Tuple[Path, Dict[str, Any]]] = []
-    broken: List[str] = []
-    found_step_file = False
-    for path in candidates:
-        if found_step_file and path.name != "last.pt":
-            continue  # an older step file: only a fallback
-        try:
-            good.append((path, load_checkpoint(path)))
-            found_step_file = found_step_file or path.name != "last.pt"
-        except UserError as err:
-            broken.append(path.name)
-            warn(f"warning: {err}; skipping it")
-    if not good:
-        raise UserError(f"no usable checkpoint in {ckpt_dir} ({', '.join(broken)}: truncated, corrupt or not "
-                        f"written by fasttrain): resume "
-                        f"from another file with resume=PATH, or start over with resume=none output.overwrite=true")
-    return max(good, key=lambda item: position(item[1]))
-
-
-def prune_step_checkpoints(ckpt_dir: Path, keep: int) -> List[Path]:
-    """Delete all but the newest `keep` step checkpoints; returns the deleted paths."""
-    steps = resume_candidates(ckpt_dir)
-    steps = [p for p in steps if p.name != "last.pt"]
-    doomed = steps[keep:]
-    for path in doomed:
-        path.unlink(missing_ok=True)
-    return doomed
-
-
-def remove_stale_temporaries(ckpt_dir: Path) -> List[Path]:
-    """Temporary files of writes that a crash interrupted ('.NAME.XXXX.tmp'): never valid, safe to drop."""
-    stale = list(ckpt_dir.glob(".*.pt.*.tmp"))
-    for path in stale:
-        path.unlink(missing_ok=True)
-    return stale
-
-
-def restore_best(ckpt_dir: Path, say: Callable[[str], None]) -> Optional[Path]:
-    """Put back best.pt when a stop between two writes left it behind: an epoch's end writes last.pt,
-    then best.pt (the same checkpoint) when validation improved; a kill or a full disk in between
-    leaves best.pt older than the best that last.pt records (or missing). When last.pt is that best
-    epoch, best.pt is rewritten from it; otherwise the best weights are in best.pt already (written
-    before any later epoch ran). Returns the path written, or None."""
-    last, best = ckpt_dir / "last.pt", ckpt_dir / "best.pt"
-    try:
-        last_ckpt = load_checkpoint(last) if last.is_file() else None
-    except UserError:
-        return None  # a broken last.pt was reported when the run chose its checkpoint
-    if not last_ckpt or last_ckpt.get("step_in_epoch") or not last_ckpt.get("best_epoch"):
-        return None
-    best_epoch = int(last_ckpt["best_epoch"])
-    if int(last_ckpt["epoch"]) != best_epoch:
-        if not best.is_file():
-            say(f"warning: {best} is missing and the best epoch ({best_epoch}) is in no other checkpoint: it is "
-                f"written again when validation accuracy improves")
-        return None
-    try:
-        found = load_checkpoint(best).get("epoch") if best.is_file() else None
-    except UserError:
-        found = "broken"
-    if found == best_epoch:
-        return None
-    save_checkpoint(last_ckpt, best)
-    say(f"{best} put back from last.pt (epoch {best_epoch}, the best so far): it was "
-        + ("missing" if found is None else "truncated or corrupt" if found == "broken" else f"of epoch {found}")
-        + " (a stop between writing last.pt and best.pt)")
-    return best

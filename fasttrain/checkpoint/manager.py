@@ -19,13 +19,14 @@ import torch
 from torch import nn
 
 from fasttrain import dist
-from fasttrain.averaging import Averages
-from fasttrain.checkpoint.io import load_checkpoint, prune_step_checkpoints, step_checkpoint_name
+from fasttrain.train.averaging import Averages
+from fasttrain.checkpoint.io import load_checkpoint
+from fasttrain.checkpoint.folder import prune_step_checkpoints, step_checkpoint_name
 from fasttrain.checkpoint.state import Resumable, RunState, capture, choose_checkpoint, restore
 from fasttrain.checkpoint.writer import CheckpointWriter
 from fasttrain.config import Config
 from fasttrain.errors import folder_write_failed
-from fasttrain.optim import Schedule
+from fasttrain.train.optim import Schedule
 
 
 class _HasScaler(Protocol):
@@ -121,13 +122,15 @@ def _prune(run_dir: Path, keep: int) -> None:
         raise folder_write_failed(run_dir, "checkpoints/ (removing old step checkpoints)", err) from None
 
 
-def save_epoch_checkpoints(cfg: Config, ctx: dist.Dist, parts: RunParts, state: RunState, val_acc: Optional[float],
-                           val_loss: Optional[float], is_best: bool, run_dir: Path, writer: CheckpointWriter,
+def save_epoch_checkpoints(cfg: Config, ctx: dist.Dist, parts: RunParts, state: RunState,
+                           evaluated: Dict[str, float], run_dir: Path, writer: CheckpointWriter,
                            background: bool = False) -> Path:
-    """End of an epoch: last.pt, and best.pt when validation accuracy improved (None: not validated)."""
-    evaluated = {} if val_acc is None else {"val_acc": val_acc, "val_loss": val_loss}
+    """End of an epoch: last.pt, with the epoch's `evaluated` {"val_acc", "val_loss"} ({} when it was not
+    validated), and best.pt when this epoch is the best so far (`state.best_epoch`, which the caller has
+    moved to it)."""
     ckpt = _capture(cfg, ctx, parts, state, None, evaluated)
     last = run_dir / "checkpoints" / "last.pt"
+    is_best = state.best_epoch == state.epoch
     _write_on_rank0(ctx, ckpt, [last] + ([run_dir / "checkpoints" / "best.pt"] if is_best else []), writer,
                     background)
     return last

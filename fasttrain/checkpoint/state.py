@@ -26,12 +26,13 @@ from torch import nn
 
 import fasttrain
 from fasttrain import config as config_mod
-from fasttrain.averaging import Averages
-from fasttrain.checkpoint.io import find_resume_checkpoint, load_checkpoint, load_model_state
+from fasttrain.train.averaging import Averages
+from fasttrain.checkpoint.folder import find_resume_checkpoint
+from fasttrain.checkpoint.io import load_checkpoint, load_model_state
 from fasttrain.config import Config
-from fasttrain.device import rng_state, set_rng_state
+from fasttrain.dist.device import rng_state, set_rng_state
 from fasttrain.errors import TrainingDiverged, UserError
-from fasttrain.optim import Schedule, load_optimizer_state
+from fasttrain.train.optim import Schedule, load_optimizer_state
 
 # config keys that may change between a run and its resumption without changing what is computed
 NEUTRAL_KEYS = ("resume", "output.", "checkpoint.", "train.stop_after_steps", "train.log_every", "train.device",

@@ -20,7 +20,7 @@ from typing import Callable, Optional, Sequence, Tuple
 
 import numpy as np
 
-from fasttrain.observe import LOGGER_NAME
+from fasttrain.observe.logs import LOGGER_NAME
 
 FORMAT = "fasttrain-arrays-1"  # bump when the decoded layout changes
 Arrays = Tuple[np.ndarray, np.ndarray]

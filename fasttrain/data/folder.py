@@ -16,8 +16,8 @@ header is sound but whose pixels are not (a truncated JPEG) is otherwise found w
 Every image is decoded as RGB (grayscale, palette and RGBA files included; alpha is dropped).
 
 Two ways of loading, chosen by the loader (fasttrain.data):
-- by file: `FolderDataset` decodes and transforms in the DataLoader workers (the plain loader),
-  DaliFolderLoader (fasttrain.data.dali_folder) in a DALI pipeline;
+- by file: `FolderDataset` (fasttrain.data.loaders.plain) decodes and transforms in the DataLoader
+  workers, `DaliFolderLoader` (fasttrain.data.loaders.dali_folder) in a DALI pipeline;
 - resident: `decode_split` decodes every image once, fitted to image_size (shorter side resized,
   centre cropped), into one (N, S, S, 3) uint8 array that the gpu loader keeps on its device.
 """
@@ -28,13 +28,11 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
-import torch
 from PIL import Image
 
-from fasttrain.data.plain import CustomDataset, PlainLoader
 from fasttrain.errors import ConfigError, UserError
 
 SPLITS = ("train", "val")
@@ -227,26 +225,3 @@ def decode_split(index: FolderIndex, fit: Callable[[Image.Image], Image.Image], 
             images[i] = pixels
     assert images is not None  # a scanned split holds at least one image per class
     return images
-
-
-class FolderDataset(CustomDataset):
-    """CustomDataset over files: each image is decoded (RGB) where it is drawn, in a DataLoader worker;
-    seeding and transforms are CustomDataset's."""
-
-    def __init__(self, index: FolderIndex, transform: Optional[Callable] = None, seed: int = 0):
-        super().__init__(None, index.labels, transform, seed)
-        self.paths = index.paths
-
-    def load_image(self, index: int) -> Image.Image:
-        return decode_rgb(self.paths[index])
-
-
-class FolderPlainLoader(PlainLoader):
-    """PlainLoader over a FolderDataset: a file that fails to decode in a worker stops the epoch with
-    its one line (torch re-raises a worker's exception with the worker's traceback as its text)."""
-
-    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-        try:
-            yield from super().__iter__()
-        except UnreadableImage as err:
-            raise UnreadableImage(err.one_line()) from None

@@ -1,0 +1,222 @@
+"""Optimizers and learning-rate schedules, each stepped at the cadence it is defined for.
+
+OneCycleLR is defined over optimizer steps, so it steps after every batch; ReduceLROnPlateau
+reacts to the validation loss, so it steps after validation; StepLR, ExponentialLR and
+CosineAnnealingLR are defined in epochs and step once per epoch. (The tutorial built a
+OneCycleLR and then stepped a cosine schedule once per epoch; fasttrain steps what it builds.)
+
+Both are registries (`optim.name`, `sched.name`): a new optimizer or schedule is one function
+decorated with `@OPTIMIZERS.register(name)` or `@SCHEDULES.register(name)`, of the shape of the
+built-in ones below.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, NamedTuple, Optional
+
+import torch
+from torch import nn
+from torch.optim import lr_scheduler
+
+from fasttrain.config import CAPTURABLE_OPTIMIZERS, OptimConfig, SchedConfig
+from fasttrain.config.registry import OPTIMIZERS, SCHEDULES
+
+
+def _fused_supported(device: torch.device) -> bool:
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+    except ImportError:  # an older torch: its own default kernels
+        return False
+    return device.type in _get_fused_kernels_supported_devices()
+
+
+def param_groups(cfg: OptimConfig, model: nn.Module) -> List[Dict[str, Any]]:
+    """The trainable parameters as optimizer param groups: one group, or with optim.decay_bn_bias=false or
+    optim.bn_bias_lr_scale != 1 two, the second holding every 1-d parameter (BatchNorm weights and biases,
+    every bias), without weight decay and/or with its learning rate scaled. `lr_scale` rides in the group:
+    the schedules read it (a checkpoint keeps it with the group)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.decay_bn_bias and cfg.bn_bias_lr_scale == 1.0:
+        return [{"params": params, "lr_scale": 1.0}]
+    matrices = [p for p in params if p.ndim > 1]
+    vectors = [p for p in params if p.ndim <= 1]
+    groups = [{"params": matrices, "lr_scale": 1.0}] if matrices else []
+    if vectors:
+        groups.append({"params": vectors, "lr": cfg.lr * cfg.bn_bias_lr_scale, "lr_scale": cfg.bn_bias_lr_scale,
+                       "weight_decay": cfg.weight_decay if cfg.decay_bn_bias else 0.0})
+    return groups
+
+
+def build_optimizer(cfg: OptimConfig, model: nn.Module, device: torch.device | None = None,
+                    capture: bool = False) -> torch.optim.Optimizer:
+    """The configured optimizer over `param_groups`, with the fewest kernel launches per step that its
+    device allows.
+
+    Eager steps use the fused kernels (CUDA and CPU): one launch for every parameter's update, and
+    under fp16 the GradScaler's inf check runs inside that kernel instead of syncing every step.
+    A captured step (train.capture) takes the learning rate, betas and momentum as device tensors
+    (`device_optim.DeviceHyperparameters`), so that a compiled or CUDA-graph step reads the schedule's values
+    from memory instead of baking them in: Adam on CUDA the multi-tensor path with `capturable=True`
+    (the fused kernel takes its betas as host floats); on the CPU, where `capturable` is not supported
+    outside compiled code, the single-tensor path, which takes tensor hyperparameters as they are; SGD
+    keeps torch's state layout but is stepped by `device_optim.device_sgd_step`."""
+    groups = param_groups(cfg, model)
+    device = device or torch.device("cpu")
+    if capture:
+        if cfg.name not in CAPTURABLE_OPTIMIZERS:  # config validation refuses this; a direct caller gets the same
+            raise ValueError(f"train.capture=true supports optim.name={', '.join(CAPTURABLE_OPTIMIZERS)}")
+        if cfg.name == "sgd":
+            kernels = {"foreach": True}  # stepped by fasttrain's own update (fasttrain.train.device_optim)
+        else:
+            kernels = {"foreach": True, "capturable": True} if device.type == "cuda" else {"foreach": False}
+    else:
+        kernels = {"fused": True} if _fused_supported(device) else {}
+    optimizer = OPTIMIZERS.get(cfg.name)(cfg, groups, kernels)
+    for group in optimizer.param_groups:
+        group.setdefault("lr_scale", 1.0)  # a registered optimizer that rebuilt its groups
+    return optimizer
+
+
+# --------------------------------------------------------------------------- the registered optimizers
+# each: (optim config, the param groups to train (see param_groups), kernels) -> the optimizer, where
+# `kernels` holds the launch choices build_optimizer made for this device and step (fused, or foreach and
+# capturable): keyword arguments to pass on to an optimizer that takes them
+
+
+@OPTIMIZERS.register("sgd")
+def sgd(cfg: OptimConfig, params: List[Dict[str, Any]], kernels: Dict[str, bool]) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                           weight_decay=cfg.weight_decay, **kernels)
+
+
+@OPTIMIZERS.register("adam")
+def adam(cfg: OptimConfig, params: List[Dict[str, Any]], kernels: Dict[str, bool]) -> torch.optim.Optimizer:
+    return torch.optim.Adam(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, **kernels)
+
+
+@OPTIMIZERS.register("adamw")
+def adamw(cfg: OptimConfig, params: List[Dict[str, Any]], kernels: Dict[str, bool]) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, **kernels)
+
+
+# the kernel choices of a param group: this run's, whatever a checkpoint was written with
+_KERNEL_FLAGS = ("foreach", "fused", "capturable", "differentiable")
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """`optimizer.load_state_dict`, then the state put in the form this run's kernels need.
+
+    A checkpoint carries the param groups' kernel flags of the run that wrote it; load_state_dict
+    would take them over (an eager run resumed as a captured one would lose `capturable`). The
+    step counters live on the parameter's device for fused and capturable kernels, on the CPU
+    otherwise. And each moment takes its parameter's memory layout: a checkpoint from a contiguous
+    run resumed with train.channels_last=true has contiguous moments, which CUDA's fused AdamW
+    refuses (it needs matching strides; the CPU kernel does not check)."""
+    own_flags = [{k: group[k] for k in _KERNEL_FLAGS if k in group} for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, flags in zip(optimizer.param_groups, own_flags):
+        group.update(flags)
+        on_device = bool(group.get("fused") or group.get("capturable"))
+        for param in group["params"]:
+            param_state = optimizer.state.get(param)
+            if not param_state:
+                continue
+            for key, value in list(param_state.items()):
+                if not isinstance(value, torch.Tensor):
+                    continue
+                if key == "step":
+                    param_state[key] = (value.to(dtype=torch.float32, device=param.device) if on_device
+                                        else value.to("cpu"))
+                elif value.shape == param.shape and value.stride() != param.stride():
+                    param_state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
+
+
+# --------------------------------------------------------------------------- the registered schedules
+# each: (sched config, optimizer, train.epochs, optimizer steps per epoch) -> Stepping: the scheduler
+# and the moment it must be stepped
+
+EVERY_BATCH, EVERY_EPOCH, ON_VAL_LOSS = "batch", "epoch", "val_loss"
+
+
+class Stepping(NamedTuple):
+    scheduler: Optional[Any]  # a torch.optim.lr_scheduler scheduler; None keeps the learning rate
+    every: str = EVERY_EPOCH  # after each optimizer step (batch), each epoch, or validation (val_loss: given the loss)
+
+
+@SCHEDULES.register("none")
+def constant(cfg: SchedConfig, optimizer: torch.optim.Optimizer, epochs: int, steps_per_epoch: int) -> Stepping:
+    return Stepping(None)
+
+
+@SCHEDULES.register("step")
+def step_lr(cfg: SchedConfig, optimizer: torch.optim.Optimizer, epochs: int, steps_per_epoch: int) -> Stepping:
+    return Stepping(lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma))
+
+
+@SCHEDULES.register("exponential")
+def exponential(cfg: SchedConfig, optimizer: torch.optim.Optimizer, epochs: int, steps_per_epoch: int) -> Stepping:
+    return Stepping(lr_scheduler.ExponentialLR(optimizer, gamma=cfg.gamma))
+
+
+@SCHEDULES.register("cosine")
+def cosine(cfg: SchedConfig, optimizer: torch.optim.Optimizer, epochs: int, steps_per_epoch: int) -> Stepping:
+    return Stepping(lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.t_max or epochs, eta_min=cfg.eta_min))
+
+
+@SCHEDULES.register("plateau")
+def plateau(cfg: SchedConfig, optimizer: torch.optim.Optimizer, epochs: int, steps_per_epoch: int) -> Stepping:
+    floors = [cfg.min_lr * group.get("lr_scale", 1.0) for group in optimizer.param_groups]
+    return Stepping(lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=cfg.plateau_factor,
+                                                   patience=cfg.plateau_patience, min_lr=floors), ON_VAL_LOSS)
+
+
+@SCHEDULES.register("onecycle")
+def onecycle(cfg: SchedConfig, optimizer: torch.optim.Optimizer, epochs: int, steps_per_epoch: int) -> Stepping:
+    # one peak per param group: optim.bn_bias_lr_scale scales the 1-d parameters' whole cycle
+    peaks = [cfg.max_lr * group.get("lr_scale", 1.0) for group in optimizer.param_groups]
+    return Stepping(lr_scheduler.OneCycleLR(optimizer, max_lr=peaks, total_steps=epochs * steps_per_epoch,
+                                            pct_start=cfg.pct_start, div_factor=cfg.div_factor,
+                                            final_div_factor=cfg.final_div_factor), EVERY_BATCH)
+
+
+class Schedule:
+    """The registered schedule `cfg.name` and the moment it must be stepped: after each batch, after
+    each epoch, or after validation with its loss."""
+
+    def __init__(self, cfg: SchedConfig, optimizer: torch.optim.Optimizer, epochs: int, steps_per_epoch: int):
+        self.name = cfg.name
+        self.optimizer = optimizer
+        self.scheduler, self.every = SCHEDULES.get(cfg.name)(cfg, optimizer, epochs, steps_per_epoch)
+        if self.every not in (EVERY_BATCH, EVERY_EPOCH, ON_VAL_LOSS):
+            raise ValueError(f"sched.name={cfg.name!r} steps every {self.every!r}: expected "
+                             f"{EVERY_BATCH}, {EVERY_EPOCH} or {ON_VAL_LOSS}")
+
+    @property
+    def per_batch(self) -> bool:
+        return self.every == EVERY_BATCH
+
+    def after_batch(self) -> None:
+        if self.per_batch:
+            self.scheduler.step()  # type: ignore[union-attr]
+
+    def after_epoch(self, val_loss: Optional[float]) -> None:
+        """After each epoch; `val_loss` is None for an epoch that was not validated (train.eval_every), which
+        a schedule stepped on the validation loss skips."""
+        if self.scheduler is None or self.per_batch:
+            return
+        if self.every == ON_VAL_LOSS:
+            if val_loss is not None:
+                self.scheduler.step(val_loss)  # type: ignore[union-attr]
+        else:
+            self.scheduler.step()  # type: ignore[union-attr]
+
+    def lr(self) -> float:
+        """The learning rate of the weights (the first param group; 1-d parameters may have theirs scaled)."""
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def state_dict(self) -> dict:
+        return self.scheduler.state_dict() if self.scheduler is not None else {}  # type: ignore[union-attr]
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state)  # type: ignore[union-attr]
