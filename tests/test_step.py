@@ -1,7 +1,8 @@
 """The training step against its reference: the captured (compiled whole) step gives the eager
 step's losses from the same weights and batches, reads the schedule's learning rate and betas
-from the device, and averages gradients over ranks like DDP; the eager step keeps its
-bookkeeping off the per-step path; optimizer state comes back in the form the run's kernels need."""
+from the device, and averages gradients over ranks (two train like one process with the global
+batch, as DDP does); the eager step keeps its bookkeeping off the per-step path; optimizer state
+comes back in the form the run's kernels need."""
 
 from __future__ import annotations
 
