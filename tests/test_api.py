@@ -31,7 +31,7 @@ from conftest import REPO, read_jsonl, run_torchrun
 
 # the suite's time budget: every run here trains on 64 images and validates on 32, on the CPU
 TINY = ["data.dataset=synthetic", "data.train_size=64", "data.val_size=32", "train.batch_size=32", "train.device=cpu",
-        "data.num_workers=0"]
+        "data.num_workers=0", "data.loader=gpu", "output.plots=false"]
 
 
 class SmallNet(nn.Module):
@@ -66,10 +66,11 @@ def process_state() -> dict:
 
 def test_readme_example_trains_the_users_model_into_its_run_folder(tmp_path, monkeypatch):
     """The README's example as written, run as a script's __main__ in a folder with the project's
-    configs/smoke.yaml shrunk to the suite's budget (64 train / 32 test images)."""
+    configs/smoke.yaml shrunk to the suite's budget (64 train / 32 test images, the resident loader, no plots)."""
     smoke = yaml.safe_load((REPO / "configs" / "smoke.yaml").read_text())
-    smoke["data"].update(train_size=64, val_size=32)
+    smoke["data"].update(train_size=64, val_size=32, loader="gpu")
     smoke["train"]["batch_size"] = 32
+    smoke["output"] = {"plots": False}
     (tmp_path / "configs").mkdir()
     (tmp_path / "configs" / "smoke.yaml").write_text(yaml.safe_dump(smoke))
     monkeypatch.chdir(tmp_path)

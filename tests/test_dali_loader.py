@@ -60,13 +60,22 @@ def test_a_consumer_stopping_early_does_not_shift_the_next_epoch():
     assert all(torch.equal(yd, yg) for (_, yd), (_, yg) in zip(dali, gpu))
 
 
+@pytest.fixture(scope="module")
+def two_ranks():
+    """One torchrun launch of 2 gloo ranks: an epoch of each loader (203 samples, global batch 32)."""
+    from fasttrain.data.loaders.dali import dali_available
+
+    kinds = ["plain", "gpu"] + (["dali"] if dali_available() else [])
+    result = run_torchrun(2, str(REPO / "tests" / "epoch_coverage.py"), ",".join(kinds), "203", "16", "1", module="")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 @pytest.mark.parametrize("kind", ["plain", "gpu", "dali"])
-def test_every_sample_once_per_epoch_across_two_ranks(kind):
+def test_every_sample_once_per_epoch_across_two_ranks(two_ranks, kind):
     if kind == "dali":
         pytest.importorskip("nvidia.dali")
-    result = run_torchrun(2, str(REPO / "tests" / "epoch_coverage.py"), kind, "203", "16", "1", module="")
-    assert result.returncode == 0, result.stderr[-3000:]
-    ranks = json.loads(result.stdout.strip().splitlines()[-1])
+    ranks = two_ranks[kind]
     assert [r["steps"] for r in ranks] == [r["len"] for r in ranks] == [7, 7]  # 203 = 6 x 32 + 11 shared out
     assert sorted(ranks[0]["indices"] + ranks[1]["indices"]) == list(range(203))
 

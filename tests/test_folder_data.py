@@ -18,6 +18,7 @@ import yaml
 from PIL import Image
 
 from conftest import read_jsonl, run_fasttrain, run_torchrun
+from fasttrain import run
 from fasttrain.config import load_config
 from fasttrain.data import build_eval_loader, build_loaders, folder_splits, resolve_loader
 from fasttrain.data.loaders.dali import dali_available
@@ -59,7 +60,7 @@ def image_root(tmp_path_factory) -> Path:
 
 def _overrides(root: Path, *extra: str) -> list:
     return ["data.dataset=folder", f"data.root={root}", "data.image_size=32", "data.num_workers=0",
-            "model.name=CNN", "train.device=cpu", "train.batch_size=8", "train.epochs=1", *extra]
+            "model.name=CNN", "train.device=cpu", "train.batch_size=8", "train.epochs=1", "output.plots=false", *extra]
 
 
 def _config(root: Path, *extra: str):
@@ -87,8 +88,8 @@ def test_cli_trains_and_evaluates_on_a_folder_leaving_out_an_unreadable_file(ima
     root = write_folder(tmp_path / "images")
     (root / "train" / "dog" / "broken.jpg").write_bytes(b"not a jpeg at all")
     run_dir = tmp_path / "run"
-    result = run_fasttrain(*_overrides(root, "data.loader=auto", "data.skip_bad_images=true", f"output.dir={run_dir}"))
-    assert result.returncode == 0, result.stderr[-3000:]
+    # in this process: the run is the subject, not the process (the next tests launch real ones)
+    assert run.main(_overrides(root, "data.loader=auto", "data.skip_bad_images=true", f"output.dir={run_dir}")) == 0
     history = read_jsonl(run_dir / "metrics.jsonl")
     assert [h["epoch"] for h in history] == [1]
     assert history[0]["val_total"] == len(CLASSES) * VAL_PER_CLASS

@@ -18,6 +18,9 @@ from conftest import REPO
 from fasttrain.config import load_config
 
 LOG_EVERY = 4
+# the loop is the subject: the case study's model (BatchNorm, dropout) on 16 px synthetic images, a quarter of
+# CIFAR's compute per step and the same ops
+SIDE = 16
 
 
 # the plain loader with workers, as it runs for real: its per-image PIL transforms (host tensors by
@@ -29,7 +32,8 @@ def test_a_run_reads_no_tensor_on_the_host_between_log_intervals(tmp_path, loade
     cfg = load_config(str(REPO / "configs" / "smoke.yaml"), [
         f"output.dir={tmp_path / 'run'}", *loader, "data.train_size=512", "data.val_size=64",
         "train.batch_size=32", "train.epochs=2", f"train.log_every={LOG_EVERY}", "checkpoint.every_steps=8",
-        "model.name=CIFAR10_CNN", "train.precision=bf16", "train.channels_last=true"])
+        "model.name=CIFAR10_CNN", f"data.image_size={SIDE}", "train.precision=bf16", "train.channels_last=true",
+        "output.plots=false"])
     report = sync_report(cfg)
     assert report.detector == "host reads of tensors" and report.steps == 32
     assert not report.in_steps, f"host reads inside the step: {report.in_steps[:5]}"
@@ -47,13 +51,14 @@ def test_the_eager_step_adds_at_most_40_ops_per_step_around_the_model(tmp_path):
     from fasttrain.train.build import build_parts
 
     cfg = _config("cpu", ["model.name=CIFAR10_CNN", "train.batch_size=32", "data.train_size=2048",
-                          "data.loader=gpu", "train.precision=bf16", "train.channels_last=true"])
+                          f"data.image_size={SIDE}", "data.loader=gpu", "train.precision=bf16",
+                          "train.channels_last=true"])
     ctx = dist.setup("cpu")
     try:
         parts = build_parts(cfg, ctx, _quiet())
         loop = TrainerLoop(parts, cfg, ctx, tmp_path / "steps.jsonl")
         loop.run(max_batches=3)
-        images = torch.randn(32, 3, 32, 32, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+        images = torch.randn(32, 3, SIDE, SIDE, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
         model_ops = _model_ops(parts.model, images, parts.precision.autocast)
         with OpCounter() as counter:
             steps = loop.run()  # a whole epoch of 64 steps: its start and end (and a log interval) amortized

@@ -1,5 +1,6 @@
 """The launch scripts: syntax, shellcheck, and the torchrun commands the SLURM scripts build."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, read_jsonl
 
 SCRIPTS = [REPO / "launch" / "torchrun.sh", *sorted((REPO / "launch" / "slurm").glob("*.sbatch"))]
 
@@ -104,8 +105,11 @@ def test_multi_node_script_outside_slurm_says_so(tmp_path):
 
 def test_torchrun_wrapper_runs_two_processes(tmp_path):
     env = dict(os.environ, NPROC="2", PYTHON=sys.executable, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    run_dir = tmp_path / "run"
     result = subprocess.run(["bash", str(REPO / "launch" / "torchrun.sh"), "--config", "configs/smoke.yaml",
-                             "train.epochs=1", f"output.dir={tmp_path / 'run'}"], env=env, capture_output=True,
+                             "train.epochs=1", "data.train_size=256", "data.val_size=64", "data.loader=gpu",
+                             "output.plots=false", f"output.dir={run_dir}"], env=env, capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "world size 2" in result.stdout
+    assert json.loads((run_dir / "env.json").read_text())["world_size"] == 2
+    assert [r["world_size"] for r in read_jsonl(run_dir / "metrics.jsonl")] == [2]

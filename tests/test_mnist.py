@@ -46,7 +46,8 @@ def test_the_mnist_recipe_trains_the_tutorials_models(tiny_mnist_root, tmp_path,
     cfg = load_config("configs/mnist_mlp.yaml", [f"data.root={tiny_mnist_root}", "data.download=false",
                                                   "data.num_workers=0", f"model.name={model}", "train.epochs=3",
                                                   "train.batch_size=20", "train.device=cpu",
-                                                  "output.save_checkpoints=false", f"output.dir={tmp_path / 'run'}"])
+                                                  "output.save_checkpoints=false", "output.plots=false",
+                                                  f"output.dir={tmp_path / 'run'}"])
     state = train(cfg)
     assert state.history[-1]["val_total"] == 40
     assert state.history[-1]["val_acc"] > 0.3

@@ -1,5 +1,6 @@
 """Speed switches against the plain fp32 eager path: same accuracy band on the smoke config,
-matching losses from the same weights, no recompiles after the first epoch, clear errors."""
+matching losses from the same weights, no recompiles after the first epoch, clear errors (the
+command line's: one line, exit code 2)."""
 
 import copy
 
@@ -7,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO, run_fasttrain
+from conftest import REPO
+from fasttrain import run
 from fasttrain.config import ModelConfig, load_config
 from fasttrain.models import build_model
 from fasttrain.train.precision import build_precision
@@ -17,7 +19,7 @@ CPU = torch.device("cpu")
 
 
 def smoke(tmp_path, name, *overrides):
-    cfg = load_config(str(REPO / "configs" / "smoke.yaml"), [f"output.dir={tmp_path / name}",
+    cfg = load_config(str(REPO / "configs" / "smoke.yaml"), [f"output.dir={tmp_path / name}", "output.plots=false",
                                                              "output.save_checkpoints=false", *overrides])
     return train(cfg).history
 
@@ -27,14 +29,14 @@ def reference_acc(tmp_path_factory):
     return smoke(tmp_path_factory.mktemp("ref"), "plain")[-1]["val_acc"]
 
 
+# the whole smoke config per run (smaller runs are still climbing, where two loaders' draws differ by more than
+# the band): DALI's loader alone, and every other switch at once. Each switch alone is checked against the
+# plain path's losses from the same weights below (the gpu loader's batches: test_gpu_loader.py).
+@pytest.mark.slow
 @pytest.mark.parametrize("switches", [
-    ["data.loader=gpu"],
     ["data.loader=dali"],
-    ["train.precision=bf16"],
-    ["train.channels_last=true"],
-    ["train.compile=default"],
     ["data.loader=gpu", "train.precision=bf16", "train.channels_last=true", "train.compile=default"],
-], ids=["gpu-loader", "dali-loader", "bf16", "channels-last", "compile", "all"])
+], ids=["dali-loader", "all"])
 def test_each_switch_trains_to_the_plain_paths_accuracy_band(tmp_path, reference_acc, switches):
     if "data.loader=dali" in switches:
         pytest.importorskip("nvidia.dali")
@@ -60,22 +62,27 @@ def _losses(model, batches, precision_name="fp32", steps=6):
     return losses
 
 
+SIDE = 16  # the comparisons need a model with convolutions and BatchNorm, not CIFAR's 32 px
+
+
 def _batches(n=6, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    return [(torch.randn(32, 3, 32, 32, generator=gen), torch.randint(0, 10, (32,), generator=gen)) for _ in range(n)]
+    return [(torch.randn(32, 3, SIDE, SIDE, generator=gen), torch.randint(0, 10, (32,), generator=gen))
+            for _ in range(n)]
 
 
 def test_bf16_losses_track_fp32_from_the_same_weights():
     torch.manual_seed(0)
-    model = build_model(ModelConfig(name="CNN"), 3, 32, 10)
+    model = build_model(ModelConfig(name="CNN"), 3, SIDE, 10)
     fp32 = _losses(copy.deepcopy(model), _batches())
     bf16 = _losses(copy.deepcopy(model), _batches(), "bf16")
     assert bf16 == pytest.approx(fp32, rel=3e-2)  # bf16 keeps ~3 significant digits
+    assert bf16 != fp32  # and autocast did compute in bf16
 
 
 def test_channels_last_losses_match_contiguous_from_the_same_weights():
     torch.manual_seed(0)
-    model = build_model(ModelConfig(name="CNN"), 3, 32, 10)
+    model = build_model(ModelConfig(name="CNN"), 3, SIDE, 10)
     plain = _losses(copy.deepcopy(model), _batches())
     cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
     batches = [(x.contiguous(memory_format=torch.channels_last), y) for x, y in _batches()]
@@ -84,23 +91,24 @@ def test_channels_last_losses_match_contiguous_from_the_same_weights():
 
 def test_compiled_losses_match_eager_from_the_same_weights():
     torch.manual_seed(0)
-    model = build_model(ModelConfig(name="MLP", hidden_sizes=[64], dropout=0.0), 3, 32, 10)
+    model = build_model(ModelConfig(name="MLP", hidden_sizes=[64], dropout=0.0), 3, SIDE, 10)
     eager = _losses(copy.deepcopy(model), _batches())
     compiled_model = copy.deepcopy(model)
     compiled = _losses(torch.compile(compiled_model), _batches())
     assert compiled == pytest.approx(eager, rel=1e-4)
 
 
-def test_fp16_on_cpu_is_refused_with_a_clear_message(tmp_path):
-    result = run_fasttrain("--config", "configs/smoke.yaml", "train.precision=fp16", f"output.dir={tmp_path / 'r'}")
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "train.precision=fp16 needs CUDA" in result.stderr and "bf16" in result.stderr
+def test_fp16_on_cpu_is_refused_with_a_clear_message(tmp_path, capsys):
+    assert run.main(["--config", "configs/smoke.yaml", "train.precision=fp16", f"output.dir={tmp_path / 'r'}"]) == 2
+    err = capsys.readouterr().err
+    assert "train.precision=fp16 needs CUDA" in err and "bf16" in err and len(err.strip().splitlines()) == 1
 
 
-def test_gpu_loader_refuses_augmentations_it_does_not_implement(tmp_path):
-    result = run_fasttrain("--config", "configs/smoke.yaml", "data.loader=gpu", "aug.rotation=15",
-                           f"output.dir={tmp_path / 'r'}")
-    assert result.returncode == 2 and "aug.rotation" in result.stderr and "data.loader=plain" in result.stderr
+def test_gpu_loader_refuses_augmentations_it_does_not_implement(tmp_path, capsys):
+    assert run.main(["--config", "configs/smoke.yaml", "data.loader=gpu", "aug.rotation=15",
+                     f"output.dir={tmp_path / 'r'}"]) == 2
+    err = capsys.readouterr().err
+    assert "aug.rotation" in err and "data.loader=plain" in err and len(err.strip().splitlines()) == 1
 
 
 def test_compile_false_in_yaml_means_off():

@@ -20,12 +20,15 @@ import pytest
 import torch
 
 from conftest import REPO, read_jsonl, run_fasttrain, start
-from fasttrain import run
+from fasttrain import cli, run
 from fasttrain.checkpoint import CheckpointWriter, load_checkpoint
 from fasttrain.errors import UserError
 
 SMOKE = ["--config", "configs/smoke.yaml", "data.train_size=512", "data.val_size=128", "train.batch_size=64",
-         "train.log_every=4"]
+         "train.log_every=4", "data.loader=gpu"]
+# the interpreter's own start-up made slow on purpose (a site hook that sleeps before anything is imported, as
+# a slow disk or a large site-packages would): a clock counted from the process's start holds it
+SLOW_SITE = 1.0
 
 
 def _env(run_dir: Path) -> dict:
@@ -35,11 +38,19 @@ def _env(run_dir: Path) -> dict:
 @pytest.fixture(scope="module")
 def every_two(tmp_path_factory):
     """One run: 3 epochs, validation and epoch checkpoints every 2 (and at the last), step checkpoints
-    every 5 steps, a plateau schedule; timed from outside the process. Shared by the tests below."""
-    out = tmp_path_factory.mktemp("every-two") / "run"
+    every 5 steps, a plateau schedule; timed from outside the process, whose interpreter start-up takes
+    SLOW_SITE seconds more than usual. Shared by the tests below (an MLP: the run's parts are the subject,
+    not its model)."""
+    root = tmp_path_factory.mktemp("every-two")
+    (root / "site").mkdir()
+    (root / "site" / "sitecustomize.py").write_text(f"import time\ntime.sleep({SLOW_SITE})\n")
+    out = root / "run"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(root / "site")]))
     started = time.monotonic()  # before the process exists: its own clock starts later
-    result = run_fasttrain(*SMOKE, "train.epochs=3", "train.eval_every=2", "checkpoint.every_epochs=2",
-                           "checkpoint.every_steps=5", "sched.name=plateau", "optim.lr=0.003", f"output.dir={out}")
+    result = subprocess.run([sys.executable, "-m", "fasttrain.run", *SMOKE, "model.name=MLP",
+                             "model.hidden_sizes=[64]", "train.epochs=3", "train.eval_every=2", "checkpoint.every_epochs=2", "checkpoint.every_steps=5",
+                             "sched.name=plateau", "optim.lr=0.003", f"output.dir={out}"],
+                            cwd=REPO, env=env, text=True, capture_output=True, timeout=600)
     outside = time.monotonic() - started
     assert result.returncode == 0, result.stderr[-3000:]
     return out, result, outside
@@ -52,9 +63,11 @@ def test_the_time_split_adds_up_to_the_wall_time_measured_from_outside(every_two
     assert set(parts) == {"startup", "compile", "steps", "eval", "checkpoint", "end"}
     assert sum(parts.values()) == pytest.approx(split["wall_seconds"], abs=1e-3)
     assert sum(startup.values()) == pytest.approx(parts["startup"], abs=1e-3)
-    # the process's own count, from its start time in /proc, against the test's clock around the whole command
+    # the process's own count, from its start time in /proc (one clock tick, 10 ms, of resolution): inside the
+    # test's clock around the whole command, and holding the interpreter's start-up before any fasttrain import
     assert split["from"] == "process start"
-    assert 0.98 * outside <= split["wall_seconds"] <= outside, (split["wall_seconds"], outside)
+    assert split["wall_seconds"] <= outside + 0.01, (split["wall_seconds"], outside)
+    assert startup["imports"] >= SLOW_SITE, startup
     assert all(parts[name] > 0 for name in ("startup", "steps", "eval", "checkpoint", "end"))
     assert parts["compile"] == 0.0  # nothing compiled in an eager run
     assert startup["imports"] > 0 and startup["data"] > 0 and startup["model"] > 0
@@ -62,27 +75,36 @@ def test_the_time_split_adds_up_to_the_wall_time_measured_from_outside(every_two
     assert f"time: {split['wall_seconds']:.1f}s from process start = start-up" in last_line
     assert (out / "time.png").stat().st_size > 0
     (out / "time.png").unlink()
-    replot = run_fasttrain("plot", str(out), module="fasttrain.cli")  # fasttrain plot draws it again
-    assert replot.returncode == 0 and (out / "time.png").is_file(), replot.stderr
+    assert cli.main(["plot", str(out)]) == 0 and (out / "time.png").is_file()  # fasttrain plot draws it again
 
 
 def test_a_target_accuracy_ends_the_run_with_its_time_and_steps(tmp_path):
-    out = tmp_path / "run"
-    result = run_fasttrain(*SMOKE, "train.epochs=6", "train.target_acc=0.3", f"output.dir={out}")
-    assert result.returncode == 0, result.stderr[-3000:]
-    history = read_jsonl(out / "metrics.jsonl")
+    """Through the Python API (the command line's path): the run ends complete (exit code 0) with
+    `finished_by`, its time split counted from the fit() call; resumed, it trains nothing more. An MLP
+    (about 0.3, 0.6, 0.7 after epochs 1 to 3 here): the target falls in the second epoch."""
+    import fasttrain
+
+    overrides = {"data.train_size": 512, "data.val_size": 128, "train.batch_size": 64, "train.epochs": 6,
+                 "model.name": "MLP", "model.hidden_sizes": [64], "train.target_acc": 0.5, "data.loader": "gpu",
+                 "output.plots": False, "output.dir": str(tmp_path / "run")}
+    result = fasttrain.fit(str(REPO / "configs" / "smoke.yaml"), overrides=overrides)
+    assert (result.finished_by, result.exit_code, result.stopped_by) == ("target_acc", 0, None)
+    history = read_jsonl(result.metrics_path)
+    assert history == result.history
     reached = history[-1]
-    assert len(history) < 6 and reached["val_acc"] >= 0.3 and all(r["val_acc"] < 0.3 for r in history[:-1])
+    assert 1 < result.epoch == reached["epoch"] == len(history) < 6
+    assert reached["val_acc"] >= 0.5 and all(r["val_acc"] < 0.5 for r in history[:-1])
     assert reached["steps_to_target"] == reached["step"] and reached["time_to_target_seconds"] > 0
-    target = _env(out)["time_split"]["target"]
-    assert (target["epoch"], target["steps"]) == (reached["epoch"], reached["step"])
-    assert f"train.target_acc 30.00% reached in {target['seconds']:.1f}s, {target['steps']} steps" in result.stdout
-    assert not (out / "preempted.json").exists()
-    assert load_checkpoint(out / "checkpoints" / "last.pt")["epoch"] == reached["epoch"]
-    again = run_fasttrain(*SMOKE, "train.epochs=6", "train.target_acc=0.3", f"output.dir={out}", "resume=auto")
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "train.target_acc=0.3 was reached at epoch" in again.stdout
-    assert len(read_jsonl(out / "metrics.jsonl")) == len(history)  # nothing trained again
+    target = result.time_split["target"]
+    assert result.time_split["from"] == "the fit() call"
+    assert (target["epoch"], target["steps"]) == (reached["epoch"], reached["step"]) and target["seconds"] > 0
+    assert _env(result.run_dir)["time_split"]["target"] == target
+    assert not (result.run_dir / "preempted.json").exists()
+    assert load_checkpoint(result.run_dir / "checkpoints" / "last.pt")["epoch"] == reached["epoch"]
+    again = fasttrain.fit(str(REPO / "configs" / "smoke.yaml"), overrides={**overrides, "resume": "auto"})
+    assert (again.finished_by, again.exit_code, again.epoch) == ("target_acc", 0, reached["epoch"])
+    epochs = [(r["epoch"], r["step"], r["val_acc"]) for r in history]
+    assert [(r["epoch"], r["step"], r["val_acc"]) for r in read_jsonl(result.metrics_path)] == epochs  # none again
 
 
 def test_validation_and_checkpoints_every_n_epochs_and_always_at_the_last(every_two):
@@ -90,7 +112,6 @@ def test_validation_and_checkpoints_every_n_epochs_and_always_at_the_last(every_
     history = read_jsonl(out / "metrics.jsonl")
     assert [r["val_acc"] is not None for r in history] == [False, True, True]
     assert [r["checkpoint_seconds"] is not None for r in history] == [False, True, True]
-    assert "not validated (train.eval_every)" in result.stdout
     assert load_checkpoint(out / "checkpoints" / "last.pt")["epoch"] == 3
     best = load_checkpoint(out / "checkpoints" / "best.pt")
     assert best["epoch"] == max(history[1:], key=lambda r: r["val_acc"])["epoch"] and "val_acc" in best
@@ -139,7 +160,8 @@ def test_a_failed_background_write_stops_the_run_with_one_line_and_keeps_the_las
 
     monkeypatch.setattr(writer_module, "write_serialized", full_disk_on_the_second)
     out = tmp_path / "run"
-    code = run.main([*SMOKE, "train.epochs=4", "model.name=MLP", f"output.dir={out}"])
+    code = run.main([*SMOKE, "data.train_size=128", "data.val_size=32", "train.epochs=4", "model.name=MLP",
+                     "model.hidden_sizes=[16]", "output.plots=false", f"output.dir={out}"])
     err = capsys.readouterr().err
     assert code == 2
     assert err.strip().splitlines() == [f"fasttrain: error: could not write checkpoint {out / 'checkpoints' / 'last.pt'}"
@@ -152,7 +174,8 @@ def test_a_kill_during_a_background_write_leaves_the_previous_checkpoint_loadabl
     """A model of ~40 MB (checkpoints of ~120 MB with AdamW's moments): SIGKILL to the process group while an
     epoch's last.pt is being written behind the training; then resume=auto finishes the run."""
     out = tmp_path / "run"
-    args = [*SMOKE, "model.name=MLP", "model.hidden_sizes=[2048,2048]", "train.epochs=3", f"output.dir={out}"]
+    args = [*SMOKE, "data.train_size=128", "data.val_size=32", "model.name=MLP", "model.hidden_sizes=[2048,2048]",
+            "train.epochs=3", "output.plots=false", f"output.dir={out}"]
     job = start([sys.executable, "-m", "fasttrain.run", *args])
     ckpts, caught = out / "checkpoints", None
     try:
@@ -171,17 +194,18 @@ def test_a_kill_during_a_background_write_leaves_the_previous_checkpoint_loadabl
     assert caught is not None, "no background write of last.pt seen after the first one"
     previous = load_checkpoint(ckpts / "last.pt")  # loads: the interrupted write never replaced it
     assert 1 <= previous["epoch"] < 3
-    resumed = run_fasttrain(*args, "resume=auto")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert run.main([*args, "resume=auto"]) == 0  # the resume: in this process
     assert load_checkpoint(ckpts / "last.pt")["epoch"] == 3 and not list(ckpts.glob(".*.tmp"))
 
 
 # --------------------------------------------------------------------------- compile cache, data cache, imports
 
 
+@pytest.mark.slow  # two processes, the first compiling from scratch on purpose
 def test_a_second_identical_run_loads_its_compiled_graphs_from_the_cache(tmp_path):
     args = [*SMOKE, "model.name=SimpleModel", "train.epochs=1", "train.compile=default",
-            f"train.compile_cache={tmp_path / 'cache'}", "data.train_size=256", "data.val_size=64"]
+            f"train.compile_cache={tmp_path / 'cache'}", "data.train_size=256", "data.val_size=64", "data.loader=gpu",
+            "output.plots=false"]
     first = run_fasttrain(*args, f"output.dir={tmp_path / 'a'}")
     assert first.returncode == 0, first.stderr[-3000:]
     second = run_fasttrain(*args, f"output.dir={tmp_path / 'b'}")
@@ -190,7 +214,7 @@ def test_a_second_identical_run_loads_its_compiled_graphs_from_the_cache(tmp_pat
     assert cold["fx_graph_misses"] > 0 and cold["fx_graph_hits"] == 0
     assert warm["fx_graph_misses"] == 0 and warm["fx_graph_hits"] >= cold["fx_graph_misses"]
     assert warm["aot_autograd_misses"] == 0 and warm["aot_autograd_hits"] > 0
-    assert f"compile cache: {tmp_path / 'cache'}" in second.stdout and any((tmp_path / "cache").iterdir())
+    assert any((tmp_path / "cache").iterdir())  # train.compile_cache's folder holds them
 
 
 def test_the_decoded_dataset_is_read_from_the_cache_by_the_next_run(tiny_cifar_root, tmp_path, monkeypatch):
@@ -247,16 +271,3 @@ def test_a_run_imports_no_plotting_tensorboard_or_dali_until_it_needs_them():
                             env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[] False"
-
-
-def test_fit_reports_a_reached_target_and_its_time_split(tmp_path):
-    """The Python API: the run ends complete (exit code 0) with `finished_by`, and its time split starts
-    at the fit() call, not at the process's start."""
-    import fasttrain
-
-    result = fasttrain.fit("configs/smoke.yaml", overrides={
-        "data.train_size": 512, "data.val_size": 128, "train.epochs": 6, "train.target_acc": 0.3,
-        "output.dir": str(tmp_path / "run")})
-    assert (result.finished_by, result.exit_code, result.stopped_by) == ("target_acc", 0, None)
-    assert result.epoch < 6 and result.final_val_acc >= 0.3
-    assert result.time_split["from"] == "the fit() call" and result.time_split["target"]["epoch"] == result.epoch
