@@ -10,7 +10,6 @@ environment), DIR/results.md and DIR/results.png.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import subprocess
@@ -21,9 +20,9 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from benchmarks.ladder import Row, Timing, base_overrides, environment, fasttrain_measurement, ladder_rungs, loader_rows, train_rows
+from benchmarks.ladder import Row, Timing, base_overrides, fasttrain_measurement, ladder_rungs, loader_rows, train_rows
 from benchmarks import host_overhead
-from benchmarks.report import write_chart, write_markdown
+from benchmarks.report import environment, write_chart, write_markdown
 from fasttrain import dist
 from fasttrain.config import load_config
 
@@ -127,11 +126,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     ctx = dist.setup(preset.device)
     try:
-        env = environment(ctx)
-        env.update({"preset": args.preset, "model": preset.model, "batch_size": preset.batch_size,
-                    "data": "cifar10" if "data.dataset=cifar10" in base else "synthetic", "timing": asdict(preset.timing),
-                    "log_every": preset.log_every,
-                    "date": datetime.datetime.now().isoformat(timespec="seconds")})
+        env = environment(ctx.device, ctx.world_size, ctx.backend, preset=args.preset, model=preset.model,
+                          batch_size=preset.batch_size, data="cifar10" if "data.dataset=cifar10" in base else "synthetic",
+                          timing=asdict(preset.timing), log_every=preset.log_every)
         progress(f"benchmarks: preset {args.preset} on {env['device']} (torch {env['torch']}, data {env['data']})")
         progress("ladder:")
         ladder: List[Row] = train_rows(base, ctx, preset.timing, preset.workers, args.peak_tflops, progress)

@@ -42,6 +42,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from benchmarks.report import table
 from benchmarks.tutorial_loop import tutorial_loader, tutorial_steps
 from fasttrain import dist
 from fasttrain.config import Config, ModelConfig, load_config
@@ -310,18 +311,17 @@ def host_time_rows(device: str = "cpu", min_seconds: float = 1.0, windows: int =
 
 def markdown(ops: Sequence[dict], host: Sequence[dict], model_name: str = "CIFAR10_CNN", threads: int = 1) -> str:
     """The two tables, from the rows as dicts (asdict of OpsRow / TimeRow, or read back from JSON)."""
-    lines = [f"| path ({model_name}, batch 128, world size 1) | ATen ops per step | model's own fwd+bwd | added "
-             "around the model |", "|---|---:|---:|---:|"]
-    for row in ops:
-        added = (f"{row['added_ops_per_step']:.1f}" if row["added_ops_per_step"] is not None
-                 else "n/a (compiled: the model's ops are fused)")
-        lines.append(f"| {row['path']} | {row['ops_per_step']:.1f} | {row['model_ops_per_step']} | {added} |")
-    lines += ["", f"| loop (MLP [32], batch 32, {threads} thread) | host us per step | images/s | vs bare loop |",
-              "|---|---:|---:|---:|"]
-    for row in host:
-        lines.append(f"| {row['path']} | {row['us_per_step']:,.0f} | {row['images_per_sec']:,.0f} | "
-                     f"{row['vs_bare']:.2f}x |")
-    return "\n".join(lines)
+    def added(row: dict) -> str:
+        return (f"{row['added_ops_per_step']:.1f}" if row["added_ops_per_step"] is not None
+                else "n/a (compiled: the model's ops are fused)")
+
+    return "\n\n".join([
+        table([f"path ({model_name}, batch 128, world size 1)", "ATen ops per step", "model's own fwd+bwd",
+               "added around the model"],
+              ([row["path"], f"{row['ops_per_step']:.1f}", row["model_ops_per_step"], added(row)] for row in ops), "lrrr"),
+        table([f"loop (MLP [32], batch 32, {threads} thread)", "host us per step", "images/s", "vs bare loop"],
+              ([row["path"], f"{row['us_per_step']:,.0f}", f"{row['images_per_sec']:,.0f}", f"{row['vs_bare']:.2f}x"]
+               for row in host), "lrrr")])
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

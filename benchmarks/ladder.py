@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 import statistics
 import sys
 import time
@@ -33,13 +32,13 @@ import torch
 
 from benchmarks.epoch_loop import EpochLoopTimer, LoopMeasurement
 from benchmarks.measure import Measurement, Windows, measure
+from benchmarks.report import percent, environment, table
 from benchmarks.tutorial_loop import tutorial_loader, tutorial_steps
 from fasttrain import dist
 from fasttrain.config import Config, ModelConfig, load_config
 from fasttrain.data import build_loaders, load_split
 from fasttrain.data.dali import dali_available
 from fasttrain.engine import synchronize
-from fasttrain.environment import describe
 from fasttrain.flops import flops_per_image, peak_flops
 from fasttrain.models import build_model
 from fasttrain.observe import silent_logger
@@ -211,28 +210,15 @@ def _epochs_of(loader) -> Callable[[], int]:
     return run_epoch
 
 
-def environment(ctx: dist.Dist) -> dict:
-    """A run's env.json (fasttrain.environment.describe: versions, device, world size, host, git commit,
-    command) in the tables' terms: `device` is the device's name, `device_type` its kind; and the CPU count."""
-    env = describe(ctx.device, ctx.world_size, ctx.backend)
-    env.update(device=env.pop("device_name"), device_type=ctx.device.type, cpu_count=os.cpu_count())
-    return env
-
-
 def print_table(rows: Sequence[Row], loaders_only: bool) -> None:
     if loaders_only:
-        print("| loader (no model) | images/s | vs tutorial DataLoader |")
-        print("|---|---:|---:|")
-        for row in rows:
-            print(f"| {row.variant} | {row.images_per_sec:,.0f} | {row.speedup:.2f}x |")
+        print(table(["loader (no model)", "images/s", "vs tutorial DataLoader"],
+                    ([row.variant, f"{row.images_per_sec:,.0f}", f"{row.speedup:.2f}x"] for row in rows), "lrr"))
         return
-    print("| variant | images/s | speedup vs tutorial loop | data wait | MFU | guard loss first -> last |")
-    print("|---|---:|---:|---:|---:|---|")
-    for row in rows:
-        mfu = f"{100 * row.mfu:.1f}%" if row.mfu is not None else "n/a"
-        wait = f"{100 * row.data_wait_share:.0f}%" if row.data_wait_share is not None else "n/a"
-        print(f"| {row.variant} | {row.images_per_sec:,.0f} | {row.speedup:.2f}x | {wait} | "
-              f"{mfu} | {row.guard_first_loss:.3f} -> {row.guard_last_loss:.3f} |")
+    print(table(["variant", "images/s", "speedup vs tutorial loop", "data wait", "MFU", "guard loss first -> last"],
+                ([row.variant, f"{row.images_per_sec:,.0f}", f"{row.speedup:.2f}x", percent(row.data_wait_share, 0),
+                  percent(row.mfu), f"{row.guard_first_loss:.3f} -> {row.guard_last_loss:.3f}"] for row in rows),
+                "lrrrrl"))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -265,7 +251,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     real = "data.dataset=cifar10" in base
     ctx = dist.setup(args.device)
     try:
-        env = environment(ctx)
+        env = environment(ctx.device, ctx.world_size, ctx.backend)
         print(f"device {ctx.device} ({env['device']}) | torch {env['torch']} | model {args.model} | batch "
               f"{args.batch_size} | data {'CIFAR-10' if real else 'synthetic CIFAR-shaped'} | {timing.guard_steps} "
               f"guard + warm-up to {timing.warmup} steps, "

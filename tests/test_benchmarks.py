@@ -91,3 +91,12 @@ def test_suite_smoke_preset_writes_json_markdown_and_a_chart(tmp_path):
     pixels = np.asarray(image.convert("L"))
     assert pixels.std() > 10  # bars and text, not a blank canvas
 
+
+
+def test_every_benchmark_table_aligns_figures_right_and_keeps_a_pipe_inside_its_cell():
+    """benchmarks.report.table writes every benchmark's markdown tables: figures right-aligned, text left,
+    and a "|" in a cell (a variant's name, an error) cannot split it into two."""
+    from benchmarks.report import table
+
+    text = table(["variant", "images/s"], [["a | b", "1,234"], ["c", 5]], "lr")
+    assert text.splitlines() == ["| variant | images/s |", "|---|---:|", "| a / b | 1,234 |", "| c | 5 |"]
