@@ -80,7 +80,8 @@ class Row:
 
 
 def base_overrides(device: str, model: str, batch_size: int, data_root: str, workers: int,
-                   log_every: int = 50) -> List[str]:
+                   log_every: int = 50, train_size: int = 10000) -> List[str]:
+    """The settings every row shares; `train_size`: synthetic images per epoch where CIFAR-10 is absent."""
     real = (Path(data_root) / "cifar-10-batches-py").is_dir()
     # a constant AdamW lr 1e-3, as the tutorial loop row uses: the guard needs the loss to move from step one
     return [f"train.device={device}", f"model.name={model}", f"train.batch_size={batch_size}", "train.epochs=10000",
@@ -88,7 +89,7 @@ def base_overrides(device: str, model: str, batch_size: int, data_root: str, wor
             "optim.name=adamw", "optim.lr=0.001", "sched.name=none",
             "data.drop_last=true", f"data.num_workers={workers}", "output.dir=/nonexistent", f"data.root={data_root}",
             "data.download=false", "data.dataset=cifar10" if real else "data.dataset=synthetic",
-            "data.train_size=0" if real else "data.train_size=10000"]
+            "data.train_size=0" if real else f"data.train_size={train_size}"]
 
 
 def ladder_rungs() -> List[Tuple[str, List[str]]]:
@@ -236,18 +237,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--windows", type=int, default=5, help="timed windows per rung; the median is reported")
     parser.add_argument("--log-every", type=int, default=50, help="fasttrain's train.log_every: its log intervals "
                         "are the loop's sync points, and the windows' edges")
+    parser.add_argument("--train-size", type=int, default=10000, help="synthetic training images per epoch, where "
+                        "--data-root holds no CIFAR-10 (smaller: quicker epochs for a check)")
     parser.add_argument("--tutorial-workers", type=int, default=4,
                         help="num_workers of the DataLoaders (the tutorial's 4; fasttrain's plain loader uses the same)")
     parser.add_argument("--peak-tflops", type=float, help="the device's peak TFLOP/s for MFU (default: known GPUs)")
     parser.add_argument("--loaders-only", action="store_true",
                         help="time the loaders alone (no model): tutorial DataLoader, plain, gpu, dali")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's own); 1 keeps "
+                        "a check on a busy shared CPU from waiting on its thread pool")
     parser.add_argument("--json", type=Path, help="also write the rows and the environment to this JSON file")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     timing = Timing(args.warmup if args.loaders_only else max(args.warmup, args.guard_steps), args.windows,
                     args.guard_steps, args.min_seconds)
     base = base_overrides(args.device, args.model, args.batch_size, args.data_root, args.tutorial_workers,
-                          args.log_every)
+                          args.log_every, args.train_size)
     real = "data.dataset=cifar10" in base
     ctx = dist.setup(args.device)
     try:

@@ -42,8 +42,8 @@ git-ignored; omegaconf 2.4 is pure Python and needs only PyYAML),
     python -m pip download omegaconf==2.4.0 --no-deps -d wheels/
     pip install --no-index wheels/*.whl && PYTHONPATH=. python -m benchmarks.gpu_check --commit <sha>
 
-`--smoke` runs every section at tiny sizes on the CPU (CUDA-only checks say "skipped: no CUDA"), so
-the command is known to work before any GPU minute is spent on it.
+`--smoke` runs every section at tiny sizes on the CPU, one thread per process (CUDA-only checks say
+"skipped: no CUDA"), so the command is known to work before any GPU minute is spent on it.
 
 Modules: plan.py (the plan, launching a run), sections.py (1-3, 6), correctness.py (4),
 to_accuracy.py (5), cli.py (the budgeted run and its report).

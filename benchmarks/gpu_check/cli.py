@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import traceback
@@ -118,6 +119,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not args.smoke and not torch.cuda.is_available():
         print("gpu_check: no CUDA device here; run it on a GPU, or --smoke for the plumbing", file=sys.stderr)
         return 2
+    if args.smoke:
+        # one CPU thread in this process and the runs it starts: the smoke run's figures are noise anyway,
+        # and on a shared 2-core machine torch's thread pool waiting for busy cores made a tiny step up to
+        # 100x slower (an MLP's step: 1.5 ms on one thread, 150 ms on two, under load)
+        torch.set_num_threads(1)
+        os.environ["OMP_NUM_THREADS"] = "1"
     # smoke: synthetic data (learnable classes, so a tiny model's loss falls within a few steps)
     real = (root / "cifar-10-batches-py").is_dir() and not args.smoke
     plan = Plan(args.smoke, "cpu" if args.smoke else "cuda", root.resolve(), real, args.out.resolve(), args.budget,

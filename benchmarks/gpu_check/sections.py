@@ -49,7 +49,8 @@ def hidden_syncs(plan: Plan, deadline: float) -> dict:
 
 def real_entry(plan: Plan, deadline: float) -> dict:
     out = plan.out / "entry"
-    result = fasttrain_run(["--config", FAST, *plan.sized((5120, 1024)), *plan.tiny(), "train.epochs=2",
+    # smoke: 20 steps per epoch, enough for graphs compiled in epoch 1 to be reused (or not) in epoch 2
+    result = fasttrain_run(["--config", FAST, *plan.sized((1280, 256)), *plan.tiny(), "train.epochs=2",
                             f"output.dir={out}", "output.overwrite=true"], deadline - time.monotonic(),
                            env={"TORCH_LOGS": "recompiles"})
     history = metrics(out)
@@ -75,13 +76,14 @@ def ladder(plan: Plan, deadline: float) -> dict:
     from fasttrain import dist
     from fasttrain.config import load_config
 
-    if plan.smoke:
+    if plan.smoke:  # 40 steps per epoch of synthetic data: the guard, warm-up and a window fit in one
         sweep, timing, workers = (32,), Timing(12, 1, 12, 0.02), 0
-        base = base_overrides("cpu", "SimpleModel", 32, str(plan.out / "no-data"), workers, log_every=2)
+        base = base_overrides("cpu", "SimpleModel", 32, str(plan.out / "no-data"), workers, log_every=2,
+                              train_size=1280)
     else:
         sweep, timing, workers = (1024, 2048, 512, 128), Timing(20, 3, 12, 0.5), 4
-        base = base_overrides(plan.device, "CIFAR10_CNN", 128, str(plan.data_root), workers)
-        base += [] if plan.real_data else ["data.train_size=50000"]  # synthetic: CIFAR-10's epoch length
+        # synthetic data (no CIFAR-10 at --data-root): CIFAR-10's epoch length
+        base = base_overrides(plan.device, "CIFAR10_CNN", 128, str(plan.data_root), workers, train_size=50000)
     ctx = dist.setup(plan.device if not plan.smoke else "cpu")
     rows: List[dict] = []
     skipped: List[str] = []
@@ -120,7 +122,7 @@ def dali(plan: Plan, deadline: float) -> dict:
     if not dali_available():
         raise Skipped("skipped: nvidia.dali is not importable here")
     out = plan.out / "dali"
-    result = fasttrain_run(["--config", FAST, *plan.sized((5120, 1024)), *plan.tiny(), "data.loader=dali",
+    result = fasttrain_run(["--config", FAST, *plan.sized((1280, 256)), *plan.tiny(), "data.loader=dali",
                             "train.epochs=1", f"output.dir={out}", "output.overwrite=true"], deadline - time.monotonic())
     history = metrics(out)
     ok = result.returncode == 0 and len(history) == 1
