@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Dict, List
 
+from benchmarks.report import table
+
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = "configs/cifar10_cnn_fast.yaml"
 # every run: a passive EMA (evaluated at the end), validation every 5 epochs (the last always)
@@ -75,14 +77,14 @@ def evaluate(run_dir: Path, weights: str, tta: str, args: argparse.Namespace) ->
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def table(rows: List[dict]) -> str:
-    lines = ["| variant | overrides (on configs/cifar10_cnn_fast.yaml) | trained | + flip | + flip_shift | EMA | "
-             "EMA + flip | EMA + flip_shift |", "|---|---|---:|---:|---:|---:|---:|---:|"]
-    for name in dict.fromkeys(row["variant"] for row in rows):
+def results_table(rows: List[dict]) -> str:
+    def cells(name: str) -> list:
         found = {(r["weights"], r["tta"]): r["val_acc"] for r in rows if r["variant"] == name}
-        cells = [f"{100 * found[key]:.2f}%" if key in found else "-" for key in EVALS]
-        lines.append(f"| {name} | {' '.join(VARIANTS.get(name, [])) or '(as shipped)'} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        return [name, " ".join(VARIANTS.get(name, [])) or "(as shipped)",
+                *(f"{100 * found[key]:.2f}%" if key in found else "-" for key in EVALS)]
+
+    return table(["variant", "overrides (on configs/cifar10_cnn_fast.yaml)", "trained", "+ flip", "+ flip_shift", "EMA",
+                  "EMA + flip", "EMA + flip_shift"], map(cells, dict.fromkeys(row["variant"] for row in rows)), "llrrrrrr")
 
 
 def main(argv: List[str] | None = None) -> int:
@@ -109,8 +111,8 @@ def main(argv: List[str] | None = None) -> int:
             with open(results, "a") as f:
                 f.write(json.dumps(row) + "\n")
             print(f"{name}: {weights} weights, tta {tta}: {100 * found['val_acc']:.2f}%", flush=True)
-        (out / "results.md").write_text(table(rows) + "\n")
-    print(table(rows))
+        (out / "results.md").write_text(results_table(rows) + "\n")
+    print(results_table(rows))
     return 0
 
 

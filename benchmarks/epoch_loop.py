@@ -1,14 +1,15 @@
 """Timing fasttrain the way it trains: the real epoch loop, not a bare step.
 
-`EpochLoopTimer.measure` drives `fasttrain.train.loop.train_one_epoch` with what the trainer gives it
-(the step, the loader, the schedule, log-interval reductions with the preemption flag riding along,
-a progress counter and a steps.jsonl-like sink), epoch after epoch, in one continuous run: guard
-steps first (logged one by one: their losses must be finite and fall), then warm-up (compilation,
-capture), then the timed windows, without restarting an epoch between the phases. Windows are cut
-at log intervals, where the loop has already synchronized with the device: a window closes at the
-first log interval at least `min_seconds` after it opened. So per-epoch costs (the resident
-loader's epoch augmentation, the epoch-end reduction) and the periodic syncs fall inside the
-windows as often as they do in a run, no more.
+`TrainerLoop` runs `fasttrain.train.loop.run_epoch` epoch after epoch with what the trainer gives the
+loop (the step, the loader, the schedule, log-interval reductions with the preemption flag riding
+along, a progress counter and a steps.jsonl record per interval); host_overhead counts its ops and
+times it. `EpochLoopTimer.measure` drives it in one continuous run: guard steps first (logged one by
+one: their losses must be finite and fall), then warm-up (compilation, capture), then the timed
+windows, without restarting an epoch between the phases. Windows are cut at log intervals, where the
+loop has already synchronized with the device: a window closes at the first log interval at least
+`min_seconds` after it opened. So per-epoch costs (the resident loader's epoch augmentation, the
+epoch-end reduction) and the periodic syncs fall inside the windows as often as they do in a run, no
+more.
 """
 
 from __future__ import annotations
@@ -18,13 +19,13 @@ import json
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, List
+from typing import Callable, Iterator, List, Optional
 
 import torch
 import torch.distributed as torch_dist
 
 from benchmarks.measure import guard
-from fasttrain.train.loop import Boundaries, EpochPlan, synchronize, train_one_epoch
+from fasttrain.train.loop import Boundaries, EpochStats, run_epoch, synchronize
 from fasttrain.observe.progress import Progress
 from fasttrain.dist.preemption import PreemptionWatch
 
@@ -65,6 +66,43 @@ class _TimedLoader:
             yield batch
 
 
+class TrainerLoop:
+    """fasttrain's epoch loop on `parts` (from fasttrain.train.build.build_parts) with the hooks a Trainer
+    hangs on it, whole epochs at a time: at each log interval the sums are reduced with the preemption
+    flag riding along (a watch with no handlers: read and reduced, never set), `record` gets the
+    steps.jsonl line and the progress counter its interval; the counter ticks every step. `boundaries`
+    (every, stop_at, at_boundary, ...) go to the loop's Boundaries as a Trainer's would; `loader`
+    replaces parts.train_loader (a wrapper of it)."""
+
+    def __init__(self, parts, log_every: int, backend: str, record: Callable[[dict], None],
+                 watch_check_every: int = 0, loader=None, **boundaries):
+        self.parts = parts
+        self.loader = parts.train_loader if loader is None else loader
+        self.watch = PreemptionWatch([], watch_check_every, backend)
+        self.progress = Progress(enabled=True, stream=io.StringIO(), log=lambda line: None)
+        self.record = record
+        # (global step, the interval's mean loss) at each log interval, before its record: what a benchmark watches
+        self.on_interval: Optional[Callable[[int, float], None]] = None
+        self.boundaries = Boundaries(log_every=log_every, signal_flag=self.watch.flag,
+                                     signal_agreed=self.watch.agreed_elsewhere, log_step=self._log_step,
+                                     tick=self.progress.tick, **boundaries)
+        self.epoch = self.global_step = 0
+
+    def _log_step(self, step: int, epoch: int, loss: float, lr: float, ips: float) -> None:
+        if self.on_interval is not None:
+            self.on_interval(step, loss)
+        self.record({"step": step, "epoch": epoch, "loss": loss, "lr": lr, "images_per_sec": ips})
+        self.progress.interval(step, loss, lr, ips)
+
+    def run(self, max_batches: int = 0) -> EpochStats:
+        """One epoch (or its first max_batches steps), or less where `at_boundary` stops it."""
+        self.progress.start_epoch(self.epoch + 1, 10**9, len(self.loader))
+        stats = run_epoch(self.parts, self.boundaries, self.epoch, self.global_step, max_batches, self.loader)
+        self.epoch += 1
+        self.global_step += stats.timed_steps
+        return stats
+
+
 class EpochLoopTimer:
     """fasttrain's epoch loop on `parts` (from fasttrain.train.build.build_parts), as the trainer runs it."""
 
@@ -73,10 +111,9 @@ class EpochLoopTimer:
         self.log_every = log_every
         self.world_size = world_size
         self.loader = _TimedLoader(parts.train_loader)
-        self.watch = PreemptionWatch([], 0, backend)  # no handlers: the flag is still read and reduced
         self.sink = io.StringIO()  # what steps.jsonl would receive
-        self.progress = Progress(enabled=True, stream=io.StringIO(), log=lambda line: None)
-        self.epoch = self.global_step = 0
+        self.loop = TrainerLoop(parts, log_every, backend, lambda line: self.sink.write(json.dumps(line)),
+                                loader=self.loader)
 
     def measure(self, name: str, guard_steps: int, warmup: int, min_seconds: float,
                 windows: int) -> LoopMeasurement:
@@ -85,17 +122,15 @@ class EpochLoopTimer:
         marks: List[tuple] = []  # (clock, global step, loader wait, thread CPU time) at each log interval
         edges: List[int] = []  # indices into marks where windows open and close
         phase = "guard" if guard_steps else "warmup"
-        start = self.global_step
-        boundaries = Boundaries(log_every=1 if guard_steps else self.log_every,
-                                signal_flag=self.watch.flag, signal_agreed=self.watch.agreed_elsewhere)
+        start = self.loop.global_step
+        boundaries = self.loop.boundaries
+        boundaries.log_every = 1 if guard_steps else self.log_every
 
-        def log_step(step: int, epoch: int, loss: float, lr: float, ips: float) -> None:
+        def on_interval(step: int, loss: float) -> None:
             if phase == "guard":
                 losses.append(loss)
             elif phase == "timing":
                 marks.append((time.perf_counter(), step, self.loader.wait, time.thread_time()))  # just synchronized
-            self.sink.write(json.dumps({"step": step, "epoch": epoch, "loss": loss, "lr": lr, "images_per_sec": ips}))
-            self.progress.interval(step, loss, lr, ips)
 
         def at_boundary(global_step: int, *_) -> bool:
             nonlocal phase
@@ -111,17 +146,9 @@ class EpochLoopTimer:
                 edges.append(len(marks) - 1)
             return self._agree(phase == "timing" and len(edges) > windows)
 
-        boundaries.at_boundary, boundaries.log_step, boundaries.tick = at_boundary, log_step, self.progress.tick
-        self.parts.model.train()
-        while True:
-            self.loader.set_epoch(self.epoch)
-            self.progress.start_epoch(self.epoch + 1, 10**9, len(self.loader))
-            plan = EpochPlan(self.parts.precision.device, self.epoch + 1, self.global_step)
-            stats = train_one_epoch(self.parts.step, self.loader, self.parts.schedule, plan, boundaries)
-            self.global_step += stats.timed_steps
-            self.epoch += 1
-            if stats.stopped_early:
-                break
+        self.loop.on_interval, boundaries.at_boundary = on_interval, at_boundary
+        while not self.loop.run().stopped_early:
+            pass
         batch = self.loader.batches.batch_size * self.world_size
         rates = []
         for a, b in zip(edges, edges[1:]):
@@ -140,4 +167,3 @@ class EpochLoopTimer:
         decision = torch.tensor([1.0 if stop else 0.0], device=self.parts.precision.device)
         torch_dist.broadcast(decision, src=0)
         return bool(decision.item())
-

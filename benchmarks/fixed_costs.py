@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Dict, List
 
+from benchmarks.report import table
+
 REPO = Path(__file__).resolve().parents[1]
 RUNS = {"before": ["train.compile_cache=off", "data.cache_dir=off", "checkpoint.background=false"],
         "after, cold caches": [], "after, warm caches": []}
@@ -54,18 +56,18 @@ def run_once(name: str, extra: List[str], args: argparse.Namespace, caches: Path
             "images_per_sec": round(images_per_sec)}
 
 
-def table(rows: List[Dict[str, object]]) -> str:
-    lines = ["| run | wall (outside) | start-up (imports / setup / data / model / restore) | compile + warm-up | "
-             "steady steps | eval | checkpoint stalls | end | eval pass / epoch | stall per save |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for row in rows:
+def fixed_costs_table(rows: List[Dict[str, object]]) -> str:
+    def cells(row: Dict[str, object]) -> list:
         parts, startup = row["split"]["parts"], row["split"]["startup"]  # type: ignore[index]
         inner = " / ".join(f"{startup[k]:.1f}" for k in ("imports", "setup", "data", "model", "restore"))
-        lines.append(f"| {row['run']} | {row['outside_seconds']:.1f} s | {parts['startup']:.1f} s ({inner}) | "
-                     f"{parts['compile']:.1f} s | {parts['steps']:.1f} s | {parts['eval']:.1f} s | "
-                     f"{parts['checkpoint']:.2f} s | {parts['end']:.1f} s | "
-                     f"{100 * row['eval_share_of_epoch']:.1f}% | {row['checkpoint_stall_seconds']:.3f} s |")
-    return "\n".join(lines)
+        return [row["run"], f"{row['outside_seconds']:.1f} s", f"{parts['startup']:.1f} s ({inner})",
+                f"{parts['compile']:.1f} s", f"{parts['steps']:.1f} s", f"{parts['eval']:.1f} s",
+                f"{parts['checkpoint']:.2f} s", f"{parts['end']:.1f} s", f"{100 * row['eval_share_of_epoch']:.1f}%",
+                f"{row['checkpoint_stall_seconds']:.3f} s"]
+
+    return table(["run", "wall (outside)", "start-up (imports / setup / data / model / restore)", "compile + warm-up",
+                  "steady steps", "eval", "checkpoint stalls", "end", "eval pass / epoch", "stall per save"],
+                 map(cells, rows), "lrlrrrrrrr")
 
 
 def main(argv: List[str] | None = None) -> int:
@@ -84,7 +86,7 @@ def main(argv: List[str] | None = None) -> int:
         rows.append(run_once(name, extra, args, caches))
         print(json.dumps(rows[-1]), flush=True)
     cold, warm = rows[1]["split"]["parts"]["compile"], rows[2]["split"]["parts"]["compile"]  # type: ignore[index]
-    text = table(rows) + (f"\n\nwarm compile and warm-up / cold: {warm:.1f} s / {cold:.1f} s = "
+    text = fixed_costs_table(rows) + (f"\n\nwarm compile and warm-up / cold: {warm:.1f} s / {cold:.1f} s = "
                           f"{100 * warm / max(cold, 1e-9):.0f}%\n")
     (out / "fixed_costs.json").write_text(json.dumps(rows, indent=2))
     (out / "fixed_costs.md").write_text(text)

@@ -32,12 +32,12 @@ import numpy as np
 import torch
 
 from benchmarks.measure import Windows, measure
+from benchmarks.report import environment, table
 from fasttrain.data.loaders.dali import dali_available
 from fasttrain.data.loaders.plain import FolderDataset, FolderPlainLoader
 from fasttrain.data.folder import FolderIndex, scan_split
-from fasttrain.data.loaders.gpu import BatchFormat, CropFlip
+from fasttrain.data.loaders.gpu import BatchFormat
 from fasttrain.data.sharding import ShardedBatches
-from fasttrain.observe.environment import describe
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet's, as a user's photos would use
 CLASSES = 10
@@ -113,7 +113,7 @@ def dali_batches(index: FolderIndex, setup: Setup, threads: int, decode_on: torc
     from fasttrain.data.loaders.dali_folder import DaliFolderLoader
 
     loader = DaliFolderLoader(index, _plan(index, setup), BatchFormat(decode_on, MEAN, STD), setup.image_size,
-                              train=True, aug=CropFlip(hflip=True, seed=0), num_threads=threads)
+                              train=True, hflip=True, seed=0, num_threads=threads)
     return _endless(loader, device)
 
 
@@ -166,9 +166,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             shutil.rmtree(root / "train", ignore_errors=True)
             write_jpeg_folder(root, setup.images, setup.min_side, setup.max_side)
         index = scan_split(root, "train")
-        env = describe(device, 1, "none")
+        env = environment(device, 1, "none")
         mib = sum(os.path.getsize(p) for p in index.paths) / 2**20
-        print(f"device {device} ({env['device_name']}), {cpu_share()} CPU cores | torch {env['torch']} | torchvision "
+        print(f"device {device} ({env['device']}), {cpu_share()} CPU cores | torch {env['torch']} | torchvision "
               f"{env['torchvision']} | DALI {env['dali'] or 'not installed'} | python {env['python']}\n"
               f"{len(index.paths)} JPEGs of {setup.min_side}-{setup.max_side} px ({mib:.1f} MiB) -> random resized "
               f"crops of {setup.image_size} px + flip, batch {setup.batch_size} | {setup.warmup} warm-up batches, "
@@ -184,10 +184,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.out is None:
             shutil.rmtree(root, ignore_errors=True)
     print()
-    print("| loader | decodes on | images/s | vs DataLoader, 0 workers |")
-    print("|---|---|---:|---:|")
-    for name, decode_on, rate in results:
-        print(f"| {name} | {decode_on} | {rate:,.0f} | {rate / results[0][2]:.2f}x |")
+    print(table(["loader", "decodes on", "images/s", "vs DataLoader, 0 workers"],
+                ([name, decode_on, f"{rate:,.0f}", f"{rate / results[0][2]:.2f}x"] for name, decode_on, rate in results),
+                "llrr"))
     return 0
 
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import io
 import json
 import statistics
 import sys
@@ -42,17 +41,17 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from benchmarks.epoch_loop import TrainerLoop
+from benchmarks.report import table
 from benchmarks.tutorial_loop import tutorial_loader, tutorial_steps
 from fasttrain import dist
 from fasttrain.config import Config, ModelConfig, load_config
 from fasttrain.data import load_split
-from fasttrain.train.loop import Boundaries, EpochPlan, synchronize, train_one_epoch
+from fasttrain.train.loop import synchronize
 from fasttrain.models import build_model
 from fasttrain.observe.metrics import JsonLines
-from fasttrain.observe.progress import Progress
 from fasttrain.observe.logs import silent_logger
 from fasttrain.train.optim import Schedule, build_optimizer
-from fasttrain.dist.preemption import PreemptionWatch
 from fasttrain.train.build import build_parts
 
 COUNTED_STEPS = 100
@@ -90,34 +89,11 @@ def _config(device: str, overrides: Sequence[str]) -> Config:
                               "output.dir=/nonexistent", *overrides])
 
 
-class TrainerLoop:
-    """fasttrain's epoch loop with the hooks the trainer gives it, whole epochs at a time."""
-
-    def __init__(self, parts, cfg: Config, ctx: dist.Dist, sink: Path):
-        self.parts, self.device = parts, ctx.device
-        self.watch = PreemptionWatch([], cfg.checkpoint.signal_check_every, ctx.backend)
-        self.steps_file = JsonLines(sink)
-        self.progress = Progress(enabled=True, stream=io.StringIO(), log=lambda line: None)
-        self.boundaries = Boundaries(log_every=cfg.train.log_every, every=cfg.checkpoint.every_steps,
-                                     stop_at=cfg.train.stop_after_steps, at_boundary=lambda *_: False,
-                                     signal_flag=self.watch.flag, signal_agreed=self.watch.agreed_elsewhere,
-                                     log_step=self._log_step, tick=self.progress.tick)
-        self.epoch = self.global_step = 0
-
-    def _log_step(self, step: int, epoch: int, loss: float, lr: float, ips: float) -> None:
-        self.steps_file.write({"step": step, "epoch": epoch, "loss": loss, "lr": lr, "images_per_sec": ips})
-        self.progress.interval(step, loss, lr, ips)
-
-    def run(self, max_batches: int = 0) -> int:
-        """One epoch (or its first max_batches steps); returns the steps run."""
-        self.parts.model.train()
-        self.parts.train_loader.set_epoch(self.epoch)
-        self.progress.start_epoch(self.epoch + 1, 10**9, len(self.parts.train_loader))
-        plan = EpochPlan(self.device, self.epoch + 1, self.global_step, max_batches=max_batches)
-        stats = train_one_epoch(self.parts.step, self.parts.train_loader, self.parts.schedule, plan, self.boundaries)
-        self.epoch += 1
-        self.global_step += stats.timed_steps
-        return stats.timed_steps
+def trainer_loop(parts, cfg: Config, ctx: dist.Dist, sink: Path) -> TrainerLoop:
+    """fasttrain's epoch loop with the boundaries a Trainer of `cfg` gives it, steps.jsonl written to `sink`."""
+    return TrainerLoop(parts, cfg.train.log_every, ctx.backend, JsonLines(sink).write, cfg.checkpoint.signal_check_every,
+                       every=cfg.checkpoint.every_steps, stop_at=cfg.train.stop_after_steps,
+                       at_boundary=lambda *_: False)
 
 
 # --------------------------------------------------------------------------- ops per step
@@ -183,14 +159,14 @@ def ops_rows(device: str = "cpu", model_name: str = "CIFAR10_CNN", counted_steps
             cfg = _config(device, fast + extra)
             with tempfile.TemporaryDirectory() as tmp:
                 parts = build_parts(cfg, ctx, silent_logger())
-                loop = TrainerLoop(parts, cfg, ctx, Path(tmp) / "steps.jsonl")
+                loop = trainer_loop(parts, cfg, ctx, Path(tmp) / "steps.jsonl")
                 loop.run(max_batches=10)  # compilation, capture, the optimizer's state
                 images = torch.randn(128, 3, 32, 32, device=ctx.device, dtype=parts.precision.input_dtype)
                 images = images.contiguous(memory_format=torch.channels_last)
                 model_ops = _model_ops(parts.model, images, parts.precision.autocast)
                 parts.model.zero_grad(set_to_none=True)
                 with OpCounter() as counter:
-                    done = loop.run(max_batches=counted_steps)
+                    done = loop.run(max_batches=counted_steps).timed_steps
             rows.append(_row(path, counter, done, model_ops, compiled=path == CAPTURED))
             progress(f"  {path}: {rows[-1].ops_per_step:.0f} ops/step"
                      + (f", {rows[-1].added_ops_per_step:.0f} added around the model's {model_ops}"
@@ -282,11 +258,13 @@ def host_time_rows(device: str = "cpu", min_seconds: float = 1.0, windows: int =
             cfg = _config(device, small)
             eager_parts = build_parts(cfg, ctx, silent_logger())
             loops[BARE] = _bare_loop(eager_parts, cfg)
-            loops[EAGER] = TrainerLoop(eager_parts, cfg, ctx, Path(tmp) / "eager.jsonl").run
+            eager = trainer_loop(eager_parts, cfg, ctx, Path(tmp) / "eager.jsonl")
+            loops[EAGER] = lambda: eager.run().timed_steps
             torch._dynamo.reset()
             cap_cfg = _config(device, small + ["train.compile=default", "train.capture=true"])
-            loops[CAPTURED] = TrainerLoop(build_parts(cap_cfg, ctx, silent_logger()), cap_cfg, ctx,
-                                          Path(tmp) / "captured.jsonl").run
+            captured = trainer_loop(build_parts(cap_cfg, ctx, silent_logger()), cap_cfg, ctx,
+                                    Path(tmp) / "captured.jsonl")
+            loops[CAPTURED] = lambda: captured.run().timed_steps
             loops[TUTORIAL] = _tutorial_epoch(cfg, ctx.device)
             for run_epoch in loops.values():
                 run_epoch()  # warm-up: compilation, capture, workers, the optimizers' state
@@ -312,18 +290,17 @@ def host_time_rows(device: str = "cpu", min_seconds: float = 1.0, windows: int =
 
 def markdown(ops: Sequence[dict], host: Sequence[dict], model_name: str = "CIFAR10_CNN", threads: int = 1) -> str:
     """The two tables, from the rows as dicts (asdict of OpsRow / TimeRow, or read back from JSON)."""
-    lines = [f"| path ({model_name}, batch 128, world size 1) | ATen ops per step | model's own fwd+bwd | added "
-             "around the model |", "|---|---:|---:|---:|"]
-    for row in ops:
-        added = (f"{row['added_ops_per_step']:.1f}" if row["added_ops_per_step"] is not None
-                 else "n/a (compiled: the model's ops are fused)")
-        lines.append(f"| {row['path']} | {row['ops_per_step']:.1f} | {row['model_ops_per_step']} | {added} |")
-    lines += ["", f"| loop (MLP [32], batch 32, {threads} thread) | host us per step | images/s | vs bare loop |",
-              "|---|---:|---:|---:|"]
-    for row in host:
-        lines.append(f"| {row['path']} | {row['us_per_step']:,.0f} | {row['images_per_sec']:,.0f} | "
-                     f"{row['vs_bare']:.2f}x |")
-    return "\n".join(lines)
+    def added(row: dict) -> str:
+        return (f"{row['added_ops_per_step']:.1f}" if row["added_ops_per_step"] is not None
+                else "n/a (compiled: the model's ops are fused)")
+
+    return "\n\n".join([
+        table([f"path ({model_name}, batch 128, world size 1)", "ATen ops per step", "model's own fwd+bwd",
+               "added around the model"],
+              ([row["path"], f"{row['ops_per_step']:.1f}", row["model_ops_per_step"], added(row)] for row in ops), "lrrr"),
+        table([f"loop (MLP [32], batch 32, {threads} thread)", "host us per step", "images/s", "vs bare loop"],
+              ([row["path"], f"{row['us_per_step']:,.0f}", f"{row['images_per_sec']:,.0f}", f"{row['vs_bare']:.2f}x"]
+               for row in host), "lrrr")])
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 import statistics
 import sys
 import time
@@ -33,13 +32,13 @@ import torch
 
 from benchmarks.epoch_loop import EpochLoopTimer, LoopMeasurement
 from benchmarks.measure import Measurement, Windows, measure
+from benchmarks.report import percent, environment, table
 from benchmarks.tutorial_loop import tutorial_loader, tutorial_steps
 from fasttrain import dist
 from fasttrain.config import Config, ModelConfig, load_config
 from fasttrain.data import build_loaders, load_split
 from fasttrain.data.loaders.dali import dali_available
 from fasttrain.train.loop import synchronize
-from fasttrain.observe.environment import describe
 from fasttrain.observe.flops import flops_per_image, peak_flops
 from fasttrain.models import build_model
 from fasttrain.observe.logs import silent_logger
@@ -81,7 +80,8 @@ class Row:
 
 
 def base_overrides(device: str, model: str, batch_size: int, data_root: str, workers: int,
-                   log_every: int = 50) -> List[str]:
+                   log_every: int = 50, train_size: int = 10000) -> List[str]:
+    """The settings every row shares; `train_size`: synthetic images per epoch where CIFAR-10 is absent."""
     real = (Path(data_root) / "cifar-10-batches-py").is_dir()
     # a constant AdamW lr 1e-3, as the tutorial loop row uses: the guard needs the loss to move from step one
     return [f"train.device={device}", f"model.name={model}", f"train.batch_size={batch_size}", "train.epochs=10000",
@@ -89,7 +89,7 @@ def base_overrides(device: str, model: str, batch_size: int, data_root: str, wor
             "optim.name=adamw", "optim.lr=0.001", "sched.name=none",
             "data.drop_last=true", f"data.num_workers={workers}", "output.dir=/nonexistent", f"data.root={data_root}",
             "data.download=false", "data.dataset=cifar10" if real else "data.dataset=synthetic",
-            "data.train_size=0" if real else "data.train_size=10000"]
+            "data.train_size=0" if real else f"data.train_size={train_size}"]
 
 
 def ladder_rungs() -> List[Tuple[str, List[str]]]:
@@ -211,28 +211,15 @@ def _epochs_of(loader) -> Callable[[], int]:
     return run_epoch
 
 
-def environment(ctx: dist.Dist) -> dict:
-    """A run's env.json (fasttrain.observe.environment.describe: versions, device, world size, host, git commit,
-    command) in the tables' terms: `device` is the device's name, `device_type` its kind; and the CPU count."""
-    env = describe(ctx.device, ctx.world_size, ctx.backend)
-    env.update(device=env.pop("device_name"), device_type=ctx.device.type, cpu_count=os.cpu_count())
-    return env
-
-
 def print_table(rows: Sequence[Row], loaders_only: bool) -> None:
     if loaders_only:
-        print("| loader (no model) | images/s | vs tutorial DataLoader |")
-        print("|---|---:|---:|")
-        for row in rows:
-            print(f"| {row.variant} | {row.images_per_sec:,.0f} | {row.speedup:.2f}x |")
+        print(table(["loader (no model)", "images/s", "vs tutorial DataLoader"],
+                    ([row.variant, f"{row.images_per_sec:,.0f}", f"{row.speedup:.2f}x"] for row in rows), "lrr"))
         return
-    print("| variant | images/s | speedup vs tutorial loop | data wait | MFU | guard loss first -> last |")
-    print("|---|---:|---:|---:|---:|---|")
-    for row in rows:
-        mfu = f"{100 * row.mfu:.1f}%" if row.mfu is not None else "n/a"
-        wait = f"{100 * row.data_wait_share:.0f}%" if row.data_wait_share is not None else "n/a"
-        print(f"| {row.variant} | {row.images_per_sec:,.0f} | {row.speedup:.2f}x | {wait} | "
-              f"{mfu} | {row.guard_first_loss:.3f} -> {row.guard_last_loss:.3f} |")
+    print(table(["variant", "images/s", "speedup vs tutorial loop", "data wait", "MFU", "guard loss first -> last"],
+                ([row.variant, f"{row.images_per_sec:,.0f}", f"{row.speedup:.2f}x", percent(row.data_wait_share, 0),
+                  percent(row.mfu), f"{row.guard_first_loss:.3f} -> {row.guard_last_loss:.3f}"] for row in rows),
+                "lrrrrl"))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -250,22 +237,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--windows", type=int, default=5, help="timed windows per rung; the median is reported")
     parser.add_argument("--log-every", type=int, default=50, help="fasttrain's train.log_every: its log intervals "
                         "are the loop's sync points, and the windows' edges")
+    parser.add_argument("--train-size", type=int, default=10000, help="synthetic training images per epoch, where "
+                        "--data-root holds no CIFAR-10 (smaller: quicker epochs for a check)")
     parser.add_argument("--tutorial-workers", type=int, default=4,
                         help="num_workers of the DataLoaders (the tutorial's 4; fasttrain's plain loader uses the same)")
     parser.add_argument("--peak-tflops", type=float, help="the device's peak TFLOP/s for MFU (default: known GPUs)")
     parser.add_argument("--loaders-only", action="store_true",
                         help="time the loaders alone (no model): tutorial DataLoader, plain, gpu, dali")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's own); 1 keeps "
+                        "a check on a busy shared CPU from waiting on its thread pool")
     parser.add_argument("--json", type=Path, help="also write the rows and the environment to this JSON file")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     timing = Timing(args.warmup if args.loaders_only else max(args.warmup, args.guard_steps), args.windows,
                     args.guard_steps, args.min_seconds)
     base = base_overrides(args.device, args.model, args.batch_size, args.data_root, args.tutorial_workers,
-                          args.log_every)
+                          args.log_every, args.train_size)
     real = "data.dataset=cifar10" in base
     ctx = dist.setup(args.device)
     try:
-        env = environment(ctx)
+        env = environment(ctx.device, ctx.world_size, ctx.backend)
         print(f"device {ctx.device} ({env['device']}) | torch {env['torch']} | model {args.model} | batch "
               f"{args.batch_size} | data {'CIFAR-10' if real else 'synthetic CIFAR-shaped'} | {timing.guard_steps} "
               f"guard + warm-up to {timing.warmup} steps, "

@@ -1,56 +1,119 @@
-"""The suite's results as a markdown report and a bar chart."""
+"""What every benchmark writes beside its figures, and how: the environment (one dict, one line of
+versions) and markdown tables. The suite's report (`write_markdown`, `write_chart`) is built from them,
+as are the ladder's, host overhead's, fixed costs' and gpu_check's tables."""
 
 from __future__ import annotations
 
+import datetime
+import os
+import subprocess
 from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+import torch
+
+from fasttrain.observe.environment import describe
 
 
-def _percent(value, digits: int = 1) -> str:
+# --------------------------------------------------------------------------- the environment
+
+
+def _driver() -> Optional[str]:
+    """The NVIDIA driver's version (nvidia-smi), or None where there is none."""
+    try:
+        done = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=20)
+        return done.stdout.strip().splitlines()[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return None
+
+
+def environment(device: torch.device, world_size: int = 1, backend: Optional[str] = None, **extra) -> dict:
+    """A run's env.json (fasttrain.observe.environment.describe: versions, device, world size, host, git commit,
+    command) in the tables' terms: `device` is the device's name, `device_type` its kind; the CPU count,
+    the driver on CUDA, the date, and `extra` (the benchmark's own settings) last."""
+    env = describe(device, world_size, backend or ("nccl" if device.type == "cuda" else "gloo"))
+    env.update(device=env.pop("device_name"), device_type=device.type, cpu_count=os.cpu_count(),
+               driver=_driver() if device.type == "cuda" else None,
+               date=datetime.datetime.now().isoformat(timespec="seconds"))
+    env.update(extra)
+    return env
+
+
+def _short_commit(commit: Optional[str]) -> str:
+    """The first 10 hex digits, keeping a "+dirty" mark."""
+    if not commit:
+        return "unknown (pass --commit)"
+    sha, plus, rest = commit.partition("+")
+    return sha[:10] + plus + rest
+
+
+def versions_line(env: dict) -> str:
+    """The versions a figure depends on, in one line: torch, CUDA (and the driver), DALI, Python, CPUs, commit."""
+    driver = f" (driver {env['driver']})" if env.get("driver") else ""
+    return (f"torch {env['torch']}, CUDA {env['cuda']}{driver}, DALI {env.get('dali')}, Python {env['python']}, "
+            f"{env['cpu_count']} CPUs, commit {_short_commit(env.get('git_commit'))}")
+
+
+# --------------------------------------------------------------------------- markdown
+
+
+def table(columns: Sequence[str], rows: Iterable[Sequence[object]], align: str = "") -> str:
+    """A markdown table. `align`: a letter per column, "l" for text, "r" for figures (missing letters: "l").
+    A "|" inside a cell would end it early: it is written "/"."""
+    def line(cells: Iterable[object]) -> str:
+        return "| " + " | ".join(str(cell).replace("|", "/") for cell in cells) + " |"
+
+    rule = "|" + "|".join("---:" if align[i:i + 1] == "r" else "---" for i in range(len(columns))) + "|"
+    return "\n".join([line(columns), rule, *(line(row) for row in rows)])
+
+
+def percent(value, digits: int = 1) -> str:
+    """A share as "12.3%", or "n/a" where it is unknown (None)."""
     return f"{100 * value:.{digits}f}%" if value is not None else "n/a"
 
 
 def write_markdown(results: dict, path: Path) -> str:
+    """The suite's report (`python -m benchmarks`): its environment, then a table per part."""
     env = results["environment"]
-    lines = [
+    timing = env["timing"]
+    best = {b["variant"]: b for b in results["best_batch"]}
+
+    def best_cell(variant: str) -> str:
+        b = best.get(variant)
+        return f"{b['best_batch_size']} ({b['best_images_per_sec']:,.0f})" if b else "-"
+
+    parts = [
         f"## {env['date'][:10]} — {env['device']} ({env['device_type']}), preset {env['preset']}",
-        "",
-        f"torch {env['torch']}, CUDA {env['cuda']}, DALI {env['dali']}, Python {env['python']}, "
-        f"{env['cpu_count']} CPUs, commit {str(env['git_commit'])[:10]}; model {env['model']}, batch "
-        f"{env['batch_size']} per process, data {env['data']}; timing: {env['timing']['guard_steps']} guard steps "
-        f"(finite, falling losses), warm-up to {env['timing']['warmup']} steps, median of {env['timing']['windows']} "
-        f"windows of at least {env['timing']['min_seconds']:g} s (fasttrain: its real epoch loop, windows cut at "
-        f"its log intervals of {env.get('log_every', 50)} steps).",
-        "",
+        f"{versions_line(env)}; model {env['model']}, batch {env['batch_size']} per process, data {env['data']}; "
+        f"timing: {timing['guard_steps']} guard steps (finite, falling losses), warm-up to {timing['warmup']} steps, "
+        f"median of {timing['windows']} windows of at least {timing['min_seconds']:g} s (fasttrain: its real epoch "
+        f"loop, windows cut at its log intervals of {env.get('log_every', 50)} steps).",
         "Data wait: the share of the timed time the host spent waiting for the next batch. MFU: achieved "
         "FLOP/s (forward + backward FLOPs per image, counted on the model) over the device's dense peak for the "
         "step's precision; n/a where the peak is unknown (CPUs).",
-        "",
-        "| variant | images/s | speedup vs tutorial loop | data wait | MFU | best batch (images/s) |",
-        "|---|---:|---:|---:|---:|---|",
+        table(["variant", "images/s", "speedup vs tutorial loop", "data wait", "MFU", "best batch (images/s)"],
+              ([row["variant"], f"{row['images_per_sec']:,.0f}", f"{row['speedup']:.2f}x",
+                percent(row["data_wait_share"], 0), percent(row["mfu"]), best_cell(row["variant"])]
+               for row in results["ladder"]), "lrrrrl"),
+        table(["loader alone (no model)", "images/s", "vs tutorial DataLoader"],
+              ([row["variant"], f"{row['images_per_sec']:,.0f}", f"{row['speedup']:.2f}x"]
+               for row in results["loaders"]), "lrr"),
     ]
-    best = {b["variant"]: b for b in results["best_batch"]}
-    for row in results["ladder"]:
-        b = best.get(row["variant"])
-        best_cell = f"{b['best_batch_size']} ({b['best_images_per_sec']:,.0f})" if b else "-"
-        lines.append(f"| {row['variant']} | {row['images_per_sec']:,.0f} | {row['speedup']:.2f}x | "
-                     f"{_percent(row['data_wait_share'], 0)} | {_percent(row['mfu'])} | {best_cell} |")
-    lines += ["", "| loader alone (no model) | images/s | vs tutorial DataLoader |", "|---|---:|---:|"]
-    for row in results["loaders"]:
-        lines.append(f"| {row['variant']} | {row['images_per_sec']:,.0f} | {row['speedup']:.2f}x |")
     host = results.get("host_overhead")
     if host:
         from benchmarks.host_overhead import markdown as host_markdown
 
-        lines += ["", "Host overhead: ATen ops called per step (torch.profiler, outermost calls), and host time per "
+        parts += ["Host overhead: ATen ops called per step (torch.profiler, outermost calls), and host time per "
                   "step of a model small enough that the host dominates, against a bare hand-written loop over the "
-                  "same data, optimizer and schedule (same run, alternating windows).", "",
+                  "same data, optimizer and schedule (same run, alternating windows).",
                   host_markdown(host["ops"], host["host_time"], host["model"])]
     if results["scaling"]:
-        lines += ["", f"| ranks ({results['scaling'][0]['variant']}) | images/s (all ranks) | per-rank efficiency |",
-                  "|---:|---:|---:|"]
-        for row in results["scaling"]:
-            lines.append(f"| {row['world_size']} | {row['images_per_sec']:,.0f} | {100 * row['efficiency']:.0f}% |")
-    text = "\n".join(lines) + "\n"
+        parts.append(table([f"ranks ({results['scaling'][0]['variant']})", "images/s (all ranks)",
+                            "per-rank efficiency"],
+                           ([row["world_size"], f"{row['images_per_sec']:,.0f}", f"{100 * row['efficiency']:.0f}%"]
+                            for row in results["scaling"]), "rrr"))
+    text = "\n\n".join(parts) + "\n"
     path.write_text(text)
     return text
 

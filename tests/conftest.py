@@ -172,6 +172,36 @@ def assert_same_weights(run_a: Path, run_b: Path) -> None:
     assert not differing, f"weights differ in {differing[:5]}"
 
 
+def random_batches(n: int = 6, seed: int = 0, device: str = "cpu", side: int = 32) -> list:
+    """`n` batches of 32 random images (3 x side x side) and labels, the same for a seed on every device."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(32, 3, side, side, generator=gen).to(device),
+             torch.randint(0, 10, (32,), generator=gen).to(device)) for _ in range(n)]
+
+
+def sgd_losses(model, batches, precision_name: str = "fp32", steps: int = 6) -> List[float]:
+    """The losses of `steps` plain SGD steps of `model` over `batches` under a precision (on the batches' device):
+    two precisions or memory formats from the same weights compared step by step."""
+    import torch
+    import torch.nn.functional as F
+
+    from fasttrain.train.precision import build_precision
+
+    precision = build_precision(precision_name, batches[0][0].device, tf32=False)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    losses = []
+    for images, labels in batches[:steps]:
+        with precision.autocast():
+            loss = F.cross_entropy(model(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
 @pytest.fixture(scope="module")
 def no_plots():
     """For a module whose runs are about something else: skip drawing curves.png (half a tiny run's

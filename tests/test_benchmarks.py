@@ -19,8 +19,8 @@ def test_ladder_runs_every_rung_and_writes_its_table(tmp_path):
     out = tmp_path / "ladder.json"
     result = run_fasttrain("--device", "cpu", "--model", "SimpleModel", "--batch-size", "32", "--min-seconds", "0.05",
                            "--log-every", "2", "--warmup", "12", "--guard-steps", "12", "--windows", "2",
-                           "--tutorial-workers", "0", "--data-root", str(tmp_path), "--json", str(out),
-                           module="benchmarks.ladder")
+                           "--tutorial-workers", "0", "--data-root", str(tmp_path), "--train-size", "1280",
+                           "--threads", "1", "--json", str(out), module="benchmarks.ladder")
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
     expected = ["tutorial loop", "fasttrain, plain loader", "+ gpu-resident loader", "+ channels_last",
@@ -39,8 +39,8 @@ def test_ladder_runs_every_rung_and_writes_its_table(tmp_path):
 def test_loader_only_mode_times_every_loader(tmp_path):
     out = tmp_path / "loaders.json"
     result = run_fasttrain("--loaders-only", "--device", "cpu", "--batch-size", "64", "--min-seconds", "0.05", "--warmup", "1",
-                           "--windows", "1", "--tutorial-workers", "0", "--data-root", str(tmp_path), "--json", str(out),
-                           module="benchmarks.ladder")
+                           "--windows", "1", "--tutorial-workers", "0", "--data-root", str(tmp_path), "--train-size",
+                           "1280", "--threads", "1", "--json", str(out), module="benchmarks.ladder")
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
     assert [r["variant"] for r in rows] == ["tutorial DataLoader (PIL transforms)", "fasttrain plain", "fasttrain gpu"] + (
@@ -91,3 +91,12 @@ def test_suite_smoke_preset_writes_json_markdown_and_a_chart(tmp_path):
     pixels = np.asarray(image.convert("L"))
     assert pixels.std() > 10  # bars and text, not a blank canvas
 
+
+
+def test_every_benchmark_table_aligns_figures_right_and_keeps_a_pipe_inside_its_cell():
+    """benchmarks.report.table writes every benchmark's markdown tables: figures right-aligned, text left,
+    and a "|" in a cell (a variant's name, an error) cannot split it into two."""
+    from benchmarks.report import table
+
+    text = table(["variant", "images/s"], [["a | b", "1,234"], ["c", 5]], "lr")
+    assert text.splitlines() == ["| variant | images/s |", "|---|---:|", "| a / b | 1,234 |", "| c | 5 |"]

@@ -122,3 +122,22 @@ def test_accelerate_launch_with_two_cpu_processes(tmp_path):
     assert (env["world_size"], env["backend"]) == (2, "gloo")
     history = read_jsonl(run_dir / "metrics.jsonl")
     assert [(r["epoch"], r["world_size"], r["val_total"]) for r in history] == [(1, 2, 128)]
+
+
+def test_the_weights_digest_covers_batchnorm_buffers_and_sees_a_one_bit_change():
+    """What the ranks compare at the end of a run (and gpu_check's resume check once did with a copy of
+    its own): the H200 run found that copy failing on BatchNorm's 0-dim `num_batches_tracked`. A model
+    with BatchNorm must digest, and one flipped bit must show."""
+    import torch
+
+    from fasttrain.dist import weights_digest
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    assert model.state_dict()["1.num_batches_tracked"].dim() == 0
+    before = weights_digest(model)
+    twin = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    twin.load_state_dict(model.state_dict())
+    assert weights_digest(twin) == before
+    with torch.no_grad():
+        model[0].weight.view(torch.int32)[0, 0, 0, 0] ^= 1
+    assert weights_digest(model) != before

@@ -4,6 +4,9 @@ each module one process, and this one runs beside the other benchmark tests)."""
 
 import json
 
+import pytest
+
+import test_gpu_correctness
 from conftest import run_fasttrain
 from fasttrain.data.loaders.dali import dali_available
 
@@ -22,9 +25,11 @@ def test_gpu_check_smoke_runs_every_section_on_the_cpu_and_writes_its_report(tmp
     assert sections["dali"]["status"] == ("ok" if dali_available() else "skipped")
     assert sections["hidden_syncs"]["result"]["eager"]["hidden_syncs"] == 0
     assert sections["hidden_syncs"]["result"]["captured"]["syncs_at_boundaries"] > 0
-    assert sections["correctness"]["result"]["fp16_forced_overflow"] == \
-        "skipped: no CUDA (fp16 autocast with a GradScaler is CUDA only)"
-    assert sections["correctness"]["result"]["stop_resume_bitwise_deterministic"]["ok"]
+    # pytest ran every test of tests/test_gpu_correctness.py and reported each: without CUDA, a skip
+    # (what pytest reports for a pass and a failure: test_the_correctness_section_reports_each_tests_outcome)
+    correctness = {k: v for k, v in sections["correctness"]["result"].items() if k != "ok"}
+    assert correctness == {name.removeprefix("test_"): "skipped: no CUDA"
+                           for name in dir(test_gpu_correctness) if name.startswith("test_")}
     assert [r["variant"].split(" (")[0] for r in sections["ladder"]["result"]["rows"]][:2] == [
         "tutorial loop", "fasttrain, plain loader"]
     to_accuracy = sections["time_to_accuracy"]["result"]
@@ -39,22 +44,28 @@ def test_gpu_check_smoke_runs_every_section_on_the_cpu_and_writes_its_report(tmp
     assert len(table) == 1 + 6  # the header, then one row per section
 
 
-def test_the_bitwise_digest_covers_batchnorm_buffers_and_sees_a_one_bit_change():
-    """The H200 run found the digest failing on BatchNorm's 0-dim `num_batches_tracked`
-    (the smoke run's MLP has none): a model with BatchNorm must digest, and one flipped bit must show."""
-    import torch
-    from benchmarks.gpu_check import weights_digest
+def test_the_correctness_section_reports_each_tests_outcome(tmp_path):
+    """The section runs pytest on a file's tests of one marker and reads back each one's outcome: a pass,
+    a failure with its message, a skip with its reason; tests without the marker do not run. A file with
+    none of them is an error, not a pass."""
+    from benchmarks.gpu_check.correctness import run_tests
 
-    state = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).state_dict()
-    assert state["1.num_batches_tracked"].dim() == 0
-    before = weights_digest(state)
-    assert weights_digest({k: v.clone() for k, v in state.items()}) == before
-    state["0.weight"].view(torch.int32)[0, 0, 0, 0] ^= 1
-    assert weights_digest(state) != before
+    tests = tmp_path / "test_marked.py"
+    tests.write_text(
+        "import pytest\n\n"
+        "@pytest.mark.cuda\ndef test_passes():\n    assert 1 + 1 == 2\n\n"
+        "@pytest.mark.cuda\ndef test_fails():\n    assert 1 + 1 == 3, 'arithmetic'\n\n"
+        "@pytest.mark.cuda\n@pytest.mark.skip(reason='no CUDA')\ndef test_skips():\n    pass\n\n"
+        "def test_unmarked():\n    pass\n")
+    found = run_tests(tests, "cuda", tmp_path / "out", timeout=120)
+    assert set(found) == {"passes", "fails", "skips"}
+    assert found["passes"] == {"ok": True} and found["skips"] == "skipped: no CUDA"
+    assert found["fails"]["ok"] is False and found["fails"]["error"].startswith("AssertionError: arithmetic")
+    with pytest.raises(RuntimeError, match="ran no test of test_marked.py marked slow"):
+        run_tests(tests, "slow", tmp_path / "none", timeout=120)
 
 
 def test_sections_picks_what_runs_and_refuses_an_unknown_name(capsys):
-    import pytest
     from benchmarks.gpu_check import main
 
     with pytest.raises(SystemExit) as stop:

@@ -45,7 +45,7 @@ def test_the_eager_step_adds_at_most_40_ops_per_step_around_the_model(tmp_path):
     """ATen calls per step of the real epoch loop (bf16, channels_last, gpu loader, world size 1),
     minus the model's own forward and backward: the loader, loss, optimizer, schedule and bookkeeping
     fasttrain adds. A count, not a timing: the same on every machine."""
-    from benchmarks.host_overhead import OpCounter, TrainerLoop, _config, _model_ops
+    from benchmarks.host_overhead import OpCounter, _config, _model_ops, trainer_loop
     from fasttrain.observe.logs import silent_logger as _quiet
     from fasttrain import dist
     from fasttrain.train.build import build_parts
@@ -56,12 +56,12 @@ def test_the_eager_step_adds_at_most_40_ops_per_step_around_the_model(tmp_path):
     ctx = dist.setup("cpu")
     try:
         parts = build_parts(cfg, ctx, _quiet())
-        loop = TrainerLoop(parts, cfg, ctx, tmp_path / "steps.jsonl")
+        loop = trainer_loop(parts, cfg, ctx, tmp_path / "steps.jsonl")
         loop.run(max_batches=3)
         images = torch.randn(32, 3, SIDE, SIDE, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
         model_ops = _model_ops(parts.model, images, parts.precision.autocast)
         with OpCounter() as counter:
-            steps = loop.run()  # a whole epoch of 64 steps: its start and end (and a log interval) amortized
+            steps = loop.run().timed_steps  # a whole epoch of 64 steps: its start and end (and a log interval) amortized
     finally:
         dist.teardown()
     added = sum(counter.ops.values()) / steps - model_ops

@@ -6,17 +6,12 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from conftest import REPO
+from conftest import REPO, random_batches, sgd_losses
 from fasttrain import run
 from fasttrain.config import ModelConfig, load_config
 from fasttrain.models import build_model
-from fasttrain.train.precision import build_precision
 from fasttrain.train.lifecycle import train
-
-CPU = torch.device("cpu")
-
 
 def smoke(tmp_path, name, *overrides):
     cfg = load_config(str(REPO / "configs" / "smoke.yaml"), [f"output.dir={tmp_path / name}", "output.plots=false",
@@ -48,34 +43,14 @@ def test_each_switch_trains_to_the_plain_paths_accuracy_band(tmp_path, reference
         assert graphs[0] > 0 and graphs[1] == graphs[0] and graphs[2] == graphs[0], graphs  # no recompiles
 
 
-def _losses(model, batches, precision_name="fp32", steps=6):
-    precision = build_precision(precision_name, CPU, tf32=False)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-    losses = []
-    for images, labels in batches[:steps]:
-        with precision.autocast():
-            loss = F.cross_entropy(model(images), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    return losses
-
-
 SIDE = 16  # the comparisons need a model with convolutions and BatchNorm, not CIFAR's 32 px
-
-
-def _batches(n=6, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return [(torch.randn(32, 3, SIDE, SIDE, generator=gen), torch.randint(0, 10, (32,), generator=gen))
-            for _ in range(n)]
 
 
 def test_bf16_losses_track_fp32_from_the_same_weights():
     torch.manual_seed(0)
     model = build_model(ModelConfig(name="CNN"), 3, SIDE, 10)
-    fp32 = _losses(copy.deepcopy(model), _batches())
-    bf16 = _losses(copy.deepcopy(model), _batches(), "bf16")
+    fp32 = sgd_losses(copy.deepcopy(model), random_batches(side=SIDE))
+    bf16 = sgd_losses(copy.deepcopy(model), random_batches(side=SIDE), "bf16")
     assert bf16 == pytest.approx(fp32, rel=3e-2)  # bf16 keeps ~3 significant digits
     assert bf16 != fp32  # and autocast did compute in bf16
 
@@ -83,18 +58,18 @@ def test_bf16_losses_track_fp32_from_the_same_weights():
 def test_channels_last_losses_match_contiguous_from_the_same_weights():
     torch.manual_seed(0)
     model = build_model(ModelConfig(name="CNN"), 3, SIDE, 10)
-    plain = _losses(copy.deepcopy(model), _batches())
+    plain = sgd_losses(copy.deepcopy(model), random_batches(side=SIDE))
     cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
-    batches = [(x.contiguous(memory_format=torch.channels_last), y) for x, y in _batches()]
-    assert _losses(cl, batches) == pytest.approx(plain, rel=1e-4)
+    batches = [(x.contiguous(memory_format=torch.channels_last), y) for x, y in random_batches(side=SIDE)]
+    assert sgd_losses(cl, batches) == pytest.approx(plain, rel=1e-4)
 
 
 def test_compiled_losses_match_eager_from_the_same_weights():
     torch.manual_seed(0)
     model = build_model(ModelConfig(name="MLP", hidden_sizes=[64], dropout=0.0), 3, SIDE, 10)
-    eager = _losses(copy.deepcopy(model), _batches())
+    eager = sgd_losses(copy.deepcopy(model), random_batches(side=SIDE))
     compiled_model = copy.deepcopy(model)
-    compiled = _losses(torch.compile(compiled_model), _batches())
+    compiled = sgd_losses(torch.compile(compiled_model), random_batches(side=SIDE))
     assert compiled == pytest.approx(eager, rel=1e-4)
 
 

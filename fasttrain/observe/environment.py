@@ -44,7 +44,7 @@ def device_name(device: torch.device) -> str:
 
 
 def describe(device: torch.device, world_size: int, backend: str) -> dict:
-    """env.json of a run; the benchmarks' environment is this too (benchmarks.ladder.environment)."""
+    """env.json of a run; the benchmarks' environment is this too (benchmarks.report.environment)."""
     cuda = device.type == "cuda"
     return {
         "fasttrain": fasttrain.__version__,

@@ -255,3 +255,21 @@ def train_one_epoch(step: Step, loader: Loader, schedule: Schedule, plan: EpochP
     return EpochStats(loss_sum / max(samples, 1), int(samples), steps, seconds, last_lr, skipped_steps,
                       first_step_seconds, data_wait, stopped_early, int(reduced_now[1]), steps - start_step,
                       max(time_first_steps, 1), signal_at_end)
+
+
+def run_epoch(parts, boundaries: Boundaries, epoch: int, global_step: int, max_batches: int = 0,
+              loader: Optional[Iterable[Tuple[torch.Tensor, torch.Tensor]]] = None) -> EpochStats:
+    """One epoch of fasttrain's training loop on `parts` (fasttrain.build.build_parts) outside a
+    Trainer: the public entry the benchmarks time, so that what they measure is what a run trains with.
+
+    `epoch` counts from 0 (it seeds the loader's permutation, as a run's first epoch is 0 there),
+    `global_step` is the optimizer steps done before it, `max_batches` ends the epoch early (0 = the
+    whole loader). `boundaries` says what happens at log intervals (a Trainer's reduce the preemption
+    flag with the sums, write steps.jsonl and tick the progress counter). `loader`: the batches to train
+    on, default `parts.train_loader` (a wrapper of it that times its waits, say). The Trainer adds
+    resume, callbacks, validation and checkpoints around the same `train_one_epoch`."""
+    loader = parts.train_loader if loader is None else loader
+    parts.model.train()
+    loader.set_epoch(epoch)
+    plan = EpochPlan(parts.precision.device, epoch + 1, global_step, max_batches=max_batches)
+    return train_one_epoch(parts.step, loader, parts.schedule, plan, boundaries)
