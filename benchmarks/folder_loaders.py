@@ -36,7 +36,7 @@ from benchmarks.report import environment, table
 from fasttrain.data.loaders.dali import dali_available
 from fasttrain.data.loaders.plain import FolderDataset, FolderPlainLoader
 from fasttrain.data.folder import FolderIndex, scan_split
-from fasttrain.data.loaders.gpu import BatchFormat
+from fasttrain.data.loaders.gpu import BatchFormat, CropFlip
 from fasttrain.data.sharding import ShardedBatches
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet's, as a user's photos would use
@@ -113,7 +113,7 @@ def dali_batches(index: FolderIndex, setup: Setup, threads: int, decode_on: torc
     from fasttrain.data.loaders.dali_folder import DaliFolderLoader
 
     loader = DaliFolderLoader(index, _plan(index, setup), BatchFormat(decode_on, MEAN, STD), setup.image_size,
-                              train=True, hflip=True, seed=0, num_threads=threads)
+                              train=True, aug=CropFlip(hflip=True, seed=0), num_threads=threads)
     return _endless(loader, device)
 
 
