@@ -185,6 +185,7 @@ def _checkpoint(run_dir, name="last.pt"):
     return torch.load(run_dir / "checkpoints" / name, map_location="cpu", weights_only=False)
 
 
+@pytest.mark.slow
 def test_every_tool_trains_in_the_eager_and_the_captured_step(straight):
     eager, captured = read_jsonl(straight / "eager" / "metrics.jsonl"), read_jsonl(straight / "captured" / "metrics.jsonl")
     assert [r["train_loss"] for r in captured] == pytest.approx([r["train_loss"] for r in eager], rel=1e-3)

@@ -15,6 +15,7 @@ from conftest import run_fasttrain
 from fasttrain.data.loaders.dali import dali_available
 
 
+@pytest.mark.slow
 def test_ladder_runs_every_rung_and_writes_its_table(tmp_path):
     out = tmp_path / "ladder.json"
     result = run_fasttrain("--device", "cpu", "--model", "SimpleModel", "--batch-size", "32", "--min-seconds", "0.05",
@@ -69,6 +70,7 @@ def test_flops_per_image_are_counted_on_the_model():
     assert flops == pytest.approx(3 * forward, rel=0.01)
 
 
+@pytest.mark.slow
 def test_suite_smoke_preset_writes_json_markdown_and_a_chart(tmp_path):
     result = run_fasttrain("--preset", "cpu-smoke", "--data-root", str(tmp_path), "--out", str(tmp_path / "out"),
                            module="benchmarks")

@@ -133,6 +133,7 @@ def test_console_script_lists_its_subcommands():
     assert unknown.returncode == 2 and "unknown command 'fit'" in unknown.stderr
 
 
+@pytest.mark.slow
 def test_a_train_command_exits_with_its_code_after_printing_everything(tmp_path):
     """`fasttrain train` and `python -m fasttrain.run` end with os._exit once the run is complete (see
     run.exit_now): the code is still the run's own, 0 or 2, and the last line is printed and logged."""

@@ -11,6 +11,7 @@ from conftest import run_fasttrain
 from fasttrain.data.loaders.dali import dali_available
 
 
+@pytest.mark.slow
 def test_gpu_check_smoke_runs_every_section_on_the_cpu_and_writes_its_report(tmp_path):
     """`python -m benchmarks.gpu_check --smoke`: the GPU check's plumbing, known to work before a GPU
     minute is spent on it. CUDA-only checks say so; nothing else may be skipped or fail."""

@@ -44,6 +44,7 @@ def uninterrupted(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_sigterm_to_a_two_rank_job_saves_one_checkpoint_and_a_rerun_finishes_identically(uninterrupted, tmp_path):
     out = tmp_path / "run"
     job = start(torchrun_command(2, *RUN, f"output.dir={out}", "resume=auto"))
@@ -94,6 +95,7 @@ def test_sigterm_to_torchrun_and_its_workers_together_stops_them_cleanly(tmp_pat
     assert (out / "checkpoints" / f"step-{stop_step:08d}.pt").is_file()
 
 
+@pytest.mark.slow
 def test_a_worker_killed_under_max_restarts_is_resumed_by_the_restarted_group(uninterrupted, tmp_path):
     out = tmp_path / "run"
     job = start(torchrun_command(2, *RUN, f"output.dir={out}", "resume=auto", launcher_args=("--max-restarts=1",)))

@@ -57,6 +57,7 @@ def two_rank_stop(tmp_path_factory) -> Path:
 CASES = [("plain", 1, 5), ("plain", 2, 3), ("gpu", 1, 8), ("gpu", 2, 6)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loader,world,stop", CASES, ids=[f"{l}-{w}rank-stop{s}" for l, w, s in CASES])
 def test_stop_and_resume_gives_the_same_weights_bit_for_bit(straight_runs, two_rank_stop, tmp_path, loader, world,
                                                             stop):
@@ -80,6 +81,7 @@ def test_stop_and_resume_gives_the_same_weights_bit_for_bit(straight_runs, two_r
     assert [r["step"] for r in read_jsonl(out / "steps.jsonl")] == [r["step"] for r in read_jsonl(straight / "steps.jsonl")]
 
 
+@pytest.mark.slow
 def test_a_truncated_newest_checkpoint_is_skipped_for_the_one_before(straight_runs, tmp_path):
     out = tmp_path / "run"
     first = run_fasttrain(*RUN, f"output.dir={out}", "checkpoint.every_steps=1", "checkpoint.keep=3",

@@ -62,6 +62,7 @@ def cnn():
     return build_model(ModelConfig(name="CNN"), 3, SIDE, 10)  # conv + BatchNorm, no dropout
 
 
+@pytest.mark.slow
 def test_captured_step_gives_the_eager_steps_losses_and_weights(cnn):
     batches = _batches(2) * (STEPS // 2)  # two batches seen again and again: the loss must fall
     eager, eager_model = _run("eager", cnn, batches)

@@ -31,6 +31,7 @@ def smoke_run(tmp_path_factory):
     return run_dir, result
 
 
+@pytest.mark.slow
 def test_smoke_run_learns_well_above_chance(smoke_run):
     run_dir, _ = smoke_run
     history = read_jsonl(run_dir / "metrics.jsonl")
