@@ -98,10 +98,10 @@ def test_torchvision_resnet18_trains_with_the_cifar_stem_and_its_checkpoint_eval
     assert count_parameters(model) == 11_173_962
     assert flops_per_image(model, (3, 32, 32)) / 1e6 == pytest.approx(3329.0, abs=0.05)
 
-    # one step of 8 images and 8 to validate (ResNet-18 at 3.3 GFLOP an image is this test's cost), in this
+    # one step of 2 images and 2 to validate (ResNet-18 at 3.3 GFLOP an image is this test's cost), in this
     # process: it is about the model
     run_dir = tmp_path / "run"
-    assert run.main([*SHORT, "data.train_size=8", "data.val_size=8", "train.batch_size=8",
+    assert run.main([*SHORT, "data.train_size=2", "data.val_size=2", "train.batch_size=2",
                      "model.name=torchvision:resnet18", f"output.dir={run_dir}"]) == 0
     assert len(read_jsonl(run_dir / "metrics.jsonl")) == 1
     trained = torch.load(run_dir / "checkpoints" / "best.pt", map_location="cpu", weights_only=False)["model"]
@@ -111,7 +111,7 @@ def test_torchvision_resnet18_trains_with_the_cifar_stem_and_its_checkpoint_eval
     capsys.readouterr()
     assert cli.main(["eval", str(run_dir / "checkpoints" / "best.pt"), "--json"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert out["total"] == 8 and out["val_acc"] == out["recorded_val_acc"]
+    assert out["total"] == 2 and out["val_acc"] == out["recorded_val_acc"]
 
 
 def test_your_own_model_trains_with_its_kwargs_and_evaluates_from_its_checkpoint(my_nets, tmp_path, capsys):
