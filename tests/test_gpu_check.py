@@ -37,7 +37,8 @@ def test_gpu_check_smoke_runs_every_section_on_the_cpu_and_writes_its_report(tmp
     assert 0 < to_accuracy["case_study_test_acc"] <= 1 and to_accuracy["tutorial_epochs_measured"] >= 1
     cold = to_accuracy["fast_cold"]  # from outside the process, with the run's own time split
     assert set(cold["time_split"]) == {"startup", "compile", "steps", "eval", "checkpoint", "end"}
-    assert cold["seconds"] >= sum(cold["time_split"].values())
+    # the outside clock holds the run's own parts (each rounded to 4 places, the total to 3)
+    assert cold["seconds"] >= sum(cold["time_split"].values()) - 0.001
     assert "the case study's accuracy" in to_accuracy["headline"]
     report = json.loads((out / "gpu_check.json").read_text())
     assert [s["section"] for s in report["sections"]] == list(sections)

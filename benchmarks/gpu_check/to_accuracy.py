@@ -83,7 +83,8 @@ def time_to_accuracy(plan: Plan, deadline: float) -> dict:
                     "output": tail(result.stdout, 8)}
         split = json.loads((out / "env.json").read_text()).get("time_split", {})
         reached = split.get("target")
-        runs[name] = {"seconds": round(seconds, 1), "reached": bool(reached),
+        # 3 places, not 1: the run's own parts (at 4) must sum to no more than this outside clock
+        runs[name] = {"seconds": round(seconds, 3), "reached": bool(reached),
                       "epochs": history[-1]["epoch"], "test_acc": round(history[-1]["val_acc"], 4),
                       "seconds_to_target": reached["seconds"] if reached else None,
                       "fixed_seconds": round(sum(split["parts"][k] for k in ("startup", "compile", "end")), 1),
