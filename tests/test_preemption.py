@@ -21,10 +21,11 @@ import pytest
 from conftest import (assert_same_weights, child_pids, frozen, logged_steps, read_jsonl, run_fasttrain, run_torchrun,
                       start, torchrun_command, wait_for_step)
 
-# 1024 images, batch 32 per rank: 16 steps per epoch for two ranks, 2 epochs; a step takes ~0.1 s (long enough
-# for a test to signal a run mid-epoch; where the signal meets the run is fixed by freezing it: conftest.frozen)
+# 1024 images, batch 32 per rank: 16 steps per epoch for two ranks, 2 epochs, of the tutorial's CNN (dropout and
+# BatchNorm) on 16 px images. The steps are short: where a signal meets the run is fixed by freezing the run's
+# processes while the test reads its newest step and signals (conftest.frozen), not by the step's length
 RUN = ["--config", "configs/smoke.yaml", "data.train_size=1024", "data.val_size=64", "model.name=CIFAR10_CNN",
-       "train.batch_size=32", "train.epochs=2", "train.log_every=1", "data.num_workers=0",
+       "data.image_size=16", "train.batch_size=32", "train.epochs=2", "train.log_every=1", "data.num_workers=0",
        "checkpoint.every_steps=4", "output.plots=false"]
 EXIT_PREEMPTED = 75
 
@@ -85,7 +86,8 @@ def test_sigterm_to_torchrun_and_its_workers_together_stops_them_cleanly(tmp_pat
     out = tmp_path / "run"
     job = start(torchrun_command(2, *RUN, f"output.dir={out}", "resume=auto"))
     wait_for_step(out, 6, job)
-    os.killpg(job.pid, signal.SIGTERM)  # the job's session: torchrun and both workers
+    with frozen(job.pid, *child_pids(job.pid)):  # the signal arrives mid-run, before the run can end
+        os.killpg(job.pid, signal.SIGTERM)  # the job's session: torchrun and both workers
     output, _ = job.communicate(timeout=120)
     assert job.returncode != 0  # torchrun reports the signal; the marker tells the job script to requeue
     stops = re.findall(r"\[rank (\d)\] fasttrain: preempted by SIGTERM after step (\d+)", output)
@@ -119,7 +121,8 @@ def test_sigusr1_to_a_single_process_exits_75_and_resume_auto_finishes(tmp_path)
     out = tmp_path / "run"
     job = start([sys.executable, "-m", "fasttrain.run", *small, f"output.dir={out}"])
     wait_for_step(out, 5, job)
-    job.send_signal(signal.SIGUSR1)
+    with frozen(job.pid):
+        job.send_signal(signal.SIGUSR1)
     output, _ = job.communicate(timeout=120)
     assert job.returncode == EXIT_PREEMPTED, output[-3000:]
     assert json.loads((out / "preempted.json").read_text())["signal"] == "SIGUSR1"
@@ -185,7 +188,8 @@ def test_sigterm_to_the_whole_process_group_with_dataloader_workers_saves_and_ex
     out = tmp_path / "run"
     job = start([sys.executable, "-m", "fasttrain.run", *WORKERS, f"output.dir={out}"])
     wait_for_step(out, 3, job)
-    os.killpg(job.pid, signal.SIGTERM)
+    with frozen(job.pid):  # the workers get the signal at once, the training process when it continues
+        os.killpg(job.pid, signal.SIGTERM)
     output, _ = job.communicate(timeout=120)
     assert job.returncode == EXIT_PREEMPTED, output[-3000:]
     assert "Traceback" not in output and "killed by signal" not in output
@@ -199,7 +203,8 @@ def test_ctrl_c_stops_at_the_next_log_interval_with_a_checkpoint_and_exit_130(tm
     out = tmp_path / "run"
     job = start([sys.executable, "-m", "fasttrain.run", *WORKERS, f"output.dir={out}"])
     wait_for_step(out, 3, job)
-    os.killpg(job.pid, signal.SIGINT)
+    with frozen(job.pid):
+        os.killpg(job.pid, signal.SIGINT)
     output, _ = job.communicate(timeout=120)
     assert job.returncode == 130, output[-3000:]
     assert "Traceback" not in output and "KeyboardInterrupt" not in output
