@@ -172,8 +172,22 @@ def test_master_port_in_use_is_one_line_naming_it_and_the_fix(held_port, tmp_pat
     assert not (tmp_path / "run").exists()  # nothing claimed or written
 
 
-@pytest.mark.parametrize("port", ["0", "70000", "abc"])
-@pytest.mark.parametrize("world", [1, 2])
+@pytest.mark.parametrize("port", ["0", "70000", "abc", "", " 29500x"])
+def test_the_launch_environment_reads_a_master_port_only_if_it_is_a_tcp_port(port):
+    """What every rank reads first (in this process: the check is the same for any world size; the
+    processes below show that each rank of a launch stops on it with the line)."""
+    from fasttrain.dist import read_env
+    from fasttrain.errors import UserError
+
+    for world in (1, 2):
+        environ = {"RANK": "0", "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+        with pytest.raises(UserError, match=f"MASTER_PORT={port!r} is not a TCP port \\(1-65535\\): choose a free"):
+            read_env(environ)
+    assert read_env({"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "65535"}).master_port == 65535
+
+
+# one bad value per world size: each rank's exit, its line and nothing written (the values: the test above)
+@pytest.mark.parametrize("world,port", [(1, "0"), (2, "abc")])
 def test_a_master_port_that_is_no_port_is_one_line_on_every_rank(tmp_path, port, world):
     jobs = [launch_rank(rank, world, tmp_path / "run", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
             for rank in range(world)]
