@@ -43,14 +43,14 @@ def run_fasttrain(*args: str, module: str = "fasttrain.run", cwd: Path | None = 
                           capture_output=True, timeout=timeout)
 
 
-def run_in_process(capsys, *args: str) -> subprocess.CompletedProcess:
-    """`python -m fasttrain.run ARGS` as `fasttrain.run.main(ARGS)` in this process, its exit code and output as
-    run_fasttrain gives them: the same code path, without the ~3 s of start-up of a process of its own (for the
-    tests that are not about the process: its signals, its exit, its launcher)."""
-    from fasttrain import run
+def run_in_process(capsys, *args: str, module: str = "fasttrain.run") -> subprocess.CompletedProcess:
+    """`python -m fasttrain.run ARGS` (or fasttrain.cli) as its `main(ARGS)` in this process, its exit code and
+    output as run_fasttrain gives them: the same code path, without the ~3 s of start-up of a process of its own
+    (for the tests that are not about the process: its signals, its exit, its launcher)."""
+    import importlib
 
     capsys.readouterr()
-    code = run.main(list(args))
+    code = importlib.import_module(module).main(list(args))
     out, err = capsys.readouterr()
     return subprocess.CompletedProcess(list(args), code, out, err)
 

@@ -12,13 +12,15 @@ import torch
 import yaml
 from PIL import Image
 
-from conftest import TINY, read_jsonl, run_fasttrain
+from conftest import REPO, TINY, read_jsonl, run_fasttrain, run_in_process
+
 from fasttrain.config import load_config
 from fasttrain.errors import UserError
 from fasttrain.observe.progress import Progress
 from fasttrain.train.session import EPOCH_COLUMNS
 from fasttrain.train.lifecycle import train
 
+SMOKE = str(REPO / "configs" / "smoke.yaml")
 EPOCH_FIELDS = {"epoch", "train_loss", "val_loss", "val_acc", "lr", "images_per_sec"}
 
 
@@ -62,50 +64,50 @@ def test_smoke_run_writes_config_checkpoints_and_logs(smoke_run):
     assert "done: best val_acc" in result.stdout
 
 
-def test_eval_reproduces_the_accuracy_recorded_at_training_time(smoke_run):
+def test_eval_reproduces_the_accuracy_recorded_at_training_time(smoke_run, capsys):
     run_dir, _ = smoke_run
-    result = run_fasttrain("eval", str(run_dir / "checkpoints" / "best.pt"), "--json", module="fasttrain.cli")
+    result = run_in_process(capsys, "eval", str(run_dir / "checkpoints" / "best.pt"), "--json", module="fasttrain.cli")
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout.strip().splitlines()[-1])
     assert out["total"] == 512
     assert out["val_acc"] == out["recorded_val_acc"]
 
 
-def test_refuses_to_overwrite_an_earlier_run(smoke_run):
+def test_refuses_to_overwrite_an_earlier_run(smoke_run, capsys):
     run_dir, _ = smoke_run
     before = (run_dir / "checkpoints" / "best.pt").read_bytes()
-    result = run_fasttrain("--config", "configs/smoke.yaml", f"output.dir={run_dir}")
+    result = run_in_process(capsys, "--config", SMOKE, f"output.dir={run_dir}")
     assert result.returncode == 2 and "output.overwrite=true" in result.stderr
     assert (run_dir / "checkpoints" / "best.pt").read_bytes() == before
 
 
-def test_corrupt_checkpoint_is_reported_with_exit_2(smoke_run, tmp_path):
+def test_corrupt_checkpoint_is_reported_with_exit_2(smoke_run, tmp_path, capsys):
     run_dir, _ = smoke_run
     broken = tmp_path / "broken.pt"
     broken.write_bytes((run_dir / "checkpoints" / "last.pt").read_bytes()[:1000])
-    result = run_fasttrain("eval", str(broken), module="fasttrain.cli")
+    result = run_in_process(capsys, "eval", str(broken), module="fasttrain.cli")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "broken.pt is truncated or corrupt" in result.stderr
 
 
-def test_checkpoint_of_another_model_names_the_shapes_that_differ(smoke_run):
+def test_checkpoint_of_another_model_names_the_shapes_that_differ(smoke_run, capsys):
     run_dir, _ = smoke_run
-    result = run_fasttrain("eval", str(run_dir / "checkpoints" / "best.pt"), "model.name=CIFAR10_CNN",
+    result = run_in_process(capsys, "eval", str(run_dir / "checkpoints" / "best.pt"), "model.name=CIFAR10_CNN",
                            module="fasttrain.cli")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "does not fit this model" in result.stderr and "shapes differ: classifier.1.weight (128, 4096) vs model (256, 2048)" in result.stderr
 
 
-def test_unwritable_output_dir_exits_2(tmp_path):
+def test_unwritable_output_dir_exits_2(tmp_path, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
-    result = run_fasttrain("--config", "configs/smoke.yaml", f"output.dir={blocker / 'run'}")
+    result = run_in_process(capsys, "--config", SMOKE, f"output.dir={blocker / 'run'}")
     assert result.returncode == 2 and "is not writable" in result.stderr and "Traceback" not in result.stderr
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
-def test_cuda_requested_without_cuda_exits_2(tmp_path):
-    result = run_fasttrain("--config", "configs/smoke.yaml", "train.device=cuda", f"output.dir={tmp_path / 'r'}")
+def test_cuda_requested_without_cuda_exits_2(tmp_path, capsys):
+    result = run_in_process(capsys, "--config", SMOKE, "train.device=cuda", f"output.dir={tmp_path / 'r'}")
     assert result.returncode == 2 and "CUDA is not available" in result.stderr
 
 
@@ -148,23 +150,23 @@ def test_smoke_run_writes_its_environment_and_plots(smoke_run):
     assert "curves.png, throughput.png" in result.stdout
 
 
-def test_a_run_with_plots_off_draws_none_and_fasttrain_plot_draws_them_later(tmp_path):
+def test_a_run_with_plots_off_draws_none_and_fasttrain_plot_draws_them_later(tmp_path, capsys):
     out = tmp_path / "run"
-    result = run_fasttrain(*TINY, f"output.dir={out}")  # TINY says output.plots=false
+    result = run_in_process(capsys, *TINY, f"output.dir={out}")  # TINY says output.plots=false
     assert result.returncode == 0, result.stderr[-3000:]
     assert not list(out.glob("*.png")) and ".png" not in result.stdout
-    drawn = run_fasttrain("plot", str(out), module="fasttrain.cli")
+    drawn = run_in_process(capsys, "plot", str(out), module="fasttrain.cli")
     assert drawn.returncode == 0, drawn.stderr
     _assert_plot(out / "curves.png", min_width=1000)
     _assert_plot(out / "throughput.png")
     assert Image.open(out / "time.png").format == "PNG"  # env.json's time split, drawn too
 
 
-def test_fasttrain_plot_reports_bad_input_with_exit_2(tmp_path):
-    result = run_fasttrain("plot", str(tmp_path / "nothing"), module="fasttrain.cli")
+def test_fasttrain_plot_reports_bad_input_with_exit_2(tmp_path, capsys):
+    result = run_in_process(capsys, "plot", str(tmp_path / "nothing"), module="fasttrain.cli")
     assert result.returncode == 2 and "has no metrics.jsonl" in result.stderr
     (tmp_path / "metrics.jsonl").write_text('{"epoch": 1, "train_loss": 2.0, "val_lo')
-    result = run_fasttrain("plot", str(tmp_path), module="fasttrain.cli")
+    result = run_in_process(capsys, "plot", str(tmp_path), module="fasttrain.cli")
     assert result.returncode == 2 and "line 1 is not valid JSON" in result.stderr and "Traceback" not in result.stderr
 
 
