@@ -15,28 +15,6 @@ from conftest import run_fasttrain
 from fasttrain.data.loaders.dali import dali_available
 
 
-@pytest.mark.slow
-def test_ladder_runs_every_rung_and_writes_its_table(tmp_path):
-    out = tmp_path / "ladder.json"
-    result = run_fasttrain("--device", "cpu", "--model", "SimpleModel", "--batch-size", "32", "--min-seconds", "0.05",
-                           "--log-every", "2", "--warmup", "12", "--guard-steps", "12", "--windows", "2",
-                           "--tutorial-workers", "0", "--data-root", str(tmp_path), "--train-size", "1280",
-                           "--threads", "1", "--json", str(out), module="benchmarks.ladder")
-    assert result.returncode == 0, result.stderr[-3000:]
-    rows = json.loads(out.read_text())["rows"]
-    expected = ["tutorial loop", "fasttrain, plain loader", "+ gpu-resident loader", "+ channels_last",
-                "+ bf16 autocast", "+ torch.compile", "+ whole-step capture"] + (
-        ["DALI instead of the gpu-resident loader"] if dali_available() else [])
-    assert [r["variant"].split(" (")[0] for r in rows] == expected
-    table = [line for line in result.stdout.splitlines() if line.startswith("| ")]
-    assert len(table) == 1 + len(expected)
-    assert all(r["images_per_sec"] > 0 and len(r["window_images_per_sec"]) == 2 for r in rows)
-    assert all(math.isfinite(r["guard_last_loss"]) and r["guard_last_loss"] < r["guard_first_loss"] for r in rows)
-    assert rows[0]["data_wait_share"] is None and all(0.0 <= r["data_wait_share"] <= 1.0 for r in rows[1:])
-    assert rows[0]["speedup"] == 1.0
-    assert all(r["mfu"] is None for r in rows)  # no known peak for a CPU: "n/a", not a made-up figure
-
-
 def test_loader_only_mode_times_every_loader(tmp_path):
     out = tmp_path / "loaders.json"
     result = run_fasttrain("--loaders-only", "--device", "cpu", "--batch-size", "64", "--min-seconds", "0.05", "--warmup", "1",
@@ -71,13 +49,32 @@ def test_flops_per_image_are_counted_on_the_model():
 
 
 @pytest.mark.slow
-def test_suite_smoke_preset_writes_json_markdown_and_a_chart(tmp_path):
+def test_suite_smoke_preset_writes_json_markdown_and_a_chart(tmp_path, capsys):
+    """`python -m benchmarks --preset cpu-smoke`: the ladder (benchmarks.ladder, the rows its own command prints
+    as well), the batch sweep, the loaders, host overhead and scaling, in one run."""
     result = run_fasttrain("--preset", "cpu-smoke", "--data-root", str(tmp_path), "--out", str(tmp_path / "out"),
                            module="benchmarks")
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads((tmp_path / "out" / "results.json").read_text())
     assert {"device", "torch", "cuda", "dali", "cpu_count", "python", "git_commit"} <= set(data["environment"])
+    # the ladder: every rung, each timed over its windows after a guard run whose loss fell
+    rows = data["ladder"]
+    expected = ["tutorial loop", "fasttrain, plain loader", "+ gpu-resident loader", "+ channels_last",
+                "+ bf16 autocast", "+ torch.compile", "+ whole-step capture"] + (
+        ["DALI instead of the gpu-resident loader"] if dali_available() else [])
+    assert [r["variant"].split(" (")[0] for r in rows] == expected
+    assert all(r["images_per_sec"] > 0 and len(r["window_images_per_sec"]) == 2 for r in rows)
+    assert all(math.isfinite(r["guard_last_loss"]) and r["guard_last_loss"] < r["guard_first_loss"] for r in rows)
+    assert rows[0]["data_wait_share"] is None and all(0.0 <= r["data_wait_share"] <= 1.0 for r in rows[1:])
+    assert rows[0]["speedup"] == 1.0
+    assert all(r["mfu"] is None for r in rows)  # no known peak for a CPU: "n/a", not a made-up figure
     assert len(data["ladder"]) == len(data["best_batch"]) + 1  # every fasttrain variant got a batch sweep
+    from benchmarks.ladder import Row, print_table  # `python -m benchmarks.ladder`'s table of these rows
+
+    capsys.readouterr()
+    print_table([Row(**row) for row in rows], loaders_only=False)
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert printed[0].startswith("| variant | images/s | speedup vs tutorial loop |") and len(printed) == 1 + len(rows)
     assert [s["world_size"] for s in data["scaling"]] == [1, 2] and data["scaling"][0]["efficiency"] == 1.0
     assert len(data["loaders"]) >= 3
     host = data["host_overhead"]
