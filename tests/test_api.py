@@ -97,6 +97,19 @@ def test_readme_example_trains_the_users_model_into_its_run_folder(tmp_path, mon
     assert all(torch.equal(last["model"][key], trained[key]) for key in trained)
 
 
+@pytest.mark.slow  # two compilations on the CPU
+def test_compiled_fits_one_after_another_each_compile_their_own_step(tmp_path, monkeypatch):
+    """A sweep in one process: each compiled run starts from torch.compile's first state. Without that, each
+    new model fails the last runs' guards, and past dynamo's recompile limit the step runs eagerly, with only
+    a warning. The limit is set to 1 here: the second run is the first past it."""
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    graphs = []
+    for name in ("a", "b"):
+        result = fasttrain.fit(model=SmallNet(), overrides=TINY + ["train.compile=default", f"output.dir={tmp_path / name}"])
+        graphs.append(read_jsonl(result.metrics_path)[-1]["compiled_graphs"])  # graphs made so far in this process
+    assert graphs[1] > graphs[0] > 0, graphs
+
+
 def test_fit_twice_in_one_process_leaves_no_handlers_and_resume_auto_continues(tmp_path):
     """A script that fits, then fits again with resume=auto and the same module: the second run continues
     the first (stopped by train.stop_after_steps after epoch 1) and ends with the weights of one
@@ -217,6 +230,7 @@ def test_eval_rebuilds_an_importable_model_and_names_one_it_cannot(tmp_path, mon
     assert evaluated["val_acc"] == evaluated["recorded_val_acc"] == in_script.best_val_acc
 
 
+@pytest.mark.slow
 def test_fit_under_torchrun_trains_one_model_over_the_ranks(tmp_path):
     """A script launched as `torchrun --nproc_per_node=2 script.py`: each rank calls fit with a module
     whose initial weights differ per rank; DDP starts all from rank 0's and they end identical."""

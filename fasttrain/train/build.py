@@ -93,6 +93,12 @@ def build_parts(cfg: Config, ctx: dist.Dist, logger: logging.Logger, model: Opti
     compile_mode = None if cfg.train.compile == "default" else cfg.train.compile
     torch.manual_seed(cfg.train.seed + ctx.rank)  # per-rank streams for dropout; data randomness is seeded apart
     optimizer = build_optimizer(cfg.optim, model, device, capture=cfg.train.capture)
+    if compiled or cfg.train.capture:
+        # each compiled run starts from torch.compile's first state, as in a new process: one process running
+        # fit() again and again (a sweep, a notebook, the test suite) fails the last runs' guards with each new
+        # model, and at dynamo's recompile limit (8 per function) it would run the step eagerly from then on,
+        # with other numerics and speed and only a warning. Other compiled code of the process recompiles once.
+        torch._dynamo.reset()
     step: Step
     if cfg.train.capture:
         step = CapturedStep(model, optimizer, precision, cfg.train.grad_clip, compile_mode, ctx.world_size,
