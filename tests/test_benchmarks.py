@@ -15,6 +15,7 @@ from conftest import run_fasttrain
 from fasttrain.data.loaders.dali import dali_available
 
 
+@pytest.mark.slow
 def test_loader_only_mode_times_every_loader(tmp_path):
     out = tmp_path / "loaders.json"
     result = run_fasttrain("--loaders-only", "--device", "cpu", "--batch-size", "64", "--min-seconds", "0.05", "--warmup", "1",

@@ -315,6 +315,7 @@ def test_a_file_that_cannot_be_decoded_is_named(tmp_path, train):
 
 
 # --------------------------------------------------------------------------- the benchmark
+@pytest.mark.slow
 def test_folder_loader_benchmark_smoke_prints_its_table(tmp_path):
     result = run_fasttrain("--smoke", "--out", str(tmp_path / "bench"), module="benchmarks.folder_loaders",
                            timeout=120)

@@ -72,6 +72,7 @@ def two_ranks():
 
 
 @pytest.mark.parametrize("kind", ["plain", "gpu", "dali"])
+@pytest.mark.slow
 def test_every_sample_once_per_epoch_across_two_ranks(two_ranks, kind):
     if kind == "dali":
         pytest.importorskip("nvidia.dali")

@@ -49,6 +49,7 @@ EQUIV = ["data.dataset=synthetic", "data.train_size=256", "data.val_size=100", "
          *TOOLS]
 
 
+@pytest.mark.slow
 def test_two_ranks_of_batch_b_train_like_one_process_of_batch_2b(tmp_path):
     two = run_torchrun(2, *EQUIV, "train.batch_size=16", f"output.dir={tmp_path / 'two'}")
     assert two.returncode == 0, two.stderr[-3000:]
@@ -87,8 +88,9 @@ def small_checkpoint(tmp_path_factory):
 # one process: the other loaders in this process; 2 and 3 ranks: real torchrun launches of `fasttrain.cli eval`.
 # Every loader shares one plan of the ranks' shares (ShardedBatches, exact): the plain loader checks it at both
 # world sizes (101 leaves a remainder of 1 and of 2), each other loader its own batches of a share at 3 ranks
-@pytest.mark.parametrize("world,loader", [(1, "gpu"), (1, "dali"), (2, "plain"), (3, "plain"), (3, "gpu"),
-                                          (3, "dali")])
+@pytest.mark.parametrize("world,loader", [(1, "gpu"), (1, "dali")] + [
+    pytest.param(world, loader, marks=pytest.mark.slow) for world, loader in [(2, "plain"), (3, "plain"), (3, "gpu"),
+                                                                               (3, "dali")]])
 def test_evaluation_is_exact_for_any_world_size(small_checkpoint, world, loader):
     if loader == "dali":
         pytest.importorskip("nvidia.dali")
@@ -108,6 +110,7 @@ def test_evaluation_is_exact_for_any_world_size(small_checkpoint, world, loader)
     assert loss == pytest.approx(expected.loss, rel=1e-6)  # float32 sums in other groupings
 
 
+@pytest.mark.slow
 def test_accelerate_launch_with_two_cpu_processes(tmp_path):
     pytest.importorskip("accelerate")
     run_dir = tmp_path / "run"

@@ -62,6 +62,7 @@ def test_the_dali_loader_names_a_file_its_decoder_refuses_in_one_line(tmp_path):
 
 
 @needs_dali
+@pytest.mark.slow
 def test_skip_bad_images_leaves_out_what_the_dali_decoder_refuses(tmp_path):
     from fasttrain.config import load_config
     from fasttrain.data import folder_splits, scan_decoder

@@ -102,6 +102,7 @@ def test_cli_trains_and_evaluates_on_a_folder_leaving_out_an_unreadable_file(ima
     assert len(skipped) == 1 and " 1 " in skipped[0], log[-2000:]
 
 
+@pytest.mark.slow
 def test_two_ranks_evaluate_every_folder_image_exactly_once_with_workers_decoding(image_root, tmp_path):
     run_dir = tmp_path / "run"
     result = run_torchrun(2, *_overrides(image_root, "data.loader=plain", "data.num_workers=1",

@@ -103,6 +103,7 @@ def test_multi_node_script_outside_slurm_says_so(tmp_path):
     assert result.returncode != 0 and "SLURM_JOB_NODELIST is unset" in result.stderr
 
 
+@pytest.mark.slow
 def test_torchrun_wrapper_runs_two_processes(tmp_path):
     env = dict(os.environ, NPROC="2", PYTHON=sys.executable, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     run_dir = tmp_path / "run"

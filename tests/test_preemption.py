@@ -80,6 +80,7 @@ def test_sigterm_to_a_two_rank_job_saves_one_checkpoint_and_a_rerun_finishes_ide
     assert [r["step"] for r in read_jsonl(out / "steps.jsonl")] == list(range(1, 33))
 
 
+@pytest.mark.slow
 def test_sigterm_to_torchrun_and_its_workers_together_stops_them_cleanly(tmp_path):
     """What SLURM's --signal=TERM@120 and preemption do: every process of the job step, torchrun
     included, gets SIGTERM. torchrun passes it on and waits; the workers still stop together."""
@@ -114,6 +115,7 @@ def test_a_worker_killed_under_max_restarts_is_resumed_by_the_restarted_group(un
     assert_same_weights(uninterrupted, out)
 
 
+@pytest.mark.slow
 def test_sigusr1_to_a_single_process_exits_75_and_resume_auto_finishes(tmp_path):
     """One process, SIGUSR1 (SLURM's advance warning): the exit code is the process's own. (Bitwise
     equality after such a stop is shown by the two-rank test above.)"""
@@ -145,6 +147,7 @@ def _wait_for_file(path, job, timeout=300):
     raise AssertionError(f"{path} did not appear in {timeout}s")
 
 
+@pytest.mark.slow
 def test_the_agreed_stop_comes_at_the_next_log_interval_without_a_collective_of_its_own(tmp_path):
     """Default (checkpoint.signal_check_every=0): the flag rides in the sums reduced every
     train.log_every steps, so the stop is at a log step, at most one interval after the signal."""

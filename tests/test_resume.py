@@ -113,6 +113,7 @@ def test_a_truncated_newest_checkpoint_is_skipped_for_the_one_before(straight_ru
     assert len(read_jsonl(out / "metrics.jsonl")) == 2
 
 
+@pytest.mark.slow
 def test_resume_with_another_world_size_warns_that_the_data_order_changes(two_rank_stop, tmp_path):
     step_file = two_rank_stop / "checkpoints" / "step-00000003.pt"
     # what the checkpoint holds: the position, and each rank's own random states and running sums
@@ -137,6 +138,7 @@ def test_resume_with_another_world_size_warns_that_the_data_order_changes(two_ra
     assert torch.load(one / "checkpoints" / "last.pt", weights_only=False)["world_size"] == 1
 
 
+@pytest.mark.slow
 def test_one_process_checkpoint_continued_by_two_ranks_when_the_rest_of_the_epoch_splits_unevenly(tmp_path):
     """97 images, batch 32: one process stops after step 1 (32 images); the 65 left over two ranks of batch 32
     are one global batch and one image, which only one rank could take: it is left out, and both ranks take the
@@ -155,6 +157,7 @@ def test_one_process_checkpoint_continued_by_two_ranks_when_the_rest_of_the_epoc
     assert last["global_step"] == 1 + 1 + 2
 
 
+@pytest.mark.slow
 def test_a_second_stop_after_a_resume_with_another_world_size_records_the_exact_sample(two_rank_stop, tmp_path):
     """2 ranks stopped at sample 192 of epoch 1 (3 steps x 32 x 2); one process at batch 40 resumes there (192 is
     no multiple of 40) and stops one step later: the checkpoint stands at sample 232, where the loader was, and

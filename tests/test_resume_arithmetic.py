@@ -78,6 +78,7 @@ def test_a_position_that_does_not_fit_the_epoch_is_refused(tmp_path, capsys, ste
     assert not (tmp_path / "other").exists()
 
 
+@pytest.mark.slow
 def test_resume_from_another_run_never_replaces_a_finished_run(tmp_path, capsys):
     run_a, run_b = tmp_path / "A", tmp_path / "B"
     assert run.main([*RUN, "train.epochs=1", f"output.dir={run_a}"]) == 0

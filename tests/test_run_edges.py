@@ -121,6 +121,7 @@ def test_a_run_folder_made_read_only_mid_run_stops_with_one_line_and_keeps_its_c
     assert logged and all(r["step"] for r in logged)
 
 
+@pytest.mark.slow
 def test_under_ddp_every_rank_stops_together_when_rank_0_cannot_write(tmp_path):
     """Rank 0 alone writes the folder: its failure (here steps.jsonl, at a log interval with no checkpoint
     due) reaches rank 1 in the next reduction, and both stop with the same line, well before dist.timeout_s.

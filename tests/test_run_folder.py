@@ -34,6 +34,7 @@ def finished(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_a_second_run_into_a_folder_in_use_stops_with_one_line_and_changes_nothing(tmp_path):
     out = tmp_path / "run"
     first = start([sys.executable, "-m", "fasttrain.run", *RUN, "train.epochs=50", "train.log_every=1",

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import List
 
+import pytest
 import yaml
 
 from conftest import REPO, run_torchrun, start, wait_for_step
@@ -212,6 +213,7 @@ def test_rank_0_waiting_for_a_peer_that_never_comes_stops_on_sigterm_with_75(tmp
     assert not (tmp_path / "run").exists()  # nothing was claimed or written
 
 
+@pytest.mark.slow
 def test_rank_1_waiting_for_a_rank_0_that_never_comes_stops_on_ctrl_c_with_130(tmp_path):
     env = clean_env(RANK="1", WORLD_SIZE="2", LOCAL_RANK="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
                     PYTHONUNBUFFERED="1")
@@ -230,6 +232,7 @@ def test_rank_1_waiting_for_a_rank_0_that_never_comes_stops_on_ctrl_c_with_130(t
 # ---------------------------------------------------------------- 5. a failure in rank 0's section
 
 
+@pytest.mark.slow
 def test_any_exception_in_rank_0s_section_stops_every_rank_at_once_with_one_line(tmp_path):
     """resume=auto into a folder whose steps.jsonl ends in a line cut short (a full disk): trimming the
     records on rank 0 raises a JSONDecodeError, which is not a UserError. Before, only UserError reached
@@ -278,6 +281,7 @@ run.exit_now(run.main(sys.argv[2:], ends_process=True))
 """
 
 
+@pytest.mark.slow
 def test_data_loader_auto_is_rank_0s_choice_on_every_rank(tmp_path):
     """The choice depends on free memory, which each rank reads for itself: here rank 1 is made to see none.
     Every rank must still use rank 0's loader (before, rank 1 built another one)."""

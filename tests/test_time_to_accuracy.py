@@ -56,6 +56,7 @@ def every_two(tmp_path_factory):
     return out, result, outside
 
 
+@pytest.mark.slow
 def test_the_time_split_adds_up_to_the_wall_time_measured_from_outside(every_two):
     out, _, outside = every_two
     split = _env(out)["time_split"]
@@ -170,6 +171,7 @@ def test_a_failed_background_write_stops_the_run_with_one_line_and_keeps_the_las
     assert len(calls) == 2  # the run stopped at its next save: nothing written after the failure
 
 
+@pytest.mark.slow
 def test_a_kill_during_a_background_write_leaves_the_previous_checkpoint_loadable(tmp_path):
     """A model of ~40 MB (checkpoints of ~120 MB with AdamW's moments): SIGKILL to the process group while an
     epoch's last.pt is being written behind the training; then resume=auto finishes the run."""
