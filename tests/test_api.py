@@ -98,15 +98,18 @@ def test_readme_example_trains_the_users_model_into_its_run_folder(tmp_path, mon
 
 
 @pytest.mark.slow  # two compilations on the CPU
-def test_compiled_fits_one_after_another_each_compile_their_own_step(tmp_path, monkeypatch):
+def test_compiled_fits_one_after_another_each_compile_their_own_step(tmp_path):
     """A sweep in one process: each compiled run starts from torch.compile's first state. Without that, each
     new model fails the last runs' guards, and past dynamo's recompile limit the step runs eagerly, with only
-    a warning. The limit is set to 1 here: the second run is the first past it."""
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
-    graphs = []
-    for name in ("a", "b"):
-        result = fasttrain.fit(model=SmallNet(), overrides=TINY + ["train.compile=default", f"output.dir={tmp_path / name}"])
-        graphs.append(read_jsonl(result.metrics_path)[-1]["compiled_graphs"])  # graphs made so far in this process
+    a warning. The limit is set to 1 here (torch's own patch: pytest's monkeypatch would delete the setting
+    on the way out, as the config module serves it through __getattr__): the second run is the first past it."""
+    graphs, limit = [], torch._dynamo.config.recompile_limit
+    with torch._dynamo.config.patch(recompile_limit=1):
+        for name in ("a", "b"):
+            result = fasttrain.fit(model=SmallNet(), overrides=TINY + ["train.compile=default",
+                                                                        f"output.dir={tmp_path / name}"])
+            graphs.append(read_jsonl(result.metrics_path)[-1]["compiled_graphs"])  # graphs made in this process
+    assert torch._dynamo.config.recompile_limit == limit  # put back for the tests after this one
     assert graphs[1] > graphs[0] > 0, graphs
 
 
