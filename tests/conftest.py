@@ -43,6 +43,26 @@ def run_fasttrain(*args: str, module: str = "fasttrain.run", cwd: Path | None = 
                           capture_output=True, timeout=timeout)
 
 
+def free_port() -> int:
+    """A TCP port nothing listens on now (for rank 0's store in a launch made by hand)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def launcher_env(**extra: str) -> dict:
+    """This process's environment without any launcher's variables (torchrun's, SLURM's), plus `extra`: for
+    ranks launched by hand (RANK, WORLD_SIZE, MASTER_*, as srun or a job script would), each with its own exit."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in LAUNCHER_VARIABLES and not k.startswith(("SLURM_", "TORCHELASTIC_"))}
+    return dict(env, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", **extra)
+
+
 def run_in_process(capsys, *args: str, module: str = "fasttrain.run") -> subprocess.CompletedProcess:
     """`python -m fasttrain.run ARGS` (or fasttrain.cli) as its `main(ARGS)` in this process, its exit code and
     output as run_fasttrain gives them: the same code path, without the ~3 s of start-up of a process of its own

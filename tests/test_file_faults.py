@@ -21,7 +21,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, run_fasttrain
+from conftest import REPO, launcher_env, run_fasttrain
 from fasttrain import cli
 from fasttrain.checkpoint import load_checkpoint
 from fasttrain.data.loaders.dali import dali_available
@@ -136,11 +136,8 @@ RUN = ["-m", "fasttrain.run", "data.dataset=synthetic", "data.train_size=32", "d
 
 def launch_rank(rank: int, world: int, run_dir: Path, **env: str) -> subprocess.Popen:
     """One process of a launch set up by hand (as srun or a job script would): RANK, WORLD_SIZE, MASTER_*."""
-    clean = {k: v for k, v in os.environ.items()
-             if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_", "TORCHELASTIC", "SLURM_"))}
-    clean.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", RANK=str(rank), LOCAL_RANK=str(rank),
-                 WORLD_SIZE=str(world), **env)
-    return subprocess.Popen([sys.executable, *RUN, f"output.dir={run_dir}"], cwd=REPO, env=clean, text=True,
+    environ = launcher_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), **env)
+    return subprocess.Popen([sys.executable, *RUN, f"output.dir={run_dir}"], cwd=REPO, env=environ, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, read_jsonl, wait_for_step
+from conftest import REPO, free_port, launcher_env, read_jsonl, wait_for_step
 from fasttrain.checkpoint import load_checkpoint
 
 RUN = ["--config", "configs/smoke.yaml", "data.train_size=512", "data.val_size=64", "model.name=MLP",
@@ -127,20 +127,12 @@ def test_under_ddp_every_rank_stops_together_when_rank_0_cannot_write(tmp_path):
     due) reaches rank 1 in the next reduction, and both stop with the same line, well before dist.timeout_s.
     The two ranks are launched by hand (RANK, WORLD_SIZE, MASTER_*, as srun would), each with its own exit:
     under torchrun the first rank to exit gets the other one SIGTERMed, before or after its line."""
-    import socket
-
-    with socket.socket() as probe:  # a free port for rank 0's store
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    out = tmp_path / "run"
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_",
-                                                                      "TORCHELASTIC", "SLURM_"))}
+    out, port = tmp_path / "run", free_port()
     jobs = [subprocess.Popen([sys.executable, "-m", "fasttrain.run", *RUN, "checkpoint.every_steps=0",
                               "dist.timeout_s=120", f"output.dir={out}"], cwd=REPO, text=True,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-                             env=dict(base, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", RANK=str(rank),
-                                      LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                                      MASTER_PORT=str(port)))
+                             env=launcher_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                                              MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)))
             for rank in (0, 1)]
     try:
         wait_for_step(out, 3, jobs[0], timeout=60)
@@ -294,14 +286,6 @@ def _changed(before: dict, after: dict) -> dict:
     return changed
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.mark.parametrize("ends", ["returns", "raises"])
 def test_fit_puts_back_every_process_wide_setting_it_changes(tmp_path, monkeypatch, ends):
     """A deterministic run launched as one srun task (fit sets MASTER_ADDR from the node list): afterwards,
@@ -315,7 +299,7 @@ def test_fit_puts_back_every_process_wide_setting_it_changes(tmp_path, monkeypat
     monkeypatch.setenv("SLURM_PROCID", "0")
     monkeypatch.setenv("SLURM_NTASKS", "1")
     monkeypatch.setenv("SLURM_NODELIST", "localhost")
-    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
     before = _process_settings()
     overrides = ["data.dataset=synthetic", "data.train_size=64", "data.val_size=32", "train.batch_size=32",
                  "train.device=cpu", "data.num_workers=0", "model.name=MLP", "model.hidden_sizes=[16]",

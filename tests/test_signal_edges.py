@@ -25,7 +25,7 @@ from typing import List
 import pytest
 import yaml
 
-from conftest import REPO, run_torchrun, start, wait_for_step
+from conftest import REPO, free_port, launcher_env, run_torchrun, start, wait_for_step
 
 EXIT_PREEMPTED, EXIT_INTERRUPTED, EXIT_USER_ERROR = 75, 130, 2
 # 16 steps of one epoch, a step logged each: long enough to signal mid-run, short to finish
@@ -72,25 +72,12 @@ def catches(pid: int, number: int) -> bool:
     return bool(mask >> (number - 1) & 1)
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def port_open(port: int) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.5):
             return True
     except OSError:
         return False
-
-
-def clean_env(**extra: str) -> dict:
-    """This process's environment without any launcher's variables, plus `extra`."""
-    launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
-    env = {k: v for k, v in os.environ.items() if k not in launcher and not k.startswith(("SLURM_", "TORCHELASTIC_"))}
-    return dict(env, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", **extra)
 
 
 def launch(command: List[str], env: dict) -> subprocess.Popen:
@@ -140,7 +127,7 @@ def test_preemption_signals_after_training_ended_are_absorbed_and_the_run_comple
     the lock still to come): before, either killed the complete run (-15 / -10), leaving the lock and no
     plots. Now: one line says they came after the end and were ignored; exit 0, plots, no lock."""
     out = tmp_path / "run"
-    job = launch([*PYTHON, *RUN, "output.plots=true", f"output.dir={out}"], clean_env(PYTHONUNBUFFERED="1"))
+    job = launch([*PYTHON, *RUN, "output.plots=true", f"output.dir={out}"], launcher_env(PYTHONUNBUFFERED="1"))
     lines = Lines(job)
     try:
         lines.wait_for(r"weights identical on all 1 rank")
@@ -196,7 +183,7 @@ def test_rank_0_waiting_for_a_peer_that_never_comes_stops_on_sigterm_with_75(tmp
     in C++ for dist.timeout_s (1800 s) and SIGTERM was only recorded; now the process stops within a
     fraction of a second with one line and exit 75."""
     port = free_port()
-    env = clean_env(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    env = launcher_env(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     job = launch([*PYTHON, *RUN, f"output.dir={tmp_path / 'run'}"], env)
     try:
         deadline = time.monotonic() + 120
@@ -215,7 +202,7 @@ def test_rank_0_waiting_for_a_peer_that_never_comes_stops_on_sigterm_with_75(tmp
 
 @pytest.mark.slow
 def test_rank_1_waiting_for_a_rank_0_that_never_comes_stops_on_ctrl_c_with_130(tmp_path):
-    env = clean_env(RANK="1", WORLD_SIZE="2", LOCAL_RANK="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
+    env = launcher_env(RANK="1", WORLD_SIZE="2", LOCAL_RANK="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
                     PYTHONUNBUFFERED="1")
     job = launch([*PYTHON, *RUN, f"output.dir={tmp_path / 'run'}"], env)
     lines = Lines(job)
@@ -239,7 +226,7 @@ def test_any_exception_in_rank_0s_section_stops_every_rank_at_once_with_one_line
     the ranks' agreement, and rank 1 was left waiting in it; now both stop at once, each with one line."""
     out = tmp_path / "run"
     first = subprocess.run([*PYTHON, *RUN, "train.stop_after_steps=3", f"output.dir={out}"], cwd=REPO,
-                           env=clean_env(), text=True, capture_output=True, timeout=300)
+                           env=launcher_env(), text=True, capture_output=True, timeout=300)
     assert first.returncode == 0, first.stderr[-3000:]
     steps = out / "steps.jsonl"
     steps.write_text(steps.read_text() + '{"step": 4, "epoch": 1, "lo')
@@ -248,7 +235,7 @@ def test_any_exception_in_rank_0s_section_stops_every_rank_at_once_with_one_line
     # exit: under torchrun the first rank to exit gets the other SIGTERMed, sometimes before its line
     port = free_port()
     jobs = [launch([*PYTHON, *RUN, "resume=auto", "dist.timeout_s=1800", f"output.dir={out}"],
-                   clean_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                   launcher_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                              MASTER_PORT=str(port)))
             for rank in (0, 1)]
     try:
@@ -308,7 +295,7 @@ def test_rank_without_world_size_is_refused_with_one_line(tmp_path):
     """RANK=1 alone: before, the run went on as rank 0 of 1 while reporting as rank 1, and a config error
     was not printed at all (config errors are printed by rank 0 only)."""
     result = subprocess.run([*PYTHON, *RUN, "train.epochz=2", f"output.dir={tmp_path / 'run'}"], cwd=REPO,
-                            env=clean_env(RANK="1"), text=True, capture_output=True, timeout=120)
+                            env=launcher_env(RANK="1"), text=True, capture_output=True, timeout=120)
     assert result.returncode == EXIT_USER_ERROR
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "RANK=1 is set but WORLD_SIZE is not" in lines[0], result.stderr
@@ -316,7 +303,7 @@ def test_rank_without_world_size_is_refused_with_one_line(tmp_path):
 
 def test_a_malformed_slurm_node_list_is_refused_with_one_line(tmp_path):
     """`node[01-` used to be read as a host named `node`, which every rank then waited for."""
-    env = clean_env(SLURM_PROCID="0", SLURM_NTASKS="2", SLURM_LOCALID="0", SLURM_JOB_NODELIST="node[01-")
+    env = launcher_env(SLURM_PROCID="0", SLURM_NTASKS="2", SLURM_LOCALID="0", SLURM_JOB_NODELIST="node[01-")
     result = subprocess.run([*PYTHON, *RUN, f"output.dir={tmp_path / 'run'}"], cwd=REPO, env=env, text=True,
                             capture_output=True, timeout=120)
     assert result.returncode == EXIT_USER_ERROR, result.stderr[-3000:]

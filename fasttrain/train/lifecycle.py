@@ -282,8 +282,8 @@ def use_deterministic_algorithms(on: bool) -> None:
     has none. cuBLAS needs its workspace fixed before its first call (so: before anything runs)."""
     if on:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    # only on a change: the call imports torch._inductor and torch._dynamo (about 1 s of every run's start-up
-    # on a 2-core machine) even to set the default again
+    # only on a change: setting the current value again still imports torch._inductor and torch._dynamo (a
+    # second on a 2-core machine; torch's optimizers import dynamo later anyway, so a run saves little)
     if on != torch.are_deterministic_algorithms_enabled():
         torch.use_deterministic_algorithms(on)
 
