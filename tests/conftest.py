@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,8 +24,12 @@ REPO = Path(__file__).resolve().parents[1]
 # machine, and torch's OpenMP threads spin while they wait for a core another process holds (a 16 px CNN run
 # under that load: 3.8 s of CPU with one thread, 14 s with two, for the same result)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-# the decoded-dataset cache (data.cache_dir's default) of this test session: never the user's ~/.cache
-os.environ.setdefault("FASTTRAIN_CACHE_DIR", tempfile.mkdtemp(prefix="fasttrain-test-cache-"))
+# the decoded-dataset cache (data.cache_dir's default) of this test session: never the user's ~/.cache, and
+# removed when the session ends by the process that made it (pytest-xdist's workers inherit the controller's);
+# each session left one behind before, 177 MB where the real CIFAR-10 was decoded into it
+_SESSION_CACHE = None
+if "FASTTRAIN_CACHE_DIR" not in os.environ:
+    _SESSION_CACHE = os.environ["FASTTRAIN_CACHE_DIR"] = tempfile.mkdtemp(prefix="fasttrain-test-cache-")
 # the real CIFAR-10 beside the project (developers' and CI machines); absent on a user's fresh clone
 REAL_CIFAR_ROOT = Path(os.environ.get("FASTTRAIN_REAL_CIFAR_ROOT", REPO.parent / "shared" / "data"))
 # a tiny run on synthetic data: a checkpoint of ~0.6 MB, a second or two on a CPU; no plots (a second of matplotlib
@@ -63,6 +68,19 @@ def launcher_env(**extra: str) -> dict:
     return dict(env, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", **extra)
 
 
+def run_here(*args: str, module: str = "fasttrain.run") -> subprocess.CompletedProcess:
+    """run_in_process for fixtures of a module's scope (where pytest's capsys is not available): the output
+    caught by redirecting sys.stdout and sys.stderr around `main(ARGS)`."""
+    import contextlib
+    import importlib
+    import io
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = importlib.import_module(module).main(list(args))
+    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
+
+
 def run_in_process(capsys, *args: str, module: str = "fasttrain.run") -> subprocess.CompletedProcess:
     """`python -m fasttrain.run ARGS` (or fasttrain.cli) as its `main(ARGS)` in this process, its exit code and
     output as run_fasttrain gives them: the same code path, without the ~3 s of start-up of a process of its own
@@ -90,6 +108,11 @@ def pytest_configure(config):
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
+def pytest_unconfigure(config):
+    if _SESSION_CACHE is not None:
+        shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
+
+
 @pytest.fixture
 def tiny_cifar_root(tmp_path: Path) -> Path:
     """A data.root holding cifar-10-batches-py/ in the standard layout: 5 x 20 train, 30 test images."""
@@ -109,6 +132,30 @@ def run_torchrun(nproc: int, *args: str, module: str = "fasttrain.run", timeout:
     target = ["-m", module] if module else []
     return subprocess.run([*launcher, "--standalone", f"--nproc_per_node={nproc}", *target, *args], cwd=REPO,
                           env=env, text=True, capture_output=True, timeout=timeout)
+
+
+def run_ranks(world: int, *args: str, module: str = "fasttrain.run", timeout: int = 600) -> subprocess.CompletedProcess:
+    """`world` real processes of `python -m MODULE ARGS` (a script path in ARGS when module is empty), gloo on
+    CPU, each given RANK, WORLD_SIZE, MASTER_ADDR/PORT as a job script or srun gives them: the same
+    multi-process DDP as under torchrun, without the launcher's process and rendezvous (~3 s of CPU and of
+    waiting per launch). For the tests about DDP's arithmetic, not about torchrun (those use run_torchrun).
+    Exit code: 0 when every rank exited 0, else the first other one; the ranks' output in rank order."""
+    port = str(free_port())
+    target = ["-m", module] if module else []
+    ranks = [subprocess.Popen([sys.executable, *target, *args], cwd=REPO, text=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE,
+                              env=launcher_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                                               LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
+             for rank in range(world)]
+    try:
+        outputs = [rank.communicate(timeout=timeout) for rank in ranks]
+    finally:
+        for rank in ranks:
+            if rank.poll() is None:
+                rank.kill()
+    codes = [rank.returncode for rank in ranks]
+    return subprocess.CompletedProcess(args, next((c for c in codes if c != 0), 0),
+                                       "".join(out for out, _ in outputs), "".join(err for _, err in outputs))
 
 
 def torchrun_command(nproc: int, *args: str, launcher_args: tuple = (), module: str = "fasttrain.run") -> List[str]:

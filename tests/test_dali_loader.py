@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, run_torchrun
+from conftest import REPO, run_ranks
 from fasttrain.config import load_config
 from fasttrain.data import build_loaders
 from fasttrain.data.loaders.gpu import BatchFormat, CropFlip, GpuLoader
@@ -62,11 +62,11 @@ def test_a_consumer_stopping_early_does_not_shift_the_next_epoch():
 
 @pytest.fixture(scope="module")
 def two_ranks():
-    """One torchrun launch of 2 gloo ranks: an epoch of each loader (203 samples, global batch 32)."""
+    """One launch of 2 gloo ranks: an epoch of each loader (203 samples, global batch 32)."""
     from fasttrain.data.loaders.dali import dali_available
 
     kinds = ["plain", "gpu"] + (["dali"] if dali_available() else [])
-    result = run_torchrun(2, str(REPO / "tests" / "epoch_coverage.py"), ",".join(kinds), "203", "16", "1", module="")
+    result = run_ranks(2, str(REPO / "tests" / "epoch_coverage.py"), ",".join(kinds), "203", "16", "1", module="")
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 

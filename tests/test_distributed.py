@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, read_jsonl, run_torchrun
+from conftest import REPO, read_jsonl, run_ranks, run_torchrun
 from fasttrain import run
 from fasttrain.config import load_config
 from fasttrain.train.evaluate import evaluate_checkpoint
@@ -51,7 +51,7 @@ EQUIV = ["data.dataset=synthetic", "data.train_size=256", "data.val_size=100", "
 
 @pytest.mark.slow
 def test_two_ranks_of_batch_b_train_like_one_process_of_batch_2b(tmp_path):
-    two = run_torchrun(2, *EQUIV, "train.batch_size=16", f"output.dir={tmp_path / 'two'}")
+    two = run_ranks(2, *EQUIV, "train.batch_size=16", f"output.dir={tmp_path / 'two'}")
     assert two.returncode == 0, two.stderr[-3000:]
     assert run.main([*EQUIV, "train.batch_size=32", f"output.dir={tmp_path / 'one'}"]) == 0  # not about the process
     steps_two, steps_one = read_jsonl(tmp_path / "two" / "steps.jsonl"), read_jsonl(tmp_path / "one" / "steps.jsonl")
@@ -100,7 +100,7 @@ def test_evaluation_is_exact_for_any_world_size(small_checkpoint, world, loader)
         got = evaluate_checkpoint(str(checkpoint), [f"data.loader={loader}"]).stats
         correct, total, loss = got.correct, got.total, got.loss
     else:
-        result = run_torchrun(world, "eval", str(checkpoint), f"data.loader={loader}", "--json", module="fasttrain.cli")
+        result = run_ranks(world, "eval", str(checkpoint), f"data.loader={loader}", "--json", module="fasttrain.cli")
         assert result.returncode == 0, result.stderr[-3000:]
         lines = result.stdout.strip().splitlines()
         assert len(lines) == 1  # rank 0 reports

@@ -17,7 +17,7 @@ import torch
 import yaml
 from PIL import Image
 
-from conftest import read_jsonl, run_fasttrain, run_torchrun
+from conftest import read_jsonl, run_fasttrain, run_ranks
 from fasttrain import run
 from fasttrain.config import load_config
 from fasttrain.data import build_eval_loader, build_loaders, folder_splits, resolve_loader
@@ -105,8 +105,8 @@ def test_cli_trains_and_evaluates_on_a_folder_leaving_out_an_unreadable_file(ima
 @pytest.mark.slow
 def test_two_ranks_evaluate_every_folder_image_exactly_once_with_workers_decoding(image_root, tmp_path):
     run_dir = tmp_path / "run"
-    result = run_torchrun(2, *_overrides(image_root, "data.loader=plain", "data.num_workers=1",
-                                         f"output.dir={run_dir}"))
+    result = run_ranks(2, *_overrides(image_root, "data.loader=plain", "data.num_workers=1",
+                                      f"output.dir={run_dir}"))
     assert result.returncode == 0, result.stderr[-3000:]
     history = read_jsonl(run_dir / "metrics.jsonl")
     assert [(h["epoch"], h["world_size"]) for h in history] == [(1, 2)]

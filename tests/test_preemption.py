@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (assert_same_weights, child_pids, frozen, logged_steps, read_jsonl, run_fasttrain, run_torchrun,
+from conftest import (assert_same_weights, child_pids, frozen, logged_steps, read_jsonl, run_fasttrain, run_ranks,
                       start, torchrun_command, wait_for_step)
 
 # 1024 images, batch 32 per rank: 16 steps per epoch for two ranks, 2 epochs, of the tutorial's CNN (dropout and
@@ -40,7 +40,7 @@ def failure_report_exit_codes(torchrun_output: str) -> dict:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     out = tmp_path_factory.mktemp("uninterrupted")
-    result = run_torchrun(2, *RUN, f"output.dir={out}")
+    result = run_ranks(2, *RUN, f"output.dir={out}")  # the reference: launched by hand (the signals go to torchrun)
     assert result.returncode == 0, result.stderr[-3000:]
     return out
 
@@ -72,7 +72,7 @@ def test_sigterm_to_a_two_rank_job_saves_one_checkpoint_and_a_rerun_finishes_ide
     marker = json.loads((out / "preempted.json").read_text())
     assert marker["global_step"] == stop_step and marker["exit_code"] == EXIT_PREEMPTED
 
-    rerun = run_torchrun(2, *RUN, f"output.dir={out}", "resume=auto")
+    rerun = run_ranks(2, *RUN, f"output.dir={out}", "resume=auto")  # the requeued job (a job script's launch)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert json.loads((out / "env.json").read_text())["resumed_from"]["checkpoint"] == str(ckpts / f"step-{stop_step:08d}.pt")
     assert not (out / "preempted.json").exists()

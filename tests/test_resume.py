@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import assert_same_weights, read_jsonl, run_fasttrain, run_torchrun
+from conftest import assert_same_weights, read_jsonl, run_here, run_ranks
 from fasttrain.checkpoint import load_checkpoint
 
 # 256 images: 8 steps per epoch for one process of batch 32, 4 for two ranks; 2 epochs. The tutorial's CNN
@@ -22,9 +22,11 @@ LOADER_ARGS = {"plain": ["data.loader=plain", "data.num_workers=2"], "gpu": ["da
 
 
 def train(world: int, *args: str):
+    """One process: in this one (the resume is the subject here, not the process; test_preemption.py stops
+    and resumes real processes). Two ranks: real processes."""
     if world == 1:
-        return run_fasttrain(*RUN, *args)
-    return run_torchrun(world, *RUN, *args)
+        return run_here(*RUN, *args)
+    return run_ranks(world, *RUN, *args)
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +55,10 @@ def two_rank_stop(tmp_path_factory) -> Path:
     return out
 
 
-# (loader, world size, stop after step): mid-epoch stops, and one at an epoch's last step
-CASES = [("plain", 1, 5), ("plain", 2, 3), ("gpu", 1, 8), ("gpu", 2, 6)]
+# (loader, world size, stop after step): a stop at an epoch's last step (one process: 8 steps per epoch), and
+# mid-epoch stops of two ranks with each loader (4 steps per epoch). The truncated-checkpoint test below resumes
+# one process mid-epoch, test_step.py a captured run of the gpu loader
+CASES = [("plain", 1, 8), ("plain", 2, 3), ("gpu", 2, 6)]
 
 
 @pytest.mark.slow
@@ -84,7 +88,7 @@ def test_stop_and_resume_gives_the_same_weights_bit_for_bit(straight_runs, two_r
 @pytest.mark.slow
 def test_a_truncated_newest_checkpoint_is_skipped_for_the_one_before(straight_runs, tmp_path):
     out = tmp_path / "run"
-    first = run_fasttrain(*RUN, f"output.dir={out}", "checkpoint.every_steps=1", "checkpoint.keep=3",
+    first = run_here(*RUN, f"output.dir={out}", "checkpoint.every_steps=1", "checkpoint.keep=3",
                           "train.stop_after_steps=5", "resume=auto")
     assert first.returncode == 0, first.stderr[-3000:]
     assert "no checkpoint in" in first.stdout and "starting fresh" in first.stdout  # resume=auto, first start
@@ -95,7 +99,7 @@ def test_a_truncated_newest_checkpoint_is_skipped_for_the_one_before(straight_ru
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # a crash mid-copy, a full disk, ...
     (ckpts / ".step-00000006.pt.x1y2.tmp").write_bytes(b"half a checkpoint")  # a write a crash interrupted
 
-    resumed = run_fasttrain(*RUN, f"output.dir={out}", "resume=auto")
+    resumed = run_here(*RUN, f"output.dir={out}", "resume=auto")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "step-00000005.pt is truncated or corrupt" in resumed.stdout
     assert json.loads((out / "env.json").read_text())["resumed_from"]["checkpoint"] == str(ckpts / "step-00000004.pt")
@@ -104,7 +108,7 @@ def test_a_truncated_newest_checkpoint_is_skipped_for_the_one_before(straight_ru
 
     # the same command once more: the run is finished, nothing is trained or rewritten
     before = (ckpts / "last.pt").read_bytes()
-    again = run_fasttrain(*RUN, f"output.dir={out}", "resume=auto")
+    again = run_here(*RUN, f"output.dir={out}", "resume=auto")
     assert again.returncode == 0, again.stderr[-3000:]
     resumed_from = json.loads((out / "env.json").read_text())["resumed_from"]
     assert (resumed_from["checkpoint"], resumed_from["epoch"], resumed_from["step_in_epoch"]) == (
@@ -122,11 +126,11 @@ def test_resume_with_another_world_size_warns_that_the_data_order_changes(two_ra
     assert len(ckpt["ranks"]) == 2 and {"python", "numpy", "torch"} <= set(ckpt["ranks"][0]["rng"])
     assert not torch.equal(ckpt["ranks"][0]["rng"]["torch"], ckpt["ranks"][1]["rng"]["torch"])  # seeded per rank
     assert ckpt["ranks"][0]["epoch_totals"][1] == 3 * 32  # samples rank 0 trained on in the epoch so far
-    evaluated = run_fasttrain("eval", str(step_file), module="fasttrain.cli")
+    evaluated = run_here("eval", str(step_file), module="fasttrain.cli")
     assert evaluated.returncode == 0 and "a mid-epoch checkpoint (step 3)" in evaluated.stdout, evaluated.stderr
     # resume=PATH: continue that checkpoint in a new folder, with one process instead of two
     one = tmp_path / "one"
-    resumed = run_fasttrain(*RUN, *LOADER_ARGS["plain"], f"output.dir={one}", f"resume={step_file}")
+    resumed = run_here(*RUN, *LOADER_ARGS["plain"], f"output.dir={one}", f"resume={step_file}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "written by 2 process(es) and this run has 1" in resumed.stdout
     assert "will not match an uninterrupted run bit for bit" in resumed.stdout
@@ -146,9 +150,9 @@ def test_one_process_checkpoint_continued_by_two_ranks_when_the_rest_of_the_epoc
     run = ["--config", "configs/smoke.yaml", "data.train_size=97", "data.val_size=64", "model.name=MLP",
            "model.hidden_sizes=[64]", "train.batch_size=32", "train.epochs=2", f"output.dir={tmp_path}",
            "dist.timeout_s=60"]
-    first = run_fasttrain(*run, "train.stop_after_steps=1")
+    first = run_here(*run, "train.stop_after_steps=1")
     assert first.returncode == 0, first.stderr[-3000:]
-    resumed = run_torchrun(2, *run, "resume=auto")
+    resumed = run_ranks(2, *run, "resume=auto")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert [r["epoch"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2]
     last = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=False)

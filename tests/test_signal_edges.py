@@ -25,7 +25,7 @@ from typing import List
 import pytest
 import yaml
 
-from conftest import REPO, free_port, launcher_env, run_torchrun, start, wait_for_step
+from conftest import REPO, free_port, launcher_env, run_ranks, start, wait_for_step
 
 EXIT_PREEMPTED, EXIT_INTERRUPTED, EXIT_USER_ERROR = 75, 130, 2
 # 16 steps of one epoch, a step logged each: long enough to signal mid-run, short to finish
@@ -279,10 +279,10 @@ def test_data_loader_auto_is_rank_0s_choice_on_every_rank(tmp_path):
     script.write_text(CHOOSER)
     seen = tmp_path / "seen"
     seen.mkdir()
-    result = run_torchrun(2, str(script), str(seen), "--config", "configs/smoke.yaml", "data.dataset=folder",
-                          f"data.root={root}", "data.image_size=32", "data.loader=auto", "data.num_workers=0",
-                          "train.batch_size=4", "train.epochs=1", f"output.dir={tmp_path / 'run'}", module="",
-                          timeout=300)
+    result = run_ranks(2, str(script), str(seen), "--config", "configs/smoke.yaml", "data.dataset=folder",
+                       f"data.root={root}", "data.image_size=32", "data.loader=auto", "data.num_workers=0",
+                       "train.batch_size=4", "train.epochs=1", f"output.dir={tmp_path / 'run'}", module="",
+                       timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert [(seen / f"loader-rank{r}").read_text() for r in (0, 1)] == ["gpu", "gpu"]
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["data"]["loader"] == "gpu"  # as recorded

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from conftest import REPO, read_jsonl, run_torchrun
+from conftest import REPO, read_jsonl, run_ranks
 from fasttrain.config import ModelConfig, OptimConfig, SchedConfig, load_config
 from fasttrain.models import build_model
 from fasttrain.train.optim import Schedule, build_optimizer, load_optimizer_state
@@ -293,11 +293,11 @@ def test_a_captured_run_matches_the_compiled_eager_run_and_does_not_recompile(ca
 
 @pytest.mark.slow
 def test_a_captured_two_rank_run_averages_gradients_like_one_process_with_the_global_batch(captured_run, tmp_path):
-    """Two gloo ranks x 16 (torchrun): the captured step's own all-reduce (one flat buffer), against the
+    """Two gloo ranks x 16: the captured step's own all-reduce (one flat buffer), against the
     captured run of one process x 32 (no dropout, no BatchNorm: the batch split changes nothing else), as
     test_distributed.py holds DDP to the same. Exit code 0 also says the ranks ended with identical weights."""
-    captured = run_torchrun(2, "--config", "configs/smoke.yaml", *RUN, *CAPTURED, "train.batch_size=16",
-                            "checkpoint.every_steps=0", f"output.dir={tmp_path / 'c'}")
+    captured = run_ranks(2, "--config", "configs/smoke.yaml", *RUN, *CAPTURED, "train.batch_size=16",
+                         "checkpoint.every_steps=0", f"output.dir={tmp_path / 'c'}")
     assert captured.returncode == 0, captured.stderr[-3000:]
     a, b = read_jsonl(tmp_path / "c" / "metrics.jsonl"), read_jsonl(captured_run / "metrics.jsonl")
     assert [r["world_size"] for r in a] == [2, 2] and [r["world_size"] for r in b] == [1, 1]
