@@ -240,7 +240,7 @@ def test_the_config_checks_the_syntax_of_a_model_reference_before_importing_anyt
     with pytest.raises(ConfigError) as err:
         load_config(None, [f"model.name='{name}'"])
     assert str(err.value) == (f"config error: model.name={name!r} is not valid: expected a registered name "
-                              f"(SimpleModel, MLP, MLPSequential, CNN, CIFAR10_CNN), torchvision:<name> or "
+                              f"(SimpleModel, MLP, MLPSequential, CNN, CIFAR10_CNN, SpeedNet), torchvision:<name> or "
                               f"package.module:callable")
 
 
@@ -249,7 +249,7 @@ def test_the_config_accepts_references_it_cannot_resolve_yet_and_plain_names_as_
     assert load_config(None, ["model.name=somewhere.not_installed:Net"]).model.name == "somewhere.not_installed:Net"
     assert load_config(None, ["model.name=torchvision:resnet19"]).model.name == "torchvision:resnet19"
     with pytest.raises(ConfigError, match=r"^config error: model.name='resnet18' is not valid: expected one of "
-                                          r"SimpleModel, MLP, MLPSequential, CNN, CIFAR10_CNN$"):
+                                          r"SimpleModel, MLP, MLPSequential, CNN, CIFAR10_CNN, SpeedNet$"):
         load_config(None, ["model.name=resnet18"])
 
 

@@ -78,7 +78,7 @@ def test_a_registered_optimizer_and_schedule_are_built_and_train(plain_sgd, warm
 
 
 @pytest.mark.parametrize("registry,key,builtin", [
-    (MODELS, "model.name", "SimpleModel, MLP, MLPSequential, CNN, CIFAR10_CNN"),
+    (MODELS, "model.name", "SimpleModel, MLP, MLPSequential, CNN, CIFAR10_CNN, SpeedNet"),
     (DATASETS, "data.dataset", "cifar10, mnist, synthetic, folder"),
     (OPTIMIZERS, "optim.name", "sgd, adam, adamw"),
     (SCHEDULES, "sched.name", "none, step, exponential, cosine, plateau, onecycle"),
@@ -93,7 +93,7 @@ def test_an_unknown_name_is_one_line_listing_the_registered_names(registry, key,
 
 
 def test_an_unknown_name_lists_the_newly_registered_one_too(tiny_model):
-    with pytest.raises(ConfigError, match=r"expected one of SimpleModel, .*, CIFAR10_CNN, TinyLinear$"):
+    with pytest.raises(ConfigError, match=r"expected one of SimpleModel, .*, CIFAR10_CNN, SpeedNet, TinyLinear$"):
         load_config(None, ["model.name=ResNet"])
 
 

@@ -10,7 +10,7 @@ after which `model.name=ResNet9` is accepted: the config checks `data.dataset`, 
 `optim.name` and `sched.name` against these registries (there is no second list of names).
 
 This module imports no torch, so that fasttrain.config can import it. The built-in entries are
-registered when their module is imported (fasttrain.models.tutorial, fasttrain.data.datasets,
+registered when their module is imported (fasttrain.models: tutorial.py and speedrun.py, fasttrain.data.datasets,
 fasttrain.train.optim); `names()` and `get()` import that module first, so the built-ins are known
 whichever module a program imported first. Names keep their registration order, which is the order error messages
 and `--help` list them in.
@@ -63,7 +63,8 @@ class Registry(Generic[Builder]):
     def is_builtin(self, name: str) -> bool:
         """Whether `name` is one of fasttrain's own entries (registered by its home module), not one added
         by your code."""
-        return self.get(name).__module__ == self._home
+        module = self.get(name).__module__
+        return module == self._home or module.startswith(self._home + ".")
 
     # a collection of names, as the config's fixed tuples were
     def __iter__(self) -> Iterator[str]:
@@ -78,8 +79,9 @@ class Registry(Generic[Builder]):
 
 # builders: (DataConfig, train) -> (images, labels, classes); see fasttrain.data.datasets
 DATASETS: Registry[Callable[..., Tuple]] = Registry("data.dataset", "fasttrain.data.datasets")
-# builders: (ModelConfig, in_channels, image_size, num_classes) -> nn.Module; see fasttrain.models.tutorial
-MODELS: Registry[Callable[..., object]] = Registry("model.name", "fasttrain.models.tutorial")
+# builders: (ModelConfig, in_channels, image_size, num_classes) -> nn.Module; see fasttrain.models.tutorial and
+# fasttrain.models.speedrun
+MODELS: Registry[Callable[..., object]] = Registry("model.name", "fasttrain.models")  # tutorial.py, speedrun.py
 # builders: (OptimConfig, params, kernels) -> torch.optim.Optimizer; see fasttrain.train.optim
 OPTIMIZERS: Registry[Callable[..., object]] = Registry("optim.name", "fasttrain.train.optim")
 # builders: (SchedConfig, optimizer, epochs, steps_per_epoch) -> optim.Stepping; see fasttrain.train.optim

@@ -15,11 +15,11 @@ transforms.py   the plain loader's torchvision transforms
 
 from fasttrain.data.auto import resolve_loader
 from fasttrain.data.build import build_eval_loader, build_loaders, resolve_workers
-from fasttrain.data.datasets import load_split
+from fasttrain.data.datasets import load_split, training_sample
 from fasttrain.data.folder_scan import FolderSplits, folder_splits, scan_decoder
 from fasttrain.data.sharding import Loader, ShardedBatches, ShardLoader
 from fasttrain.data.split import DatasetInfo, subset_indices
 
 __all__ = ["DatasetInfo", "FolderSplits", "Loader", "ShardLoader", "ShardedBatches", "build_eval_loader",
            "build_loaders", "folder_splits", "load_split", "resolve_loader", "resolve_workers", "scan_decoder",
-           "subset_indices"]
+           "subset_indices", "training_sample"]

@@ -1,5 +1,6 @@
 """The registered datasets (`data.dataset`, fasttrain.config.registry.DATASETS), each read as one split of
-(N, H, W, C) uint8 images and int64 labels; `load_split` cuts it to its seeded subset and describes it.
+(N, H, W, C) uint8 images and int64 labels; `load_split` cuts it to its seeded subset and describes it;
+`training_sample` gives a model's data hook normalized training images.
 
 A new dataset is one decorated function: (data config, train split?) -> (images, labels, class names).
 `data.dataset=folder` is decoded here into such arrays for the resident gpu loader; the plain and dali
@@ -8,7 +9,7 @@ loaders read its files instead (fasttrain.data.build).
 
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from typing import TYPE_CHECKING, Sequence, Tuple
 
 import numpy as np
 
@@ -19,6 +20,9 @@ from fasttrain.data.folder_scan import folder_splits
 from fasttrain.data.split import DatasetInfo, subset_indices
 from fasttrain.data.transforms import fit_to_size
 from fasttrain.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 SYNTHETIC_SIZES = {True: 5000, False: 1000}  # default train / test sizes of the synthetic dataset
 SYNTHETIC_SIDE = 32  # its default (and largest) image side
@@ -81,3 +85,19 @@ def load_split(data: DataConfig, train: bool) -> Tuple[np.ndarray, np.ndarray, D
     info = DatasetInfo(data.dataset, images.shape[-1], images.shape[1], tuple(classes), skipped)
     return images, labels, info
 
+
+
+def training_sample(data: DataConfig, count: int, seed: int) -> "torch.Tensor":
+    """Up to `count` training images, a seeded random choice, as float32 (N, C, H, W) normalized with
+    data.mean and data.std as the loaders normalize them (no augmentation): what a model's `init_from_data`
+    hook sees (fasttrain.train.build). The same on every rank and every call with the same seed."""
+    import torch
+
+    from fasttrain.data.transforms import per_channel
+
+    images, _, info = load_split(data, train=True)
+    chosen = np.sort(np.random.default_rng(seed).permutation(len(images))[:count])
+    pixels = torch.from_numpy(images[chosen]).permute(0, 3, 1, 2).float().div_(255)
+    mean = torch.tensor(per_channel(data.mean, info.in_channels, "data.mean")).view(1, -1, 1, 1)
+    std = torch.tensor(per_channel(data.std, info.in_channels, "data.std")).view(1, -1, 1, 1)
+    return pixels.sub_(mean).div_(std)

@@ -49,6 +49,24 @@ def model_on_device(cfg: Config, info: DatasetInfo, device: torch.device,
     return model
 
 
+DATA_INIT_IMAGES = 5000  # the training images a model's data hook sees (SpeedNet's whitening: the records' count)
+
+
+def init_from_data(model: nn.Module, cfg: Config, logger: logging.Logger) -> None:
+    """The data hook: a model (registered, imported or given to fit) with an `init_from_data(images)` method gets
+    a seeded sample of normalized training images (fasttrain.data.training_sample) before its first step, on
+    the model's device, the same on every rank. A resumed run calls it too; the checkpoint's weights then
+    replace what it set."""
+    hook = getattr(model, "init_from_data", None)
+    if not callable(hook):
+        return
+    from fasttrain.data import training_sample
+
+    sample = training_sample(cfg.data, DATA_INIT_IMAGES, cfg.train.seed)
+    hook(sample.to(next(model.parameters()).device))
+    logger.info(f"model {cfg.model.name}: init_from_data on {len(sample):,} training images")
+
+
 @dataclass
 class Parts:
     """What a run is built from. `model` is the plain module (checkpoints, weight digests);
@@ -88,6 +106,7 @@ def build_parts(cfg: Config, ctx: dist.Dist, logger: logging.Logger, model: Opti
                 f"{cfg.train.batch_size * ctx.world_size} per step"
                 + (f" | {skipped} images per epoch left out (drop_last, or fewer than one per rank)" if skipped else ""))
     model = model_on_device(cfg, info, device, model)
+    init_from_data(model, cfg, logger)
     logger.info(summarize(model, cfg.model.name))
     compiled = cfg.train.compile != "off"
     compile_mode = None if cfg.train.compile == "default" else cfg.train.compile
