@@ -81,7 +81,7 @@ def test_a_registered_optimizer_and_schedule_are_built_and_train(plain_sgd, warm
     (MODELS, "model.name", "SimpleModel, MLP, MLPSequential, CNN, CIFAR10_CNN, SpeedNet"),
     (DATASETS, "data.dataset", "cifar10, mnist, synthetic, folder"),
     (OPTIMIZERS, "optim.name", "sgd, adam, adamw"),
-    (SCHEDULES, "sched.name", "none, step, exponential, cosine, plateau, onecycle"),
+    (SCHEDULES, "sched.name", "none, step, exponential, cosine, plateau, onecycle, triangle"),
 ], ids=["model", "dataset", "optimizer", "schedule"])
 def test_an_unknown_name_is_one_line_listing_the_registered_names(registry, key, builtin):
     expected = f"config error: {key}='Nope' is not valid: expected one of {builtin}"

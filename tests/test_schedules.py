@@ -76,3 +76,48 @@ def test_plateau_keeps_the_lr_while_the_validation_loss_improves(tmp_path):
 
 def test_none_keeps_the_lr(tmp_path):
     assert {lr for e in lr_curve(tmp_path, "sched.name=none") for lr in e} == {0.1}
+
+
+def test_triangle_rises_from_a_fifth_of_the_peak_then_falls_to_the_end_factor_at_the_last_step(tmp_path):
+    """The speed records' schedule against a hand computation: 16 steps (index 0..15), the peak at
+    0.23 x 15 = 3.45, start 0.2 and end 0.07 of sched.max_lr; BatchNorm/bias parameters at their own scale."""
+    curve = sum(lr_curve(tmp_path, "sched.name=triangle", "sched.max_lr=1.0", "sched.pct_start=0.23"), [])
+    top = 0.23 * 15
+    hand = [0.2 + 0.8 * t / top if t <= top else 1 - 0.93 * (t - top) / (15 - top) for t in range(16)]
+    assert curve == pytest.approx(hand, rel=1e-12)
+    assert curve[0] == pytest.approx(0.2) and curve[-1] == pytest.approx(0.07) and max(curve) < 1.0
+
+
+def test_triangle_resumed_mid_run_or_on_more_steps_per_epoch_continues_at_the_same_point():
+    import torch
+
+    from fasttrain.train.optim import Triangle
+
+    def fresh(total):
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        return optimizer, Triangle(optimizer, [2.0], total, 0.25, 0.2, 0.07)
+
+    optimizer, straight = fresh(20)
+    lrs = []
+    for _ in range(19):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        straight.step()
+    optimizer, first = fresh(20)
+    for _ in range(7):
+        optimizer.step()
+        first.step()
+    optimizer, resumed = fresh(20)
+    resumed.load_state_dict(first.state_dict())
+    for group, lr in zip(optimizer.param_groups, resumed.get_last_lr()):
+        group["lr"] = lr
+    rest = []
+    for _ in range(12):
+        rest.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        resumed.step()
+    assert rest == lrs[7:]
+    # twice the steps per epoch (half the ranks): the closed form at the same fraction of training
+    resumed.total_steps, resumed.last_epoch = 40, 14
+    assert resumed.get_lr()[0] == pytest.approx(2.0 * resumed.factor(14))
+    assert resumed.factor(39) == pytest.approx(0.07)

@@ -160,15 +160,19 @@ class OptimConfig(Section):
 @dataclass
 class SchedConfig(Section):
     key: ClassVar[str] = "sched"
-    name: str = setting("onecycle", "(onecycle steps every batch, plateau on val_loss, the rest every epoch)",
-                        SCHEDULES)
+    name: str = setting("onecycle", "(onecycle and triangle step every batch, plateau on val_loss, the rest every "
+                        "epoch)", SCHEDULES)
     step_size: int = setting(30, "step: epochs between decays", low=1, high=EPOCHS_MAX)
     gamma: float = setting(0.1, "step / exponential: decay factor", above=0, high=1)
     t_max: int = setting(0, "cosine: period in epochs (0 = train.epochs)", low=0, high=EPOCHS_MAX,
                         note="0 = train.epochs")
     eta_min: float = setting(0.0, "cosine: lowest learning rate", low=0, high=LR_MAX)
-    max_lr: float = setting(0.01, "onecycle: peak learning rate", above=0, high=LR_MAX)
-    pct_start: float = setting(0.3, "onecycle: fraction of steps spent warming up", above=0, below=1)
+    max_lr: float = setting(0.01, "onecycle / triangle: peak learning rate", above=0, high=LR_MAX)
+    pct_start: float = setting(0.3, "onecycle / triangle: fraction of steps spent warming up", above=0, below=1)
+    start_factor: float = setting(0.2, "triangle: learning rate at the first step, as a fraction of max_lr", low=0,
+                                  high=1)
+    end_factor: float = setting(0.07, "triangle: learning rate at the last step, as a fraction of max_lr", low=0,
+                                high=1)
     div_factor: float = setting(25.0, "onecycle: initial lr = max_lr / div_factor", above=0, high=1e6)
     final_div_factor: float = setting(1e4, "onecycle: final lr = initial lr / final_div_factor",
                                       above=0, high=1e9)
