@@ -93,6 +93,20 @@ def test_tta_views_and_the_mean_of_their_logits():
     with torch.no_grad():
         expected = (model(images) + model(images.flip(-1))) / 2
         assert torch.allclose(tta_logits(model, images, "flip"), expected, atol=1e-6)
+        # flip_shift: the published weights, the unshifted pair half of the total, the four shifted views the rest
+        logits = [model(view) for view in shift]
+        expected = (logits[0] + logits[1]) / 4 + sum(logits[2:]) / 8
+        assert torch.allclose(tta_logits(model, images, "flip_shift"), expected, atol=1e-6)
+
+
+def test_an_input_that_is_its_own_mirror_gets_the_same_logits_with_and_without_flips():
+    """A mirror-symmetric image: its mirror view is itself, so flip TTA gives the model's own logits."""
+    half = torch.randn(3, 3, 8, 4)
+    images = torch.cat([half, half.flip(-1)], dim=-1)
+    assert torch.equal(images, images.flip(-1))
+    model = _small_model().eval()
+    with torch.no_grad():
+        assert torch.allclose(tta_logits(model, images, "flip"), model(images), atol=1e-6)
 
 
 def _batches(sizes, seed=0):

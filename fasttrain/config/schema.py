@@ -235,7 +235,8 @@ class TrainConfig(Section):
                                      what="a fraction")
     tta: TtaName = setting(TtaName.none, "test-time augmentation of validation and fasttrain eval: none | flip (the "
                                          "mean of the logits of each image and its mirror) | flip_shift (and of both "
-                                         "shifted one pixel up-left and down-right: 6 views)")
+                                         "shifted one pixel up-left and down-right: 6 views, weighted 1/4, 1/4 and "
+                                         "1/8 each as the speed records publish)")
     eval_every: int = setting(1, "validate every N epochs; the last epoch always validates (the epochs between have "
                                  "no val_* values, and best.pt is chosen among validated epochs)", low=1,
                              high=EPOCHS_MAX)

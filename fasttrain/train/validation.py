@@ -38,9 +38,15 @@ class EvalStats:
     compile_seconds: float = 0.0  # of the pass's time: the first batch, where compilation happened
 
 
+# each view's weight in the logits' average (views in tta_views' order). flip_shift weighs as the CIFAR-10 speed
+# records publish (airbench, arXiv 2404.00498): the image and its mirror half of the total, the four shifted
+# views the other half: 1/4, 1/4, then 1/8 each
+TTA_WEIGHTS = {"none": (1.0,), "flip": (0.5, 0.5), "flip_shift": (0.25, 0.25, 0.125, 0.125, 0.125, 0.125)}
+
+
 def tta_views(images: torch.Tensor, tta: str) -> List[torch.Tensor]:
-    """The views whose logits are averaged: the image (none); and its mirror (flip); and both shifted one
-    pixel up-left and down-right with the edge reflected (flip_shift: 6 views)."""
+    """The views whose logits are averaged (TTA_WEIGHTS): the image (none); and its mirror (flip); and both
+    shifted one pixel down-right and up-left with the edge reflected (flip_shift: 6 views)."""
     if tta == "none":
         return [images]
     views = [images, images.flip(-1)]
@@ -55,12 +61,13 @@ def tta_views(images: torch.Tensor, tta: str) -> List[torch.Tensor]:
 
 
 def tta_logits(model: nn.Module, images: torch.Tensor, tta: str) -> torch.Tensor:
-    """The mean of the model's logits over the views (one forward over all of them together)."""
+    """The weighted mean of the model's logits over the views (TTA_WEIGHTS; one forward over all of them)."""
     views = tta_views(images, tta)
     if len(views) == 1:
         return model(images)
     logits = model(torch.cat(views).contiguous(memory_format=_format_of(images)))
-    return logits.float().view(len(views), images.shape[0], -1).mean(dim=0)
+    weights = torch.tensor(TTA_WEIGHTS[tta], dtype=torch.float32, device=logits.device).view(-1, 1, 1)
+    return (logits.float().view(len(views), images.shape[0], -1) * weights).sum(dim=0)
 
 
 def _format_of(images: torch.Tensor) -> torch.memory_format:
