@@ -109,6 +109,53 @@ def test_label_smoothing_is_the_training_loss():
     assert smoothed != pytest.approx(plain, rel=1e-3)
 
 
+@pytest.mark.parametrize("kind", ["eager", "captured"])
+def test_a_summed_loss_at_lr_over_b_steps_like_the_mean_loss_at_lr(kind):
+    """train.loss_reduction=sum: the gradient of the batch's summed loss, B times the mean's; plain SGD at lr / B
+    then moves the weights as the mean at lr does. The logged loss stays the mean."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name="SimpleModel"), 3, SIDE, 10)  # one linear layer: the smallest compile
+    batches = _batches(3)
+    ends, logged = [], []
+    for lr, summed in ((0.1, False), (0.1 / 32, True)):
+        copy_ = copy.deepcopy(model)
+        optimizer = build_optimizer(OptimConfig(name="sgd", lr=lr, momentum=0.0, weight_decay=0.0), copy_, CPU,
+                                    capture=kind == "captured")
+        precision = build_precision("fp32", CPU, tf32=False)
+        step = (CapturedStep(copy_, optimizer, precision, sum_loss=summed) if kind == "captured"
+                else EagerStep(copy_, optimizer, precision, sum_over_ranks=1 if summed else 0))
+        for images, labels in batches:
+            step(images, labels)
+        logged.append(float(step.take_sums()[LOSS_SUM]))
+        ends.append(copy_.state_dict())
+    assert logged[0] == pytest.approx(logged[1], rel=1e-5)
+    for name, value in ends[0].items():
+        assert torch.allclose(value, ends[1][name], rtol=1e-5, atol=1e-7), name
+        assert not torch.equal(value, model.state_dict()[name])  # the steps moved it
+
+
+@pytest.mark.slow
+def test_two_ranks_summing_their_loss_step_like_one_process_summing_the_global_batch(tmp_path):
+    """Under DDP the ranks' gradients are averaged: each rank's summed loss is scaled by the world size, so two
+    ranks of 16 take the step one process of 32 takes (eager; the captured step scales the same way)."""
+    run = ["--config", "configs/smoke.yaml", "model.name=MLP", "model.hidden_sizes=[32]", "model.dropout=0.0",
+           "data.loader=gpu", "data.train_size=128", "data.val_size=32", "train.epochs=2", "train.log_every=1",
+           "optim.name=sgd", "optim.lr=0.002", "optim.momentum=0.0", "optim.weight_decay=0.0", "sched.name=none",
+           "train.loss_reduction=sum", "output.plots=false"]
+    two = run_ranks(2, *run, "train.batch_size=16", f"output.dir={tmp_path / 'two'}")
+    assert two.returncode == 0, two.stderr[-3000:]
+    from fasttrain import run as fasttrain_run
+
+    assert fasttrain_run.main([*run, "train.batch_size=32", f"output.dir={tmp_path / 'one'}"]) == 0
+    steps = [read_jsonl(tmp_path / name / "steps.jsonl") for name in ("two", "one")]
+    assert len(steps[0]) == len(steps[1]) == 8
+    assert [s["loss"] for s in steps[0]] == pytest.approx([s["loss"] for s in steps[1]], rel=1e-5)
+    weights = [torch.load(tmp_path / name / "checkpoints" / "last.pt", weights_only=True)["model"]
+               for name in ("two", "one")]
+    for name, value in weights[0].items():
+        assert torch.allclose(value, weights[1][name], rtol=1e-4, atol=1e-6), name
+
+
 def test_param_groups_leave_batchnorm_and_biases_undecayed_at_their_own_learning_rate(cnn):
     """optim.decay_bn_bias=false / optim.bn_bias_lr_scale: every 1-d parameter in a second group with no
     weight decay, and OneCycle's whole cycle scaled for it (its peak and its start)."""

@@ -18,7 +18,8 @@ from typing import Any, ClassVar, Dict, List, Optional
 from fasttrain.config.accepted import (BATCH_MAX, CAPTURABLE_OPTIMIZERS, DATASET_SIDES, EPOCHS_MAX, HIDDEN_MAX,
                                        HOST_MEMORY_BUDGET, IMAGE_SIDE_MAX, LR_MAX, SEED_MAX, SPLIT_MAX, STEPS_MAX,
                                        SYNTHETIC_MAX, SYNTHETIC_PEAK_BYTES, WORKERS_PER_CPU, BackendName, CompileMode,
-                                       LoaderName, PrecisionName, SignalName, TtaName, check_import_form)
+                                       LoaderName, LossReduction, PrecisionName, SignalName, TtaName,
+                                       check_import_form)
 from fasttrain.config.fields import Section, require, setting
 # the registries are the lists of names the config accepts: register an entry, and its name is valid
 from fasttrain.config.registry import DATASETS, MODELS, OPTIMIZERS, SCHEDULES, Registry
@@ -223,6 +224,10 @@ class TrainConfig(Section):
                                    note="0 = no early stop")
     label_smoothing: float = setting(0.0, "label smoothing of the training loss (0 = off); validation reports the "
                                           "plain cross-entropy", low=0, below=1, what="a fraction")
+    loss_reduction: LossReduction = setting(LossReduction.mean, "the loss whose gradient a step takes: mean (over "
+                                            "the batch) | sum (over the global batch, batch_size x world size: the "
+                                            "speed records state their learning rates for it); the logged loss is "
+                                            "the mean either way")
     ema_decay: float = setting(0.0, "keep an exponential moving average of the weights with this decay per update "
                                     "(0 = off; e.g. 0.99): validation, best.pt's choice and fasttrain eval use the "
                                     "averaged weights; checkpoints hold both", low=0, below=1, what="a fraction")

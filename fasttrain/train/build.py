@@ -121,14 +121,15 @@ def build_parts(cfg: Config, ctx: dist.Dist, logger: logging.Logger, model: Opti
     step: Step
     if cfg.train.capture:
         step = CapturedStep(model, optimizer, precision, cfg.train.grad_clip, compile_mode, ctx.world_size,
-                            cfg.train.label_smoothing)
+                            cfg.train.label_smoothing, sum_loss=cfg.train.loss_reduction == "sum")
     else:
         # train batches have one shape (drop_last), so the compiled model does not recompile per epoch
         train_model: nn.Module = torch.compile(model, mode=compile_mode) if compiled else model
         if ctx.world_size > 1:
             # only where there are gradients to average: world size 1 pays nothing for a wrapper
             train_model = wrap_ddp(train_model, model, device, compiled)
-        step = EagerStep(train_model, optimizer, precision, cfg.train.grad_clip, cfg.train.label_smoothing)
+        step = EagerStep(train_model, optimizer, precision, cfg.train.grad_clip, cfg.train.label_smoothing,
+                         sum_over_ranks=ctx.world_size if cfg.train.loss_reduction == "sum" else 0)
     # after the step: a captured step with other ranks has broadcast rank 0's weights, which the averages copy
     averages = build_averages(model, cfg.train.ema_decay, cfg.train.ema_every, cfg.train.lookahead_k,
                               cfg.train.lookahead_alpha)

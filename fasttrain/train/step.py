@@ -63,12 +63,17 @@ class Step(Protocol):
 
 
 class EagerStep:
-    """forward, loss, backward, optimizer step; the losses are kept (detached) for the sums."""
+    """forward, loss, backward, optimizer step; the losses are kept (detached) for the sums.
+
+    `sum_over_ranks`: 0 backpropagates the batch's mean loss; N > 0 its sum over the global batch (train.loss_reduction
+    =sum): the mean times the local batch times N, since DDP then averages the ranks' gradients. The logged loss is
+    the mean either way."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, precision: Precision,
-                 grad_clip: float = 0.0, label_smoothing: float = 0.0):
+                 grad_clip: float = 0.0, label_smoothing: float = 0.0, sum_over_ranks: int = 0):
         self.model = model  # DDP-wrapped only when there are other ranks to average gradients with
         self.label_smoothing = label_smoothing
+        self.sum_over_ranks = sum_over_ranks
         self.optimizer = optimizer
         self.precision = precision
         self.scaler = precision.scaler  # a pass-through unless fp16
@@ -83,7 +88,8 @@ class EagerStep:
         with self.precision.autocast():
             loss = F.cross_entropy(self.model(images), labels, label_smoothing=self.label_smoothing)
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        objective = loss * (labels.shape[0] * self.sum_over_ranks) if self.sum_over_ranks else loss
+        self.scaler.scale(objective).backward()
         if self.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_(self.params, self.grad_clip)
@@ -143,12 +149,13 @@ class CapturedStep(cuda_graphs.GraphCapture):
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, precision: Precision,
                  grad_clip: float = 0.0, compile_mode: Optional[str] = None, world_size: int = 1,
-                 label_smoothing: float = 0.0):
+                 label_smoothing: float = 0.0, sum_loss: bool = False):
         if precision.scaler.is_enabled():
             raise ValueError("a captured step does not support fp16's GradScaler (config validation says so)")
         self.model = model  # the plain module: compiled here, never DDP-wrapped
         self.optimizer = optimizer
         self.label_smoothing = label_smoothing
+        self.sum_over_ranks = world_size if sum_loss else 0  # as EagerStep's: the global batch's summed loss
         # SGD is stepped by device_sgd_step (torch's SGD takes no device momentum); Adam/AdamW by their own step
         self.sgd = isinstance(optimizer, torch.optim.SGD)
         self.momentum_on = [group.get("momentum", 0) != 0 for group in optimizer.param_groups]
@@ -202,7 +209,8 @@ class CapturedStep(cuda_graphs.GraphCapture):
         if self.grads is not None:
             self.grads.zero()
         loss = self._forward_loss(images, labels)
-        loss.backward()
+        # the batch is one shape here (drop_last): a constant in the compiled graph
+        (loss * (labels.shape[0] * self.sum_over_ranks) if self.sum_over_ranks else loss).backward()
         if self.grads is not None:
             self.grads.all_reduce()
         self.hyper.swap_in()
