@@ -82,6 +82,25 @@ def test_lookahead_moves_the_slow_weights_and_restarts_from_them():
     assert all(torch.equal(p, s) for p, s in zip(model.parameters(), look.slow))
 
 
+def test_lookahead_power_moves_alpha_from_one_to_lookahead_alpha_as_the_records_cube():
+    """train.lookahead_power=3 with lookahead_alpha = 1 - 0.95**5: the slow weights move 1 - 0.95**5 (t/T)**3 of the
+    way at step t (the records' decay 0.95**5 (t/T)**3 of the slow weights kept), against a hand computation."""
+    model = _small_model()
+    look = Lookahead(model, k=2, alpha=1 - 0.95 ** 5, power=3, total_steps=10)
+    assert look.alpha_at(0) == 1.0 and look.alpha_at(10) == pytest.approx(1 - 0.95 ** 5)
+    assert look.alpha_at(4) == pytest.approx(1 - 0.95 ** 5 * 0.4 ** 3) and look.alpha_at(25) == look.alpha_at(10)
+    slow = [p.detach().clone() for p in model.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+    trained = [p.detach().clone() for p in model.parameters()]
+    look.update(4)
+    kept = 0.95 ** 5 * 0.4 ** 3
+    for p, s, t in zip(model.parameters(), slow, trained):
+        assert torch.allclose(p, kept * s + (1 - kept) * t, atol=1e-6)  # the trained weights restart from the slow
+    assert Lookahead(model, k=2, alpha=0.3).alpha_at(7) == 0.3  # power 0: constant, as before
+
+
 def test_tta_views_and_the_mean_of_their_logits():
     images = torch.randn(5, 3, 8, 8)
     flip, shift = tta_views(images, "flip"), tta_views(images, "flip_shift")

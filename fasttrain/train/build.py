@@ -131,13 +131,13 @@ def build_parts(cfg: Config, ctx: dist.Dist, logger: logging.Logger, model: Opti
         step = EagerStep(train_model, optimizer, precision, cfg.train.grad_clip, cfg.train.label_smoothing,
                          sum_over_ranks=ctx.world_size if cfg.train.loss_reduction == "sum" else 0)
     # after the step: a captured step with other ranks has broadcast rank 0's weights, which the averages copy
+    steps_per_epoch = min(len(train_loader), cfg.train.limit_train_batches or len(train_loader))
     averages = build_averages(model, cfg.train.ema_decay, cfg.train.ema_every, cfg.train.lookahead_k,
-                              cfg.train.lookahead_alpha)
+                              cfg.train.lookahead_alpha, cfg.train.lookahead_power, cfg.train.epochs * steps_per_epoch)
     evaluator = Evaluator(averages.ema.averaged if averages.ema else model, precision, cfg.train.tta,
                           # the eval batch function mutates its sums: no CUDA graphs of torch.compile's own there
                           None if compile_mode == "reduce-overhead" else compile_mode, compiled,
                           pad_to=eval_batch_size(cfg), capture=cfg.train.capture)
-    steps_per_epoch = min(len(train_loader), cfg.train.limit_train_batches or len(train_loader))
     schedule = Schedule(cfg.sched, optimizer, cfg.train.epochs, steps_per_epoch)
     logger.info(f"optim {cfg.optim.name} lr {cfg.optim.lr:g} wd {cfg.optim.weight_decay:g} | sched {cfg.sched.name} "
                 f"({'per batch' if schedule.per_batch else 'per epoch'}) | {cfg.train.epochs} epochs x "
