@@ -118,3 +118,29 @@ def test_a_run_calls_the_data_hook_of_its_model_before_the_first_step(tmp_path, 
     saved = torch.load(out / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)["model"]
     assert torch.equal(saved["whiten.weight"], expected.weight)
     assert read_jsonl(out / "metrics.jsonl")[-1]["epoch"] == 1
+
+
+@pytest.mark.slow  # three runs
+def test_frozen_parameters_stay_frozen_through_a_stop_and_resume_and_the_resume_is_exact(tmp_path, capsys):
+    """A SpeedNet run stopped mid-epoch and resumed ends with the uninterrupted run's weights bit for bit; the
+    whitening filters are still the data's and the BatchNorm weights still 1 (the hook runs again at the resume,
+    then the checkpoint's weights are loaded over it)."""
+    args = ["--config", "configs/smoke.yaml", "model.name=SpeedNet", "data.loader=gpu", "data.train_size=128",
+            "data.val_size=32", "train.batch_size=32", "train.epochs=2", "optim.name=sgd", "optim.lr=0.01",
+            "optim.nesterov=true", "sched.name=triangle", "train.lookahead_k=2", "train.lookahead_alpha=0.2262",
+            "train.lookahead_power=3", "train.loss_reduction=sum", "train.label_smoothing=0.2",
+            "output.plots=false"]
+    assert run_in_process(capsys, *args, f"output.dir={tmp_path / 'straight'}").returncode == 0
+    stopped = run_in_process(capsys, *args, f"output.dir={tmp_path / 'resumed'}", "train.stop_after_steps=5")
+    assert stopped.returncode == 0, stopped.stderr
+    resumed = run_in_process(capsys, *args, f"output.dir={tmp_path / 'resumed'}", "resume=auto")
+    assert resumed.returncode == 0, resumed.stderr
+    straight, again = (torch.load(tmp_path / name / "checkpoints" / "last.pt", map_location="cpu",
+                                  weights_only=True)["model"] for name in ("straight", "resumed"))
+    assert straight.keys() == again.keys() and all(torch.equal(straight[k], again[k]) for k in straight)
+    cfg = load_config("configs/smoke.yaml", args[2:])
+    expected = Whitening(3)
+    expected.init_from_data(training_sample(cfg.data, 5000, cfg.train.seed))
+    assert torch.equal(again["whiten.weight"], expected.weight)
+    norms = [k for k in again if k.endswith(".weight") and again[k].ndim == 1]
+    assert norms and all(torch.equal(again[k], torch.ones_like(again[k])) for k in norms)
