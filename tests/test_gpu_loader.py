@@ -50,7 +50,7 @@ def _loader(images, labels, rank=0, world=1, batch=100, kind="gpu", **kw):
     else:
         cls = GpuLoader
     return cls(images, labels, batches, BatchFormat(CPU, [0.0] * 3, [1.0] * 3),
-               CropFlip(kw.get("crop_padding", 0), kw.get("hflip", False), seed=3))
+               CropFlip(kw.get("crop_padding", 0), kw.get("hflip", False), seed=3, alternate=kw.get("alternate", False)))
 
 
 @pytest.mark.parametrize("kind", ["gpu", "dali"])
@@ -81,6 +81,44 @@ def test_augmentation_distribution_and_label_pairing(kind):
     # RandomCrop(32, padding=4): offsets -4..4 uniform (500 each); RandomHorizontalFlip: half (2250)
     assert np.all(np.abs(rows - 500) < 100) and np.all(np.abs(cols - 500) < 100), (rows, cols)
     assert abs(flips - 2250) < 150
+
+
+@pytest.mark.parametrize("kind", ["gpu", "dali"])
+def test_alternating_flips_mirror_each_image_in_exactly_every_other_epoch(kind):
+    """aug.flip_alternate: over 4 epochs each image comes mirrored in epochs 0 and 2 or in 1 and 3, never by a
+    coin; about half the images start mirrored."""
+    n = 400
+    images = np.zeros((n, 32, 32, 3), dtype=np.uint8)
+    images[..., 0] = 100 + np.arange(32)[None, None, :]  # the first column reads 131 when mirrored
+    labels = np.arange(n)  # the label is the sample's index
+    loader = _loader(images, labels, batch=50, kind=kind, hflip=True, alternate=True)
+    mirrored = np.zeros((4, n), dtype=bool)
+    for epoch in range(4):
+        loader.set_epoch(epoch)
+        for pixels, batch_labels in _raw_batches(loader):
+            mirrored[epoch, batch_labels.numpy()] = (pixels[:, 0, 0, 0] == 131).numpy()
+    assert (mirrored[1] == ~mirrored[0]).all() and (mirrored[2] == mirrored[0]).all()
+    assert (mirrored[3] == mirrored[1]).all()
+    assert 150 < mirrored[0].sum() < 250
+    coin = _loader(images, labels, batch=50, kind=kind, hflip=True)  # the default: a coin per image and epoch
+    seen = []
+    for epoch in range(2):
+        coin.set_epoch(epoch)
+        seen.append({int(label): bool(image[0, 0, 0] == 131)
+                     for pixels, batch_labels in _raw_batches(coin) for image, label in zip(pixels, batch_labels)})
+    assert sum(seen[0][i] == seen[1][i] for i in range(n)) > 100  # a coin repeats itself for about half
+
+
+def test_alternating_flips_need_a_loader_that_draws_them():
+    from fasttrain.data import build_loaders
+    from fasttrain.errors import ConfigError
+
+    cfg = load_config(None, ["data.dataset=synthetic", "data.train_size=64", "data.val_size=32", "data.loader=plain",
+                             "train.batch_size=32", "aug.flip_alternate=true"])
+    with pytest.raises(ConfigError, match="aug.flip_alternate=true needs data.loader=gpu or dali"):
+        build_loaders(cfg, CPU, 0, 1, torch.float32)
+    with pytest.raises(ConfigError, match="aug.hflip=false turns them off"):
+        load_config(None, ["aug.flip_alternate=true", "aug.hflip=false"])
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])

@@ -90,11 +90,16 @@ class AugConfig(Section):
     crop_padding: int = setting(4, "RandomCrop(size, padding=N) on training images; 0 = no crop (at most "
                                     "the image side)", low=0)  # its upper bound: Config.__post_init__
     hflip: bool = setting(True, "RandomHorizontalFlip on training images")
+    flip_alternate: bool = setting(False, "with hflip: each image mirrored every other epoch (from a random start) "
+                                          "instead of a coin per epoch, as the speed records do; gpu and dali loaders")
     rotation: float = setting(0.0, "RandomRotation(degrees); 0 = off", low=0, high=180, what="degrees")
     color_jitter: List[float] = setting([0.0, 0.0, 0.0, 0.0], "ColorJitter [brightness, contrast, saturation, hue]; "
                                                              "zeros = off")
 
     def check(self) -> None:
+        if self.flip_alternate and not self.hflip:
+            raise ConfigError("config error: aug.flip_alternate=true alternates flips, but aug.hflip=false turns them "
+                              "off: set aug.hflip=true, or aug.flip_alternate=false")
         jitter = list(self.color_jitter)
         # a factor of 10 already spans [0, 11] times the brightness, contrast or saturation
         require(len(jitter) == 4 and all(0 <= v <= 10 for v in jitter), "aug.color_jitter", jitter,

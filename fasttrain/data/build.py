@@ -111,10 +111,14 @@ def _loader(cfg: Config, name: str, split: SplitData, batches: ShardedBatches, d
     if name in ("gpu", "dali") and train and (cfg.aug.rotation > 0 or any(v > 0 for v in cfg.aug.color_jitter)):
         raise ConfigError(f"config error: data.loader={name} does random crop and flip only; aug.rotation and "
                           f"aug.color_jitter need data.loader=plain")
+    if name == "plain" and train and cfg.aug.hflip and cfg.aug.flip_alternate:
+        raise ConfigError("config error: aug.flip_alternate=true needs data.loader=gpu or dali (the plain loader's "
+                          "torchvision RandomHorizontalFlip tosses a coin per image and epoch)")
     fmt = BatchFormat(device, per_channel(cfg.data.mean, channels, "data.mean"),
                       per_channel(cfg.data.std, channels, "data.std"), dtype, cfg.train.channels_last)
     # the gpu and dali loaders' own augmentation (evaluation: none, but the seed of a DALI pipeline)
-    aug = CropFlip(cfg.aug.crop_padding, cfg.aug.hflip, cfg.train.seed) if train else CropFlip(seed=cfg.train.seed)
+    aug = (CropFlip(cfg.aug.crop_padding, cfg.aug.hflip, cfg.train.seed, cfg.aug.flip_alternate) if train
+           else CropFlip(seed=cfg.train.seed))
     if isinstance(split.images, FolderIndex):
         return _folder_file_loader(cfg, name, split, batches, fmt, aug, train)
     if name in ("gpu", "dali"):

@@ -57,12 +57,12 @@ class _EpochSource:
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, batches: ShardedBatches, aug: CropFlip):
         self.images, self.labels, self.batches = images, labels, batches
-        self.seed, self.crop_padding, self.hflip = aug.seed, aug.crop_padding, aug.hflip
+        self.seed, self.crop_padding, self.hflip, self.alternate = aug.seed, aug.crop_padding, aug.hflip, aug.alternate
 
     def __iter__(self) -> Iterator[Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
         shard = self.batches.shard().numpy()
         corners, flips = epoch_augmentation(self.seed, self.batches.epoch, len(self.labels), self.crop_padding,
-                                            self.hflip)
+                                            self.hflip, self.alternate)
         anchors = (corners.numpy() - self.crop_padding).astype(np.int32)  # slice start: may be negative (pad)
         mirror = flips.numpy().astype(np.int32)
         size = self.batches.batch_size

@@ -42,7 +42,7 @@ import torch
 
 from fasttrain.data.loaders.dali import DaliPipelineLoader, as_batch, import_dali
 from fasttrain.data.folder import FolderIndex, UnreadableImage, undecodable_line
-from fasttrain.data.loaders.gpu import BatchFormat, CropFlip, epoch_augmentation
+from fasttrain.data.loaders.gpu import BatchFormat, CropFlip, alternating_flips, epoch_augmentation
 from fasttrain.data.sharding import ShardedBatches
 
 CROP_AREA = (0.08, 1.0)  # fraction of the image's area a training crop covers (torchvision's scale)
@@ -158,6 +158,7 @@ class _EpochFiles:
         # reference cycle that keeps DALI's threads alive until the garbage collector runs
         self.paths, self.labels, self.batches = paths, labels, batches
         self.train, self.crop_padding, self.hflip, self.seed = train, aug.crop_padding, aug.hflip, aug.seed
+        self.alternate = aug.alternate
         self.stop = False
         self.fed: Deque[Tuple[str, ...]] = deque()
 
@@ -167,9 +168,12 @@ class _EpochFiles:
         if not self.train:
             return ()
         if self.crop_padding == 0:
-            return epoch_crops(self.seed, epoch, count, self.hflip)
+            crops, mirror = epoch_crops(self.seed, epoch, count, self.hflip)
+            if self.hflip and self.alternate:
+                mirror = alternating_flips(self.seed, epoch, count).numpy().astype(np.int32)
+            return crops, mirror
         # the gpu loader's draws (fasttrain.data.loaders.gpu): the same crops and flips of the same fitted images
-        corners, flips = epoch_augmentation(self.seed, epoch, count, self.crop_padding, self.hflip)
+        corners, flips = epoch_augmentation(self.seed, epoch, count, self.crop_padding, self.hflip, self.alternate)
         anchors = (corners.numpy() - self.crop_padding).astype(np.int32)  # (row, col); may be negative: padding
         return anchors, flips.numpy().astype(np.int32)
 

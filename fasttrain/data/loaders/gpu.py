@@ -42,14 +42,24 @@ def crop_flip(images: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor, 
     return padded[b, c, rows[:, None, :, None], cols[:, None, None, :]]
 
 
-def epoch_augmentation(seed: int, epoch: int, num_samples: int, padding: int,
-                       hflip: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+def epoch_augmentation(seed: int, epoch: int, num_samples: int, padding: int, hflip: bool,
+                       alternate: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """Every sample's crop corner (i, j in 0..2*padding, as torchvision's RandomCrop draws them) and
-    flip for one epoch, drawn on the host from (seed, epoch). Shared by the gpu and dali loaders."""
+    flip for one epoch, drawn on the host from (seed, epoch). Shared by the gpu and dali loaders.
+    `alternate` (aug.flip_alternate): each sample flipped every other epoch instead (alternating_flips)."""
     gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch + 7_919)
     corners = torch.randint(0, 2 * padding + 1, (num_samples, 2), generator=gen)
     flips = torch.rand(num_samples, generator=gen) < 0.5 if hflip else torch.zeros(num_samples, dtype=torch.bool)
+    if hflip and alternate:
+        flips = alternating_flips(seed, epoch, num_samples)
     return corners, flips
+
+
+def alternating_flips(seed: int, epoch: int, num_samples: int) -> torch.Tensor:
+    """Each sample mirrored in every other epoch, starting in epoch 0 or 1 as one coin per sample drawn from the
+    seed alone (the speed records' flips: every image is seen both ways within any two epochs)."""
+    start = torch.randint(0, 2, (num_samples,), generator=torch.Generator().manual_seed(seed * 1_000_003 + 104_729))
+    return (start + epoch) % 2 == 1
 
 
 @dataclass(frozen=True)
@@ -66,10 +76,12 @@ class BatchFormat:
 @dataclass(frozen=True)
 class CropFlip:
     """Their augmentation, drawn per sample from (seed, epoch): a crop of the image zero-padded by
-    `crop_padding` (0 = none), and a horizontal flip with probability 1/2 when `hflip`."""
+    `crop_padding` (0 = none), and a horizontal flip with probability 1/2 when `hflip` (every other epoch
+    when `alternate`)."""
     crop_padding: int = 0
     hflip: bool = False
     seed: int = 0
+    alternate: bool = False
 
 
 class GpuLoader(ShardLoader):
@@ -93,7 +105,7 @@ class GpuLoader(ShardLoader):
         self.shift = (-mean_t / std_t).view(1, -1, 1, 1)
         self.dtype = fmt.dtype
         self.memory_format = torch.channels_last if fmt.channels_last else torch.contiguous_format
-        self.crop_padding, self.hflip, self.seed = aug.crop_padding, aug.hflip, aug.seed
+        self.crop_padding, self.hflip, self.seed, self.alternate = aug.crop_padding, aug.hflip, aug.seed, aug.alternate
 
     @property
     def num_samples(self) -> int:
@@ -109,7 +121,7 @@ class GpuLoader(ShardLoader):
         augment = self.crop_padding > 0 or self.hflip
         if augment:
             corners, flips = epoch_augmentation(self.seed, self.batches.epoch, self.num_samples, self.crop_padding,
-                                                self.hflip)
+                                                self.hflip, self.alternate)
             corners, flips = corners.to(self.device), flips.to(self.device)
         _, channels, height, width = self.images.shape
         # a fresh tensor each epoch: batches an earlier epoch handed out stay valid while someone holds them
