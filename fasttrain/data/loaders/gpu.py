@@ -58,7 +58,8 @@ def epoch_augmentation(seed: int, epoch: int, num_samples: int, padding: int, hf
 def alternating_flips(seed: int, epoch: int, num_samples: int) -> torch.Tensor:
     """Each sample mirrored in every other epoch, starting in epoch 0 or 1 as one coin per sample drawn from the
     seed alone (the speed records' flips: every image is seen both ways within any two epochs)."""
-    start = torch.randint(0, 2, (num_samples,), generator=torch.Generator().manual_seed(seed * 1_000_003 + 104_729))
+    # a stream of its own: the per-epoch draws use seed * 1_000_003 + epoch + a positive constant
+    start = torch.randint(0, 2, (num_samples,), generator=torch.Generator().manual_seed(seed * 1_000_003 - 1))
     return (start + epoch) % 2 == 1
 
 
