@@ -109,6 +109,15 @@ def test_alternating_flips_mirror_each_image_in_exactly_every_other_epoch(kind):
     assert sum(seen[0][i] == seen[1][i] for i in range(n)) > 100  # a coin repeats itself for about half
 
 
+def test_the_dali_folder_loader_alternates_its_flips_too_and_keeps_its_crops():
+    from fasttrain.data.loaders.dali_folder import epoch_crops
+
+    draws = [epoch_crops(5, epoch, 300, hflip=True, alternate=True) for epoch in range(3)]
+    mirrors = [mirror.astype(bool) for _, mirror in draws]
+    assert (mirrors[1] == ~mirrors[0]).all() and (mirrors[2] == mirrors[0]).all() and 100 < mirrors[0].sum() < 200
+    assert all(np.array_equal(crops, epoch_crops(5, epoch, 300, hflip=True)[0]) for epoch, (crops, _) in enumerate(draws))
+
+
 def test_alternating_flips_need_a_loader_that_draws_them():
     from fasttrain.data import build_loaders
     from fasttrain.errors import ConfigError

@@ -111,7 +111,7 @@ def _loader(cfg: Config, name: str, split: SplitData, batches: ShardedBatches, d
     if name in ("gpu", "dali") and train and (cfg.aug.rotation > 0 or any(v > 0 for v in cfg.aug.color_jitter)):
         raise ConfigError(f"config error: data.loader={name} does random crop and flip only; aug.rotation and "
                           f"aug.color_jitter need data.loader=plain")
-    if name == "plain" and train and cfg.aug.hflip and cfg.aug.flip_alternate:
+    if name == "plain" and train and cfg.aug.flip_alternate:  # (the config refuses it without aug.hflip)
         raise ConfigError("config error: aug.flip_alternate=true needs data.loader=gpu or dali (the plain loader's "
                           "torchvision RandomHorizontalFlip tosses a coin per image and epoch)")
     fmt = BatchFormat(device, per_channel(cfg.data.mean, channels, "data.mean"),

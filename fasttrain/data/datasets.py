@@ -86,7 +86,6 @@ def load_split(data: DataConfig, train: bool) -> Tuple[np.ndarray, np.ndarray, D
     return images, labels, info
 
 
-
 def training_sample(data: DataConfig, count: int, seed: int) -> "torch.Tensor":
     """Up to `count` training images, a seeded random choice, as float32 (N, C, H, W) normalized with
     data.mean and data.std as the loaders normalize them (no augmentation): what a model's `init_from_data`

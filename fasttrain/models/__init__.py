@@ -10,7 +10,7 @@ from fasttrain.models.build import build_model, count_parameters, summarize
 from fasttrain.models.imported import SCRIPT_MODULE, check_output, imported_model, torchvision_model
 # the tutorial's first: registration order is the order --help and error messages list the names in
 from fasttrain.models.tutorial import CIFAR10_CNN, CNN, MLP, ConvBlock, SimpleModel, mlp_layers, mlp_sequential
-from fasttrain.models.speedrun import SpeedNet, Whitening  # noqa: E402  (after the tutorial's, on purpose)
+from fasttrain.models.speedrun import SpeedNet, Whitening  # after the tutorial's, on purpose
 
 __all__ = ["CIFAR10_CNN", "CNN", "MLP", "SCRIPT_MODULE", "ConvBlock", "SimpleModel", "build_model", "check_output",
            "count_parameters", "imported_model", "mlp_layers", "mlp_sequential", "SpeedNet", "summarize",

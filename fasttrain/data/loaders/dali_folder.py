@@ -133,16 +133,20 @@ def undecodable(paths: Sequence[str], device: torch.device, num_threads: int = 2
     return reasons
 
 
-def epoch_crops(seed: int, epoch: int, num_samples: int, hflip: bool) -> Tuple[np.ndarray, np.ndarray]:
+def epoch_crops(seed: int, epoch: int, num_samples: int, hflip: bool,
+                alternate: bool = False) -> Tuple[np.ndarray, np.ndarray]:
     """Every sample's training crop and flip for one epoch, drawn on the host from (seed, epoch):
     (crop (N, 4) float32 as [area fraction, log aspect ratio, horizontal position, vertical
-    position], positions in 0..1 of the room the crop leaves; mirror (N,) int32, 1 = flip)."""
+    position], positions in 0..1 of the room the crop leaves; mirror (N,) int32, 1 = flip; every other
+    epoch with `alternate`, as the gpu loader's alternating_flips)."""
     gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch + 104_729)
     uniform = torch.rand((num_samples, 5), generator=gen, dtype=torch.float64).numpy()
     low, high = math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1])
     crop = np.stack([CROP_AREA[0] + (CROP_AREA[1] - CROP_AREA[0]) * uniform[:, 0],
                      low + (high - low) * uniform[:, 1], uniform[:, 2], uniform[:, 3]], axis=1)
     mirror = (uniform[:, 4] < 0.5) if hflip else np.zeros(num_samples, dtype=bool)
+    if hflip and alternate:
+        mirror = alternating_flips(seed, epoch, num_samples).numpy()
     return crop.astype(np.float32), mirror.astype(np.int32)
 
 
@@ -168,10 +172,7 @@ class _EpochFiles:
         if not self.train:
             return ()
         if self.crop_padding == 0:
-            crops, mirror = epoch_crops(self.seed, epoch, count, self.hflip)
-            if self.hflip and self.alternate:
-                mirror = alternating_flips(self.seed, epoch, count).numpy().astype(np.int32)
-            return crops, mirror
+            return epoch_crops(self.seed, epoch, count, self.hflip, self.alternate)
         # the gpu loader's draws (fasttrain.data.loaders.gpu): the same crops and flips of the same fitted images
         corners, flips = epoch_augmentation(self.seed, epoch, count, self.crop_padding, self.hflip, self.alternate)
         anchors = (corners.numpy() - self.crop_padding).astype(np.int32)  # (row, col); may be negative: padding

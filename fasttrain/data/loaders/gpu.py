@@ -49,9 +49,9 @@ def epoch_augmentation(seed: int, epoch: int, num_samples: int, padding: int, hf
     `alternate` (aug.flip_alternate): each sample flipped every other epoch instead (alternating_flips)."""
     gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch + 7_919)
     corners = torch.randint(0, 2 * padding + 1, (num_samples, 2), generator=gen)
-    flips = torch.rand(num_samples, generator=gen) < 0.5 if hflip else torch.zeros(num_samples, dtype=torch.bool)
     if hflip and alternate:
-        flips = alternating_flips(seed, epoch, num_samples)
+        return corners, alternating_flips(seed, epoch, num_samples)
+    flips = torch.rand(num_samples, generator=gen) < 0.5 if hflip else torch.zeros(num_samples, dtype=torch.bool)
     return corners, flips
 
 
