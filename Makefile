@@ -18,8 +18,9 @@ EXTRAS ?=
 TORCH_INDEX ?=
 DATA_ROOT ?= ./data
 ARGS ?=
-# two test processes (a CI machine has 2 cores); each module stays on one, so its shared runs are made once
-PYTEST_ARGS ?= -n 2 --dist loadscope --durations=15
+# two test processes (a CI machine has 2 cores); each module stays on one, so its shared runs are made once;
+# modules are taken longest first (tests/conftest.py, LONGEST_FIRST), not in xdist's order by number of tests
+PYTEST_ARGS ?= -n 2 --dist loadscope --no-loadscope-reorder --durations=15
 BIN := $(VENV)/bin
 comma := ,
 # one stamp per set of extras: `make train EXTRAS=...` installs them even where a plain `make train` ran.
