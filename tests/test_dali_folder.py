@@ -324,3 +324,32 @@ def test_folder_loader_benchmark_smoke_prints_its_table(tmp_path):
     assert table[0].startswith("| loader") and len(table) >= 2 + 3 + 1  # header, rule, 3 DataLoader rows, DALI CPU
     assert any("DALI" in line and "cpu" in line for line in table)
     assert all(float(line.split("|")[3].replace(",", "")) > 0 for line in table[2:])
+
+
+def test_reflect_padding_is_refused_by_the_dali_folder_loader_and_taken_by_the_plain_one(folder, tmp_path):
+    """DALI's slice pads decoded images with a constant only: aug.crop_padding_mode=reflect with the DALI folder
+    loader is one line before training; the plain folder loader takes it (torchvision's RandomCrop), and a
+    padding as wide as the fitted side is refused once the folder's side is known."""
+    from fasttrain.config import load_config
+    from fasttrain.data import build_loaders
+    from fasttrain.errors import ConfigError
+
+    base = ["data.dataset=folder", f"data.root={folder}", f"data.image_size={SIZE}", "data.num_workers=0",
+            "train.batch_size=4", "aug.crop_padding_mode=reflect"]
+    with pytest.raises(ConfigError, match="aug.crop_padding_mode=reflect needs data.loader=plain or gpu"):
+        build_loaders(load_config(None, [*base, "data.loader=dali", "aug.crop_padding=2"]), CPU)
+    train, _, _ = build_loaders(load_config(None, [*base, "data.loader=plain", "aug.crop_padding=2"]), CPU)
+    train.set_epoch(0)
+    images, _ = next(iter(train))
+    assert images.shape == (4, 3, SIZE, SIZE)
+    from PIL import Image
+
+    for split, name in [(s, c) for s in ("train", "val") for c in CLASSES[:2]]:  # all 8x8: data.image_size=0 takes it
+        (tmp_path / split / name).mkdir(parents=True)
+        Image.new("RGB", (8, 8), (10, 20, 30)).save(tmp_path / split / name / "0.png")
+    unsized = [f"data.root={tmp_path}" if arg.startswith("data.root") else arg for arg in base
+               if not arg.startswith("data.image_size")]
+    with pytest.raises(ConfigError, match=r"aug.crop_padding=8 is not valid: expected an integer in \[0, 7\] "
+                                          r"with aug.crop_padding_mode=reflect \(images of 8 px\)"):
+        build_loaders(load_config(None, [*unsized, "data.loader=plain", "train.batch_size=2", "aug.crop_padding=8"]),
+                      CPU)

@@ -26,16 +26,18 @@ def _pair(n=300, batch=64, **kw):
     labels = np.arange(n) % 10
     fmt = BatchFormat(CPU, [0.5, 0.5, 0.5], [0.25, 0.25, 0.25], kw.get("dtype", torch.float32),
                       kw.get("channels_last", False))
-    aug = CropFlip(kw.get("crop_padding", 4), kw.get("hflip", True), 5)
+    aug = CropFlip(kw.get("crop_padding", 4), kw.get("hflip", True), 5, padding_mode=kw.get("padding_mode", "zeros"))
     make = lambda: ShardedBatches(n, batch, True, 5)  # noqa: E731
     return DaliLoader(images, labels, make(), fmt, aug), GpuLoader(images, labels, make(), fmt, aug)
 
 
-@pytest.mark.parametrize("dtype,channels_last", [(torch.float32, False), (torch.float32, True),
-                                                 (torch.bfloat16, True)])
-def test_dali_batches_equal_the_gpu_loaders_pixel_for_pixel(dtype, channels_last):
+@pytest.mark.parametrize("dtype,channels_last,padding_mode", [(torch.float32, False, "zeros"),
+                                                              (torch.float32, True, "zeros"),
+                                                              (torch.bfloat16, True, "zeros"),
+                                                              (torch.float32, False, "reflect")])
+def test_dali_batches_equal_the_gpu_loaders_pixel_for_pixel(dtype, channels_last, padding_mode):
     pytest.importorskip("nvidia.dali")
-    dali, gpu = _pair(dtype=dtype, channels_last=channels_last)
+    dali, gpu = _pair(dtype=dtype, channels_last=channels_last, padding_mode=padding_mode)
     for epoch in (0, 1):
         dali.set_epoch(epoch)
         gpu.set_epoch(epoch)

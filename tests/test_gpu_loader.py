@@ -10,20 +10,46 @@ from torchvision.transforms import functional as TF
 
 from fasttrain.config import load_config
 from fasttrain.data import build_eval_loader
+from fasttrain.data.loaders.dali import dali_available
 from fasttrain.data.loaders.gpu import BatchFormat, CropFlip, GpuLoader, crop_flip
 from fasttrain.data.sharding import ShardedBatches
 
 CPU = torch.device("cpu")
 
 
-def test_crop_and_flip_equal_torchvision_for_every_offset():
+@pytest.mark.parametrize("mode,torchvision_mode", [("zeros", "constant"), ("reflect", "reflect")])
+def test_crop_and_flip_equal_torchvision_for_every_offset(mode, torchvision_mode):
     images = torch.randint(0, 256, (162, 3, 32, 32), dtype=torch.uint8)
     corners = torch.tensor([(i, j) for i in range(9) for j in range(9)] * 2)
     flips = torch.arange(162) >= 81
-    out = crop_flip(images, corners, flips, padding=4)
+    out = crop_flip(images, corners, flips, padding=4, padding_mode=mode)
     for k in range(162):
-        ref = TF.crop(TF.pad(images[k], [4]), int(corners[k, 0]), int(corners[k, 1]), 32, 32)
+        ref = TF.crop(TF.pad(images[k], [4], padding_mode=torchvision_mode), int(corners[k, 0]), int(corners[k, 1]),
+                      32, 32)
         assert torch.equal(out[k], TF.hflip(ref) if flips[k] else ref), k
+
+
+def test_reflect_padding_reaches_every_loader_and_is_refused_where_it_cannot_hold():
+    """aug.crop_padding_mode=reflect: torchvision's RandomCrop in the plain loader, the mirrored border in the
+    gpu and dali loaders (their pixels: test_dali_loader.py); padding must stay below the image side, and the
+    DALI folder loader (whose pipeline decodes and pads with zeros only) refuses it in one line."""
+    from fasttrain.data import build_loaders
+    from fasttrain.data.transforms import train_transform
+    from fasttrain.errors import ConfigError
+
+    base = ["data.dataset=synthetic", "data.train_size=64", "data.val_size=32", "train.batch_size=32",
+            "aug.crop_padding=2", "aug.crop_padding_mode=reflect"]
+    cfg = load_config(None, base)
+    crop = train_transform(cfg.data, cfg.aug, 32, 3).transforms[0]
+    assert (type(crop).__name__, crop.padding, crop.padding_mode) == ("RandomCrop", 2, "reflect")
+    for kind in ("gpu", "dali") if dali_available() else ("gpu",):
+        loader, _, _ = build_loaders(load_config(None, [*base, f"data.loader={kind}"]), CPU)
+        assert loader._source.reflected if kind == "dali" else loader.padding_mode == "reflect"
+    with pytest.raises(ConfigError, match=r"aug.crop_padding=32 is not valid: expected an integer in \[0, 31\] with "
+                                          r"aug.crop_padding_mode=reflect"):
+        load_config(None, ["aug.crop_padding=32", "aug.crop_padding_mode=reflect"])
+    with pytest.raises(ConfigError, match="aug.crop_padding_mode='mirror' is not valid"):
+        load_config(None, ["aug.crop_padding_mode=mirror"])
 
 
 def _probe_images(n):

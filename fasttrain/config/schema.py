@@ -18,7 +18,7 @@ from typing import Any, ClassVar, Dict, List, Optional
 from fasttrain.config.accepted import (BATCH_MAX, CAPTURABLE_OPTIMIZERS, DATASET_SIDES, EPOCHS_MAX, HIDDEN_MAX,
                                        HOST_MEMORY_BUDGET, IMAGE_SIDE_MAX, LR_MAX, SEED_MAX, SPLIT_MAX, STEPS_MAX,
                                        SYNTHETIC_MAX, SYNTHETIC_PEAK_BYTES, WORKERS_PER_CPU, BackendName, CompileMode,
-                                       LoaderName, LossReduction, PrecisionName, SignalName, TtaName,
+                                       LoaderName, LossReduction, PaddingMode, PrecisionName, SignalName, TtaName,
                                        check_import_form)
 from fasttrain.config.fields import Section, require, setting
 # the registries are the lists of names the config accepts: register an entry, and its name is valid
@@ -89,6 +89,10 @@ class AugConfig(Section):
     key: ClassVar[str] = "aug"
     crop_padding: int = setting(4, "RandomCrop(size, padding=N) on training images; 0 = no crop (at most "
                                     "the image side)", low=0)  # its upper bound: Config.__post_init__
+    crop_padding_mode: PaddingMode = setting(PaddingMode.zeros, "what the crop's border holds: zeros (RandomCrop's "
+                                             "fill) | reflect (the image mirrored at its edges, the edge pixel not "
+                                             "repeated, as torchvision's padding_mode='reflect': the speed records' "
+                                             "translation); needs aug.crop_padding < the image side")
     hflip: bool = setting(True, "RandomHorizontalFlip on training images")
     flip_alternate: bool = setting(False, "with hflip: each image mirrored every other epoch (from a random start) "
                                           "instead of a coin per epoch, as the speed records do; gpu and dali loaders")
@@ -338,6 +342,10 @@ class Config:
         require(self.aug.crop_padding <= (side or IMAGE_SIDE_MAX), "aug.crop_padding", self.aug.crop_padding,
                 f"an integer in [0, {side or IMAGE_SIDE_MAX}] ({which}): set a smaller aug.crop_padding, or 0 for "
                 f"no crop")
+        # a mirror image of the border needs that many pixels inside: reflect pads by less than the side
+        require(self.aug.crop_padding_mode != "reflect" or not side or self.aug.crop_padding < side,
+                "aug.crop_padding", self.aug.crop_padding, f"an integer in [0, {side - 1}] with "
+                f"aug.crop_padding_mode=reflect ({which}): set a smaller aug.crop_padding, or crop_padding_mode=zeros")
         if self.train.capture:
             require(self.train.compile in ("default", "max-autotune"), "train.compile", self.train.compile,
                     "default or max-autotune with train.capture=true (the captured step is compiled; "

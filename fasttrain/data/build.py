@@ -114,11 +114,13 @@ def _loader(cfg: Config, name: str, split: SplitData, batches: ShardedBatches, d
     if name == "plain" and train and cfg.aug.flip_alternate:  # (the config refuses it without aug.hflip)
         raise ConfigError("config error: aug.flip_alternate=true needs data.loader=gpu or dali (the plain loader's "
                           "torchvision RandomHorizontalFlip tosses a coin per image and epoch)")
+    if train and cfg.aug.crop_padding_mode == "reflect" and cfg.aug.crop_padding > 0:
+        _check_reflect(cfg, name, split)
     fmt = BatchFormat(device, per_channel(cfg.data.mean, channels, "data.mean"),
                       per_channel(cfg.data.std, channels, "data.std"), dtype, cfg.train.channels_last)
     # the gpu and dali loaders' own augmentation (evaluation: none, but the seed of a DALI pipeline)
-    aug = (CropFlip(cfg.aug.crop_padding, cfg.aug.hflip, cfg.train.seed, cfg.aug.flip_alternate) if train
-           else CropFlip(seed=cfg.train.seed))
+    aug = (CropFlip(cfg.aug.crop_padding, cfg.aug.hflip, cfg.train.seed, cfg.aug.flip_alternate,
+                    str(cfg.aug.crop_padding_mode)) if train else CropFlip(seed=cfg.train.seed))
     if isinstance(split.images, FolderIndex):
         return _folder_file_loader(cfg, name, split, batches, fmt, aug, train)
     if name in ("gpu", "dali"):
@@ -130,6 +132,20 @@ def _loader(cfg: Config, name: str, split: SplitData, batches: ShardedBatches, d
     dataset = CustomDataset(split.images, split.labels, transform, cfg.train.seed)
     return PlainLoader(dataset, batches, resolve_workers(cfg.data.num_workers), _pin_memory(cfg, device),
                        cfg.data.persistent_workers, device, dtype, cfg.train.channels_last)
+
+
+def _check_reflect(cfg: Config, name: str, split: SplitData) -> None:
+    """What the config cannot check before the images are read: a folder's side (known once scanned), and
+    the DALI folder loader, whose decoded images DALI pads with a constant only (`fn.slice`)."""
+    side = split.info.image_size
+    if cfg.aug.crop_padding >= side:
+        raise ConfigError(f"config error: aug.crop_padding={cfg.aug.crop_padding} is not valid: expected an integer "
+                          f"in [0, {side - 1}] with aug.crop_padding_mode=reflect (images of {side} px): set a "
+                          f"smaller aug.crop_padding, or crop_padding_mode=zeros")
+    if name == "dali" and isinstance(split.images, FolderIndex):
+        raise ConfigError("config error: aug.crop_padding_mode=reflect needs data.loader=plain or gpu with "
+                          "data.dataset=folder (the dali loader decodes the files in its pipeline, whose slice pads "
+                          "with zeros only), or aug.crop_padding_mode=zeros")
 
 
 def _folder_file_loader(cfg: Config, name: str, split: SplitData, batches: ShardedBatches, fmt: BatchFormat,

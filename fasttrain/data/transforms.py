@@ -54,7 +54,8 @@ def train_transform(data: DataConfig, aug: AugConfig, image_size: int, channels:
     elif from_files:
         steps.append(fit_to_size(image_size))
     if aug.crop_padding > 0:
-        steps.append(T.RandomCrop(image_size, padding=aug.crop_padding))
+        mode = "reflect" if aug.crop_padding_mode == "reflect" else "constant"
+        steps.append(T.RandomCrop(image_size, padding=aug.crop_padding, padding_mode=mode))
     if aug.hflip:
         steps.append(T.RandomHorizontalFlip())
     if aug.rotation > 0:

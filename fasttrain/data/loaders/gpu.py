@@ -5,7 +5,7 @@ The split is copied to the device once. Each epoch, this rank's sample order com
 and every sample's crop offset and flip are drawn once per epoch from (seed, epoch) for the whole
 split, so augmentation is a function of (seed, epoch, index) whatever the world size. When the
 epoch starts, this rank's whole shard is gathered in its order, cropped and flipped (one gather,
-zeros outside the image as with RandomCrop(padding=p)) and normalized into the requested dtype and
+zeros or the mirrored image outside it, as RandomCrop(padding=p, padding_mode=...)) and normalized into the requested dtype and
 memory format, in chunks, as airbench does; a batch is then two slices of that epoch tensor, views
 that launch nothing. No per-sample Python, no host round trip and no device op per step.
 """
@@ -25,14 +25,17 @@ from fasttrain.data.sharding import ShardedBatches, ShardLoader
 EPOCH_CHUNK = 8192
 
 
-def crop_flip(images: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor, padding: int) -> torch.Tensor:
-    """Batched RandomCrop(size, padding) + horizontal flip of uint8 NCHW images.
+def crop_flip(images: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor, padding: int,
+              padding_mode: str = "zeros") -> torch.Tensor:
+    """Batched RandomCrop(size, padding, padding_mode) + horizontal flip of uint8 NCHW images.
 
-    `offsets` (B, 2) are the crop's top-left corner in the zero-padded image, in 0..2*padding
-    (torchvision's i, j); `flips` (B,) bool. Output pixels that fall in the padding are zero.
+    `offsets` (B, 2) are the crop's top-left corner in the padded image, in 0..2*padding (torchvision's
+    i, j); `flips` (B,) bool. Output pixels that fall in the padding are zero (`zeros`) or the image
+    mirrored at its edge without repeating the edge pixel (`reflect`, padding < the image side).
     """
     batch, channels, height, width = images.shape
-    padded = torch.nn.functional.pad(images, (padding, padding, padding, padding))
+    mode = "reflect" if padding_mode == "reflect" else "constant"
+    padded = torch.nn.functional.pad(images, (padding, padding, padding, padding), mode=mode)
     device = images.device
     rows = offsets[:, 0:1] + torch.arange(height, device=device)  # (B, H) rows of the padded image
     cols = torch.arange(width, device=device).expand(batch, width)
@@ -76,13 +79,14 @@ class BatchFormat:
 
 @dataclass(frozen=True)
 class CropFlip:
-    """Their augmentation, drawn per sample from (seed, epoch): a crop of the image zero-padded by
-    `crop_padding` (0 = none), and a horizontal flip with probability 1/2 when `hflip` (every other epoch
-    when `alternate`)."""
+    """Their augmentation, drawn per sample from (seed, epoch): a crop of the image padded by `crop_padding`
+    (0 = none) with zeros or its mirror image (`padding_mode`), and a horizontal flip with probability 1/2
+    when `hflip` (every other epoch when `alternate`)."""
     crop_padding: int = 0
     hflip: bool = False
     seed: int = 0
     alternate: bool = False
+    padding_mode: str = "zeros"
 
 
 class GpuLoader(ShardLoader):
@@ -107,6 +111,7 @@ class GpuLoader(ShardLoader):
         self.dtype = fmt.dtype
         self.memory_format = torch.channels_last if fmt.channels_last else torch.contiguous_format
         self.crop_padding, self.hflip, self.seed, self.alternate = aug.crop_padding, aug.hflip, aug.seed, aug.alternate
+        self.padding_mode = aug.padding_mode
 
     @property
     def num_samples(self) -> int:
@@ -132,7 +137,7 @@ class GpuLoader(ShardLoader):
             index = shard[start : start + EPOCH_CHUNK]
             chunk = self.images[index]
             if augment:
-                chunk = crop_flip(chunk, corners[index], flips[index], self.crop_padding)
+                chunk = crop_flip(chunk, corners[index], flips[index], self.crop_padding, self.padding_mode)
             images[start : start + EPOCH_CHUNK] = self._normalize(chunk)
         return images, self.labels[shard]
 
