@@ -268,3 +268,43 @@ def test_eval_reports_the_ema_weights_with_tta_as_validation_did(straight, capsy
 
 # two ranks keep the averages of one process with the global batch: test_distributed.py's
 # test_two_ranks_of_batch_b_train_like_one_process_of_batch_2b (with every tool on)
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_decoupled_decay_takes_the_same_fraction_off_every_group_whatever_its_learning_rate(name):
+    """optim.decoupled_decay (the speed records' form): a step with zero gradients moves each weight by
+    -weight_decay x (lr / peak) x weight, in the weights' group and in the 1-d group at 64x the learning rate
+    alike (a 64x BatchNorm-bias learning rate, not a 64x decay). Without it, the 1-d group decays 64x as fast."""
+    from fasttrain.config import OptimConfig, SchedConfig
+    from fasttrain.train.optim import build_optimizer, peak_lr
+
+    lr, peak, decay = 0.002, 0.004, 0.01  # optim.lr now, the schedule's peak: the decay at half its peak
+    for decoupled, expected in ((True, {"weights": decay * lr / peak, "1-d": decay * lr / peak}),
+                                (False, {"weights": decay * lr, "1-d": decay * lr * 64})):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+        with torch.no_grad():
+            model[1].weight.uniform_(0.5, 1.5)  # BatchNorm's ones would hide a wrong group
+        cfg = OptimConfig(name=name, lr=lr, momentum=0.0, weight_decay=decay, bn_bias_lr_scale=64.0,
+                          decoupled_decay=decoupled)
+        optimizer = build_optimizer(cfg, model, CPU, peak=peak)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        optimizer.step()
+        for n, p in model.named_parameters():
+            fraction = expected["weights" if p.ndim > 1 else "1-d"]
+            torch.testing.assert_close(p.detach(), before[n] * (1 - fraction), rtol=1e-6, atol=0), (decoupled, n)
+    # the peak it divides by: the schedule's for onecycle and triangle, else optim.lr
+    optim = OptimConfig(lr=0.5)
+    assert peak_lr(optim, SchedConfig(name="triangle", max_lr=2.0)) == 2.0
+    assert peak_lr(optim, SchedConfig(name="onecycle", max_lr=3.0)) == 3.0
+    assert peak_lr(optim, SchedConfig(name="cosine")) == 0.5
+
+
+def test_decoupled_decay_is_refused_where_the_decay_is_no_step_on_the_weights():
+    from fasttrain.config import load_config
+    from fasttrain.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"optim.decoupled_decay=True is not valid: expected false with optim.name=adam "):
+        load_config(None, ["optim.name=adam", "optim.decoupled_decay=true"])

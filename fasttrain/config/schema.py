@@ -158,10 +158,19 @@ class OptimConfig(Section):
                                         "false = decay only the weight matrices and convolution kernels")
     bn_bias_lr_scale: float = setting(1.0, "learning-rate multiplier of BatchNorm and bias parameters (every 1-d "
                                            "parameter), applied through every schedule", above=0, high=LR_MAX)
+    decoupled_decay: bool = setting(False, "sgd, adamw: optim.weight_decay is the fraction of each weight decayed per "
+                                           "step at the peak learning rate (sched.max_lr for onecycle and triangle, "
+                                           "else optim.lr), the same for every param group whatever its learning "
+                                           "rate (bn_bias_lr_scale scales the learning rate, not the decay); the "
+                                           "decay follows the schedule's shape. torch gets weight_decay / the "
+                                           "group's peak learning rate: the speed records' form")
 
     def check(self) -> None:
         require(not (self.nesterov and self.name == "sgd" and self.momentum == 0), "optim.nesterov",
                 self.nesterov, "false when optim.momentum is 0 (Nesterov needs momentum)")
+        require(not self.decoupled_decay or self.name in ("sgd", "adamw"), "optim.decoupled_decay",
+                self.decoupled_decay, "false with optim.name=" + self.name + " (sgd and adamw apply their weight "
+                "decay as a step on the weights; adam adds it to the gradient, which its normalization rescales)")
         betas = list(self.betas)
         require(len(betas) == 2 and all(0 <= b < 1 for b in betas), "optim.betas", betas,
                 "two floats in [0, 1)")

@@ -25,7 +25,7 @@ from fasttrain.models import build_model, check_output, summarize
 from fasttrain.observe import timing
 from fasttrain.observe.flops import flops_per_image, peak_flops
 from fasttrain.train.averaging import Averages, build_averages
-from fasttrain.train.optim import Schedule, build_optimizer
+from fasttrain.train.optim import Schedule, build_optimizer, peak_lr
 from fasttrain.train.precision import Precision, build_precision
 from fasttrain.train.step import CapturedStep, EagerStep, Step
 from fasttrain.train.validation import Evaluator
@@ -111,7 +111,8 @@ def build_parts(cfg: Config, ctx: dist.Dist, logger: logging.Logger, model: Opti
     compiled = cfg.train.compile != "off"
     compile_mode = None if cfg.train.compile == "default" else cfg.train.compile
     torch.manual_seed(cfg.train.seed + ctx.rank)  # per-rank streams for dropout; data randomness is seeded apart
-    optimizer = build_optimizer(cfg.optim, model, device, capture=cfg.train.capture)
+    optimizer = build_optimizer(cfg.optim, model, device, capture=cfg.train.capture,
+                                peak=peak_lr(cfg.optim, cfg.sched))
     if compiled or cfg.train.capture:
         # each compiled run starts from torch.compile's first state, as in a new process: one process running
         # fit() again and again (a sweep, a notebook, the test suite) fails the last runs' guards with each new

@@ -30,25 +30,38 @@ def _fused_supported(device: torch.device) -> bool:
     return device.type in _get_fused_kernels_supported_devices()
 
 
-def param_groups(cfg: OptimConfig, model: nn.Module) -> List[Dict[str, Any]]:
+def peak_lr(optim: OptimConfig, sched: SchedConfig) -> float:
+    """The learning rate at the schedule's peak (of the weights' group): what optim.decoupled_decay divides by."""
+    return sched.max_lr if sched.name in ("onecycle", "triangle") else optim.lr
+
+
+def param_groups(cfg: OptimConfig, model: nn.Module, peak: Optional[float] = None) -> List[Dict[str, Any]]:
     """The trainable parameters as optimizer param groups: one group, or with optim.decay_bn_bias=false or
     optim.bn_bias_lr_scale != 1 two, the second holding every 1-d parameter (BatchNorm weights and biases,
     every bias), without weight decay and/or with its learning rate scaled. `lr_scale` rides in the group:
-    the schedules read it (a checkpoint keeps it with the group)."""
+    the schedules read it (a checkpoint keeps it with the group). With optim.decoupled_decay each group's
+    weight decay is optim.weight_decay / its peak learning rate (`peak` x lr_scale; `peak` defaults to
+    optim.lr), so that lr x weight_decay, the fraction SGD and AdamW take off each weight per step, is
+    optim.weight_decay at the peak in every group."""
     params = [p for p in model.parameters() if p.requires_grad]
+    peak = cfg.lr if peak is None else peak
+
+    def decay(scale: float) -> float:
+        return cfg.weight_decay / (peak * scale) if cfg.decoupled_decay else cfg.weight_decay
+
     if cfg.decay_bn_bias and cfg.bn_bias_lr_scale == 1.0:
-        return [{"params": params, "lr_scale": 1.0}]
+        return [{"params": params, "lr_scale": 1.0, "weight_decay": decay(1.0)}]
     matrices = [p for p in params if p.ndim > 1]
     vectors = [p for p in params if p.ndim <= 1]
-    groups = [{"params": matrices, "lr_scale": 1.0}] if matrices else []
+    groups = [{"params": matrices, "lr_scale": 1.0, "weight_decay": decay(1.0)}] if matrices else []
     if vectors:
         groups.append({"params": vectors, "lr": cfg.lr * cfg.bn_bias_lr_scale, "lr_scale": cfg.bn_bias_lr_scale,
-                       "weight_decay": cfg.weight_decay if cfg.decay_bn_bias else 0.0})
+                       "weight_decay": decay(cfg.bn_bias_lr_scale) if cfg.decay_bn_bias else 0.0})
     return groups
 
 
 def build_optimizer(cfg: OptimConfig, model: nn.Module, device: torch.device | None = None,
-                    capture: bool = False) -> torch.optim.Optimizer:
+                    capture: bool = False, peak: Optional[float] = None) -> torch.optim.Optimizer:
     """The configured optimizer over `param_groups`, with the fewest kernel launches per step that its
     device allows.
 
@@ -59,8 +72,9 @@ def build_optimizer(cfg: OptimConfig, model: nn.Module, device: torch.device | N
     from memory instead of baking them in: Adam on CUDA the multi-tensor path with `capturable=True`
     (the fused kernel takes its betas as host floats); on the CPU, where `capturable` is not supported
     outside compiled code, the single-tensor path, which takes tensor hyperparameters as they are; SGD
-    keeps torch's state layout but is stepped by `device_optim.device_sgd_step`."""
-    groups = param_groups(cfg, model)
+    keeps torch's state layout but is stepped by `device_optim.device_sgd_step`. `peak`: the schedule's
+    peak learning rate (`peak_lr`), which optim.decoupled_decay divides the decay by."""
+    groups = param_groups(cfg, model, peak)
     device = device or torch.device("cpu")
     if capture:
         if cfg.name not in CAPTURABLE_OPTIMIZERS:  # config validation refuses this; a direct caller gets the same
