@@ -121,3 +121,64 @@ def test_triangle_resumed_mid_run_or_on_more_steps_per_epoch_continues_at_the_sa
     resumed.total_steps, resumed.last_epoch = 40, 14
     assert resumed.get_lr()[0] == pytest.approx(2.0 * resumed.factor(14))
     assert resumed.factor(39) == pytest.approx(0.07)
+
+
+class _BiasForFirstEpochs(__import__("torch").nn.Module):
+    """A linear layer whose bias trains for the first 1.5 epochs only (the hook SpeedNet's whitening bias uses)."""
+    freeze_after_epochs = {"layer.bias": 1.5}
+
+    def __init__(self):
+        super().__init__()
+        import torch
+
+        self.layer = torch.nn.Linear(4, 3)
+
+
+@pytest.mark.parametrize("sched", [["sched.name=triangle", "sched.max_lr=0.1"],
+                                   ["sched.name=cosine", "sched.eta_min=0.01"]])  # per batch; per epoch with a floor
+def test_a_parameter_trained_for_the_first_epochs_only_stays_put_from_then_on_and_after_a_resume(sched):
+    """model.freeze_after_epochs: its group's learning rate is held at 0 from step round(1.5 x 4) = 6 on, whatever
+    the schedule sets (a per-epoch schedule's floor included), so that parameter, momentum and decay notwithstanding,
+    no longer moves while the others do; a schedule put back at a later step (a resume) holds it there too."""
+    import torch
+
+    from fasttrain.config import OptimConfig
+    from fasttrain.train.optim import FREEZE_KEY, Schedule, build_optimizer
+
+    cfg = load_config(None, sched)
+    torch.manual_seed(0)
+    model = _BiasForFirstEpochs()
+    optimizer = build_optimizer(OptimConfig(name="sgd", lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01,
+                                            decay_bn_bias=False), model, peak=0.1)
+    assert [FREEZE_KEY in g for g in optimizer.param_groups] == [False, True]  # the weight; the bias, alone
+    schedule = Schedule(cfg.sched, optimizer, 3, 4)
+    biases, weights = [], []
+    for step in range(12):
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+        optimizer.step()
+        schedule.after_batch()
+        if step % 4 == 3:
+            schedule.after_epoch(1.0)
+        biases.append(model.layer.bias.detach().clone())
+        weights.append(model.layer.weight.detach().clone())
+    moved = [not torch.equal(a, b) for a, b in zip(biases, biases[1:])]
+    assert moved == [True] * 5 + [False] * 6  # steps 1-6 move it (the 6th step is the last with lr > 0)
+    assert all(not torch.equal(a, b) for a, b in zip(weights, weights[1:]))
+    resumed = Schedule(cfg.sched, optimizer, 3, 4)
+    optimizer.param_groups[-1]["lr"] = 0.05  # what a rebuilt schedule would set there
+    resumed.position(7)
+    assert optimizer.param_groups[-1]["lr"] == 0.0
+
+
+def test_a_freeze_naming_no_parameter_is_refused():
+    import torch
+
+    from fasttrain.config import OptimConfig
+    from fasttrain.train.optim import build_optimizer
+
+    model = _BiasForFirstEpochs()
+    model.freeze_after_epochs = {"layer.bais": 2}
+    with pytest.raises(ValueError, match="_BiasForFirstEpochs.freeze_after_epochs names 'layer.bais', which it has no "
+                                         "trainable parameter of"):
+        build_optimizer(OptimConfig(), model, torch.device("cpu"))

@@ -120,12 +120,19 @@ def test_a_run_calls_the_data_hook_of_its_model_before_the_first_step(tmp_path, 
     assert read_jsonl(out / "metrics.jsonl")[-1]["epoch"] == 1
 
 
+class SpeedNetFreezingEarly(SpeedNet):
+    """SpeedNet whose whitening bias trains for 1.25 epochs (5 steps of the run below) instead of 3."""
+    freeze_after_epochs = {"whiten.bias": 1.25}
+
+
 @pytest.mark.slow  # three runs
 def test_frozen_parameters_stay_frozen_through_a_stop_and_resume_and_the_resume_is_exact(tmp_path, capsys):
     """A SpeedNet run stopped mid-epoch and resumed ends with the uninterrupted run's weights bit for bit; the
     whitening filters are still the data's and the BatchNorm weights still 1 (the hook runs again at the resume,
-    then the checkpoint's weights are loaded over it)."""
-    args = ["--config", "configs/smoke.yaml", "model.name=SpeedNet", "data.loader=gpu", "data.train_size=128",
+    then the checkpoint's weights are loaded over it). Its whitening bias, frozen from the 6th step on, is
+    resumed frozen at step 5 (where the stop was)."""
+    args = ["--config", "configs/smoke.yaml", "model.name=test_speedrun:SpeedNetFreezingEarly", "data.loader=gpu",
+            "data.train_size=128",
             "data.val_size=32", "train.batch_size=32", "train.epochs=2", "optim.name=sgd", "optim.lr=0.01",
             "optim.nesterov=true", "sched.name=triangle", "train.lookahead_k=2", "train.lookahead_alpha=0.2262",
             "train.lookahead_power=3", "train.loss_reduction=sum", "train.label_smoothing=0.2",
@@ -136,7 +143,10 @@ def test_frozen_parameters_stay_frozen_through_a_stop_and_resume_and_the_resume_
     resumed = run_in_process(capsys, *args, f"output.dir={tmp_path / 'resumed'}", "resume=auto")
     assert resumed.returncode == 0, resumed.stderr
     straight, again = (torch.load(tmp_path / name / "checkpoints" / "last.pt", map_location="cpu",
-                                  weights_only=True)["model"] for name in ("straight", "resumed"))
+                                  weights_only=True) for name in ("straight", "resumed"))
+    groups = again["optimizer"]["param_groups"]
+    assert groups[-1]["freeze_after_epochs"] == 1.25 and groups[-1]["lr"] == 0.0 and groups[0]["lr"] > 0
+    straight, again = straight["model"], again["model"]
     assert straight.keys() == again.keys() and all(torch.equal(straight[k], again[k]) for k in straight)
     cfg = load_config("configs/smoke.yaml", args[2:])
     expected = Whitening(3)

@@ -203,6 +203,9 @@ def restore(ckpt: Dict[str, Any], source: Path, cfg: Config, rank: int, world_si
     if saved_batch * saved_world != cfg.train.batch_size * world_size:
         state.step_in_epoch = state.start_sample // (cfg.train.batch_size * world_size)  # in this run's steps
     _rescale_per_batch_schedule(schedule, optimizer, state, steps_per_epoch, cfg.train.epochs)
+    # where training stands in this run's steps (global_step counts another world size's steps after such a
+    # resume): the parameters a model trains for its first epochs only are frozen at the same point of training
+    schedule.position(state.epoch * steps_per_epoch + state.step_in_epoch)
     return state
 
 

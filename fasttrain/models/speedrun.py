@@ -3,7 +3,7 @@ paper's description, arXiv 2404.00498), registered as `model.name=SpeedNet`.
 
     whitening  2x2 convolution, 24 channels: the eigenvectors of the training images' 2x2 patch covariance,
                each scaled by 1/sqrt(eigenvalue + eps), and their negations; set from the data (init_from_data),
-               never trained (its bias is: the recipe freezes it after a few epochs)
+               never trained (its bias trains for the first WHITEN_BIAS_EPOCHS epochs, then stays)
     GELU
     3 blocks   conv3x3 -> max-pool 2 -> BatchNorm -> GELU -> conv3x3 -> BatchNorm -> GELU, widths 64, 256, 256
     head       max-pool to 1x1, a linear layer without bias, a fixed output scale of 1/9
@@ -12,7 +12,9 @@ Convolutions have no bias and start as identity (dirac) filters on their first i
 has frozen unit weights and trainable biases, momentum 0.6 in the records' sense (PyTorch's 0.4), eps 1e-12.
 
 `init_from_data` is the data hook any model may define (fasttrain.train.build calls it with a sample of
-normalized training images before training starts); here it sets the whitening filters.
+normalized training images before training starts); here it sets the whitening filters. `freeze_after_epochs`
+is the other hook: parameters trained for the first epochs only (fasttrain.train.optim holds their learning
+rate at 0 from then on); here the whitening bias.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ WIDTHS = (64, 256, 256)
 WHITEN_EPS = 5e-4  # added to each eigenvalue: directions of almost no variance are not blown up to unit scale
 BN_MOMENTUM = 0.4  # PyTorch's convention (weight of the new batch): the records' 0.6 is the old statistics' weight
 BN_EPS = 1e-12
+WHITEN_BIAS_EPOCHS = 3  # the records train the whitening bias for the first 3 epochs, then freeze it
 OUTPUT_SCALE = 1 / 9
 
 
@@ -80,6 +83,8 @@ class SpeedBlock(nn.Sequential):
 
 
 class SpeedNet(nn.Module):
+    freeze_after_epochs = {"whiten.bias": WHITEN_BIAS_EPOCHS}
+
     def __init__(self, in_channels: int, num_classes: int, widths: Sequence[int] = WIDTHS):
         super().__init__()
         self.whiten = Whitening(in_channels)

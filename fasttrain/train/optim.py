@@ -35,6 +35,25 @@ def peak_lr(optim: OptimConfig, sched: SchedConfig) -> float:
     return sched.max_lr if sched.name in ("onecycle", "triangle") else optim.lr
 
 
+# A model may train some parameters for its first epochs only (SpeedNet: its whitening bias, 3 epochs):
+# `freeze_after_epochs = {"parameter name": epochs}` on the model. Each such parameter gets a param group of its
+# own carrying FREEZE_KEY, and the schedule holds that group's learning rate at 0 from that epoch on (Schedule):
+# no recompile of a compiled step, nothing changes shape, and a resume lands in the same state.
+FREEZE_KEY = "freeze_after_epochs"
+
+
+def _frozen_later(model: nn.Module) -> Dict[str, float]:
+    declared = dict(getattr(model, FREEZE_KEY, None) or {})
+    names = {name for name, p in model.named_parameters() if p.requires_grad}
+    unknown = sorted(set(declared) - names)
+    if unknown:
+        raise ValueError(f"{type(model).__name__}.{FREEZE_KEY} names {', '.join(map(repr, unknown))}, which it has "
+                         f"no trainable parameter of (its names: model.named_parameters())")
+    if any(not (float(epochs) > 0) for epochs in declared.values()):
+        raise ValueError(f"{type(model).__name__}.{FREEZE_KEY}: every count of epochs must be > 0, got {declared}")
+    return {name: float(epochs) for name, epochs in declared.items()}
+
+
 def param_groups(cfg: OptimConfig, model: nn.Module, peak: Optional[float] = None) -> List[Dict[str, Any]]:
     """The trainable parameters as optimizer param groups: one group, or with optim.decay_bn_bias=false or
     optim.bn_bias_lr_scale != 1 two, the second holding every 1-d parameter (BatchNorm weights and biases,
@@ -42,21 +61,32 @@ def param_groups(cfg: OptimConfig, model: nn.Module, peak: Optional[float] = Non
     the schedules read it (a checkpoint keeps it with the group). With optim.decoupled_decay each group's
     weight decay is optim.weight_decay / its peak learning rate (`peak` x lr_scale; `peak` defaults to
     optim.lr), so that lr x weight_decay, the fraction SGD and AdamW take off each weight per step, is
-    optim.weight_decay at the peak in every group."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    optim.weight_decay at the peak in every group. A parameter the model trains for its first epochs only
+    (FREEZE_KEY) comes last, in a group of its own with the settings it would have had."""
+    later = _frozen_later(model)
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    params = [p for name, p in named if name not in later]
     peak = cfg.lr if peak is None else peak
+    split = not (cfg.decay_bn_bias and cfg.bn_bias_lr_scale == 1.0)
 
-    def decay(scale: float) -> float:
-        return cfg.weight_decay / (peak * scale) if cfg.decoupled_decay else cfg.weight_decay
+    def group(members: List[nn.Parameter], one_d: bool) -> Dict[str, Any]:
+        scale = cfg.bn_bias_lr_scale if one_d and split else 1.0
+        decayed = cfg.decay_bn_bias or not one_d
+        weight_decay = (cfg.weight_decay / (peak * scale) if cfg.decoupled_decay else cfg.weight_decay) if decayed else 0.0
+        entry: Dict[str, Any] = {"params": members, "lr_scale": scale, "weight_decay": weight_decay}
+        if scale != 1.0:
+            entry["lr"] = cfg.lr * scale
+        return entry
 
-    if cfg.decay_bn_bias and cfg.bn_bias_lr_scale == 1.0:
-        return [{"params": params, "lr_scale": 1.0, "weight_decay": decay(1.0)}]
-    matrices = [p for p in params if p.ndim > 1]
-    vectors = [p for p in params if p.ndim <= 1]
-    groups = [{"params": matrices, "lr_scale": 1.0, "weight_decay": decay(1.0)}] if matrices else []
-    if vectors:
-        groups.append({"params": vectors, "lr": cfg.lr * cfg.bn_bias_lr_scale, "lr_scale": cfg.bn_bias_lr_scale,
-                       "weight_decay": decay(cfg.bn_bias_lr_scale) if cfg.decay_bn_bias else 0.0})
+    if not split:
+        groups = [group(params, one_d=False)] if params else []
+    else:
+        matrices = [p for p in params if p.ndim > 1]
+        vectors = [p for p in params if p.ndim <= 1]
+        groups = ([group(matrices, one_d=False)] if matrices else []) + ([group(vectors, one_d=True)] if vectors else [])
+    for name, p in named:
+        if name in later:
+            groups.append({**group([p], one_d=p.ndim <= 1), FREEZE_KEY: later[name]})
     return groups
 
 
@@ -225,7 +255,10 @@ def triangle(cfg: SchedConfig, optimizer: torch.optim.Optimizer, epochs: int, st
 
 class Schedule:
     """The registered schedule `cfg.name` and the moment it must be stepped: after each batch, after
-    each epoch, or after validation with its loss."""
+    each epoch, or after validation with its loss. It also holds at 0 the learning rate of each param group a
+    model trains for its first epochs only (FREEZE_KEY), from that epoch's first step on, whatever the
+    schedule sets (`steps_done`: the optimizer steps done in this run's steps per epoch, put back by `position`
+    on resume)."""
 
     def __init__(self, cfg: SchedConfig, optimizer: torch.optim.Optimizer, epochs: int, steps_per_epoch: int):
         self.name = cfg.name
@@ -234,14 +267,33 @@ class Schedule:
         if self.every not in (EVERY_BATCH, EVERY_EPOCH, ON_VAL_LOSS):
             raise ValueError(f"sched.name={cfg.name!r} steps every {self.every!r}: expected "
                              f"{EVERY_BATCH}, {EVERY_EPOCH} or {ON_VAL_LOSS}")
+        # (group index, the first step it no longer trains in): epochs x steps per epoch, rounded to a step. An
+        # index, not the group: loading a checkpoint's optimizer state replaces the group dicts
+        self.freezes = [(i, round(group[FREEZE_KEY] * steps_per_epoch))
+                        for i, group in enumerate(optimizer.param_groups) if FREEZE_KEY in group]
+        self.steps_done = 0
+        self.position(0)
 
     @property
     def per_batch(self) -> bool:
         return self.every == EVERY_BATCH
 
+    def position(self, steps_done: int) -> None:
+        """At `steps_done` optimizer steps (0, or where a resumed run stands): the frozen groups' learning rates."""
+        self.steps_done = steps_done
+        self._hold_frozen()
+
+    def _hold_frozen(self) -> None:
+        for index, first_frozen_step in self.freezes:
+            if self.steps_done >= first_frozen_step:
+                self.optimizer.param_groups[index]["lr"] = 0.0  # a host float: the captured step's device copy follows it (device_optim)
+
     def after_batch(self) -> None:
         if self.per_batch:
             self.scheduler.step()  # type: ignore[union-attr]
+        self.steps_done += 1
+        if self.freezes:
+            self._hold_frozen()
 
     def after_epoch(self, val_loss: Optional[float]) -> None:
         """After each epoch; `val_loss` is None for an epoch that was not validated (train.eval_every), which
@@ -253,6 +305,8 @@ class Schedule:
                 self.scheduler.step(val_loss)  # type: ignore[union-attr]
         else:
             self.scheduler.step()  # type: ignore[union-attr]
+        if self.freezes:
+            self._hold_frozen()  # a schedule that sets every group's rate anew (cosine's floor) leaves it 0
 
     def lr(self) -> float:
         """The learning rate of the weights (the first param group; 1-d parameters may have theirs scaled)."""
