@@ -308,3 +308,30 @@ def test_decoupled_decay_is_refused_where_the_decay_is_no_step_on_the_weights():
 
     with pytest.raises(ConfigError, match=r"optim.decoupled_decay=True is not valid: expected false with optim.name=adam "):
         load_config(None, ["optim.name=adam", "optim.decoupled_decay=true"])
+
+
+def test_lookahead_ending_on_the_slow_weights_drops_the_steps_since_the_last_sync():
+    """train.lookahead_end=slow: at the last step (7 of 7, k=5) the trained weights become the slow weights of
+    the step-5 sync, by hand; with `fast` they keep steps 6 and 7. Refused without lookahead."""
+    from fasttrain.config import load_config
+    from fasttrain.errors import ConfigError
+    from fasttrain.train.averaging import build_averages
+
+    for end_on_slow in (True, False):
+        weight = nn.Parameter(torch.zeros(3))
+        model = nn.Module()
+        model.weight = weight
+        averages = build_averages(model, 0.0, 1, 5, 0.5, total_steps=7, lookahead_end_on_slow=end_on_slow)
+        slow = torch.zeros(3)
+        for step in range(1, 8):
+            with torch.no_grad():
+                weight.add_(1.0)  # what an optimizer step would do
+            averages.after_step(step)
+            if step == 5:  # the sync: slow += 0.5 (fast - slow), fast = slow
+                slow = slow + 0.5 * (torch.full((3,), 5.0) - slow)
+                assert torch.equal(weight.detach(), slow)
+        expected = slow if end_on_slow else slow + 2.0
+        assert torch.equal(weight.detach(), expected), (end_on_slow, weight)
+    with pytest.raises(ConfigError, match="train.lookahead_end='slow' is not valid: expected fast when "
+                                          "train.lookahead_k=0"):
+        load_config(None, ["train.lookahead_end=slow"])

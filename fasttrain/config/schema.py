@@ -18,7 +18,7 @@ from typing import Any, ClassVar, Dict, List, Optional
 from fasttrain.config.accepted import (BATCH_MAX, CAPTURABLE_OPTIMIZERS, DATASET_SIDES, EPOCHS_MAX, HIDDEN_MAX,
                                        HOST_MEMORY_BUDGET, IMAGE_SIDE_MAX, LR_MAX, SEED_MAX, SPLIT_MAX, STEPS_MAX,
                                        SYNTHETIC_MAX, SYNTHETIC_PEAK_BYTES, WORKERS_PER_CPU, BackendName, CompileMode,
-                                       LoaderName, LossReduction, PaddingMode, PrecisionName, SignalName, TtaName,
+                                       LoaderName, LookaheadEnd, LossReduction, PaddingMode, PrecisionName, SignalName, TtaName,
                                        check_import_form)
 from fasttrain.config.fields import Section, require, setting
 # the registries are the lists of names the config accepts: register an entry, and its name is valid
@@ -260,6 +260,10 @@ class TrainConfig(Section):
                                           "lookahead_alpha at the last, as 1 - (1 - lookahead_alpha) x "
                                           "(step / steps) ^ power (the speed records: alpha 0.2262, power 3); "
                                           "0 = lookahead_alpha throughout", low=0, high=10, note="0 = constant")
+    lookahead_end: LookaheadEnd = setting(LookaheadEnd.fast, "lookahead: the weights a run ends with: fast (the "
+                                                             "trained ones) | slow (at the last step the trained "
+                                                             "weights are set to the slow ones, the steps since the "
+                                                             "last sync dropped: the speed records' end)")
     tta: TtaName = setting(TtaName.none, "test-time augmentation of validation and fasttrain eval: none | flip (the "
                                          "mean of the logits of each image and its mirror) | flip_shift (and of both "
                                          "shifted one pixel up-left and down-right: 6 views, weighted 1/4, 1/4 and "
@@ -277,6 +281,8 @@ class TrainConfig(Section):
 
     def check(self) -> None:
         require(bool(_DEVICE_RE.match(self.device)), "train.device", self.device, "auto, cpu, cuda or cuda:N")
+        require(self.lookahead_end == "fast" or self.lookahead_k > 0, "train.lookahead_end", str(self.lookahead_end),
+                "fast when train.lookahead_k=0 (there are no slow weights to end on): set train.lookahead_k too")
 
 
 @dataclass

@@ -66,10 +66,15 @@ class Lookahead:
 
     `power` > 0 (train.lookahead_power): alpha moves from 1 at step 0 (the slow weights follow the trained ones)
     to `alpha` at the last of `total_steps` as 1 - (1 - alpha) (step / total_steps) ** power: the speed records'
-    form (alpha 1 - 0.95 ** 5, power 3). A host float per sync: no device work is added."""
+    form (alpha 1 - 0.95 ** 5, power 3). A host float per sync: no device work is added.
 
-    def __init__(self, model: nn.Module, k: int, alpha: float, power: float = 0.0, total_steps: int = 0):
+    `end_on_slow` (train.lookahead_end=slow): at the last of `total_steps` the trained weights are set to the slow
+    ones as they stand (the steps since the last sync are dropped), as the speed records end their runs."""
+
+    def __init__(self, model: nn.Module, k: int, alpha: float, power: float = 0.0, total_steps: int = 0,
+                 end_on_slow: bool = False):
         self.k, self.alpha, self.power, self.total_steps = k, alpha, power, total_steps
+        self.end_on_slow = end_on_slow
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.names = [name for name, p in model.named_parameters() if p.requires_grad]
         self.slow = [p.detach().clone(memory_format=torch.preserve_format) for p in self.params]
@@ -84,6 +89,10 @@ class Lookahead:
     def update(self, global_step: int = 0) -> None:
         torch._foreach_lerp_(self.slow, self.params, self.alpha_at(global_step))  # two launches per sync (no_grad)
         torch._foreach_copy_(self.params, self.slow)
+
+    @torch.no_grad()
+    def end(self) -> None:
+        torch._foreach_copy_(self.params, self.slow)  # one launch, once
 
     def state_dict(self) -> Dict[str, Any]:
         return {"weights": {name: p.detach().cpu().clone() for name, p in zip(self.names, self.slow)}}
@@ -105,8 +114,11 @@ class Averages:
         return self.ema is not None or self.lookahead is not None
 
     def after_step(self, global_step: int) -> None:
-        if self.lookahead is not None and global_step % self.lookahead.k == 0:
-            self.lookahead.update(global_step)
+        if self.lookahead is not None:
+            if global_step % self.lookahead.k == 0:
+                self.lookahead.update(global_step)
+            if global_step == self.lookahead.total_steps and self.lookahead.end_on_slow:
+                self.lookahead.end()
         if self.ema is not None and global_step % self.ema.every == 0:
             self.ema.update()
 
@@ -139,8 +151,9 @@ class Averages:
 
 
 def build_averages(model: nn.Module, ema_decay: float, ema_every: int, lookahead_k: int,
-                   lookahead_alpha: float, lookahead_power: float = 0.0, total_steps: int = 0) -> Averages:
+                   lookahead_alpha: float, lookahead_power: float = 0.0, total_steps: int = 0,
+                   lookahead_end_on_slow: bool = False) -> Averages:
     ema = WeightEMA(model, ema_decay, ema_every) if ema_decay > 0 else None
-    lookahead = (Lookahead(model, lookahead_k, lookahead_alpha, lookahead_power, total_steps) if lookahead_k > 0
-                 else None)
+    lookahead = (Lookahead(model, lookahead_k, lookahead_alpha, lookahead_power, total_steps, lookahead_end_on_slow)
+                 if lookahead_k > 0 else None)
     return Averages(ema, lookahead)
