@@ -45,7 +45,7 @@ def test_overrides_are_typed_and_win_over_the_file():
     ("train.epocs=3", "unknown key 'train.epocs'; valid keys in 'train': epochs"),
     ("trian.epochs=3", "unknown key 'trian'; valid keys at the top level: data, aug, model"),
     ("train.epochs=ten", "train.epochs: Value 'ten'"),
-    ("train.epochs=0", "train.epochs=0 is not valid: expected an integer in [1, 100000]"),
+    ("train.epochs=0", "train.epochs=0.0 is not valid: expected a number in (0, 100000]"),
     ("model.name=ResNet", "model.name='ResNet' is not valid: expected one of SimpleModel, MLP"),
     ("optim.name=lamb", "optim.name='lamb' is not valid: expected one of sgd, adam, adamw"),
     ("sched.name=poly", "sched.name='poly' is not valid: expected one of none, step"),

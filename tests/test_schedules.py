@@ -182,3 +182,35 @@ def test_a_freeze_naming_no_parameter_is_refused():
     with pytest.raises(ValueError, match="_BiasForFirstEpochs.freeze_after_epochs names 'layer.bais', which it has no "
                                          "trainable parameter of"):
         build_optimizer(OptimConfig(), model, torch.device("cpu"))
+
+
+def test_a_fractional_epoch_count_ends_the_last_epoch_early_on_the_schedules_last_step(tmp_path):
+    """train.epochs=2.5 with 4 steps per epoch: round(2.5 x 4) = 10 steps, the third epoch cut after 2 of them, and
+    validated and recorded as epoch 3; the triangle spans the 10 steps (its last one at end_factor x the peak)."""
+    cfg = load_config(None, BASE + [f"output.dir={tmp_path}", "train.epochs=2.5", "sched.name=triangle",
+                                    "sched.max_lr=0.1"])
+    assert (cfg.train.epoch_count(), cfg.train.total_steps(STEPS), cfg.train.steps_in_epoch(3, STEPS)) == (3, 10, 2)
+    train(cfg)
+    steps = read_jsonl(tmp_path / "steps.jsonl")
+    assert [(s["step"], s["epoch"]) for s in steps] == [(i, (i - 1) // 4 + 1) for i in range(1, 11)]
+    assert steps[-1]["lr"] == pytest.approx(0.1 * 0.07)  # the schedule's last step, not one short of it
+    records = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [r["epoch"] for r in records] == [1, 2, 3] and records[-1]["val_acc"] is not None
+
+
+def test_a_run_stopped_in_its_short_last_epoch_resumes_to_the_same_weights(tmp_path):
+    """Stopped after step 9 of 10 (inside the cut third epoch of 2.5) and resumed: the weights and the last
+    step's lr of the run that went straight through."""
+    import torch
+
+    args = BASE + ["train.epochs=2.5", "sched.name=onecycle", "sched.max_lr=0.1", "data.loader=gpu",
+                   "output.save_checkpoints=true"]
+    train(load_config(None, args + [f"output.dir={tmp_path / 'straight'}"]))
+    stopped = train(load_config(None, args + [f"output.dir={tmp_path / 'resumed'}", "train.stop_after_steps=9"]))
+    assert stopped.global_step == 9 and stopped.epoch == 2
+    train(load_config(None, args + [f"output.dir={tmp_path / 'resumed'}", "resume=auto"]))
+    straight, resumed = (torch.load(tmp_path / name / "checkpoints" / "last.pt", map_location="cpu",
+                                    weights_only=True)["model"] for name in ("straight", "resumed"))
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    lrs = [read_jsonl(tmp_path / name / "steps.jsonl")[-1]["lr"] for name in ("straight", "resumed")]
+    assert lrs[0] == lrs[1] and [r["epoch"] for r in read_jsonl(tmp_path / "resumed" / "metrics.jsonl")] == [1, 2, 3]

@@ -30,6 +30,7 @@ from fasttrain.train.averaging import Averages
 from fasttrain.checkpoint.folder import find_resume_checkpoint
 from fasttrain.checkpoint.io import load_checkpoint, load_model_state
 from fasttrain.config import Config
+from fasttrain.config.schema import total_steps
 from fasttrain.dist.device import rng_state, set_rng_state
 from fasttrain.errors import TrainingDiverged, UserError
 from fasttrain.train.optim import Schedule, load_optimizer_state
@@ -210,7 +211,7 @@ def restore(ckpt: Dict[str, Any], source: Path, cfg: Config, rank: int, world_si
 
 
 def _rescale_per_batch_schedule(schedule: Schedule, optimizer: torch.optim.Optimizer, state: RunState,
-                                steps_per_epoch: int, epochs: int) -> None:
+                                steps_per_epoch: int, epochs: float) -> None:
     """More epochs (train.epochs raised to train longer), or another world size (other steps per
     epoch), change a per-batch schedule's total: OneCycleLR continues at the same point of training
     (epochs done, in this run's steps) on the curve of the new total, instead of stepping past its
@@ -218,7 +219,7 @@ def _rescale_per_batch_schedule(schedule: Schedule, optimizer: torch.optim.Optim
     scheduler = getattr(schedule, "scheduler", None)
     if not schedule.per_batch or scheduler is None or not hasattr(scheduler, "total_steps"):
         return
-    total = epochs * steps_per_epoch
+    total = total_steps(epochs, steps_per_epoch)
     # where training stands, in this run's steps (exact integers: the same run resumes bit for bit)
     position = min(total - 1, state.epoch * steps_per_epoch + state.step_in_epoch)
     if total == scheduler.total_steps and position == scheduler.last_epoch:

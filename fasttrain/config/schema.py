@@ -10,6 +10,7 @@ any work starts.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -204,10 +205,17 @@ class SchedConfig(Section):
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 
 
+def total_steps(epochs: float, steps_per_epoch: int) -> int:
+    """Optimizer steps in a run of `epochs` (a fraction included): round(epochs x steps per epoch), at least one."""
+    return max(1, round(epochs * steps_per_epoch))
+
+
 @dataclass
 class TrainConfig(Section):
     key: ClassVar[str] = "train"
-    epochs: int = setting(100, "number of passes over the training set", low=1, high=EPOCHS_MAX)
+    epochs: float = setting(100.0, "number of passes over the training set; a fraction (9.9) ends the last epoch "
+                                   "early, after round(epochs x steps per epoch) steps in all (validated, saved "
+                                   "and counted as an epoch)", above=0, high=EPOCHS_MAX, what="a number")
     batch_size: int = setting(128, "training batch size per process (global batch = batch_size x world size)", low=1,
                              high=BATCH_MAX)
     eval_batch_size: int = setting(0, "evaluation batch size (0 = train.batch_size)", low=0,
@@ -278,6 +286,18 @@ class TrainConfig(Section):
                                      "'' = PyTorch's default ($TORCHINDUCTOR_CACHE_DIR, else "
                                      "/tmp/torchinductor_<user>), off = compile from scratch, or a folder (e.g. on "
                                      "a shared file system, so every node of a cluster starts warm)")
+
+    def epoch_count(self) -> int:
+        """The epochs that start: train.epochs rounded up (9.9 -> 10; the last one is cut short)."""
+        return math.ceil(self.epochs)
+
+    def total_steps(self, steps_per_epoch: int) -> int:
+        """Optimizer steps in the whole run: round(epochs x steps per epoch), at least one."""
+        return total_steps(self.epochs, steps_per_epoch)
+
+    def steps_in_epoch(self, epoch: int, steps_per_epoch: int) -> int:
+        """Steps of epoch `epoch` (1-based): all of them, but in the last of a fractional count."""
+        return min(steps_per_epoch, self.total_steps(steps_per_epoch) - (epoch - 1) * steps_per_epoch)
 
     def check(self) -> None:
         require(bool(_DEVICE_RE.match(self.device)), "train.device", self.device, "auto, cpu, cuda or cuda:N")

@@ -8,10 +8,10 @@ import time
 from typing import Any, Dict
 
 
-def epoch_line(record: Dict[str, Any], epochs: int) -> str:
+def epoch_line(record: Dict[str, Any], epochs: float) -> str:
     validated = (f"val_loss {record['val_loss']:.4f} | val_acc {100 * record['val_acc']:.2f}%"
                  if record.get("val_acc") is not None else "not validated (train.eval_every)")
-    return (f"epoch {record['epoch']:>3}/{epochs} | train_loss {record['train_loss']:.4f} | "
+    return (f"epoch {record['epoch']:>3}/{epochs:g} | train_loss {record['train_loss']:.4f} | "
             f"{validated} | lr {record['lr']:.3g} | {record['images_per_sec']:,.0f} img/s"
             + (f" | MFU {100 * record['mfu']:.1f}%" if record.get("mfu") is not None else "")
             + f" | {record['epoch_seconds']:.1f}s"
@@ -36,14 +36,14 @@ class Progress:
         self.epoch = self.total = self.done = 0
         self.started = 0.0
 
-    def start_epoch(self, epoch: int, epochs: int, total_steps: int, done: int = 0) -> None:
+    def start_epoch(self, epoch: int, epochs: float, total_steps: int, done: int = 0) -> None:
         """`done`: steps of this epoch trained before a resume."""
         self.epoch, self.total, self.done = epoch, total_steps, done
         self.started = time.perf_counter()
         if self.use_bar:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total_steps, initial=done, desc=f"epoch {epoch}/{epochs}", file=self.stream,
+            self.bar = tqdm(total=total_steps, initial=done, desc=f"epoch {epoch}/{epochs:g}", file=self.stream,
                             leave=False, dynamic_ncols=True, unit="step")
 
     def tick(self) -> None:

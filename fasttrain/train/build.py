@@ -134,7 +134,7 @@ def build_parts(cfg: Config, ctx: dist.Dist, logger: logging.Logger, model: Opti
     # after the step: a captured step with other ranks has broadcast rank 0's weights, which the averages copy
     steps_per_epoch = min(len(train_loader), cfg.train.limit_train_batches or len(train_loader))
     averages = build_averages(model, cfg.train.ema_decay, cfg.train.ema_every, cfg.train.lookahead_k,
-                              cfg.train.lookahead_alpha, cfg.train.lookahead_power, cfg.train.epochs * steps_per_epoch,
+                              cfg.train.lookahead_alpha, cfg.train.lookahead_power, cfg.train.total_steps(steps_per_epoch),
                               cfg.train.lookahead_end == "slow")
     evaluator = Evaluator(averages.ema.averaged if averages.ema else model, precision, cfg.train.tta,
                           # the eval batch function mutates its sums: no CUDA graphs of torch.compile's own there
@@ -142,8 +142,9 @@ def build_parts(cfg: Config, ctx: dist.Dist, logger: logging.Logger, model: Opti
                           pad_to=eval_batch_size(cfg), capture=cfg.train.capture)
     schedule = Schedule(cfg.sched, optimizer, cfg.train.epochs, steps_per_epoch)
     logger.info(f"optim {cfg.optim.name} lr {cfg.optim.lr:g} wd {cfg.optim.weight_decay:g} | sched {cfg.sched.name} "
-                f"({'per batch' if schedule.per_batch else 'per epoch'}) | {cfg.train.epochs} epochs x "
-                f"{steps_per_epoch} steps")
+                f"({'per batch' if schedule.per_batch else 'per epoch'}) | {cfg.train.epochs:g} epochs x "
+                f"{steps_per_epoch} steps" + (f" = {cfg.train.total_steps(steps_per_epoch)} steps" if
+                                              cfg.train.epochs != cfg.train.epoch_count() else ""))
     logger.info(f"speed: precision {cfg.train.precision}, channels_last {str(cfg.train.channels_last).lower()}, "
                 f"compile {cfg.train.compile}, capture {str(cfg.train.capture).lower()}"
                 + (", deterministic algorithms" if cfg.train.deterministic else "")

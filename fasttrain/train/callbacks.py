@@ -51,7 +51,7 @@ class Boundary:
 
 
 class Callback:
-    def start_epoch(self, epoch: int, epochs: int, steps: int, done: int) -> None:
+    def start_epoch(self, epoch: int, epochs: float, steps: int, done: int) -> None:
         pass
 
     def on_interval(self, interval: Interval) -> None:
@@ -78,7 +78,7 @@ class MetricSinks(Callback):
     epoch; both as TensorBoard scalars when asked for. A file that cannot be written (the run folder made
     read-only or removed, a full disk) raises the one line of `folder_write_failed`."""
 
-    def __init__(self, run_dir: Path, columns: List[str], history: List[Dict[str, Any]], epochs: int,
+    def __init__(self, run_dir: Path, columns: List[str], history: List[Dict[str, Any]], epochs: float,
                  tensorboard: bool, log) -> None:
         self.run_dir = run_dir
         self.steps = JsonLines(run_dir / "steps.jsonl")
@@ -126,7 +126,7 @@ class ProgressDisplay(Callback):
         self.progress = Progress(enabled=True, log=log)
         self.tick = self.progress.tick
 
-    def start_epoch(self, epoch: int, epochs: int, steps: int, done: int) -> None:
+    def start_epoch(self, epoch: int, epochs: float, steps: int, done: int) -> None:
         self.progress.start_epoch(epoch, epochs, steps, done=done)
 
     def on_interval(self, interval: Interval) -> None:

@@ -241,7 +241,9 @@ def _train_and_finish(cfg: Config, ctx: dist.Dist, parts: Parts, state: Optional
     elapsed = time.perf_counter() - started
     target = (f" | train.target_acc {100 * cfg.train.target_acc:.2f}% reached in {timing.clock().target['seconds']:.1f}s, "
               f"{timing.clock().target['steps']} steps" if state.finished_by and timing.clock().target else "")
-    logger.info(f"done: best val_acc {100 * state.best_val_acc:.2f}% at epoch {state.best_epoch} | {state.epoch} "
+    # a fractional train.epochs counts its last, short epoch as the fraction it is
+    done = cfg.train.epochs if state.epoch == cfg.train.epoch_count() else state.epoch
+    logger.info(f"done: best val_acc {100 * state.best_val_acc:.2f}% at epoch {state.best_epoch} | {done:g} "
                 f"epochs in {elapsed:.1f}s{target} | outputs in {run_dir} (config.yaml, env.json, metrics.jsonl, "
                 f"metrics.csv, steps.jsonl, train.log{plotted}, " + ("tensorboard/, " if cfg.output.tensorboard else "")
                 + "checkpoints/)")

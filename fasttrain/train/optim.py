@@ -19,6 +19,7 @@ from torch import nn
 from torch.optim import lr_scheduler
 
 from fasttrain.config import CAPTURABLE_OPTIMIZERS, OptimConfig, SchedConfig
+from fasttrain.config.schema import total_steps
 from fasttrain.config.registry import OPTIMIZERS, SCHEDULES
 
 
@@ -177,7 +178,8 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
 
 # --------------------------------------------------------------------------- the registered schedules
 # each: (sched config, optimizer, train.epochs, optimizer steps per epoch) -> Stepping: the scheduler
-# and the moment it must be stepped
+# and the moment it must be stepped. train.epochs may be fractional (9.9): a per-batch schedule spans
+# total_steps(epochs, steps per epoch) = round(epochs x steps per epoch) steps
 
 EVERY_BATCH, EVERY_EPOCH, ON_VAL_LOSS = "batch", "epoch", "val_loss"
 
@@ -188,37 +190,37 @@ class Stepping(NamedTuple):
 
 
 @SCHEDULES.register("none")
-def constant(cfg: SchedConfig, optimizer: torch.optim.Optimizer, epochs: int, steps_per_epoch: int) -> Stepping:
+def constant(cfg: SchedConfig, optimizer: torch.optim.Optimizer, epochs: float, steps_per_epoch: int) -> Stepping:
     return Stepping(None)
 
 
 @SCHEDULES.register("step")
-def step_lr(cfg: SchedConfig, optimizer: torch.optim.Optimizer, epochs: int, steps_per_epoch: int) -> Stepping:
+def step_lr(cfg: SchedConfig, optimizer: torch.optim.Optimizer, epochs: float, steps_per_epoch: int) -> Stepping:
     return Stepping(lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma))
 
 
 @SCHEDULES.register("exponential")
-def exponential(cfg: SchedConfig, optimizer: torch.optim.Optimizer, epochs: int, steps_per_epoch: int) -> Stepping:
+def exponential(cfg: SchedConfig, optimizer: torch.optim.Optimizer, epochs: float, steps_per_epoch: int) -> Stepping:
     return Stepping(lr_scheduler.ExponentialLR(optimizer, gamma=cfg.gamma))
 
 
 @SCHEDULES.register("cosine")
-def cosine(cfg: SchedConfig, optimizer: torch.optim.Optimizer, epochs: int, steps_per_epoch: int) -> Stepping:
+def cosine(cfg: SchedConfig, optimizer: torch.optim.Optimizer, epochs: float, steps_per_epoch: int) -> Stepping:
     return Stepping(lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.t_max or epochs, eta_min=cfg.eta_min))
 
 
 @SCHEDULES.register("plateau")
-def plateau(cfg: SchedConfig, optimizer: torch.optim.Optimizer, epochs: int, steps_per_epoch: int) -> Stepping:
+def plateau(cfg: SchedConfig, optimizer: torch.optim.Optimizer, epochs: float, steps_per_epoch: int) -> Stepping:
     floors = [cfg.min_lr * group.get("lr_scale", 1.0) for group in optimizer.param_groups]
     return Stepping(lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=cfg.plateau_factor,
                                                    patience=cfg.plateau_patience, min_lr=floors), ON_VAL_LOSS)
 
 
 @SCHEDULES.register("onecycle")
-def onecycle(cfg: SchedConfig, optimizer: torch.optim.Optimizer, epochs: int, steps_per_epoch: int) -> Stepping:
+def onecycle(cfg: SchedConfig, optimizer: torch.optim.Optimizer, epochs: float, steps_per_epoch: int) -> Stepping:
     # one peak per param group: optim.bn_bias_lr_scale scales the 1-d parameters' whole cycle
     peaks = [cfg.max_lr * group.get("lr_scale", 1.0) for group in optimizer.param_groups]
-    return Stepping(lr_scheduler.OneCycleLR(optimizer, max_lr=peaks, total_steps=epochs * steps_per_epoch,
+    return Stepping(lr_scheduler.OneCycleLR(optimizer, max_lr=peaks, total_steps=total_steps(epochs, steps_per_epoch),
                                             pct_start=cfg.pct_start, div_factor=cfg.div_factor,
                                             final_div_factor=cfg.final_div_factor), EVERY_BATCH)
 
@@ -247,9 +249,9 @@ class Triangle(lr_scheduler.LRScheduler):
 
 
 @SCHEDULES.register("triangle")
-def triangle(cfg: SchedConfig, optimizer: torch.optim.Optimizer, epochs: int, steps_per_epoch: int) -> Stepping:
+def triangle(cfg: SchedConfig, optimizer: torch.optim.Optimizer, epochs: float, steps_per_epoch: int) -> Stepping:
     peaks = [cfg.max_lr * group.get("lr_scale", 1.0) for group in optimizer.param_groups]
-    return Stepping(Triangle(optimizer, peaks, epochs * steps_per_epoch, cfg.pct_start, cfg.start_factor,
+    return Stepping(Triangle(optimizer, peaks, total_steps(epochs, steps_per_epoch), cfg.pct_start, cfg.start_factor,
                              cfg.end_factor), EVERY_BATCH)
 
 
@@ -260,7 +262,7 @@ class Schedule:
     schedule sets (`steps_done`: the optimizer steps done in this run's steps per epoch, put back by `position`
     on resume)."""
 
-    def __init__(self, cfg: SchedConfig, optimizer: torch.optim.Optimizer, epochs: int, steps_per_epoch: int):
+    def __init__(self, cfg: SchedConfig, optimizer: torch.optim.Optimizer, epochs: float, steps_per_epoch: int):
         self.name = cfg.name
         self.optimizer = optimizer
         self.scheduler, self.every = SCHEDULES.get(cfg.name)(cfg, optimizer, epochs, steps_per_epoch)

@@ -119,20 +119,21 @@ class TrainingSession:
         if self._stopped_before_start():
             return state
         first_epoch = state.epoch + 1
-        for epoch in range(first_epoch, self.cfg.train.epochs + 1):
+        last_epoch = self.cfg.train.epoch_count()  # 9.9 epochs: 10, the 10th cut short (train_epoch)
+        for epoch in range(first_epoch, last_epoch + 1):
             stats = self.train_epoch(epoch, first=epoch == first_epoch)
-            if stats.stopped_early and stats.steps < self.parts.steps_per_epoch:
+            if stats.stopped_early and stats.steps < self.cfg.train.steps_in_epoch(epoch, self.parts.steps_per_epoch):
                 state.step_in_epoch = stats.steps
                 return state  # stopped mid-epoch: the step checkpoint holds everything
             stops = stats.stopped_early or stats.signal_at_end is not None
             self._end_epoch(epoch, stats, first=epoch == first_epoch,
-                            last=epoch == self.cfg.train.epochs or stops)
+                            last=epoch == last_epoch or stops)
             if state.finished_by:
                 return state  # train.target_acc reached: a complete run
             if stats.signal_at_end and not stats.stopped_early:
                 state.stopped_by = stats.signal_at_end  # agreed in the epoch-end reduction
             if stops:
-                if epoch == self.cfg.train.epochs:
+                if epoch == last_epoch:
                     state.stopped_by = None  # the stop came with the last step: the run is complete
                 return state  # stopped at the epoch's last step: the epoch-end checkpoint holds everything
         finish_writes(self.ctx, self.writer)  # every rank: the last background write ended well
@@ -159,8 +160,10 @@ class TrainingSession:
         """One epoch's steps (a resumed one from where it stopped)."""
         state, parts, cfg = self.state, self.parts, self.cfg
         self.clock.switch("steps")
+        steps = cfg.train.steps_in_epoch(epoch, parts.steps_per_epoch)  # fewer in the last of 9.9 epochs
         plan = EpochPlan(self.ctx.device, epoch, state.global_step, start_step=state.step_in_epoch,
-                         carried=state.carried, max_batches=cfg.train.limit_train_batches,
+                         carried=state.carried, max_batches=steps if steps < parts.steps_per_epoch else
+                         cfg.train.limit_train_batches,
                          # compiled steps are timed apart: the first (eager compiled), or warm-up and capture
                          time_first_steps=(WARMUP_STEPS + 1 if cfg.train.capture else int(cfg.train.compile != "off"))
                          if first else 0)
@@ -170,7 +173,7 @@ class TrainingSession:
         if self.ctx.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.ctx.device)
         for callback in self.callbacks:
-            callback.start_epoch(epoch, cfg.train.epochs, parts.steps_per_epoch, plan.start_step)
+            callback.start_epoch(epoch, cfg.train.epochs, steps, plan.start_step)
         parts.model.train()
         stats = train_one_epoch(parts.step, parts.train_loader, parts.schedule, plan, self.boundaries)
         for callback in self.callbacks:
