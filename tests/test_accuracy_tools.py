@@ -335,3 +335,19 @@ def test_lookahead_ending_on_the_slow_weights_drops_the_steps_since_the_last_syn
     with pytest.raises(ConfigError, match="train.lookahead_end='slow' is not valid: expected fast when "
                                           "train.lookahead_k=0"):
         load_config(None, ["train.lookahead_end=slow"])
+
+
+def test_bn_bias_scope_norm_scales_the_normalization_layers_parameters_only():
+    """optim.bn_bias_scope=norm (the speed records' groups): BatchNorm's weight and bias take bn_bias_lr_scale and
+    skip decay; a convolution's bias trains as the weights do. The default (1d) puts every 1-d parameter there."""
+    from fasttrain.config import OptimConfig
+    from fasttrain.train.optim import param_groups
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Linear(4, 2, bias=False))
+    conv_bias, bn_weight, bn_bias = model[0].bias, model[1].weight, model[1].bias
+    for scope, special in (("norm", {id(bn_weight), id(bn_bias)}), ("1d", {id(conv_bias), id(bn_weight), id(bn_bias)})):
+        groups = param_groups(OptimConfig(name="sgd", lr=0.1, weight_decay=0.01, bn_bias_lr_scale=64.0,
+                                          decay_bn_bias=False, bn_bias_scope=scope), model)
+        assert [(g["lr_scale"], g["weight_decay"]) for g in groups] == [(1.0, 0.01), (64.0, 0.0)]
+        assert {id(p) for p in groups[1]["params"]} == special, scope
+        assert len(groups[0]["params"]) + len(groups[1]["params"]) == 5

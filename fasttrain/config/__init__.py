@@ -11,8 +11,9 @@ registry.py  models, datasets, optimizers and schedules by name: the open sets t
 from fasttrain.config.accepted import (BATCH_MAX, CAPTURABLE_OPTIMIZERS, DATASET_SIDES, EPOCHS_MAX, HIDDEN_MAX,
                                        HOST_MEMORY_BUDGET, IMAGE_SIDE_MAX, LR_MAX, SEED_MAX, SPLIT_MAX, STEPS_MAX,
                                        SYNTHETIC_MAX, SYNTHETIC_PEAK_BYTES, TORCHVISION_PREFIX, WORKERS_PER_CPU,
-                                       BackendName, CompileMode, LoaderName, PrecisionName, SignalName, TtaName,
-                                       check_not_stdlib, model_names_accepted)
+                                       BackendName, BnBiasScope, CompileMode, LoaderName, LookaheadEnd, LossReduction,
+                                       PaddingMode, PrecisionName, SignalName, TtaName, check_not_stdlib,
+                                       model_names_accepted)
 from fasttrain.config.fields import Choice, Range, Section
 from fasttrain.config.keys import all_keys, describe_keys, valid_keys
 from fasttrain.config.load import from_dict, load_config, to_dict, to_yaml
@@ -23,8 +24,9 @@ from fasttrain.config.schema import (AugConfig, CheckpointConfig, Config, DataCo
 __all__ = ["BATCH_MAX", "CAPTURABLE_OPTIMIZERS", "DATASETS", "DATASET_SIDES", "EPOCHS_MAX", "HIDDEN_MAX",
            "HOST_MEMORY_BUDGET", "IMAGE_SIDE_MAX", "LR_MAX", "MODELS", "OPTIMIZERS", "SCHEDULES", "SEED_MAX",
            "SPLIT_MAX", "STEPS_MAX", "SYNTHETIC_MAX", "SYNTHETIC_PEAK_BYTES", "TORCHVISION_PREFIX", "WORKERS_PER_CPU",
-           "AugConfig", "BackendName", "CheckpointConfig", "Choice", "CompileMode", "Config", "DataConfig",
-           "DistConfig", "LoaderName", "ModelConfig", "OptimConfig", "OutputConfig", "PrecisionName", "Range",
+           "AugConfig", "BackendName", "BnBiasScope", "CheckpointConfig", "Choice", "CompileMode", "Config",
+           "DataConfig", "DistConfig", "LoaderName", "LookaheadEnd", "LossReduction", "ModelConfig", "OptimConfig",
+           "OutputConfig", "PaddingMode", "PrecisionName", "Range",
            "Registry", "SchedConfig", "Section", "SignalName", "TrainConfig", "TtaName", "all_keys",
            "check_not_stdlib", "describe_keys", "from_dict", "load_config", "model_names_accepted", "to_dict",
            "to_yaml", "valid_keys"]

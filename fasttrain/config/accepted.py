@@ -24,6 +24,7 @@ TtaName = choices("TtaName", ("none", "flip", "flip_shift"))
 LossReduction = choices("LossReduction", ("mean", "sum"))
 PaddingMode = choices("PaddingMode", ("zeros", "reflect"))
 LookaheadEnd = choices("LookaheadEnd", ("fast", "slow"))
+BnBiasScope = choices("BnBiasScope", ("1d", "norm"))
 
 # seeds reach torch (< 2**64), NumPy, DALI (< 2**63) and derived seeds such as seed * 1_000_003 + epoch;
 # 31 bits keeps every one of them valid, and is what most seed APIs take

@@ -19,7 +19,7 @@ from typing import Any, ClassVar, Dict, List, Optional
 from fasttrain.config.accepted import (BATCH_MAX, CAPTURABLE_OPTIMIZERS, DATASET_SIDES, EPOCHS_MAX, HIDDEN_MAX,
                                        HOST_MEMORY_BUDGET, IMAGE_SIDE_MAX, LR_MAX, SEED_MAX, SPLIT_MAX, STEPS_MAX,
                                        SYNTHETIC_MAX, SYNTHETIC_PEAK_BYTES, WORKERS_PER_CPU, BackendName, CompileMode,
-                                       LoaderName, LookaheadEnd, LossReduction, PaddingMode, PrecisionName, SignalName, TtaName,
+                                       BnBiasScope, LoaderName, LookaheadEnd, LossReduction, PaddingMode, PrecisionName, SignalName, TtaName,
                                        check_import_form)
 from fasttrain.config.fields import Section, require, setting
 # the registries are the lists of names the config accepts: register an entry, and its name is valid
@@ -159,6 +159,12 @@ class OptimConfig(Section):
                                         "false = decay only the weight matrices and convolution kernels")
     bn_bias_lr_scale: float = setting(1.0, "learning-rate multiplier of BatchNorm and bias parameters (every 1-d "
                                            "parameter), applied through every schedule", above=0, high=LR_MAX)
+    bn_bias_scope: BnBiasScope = setting(BnBiasScope("1d"), "which parameters decay_bn_bias and bn_bias_lr_scale "
+                                                            "apply to: 1d (every 1-d parameter: normalization "
+                                                            "weights and biases, every bias) | norm (the "
+                                                            "normalization layers' own: BatchNorm, GroupNorm, "
+                                                            "LayerNorm, InstanceNorm; other biases train as the "
+                                                            "weights do, as in the speed records)")
     decoupled_decay: bool = setting(False, "sgd, adamw: optim.weight_decay is the fraction of each weight decayed per "
                                            "step at the peak learning rate (sched.max_lr for onecycle and triangle, "
                                            "else optim.lr), the same for every param group whatever its learning "

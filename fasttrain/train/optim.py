@@ -41,6 +41,8 @@ def peak_lr(optim: OptimConfig, sched: SchedConfig) -> float:
 # own carrying FREEZE_KEY, and the schedule holds that group's learning rate at 0 from that epoch on (Schedule):
 # no recompile of a compiled step, nothing changes shape, and a resume lands in the same state.
 FREEZE_KEY = "freeze_after_epochs"
+# optim.bn_bias_scope=norm: the layers whose parameters it means (BatchNorm and InstanceNorm derive from _NormBase)
+NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
 
 def _frozen_later(model: nn.Module) -> Dict[str, float]:
@@ -58,7 +60,8 @@ def _frozen_later(model: nn.Module) -> Dict[str, float]:
 def param_groups(cfg: OptimConfig, model: nn.Module, peak: Optional[float] = None) -> List[Dict[str, Any]]:
     """The trainable parameters as optimizer param groups: one group, or with optim.decay_bn_bias=false or
     optim.bn_bias_lr_scale != 1 two, the second holding every 1-d parameter (BatchNorm weights and biases,
-    every bias), without weight decay and/or with its learning rate scaled. `lr_scale` rides in the group:
+    every bias; optim.bn_bias_scope=norm: the normalization layers' parameters only), without weight decay
+    and/or with its learning rate scaled. `lr_scale` rides in the group:
     the schedules read it (a checkpoint keeps it with the group). With optim.decoupled_decay each group's
     weight decay is optim.weight_decay / its peak learning rate (`peak` x lr_scale; `peak` defaults to
     optim.lr), so that lr x weight_decay, the fraction SGD and AdamW take off each weight per step, is
@@ -69,6 +72,11 @@ def param_groups(cfg: OptimConfig, model: nn.Module, peak: Optional[float] = Non
     params = [p for name, p in named if name not in later]
     peak = cfg.lr if peak is None else peak
     split = not (cfg.decay_bn_bias and cfg.bn_bias_lr_scale == 1.0)
+    # optim.bn_bias_scope: every 1-d parameter, or the normalization layers' own
+    norm_params = {id(p) for m in model.modules() if isinstance(m, NORM_LAYERS) for p in m.parameters(recurse=False)}
+
+    def special(p: nn.Parameter) -> bool:
+        return id(p) in norm_params if cfg.bn_bias_scope == "norm" else p.ndim <= 1
 
     def group(members: List[nn.Parameter], one_d: bool) -> Dict[str, Any]:
         scale = cfg.bn_bias_lr_scale if one_d and split else 1.0
@@ -82,12 +90,12 @@ def param_groups(cfg: OptimConfig, model: nn.Module, peak: Optional[float] = Non
     if not split:
         groups = [group(params, one_d=False)] if params else []
     else:
-        matrices = [p for p in params if p.ndim > 1]
-        vectors = [p for p in params if p.ndim <= 1]
+        matrices = [p for p in params if not special(p)]
+        vectors = [p for p in params if special(p)]
         groups = ([group(matrices, one_d=False)] if matrices else []) + ([group(vectors, one_d=True)] if vectors else [])
     for name, p in named:
         if name in later:
-            groups.append({**group([p], one_d=p.ndim <= 1), FREEZE_KEY: later[name]})
+            groups.append({**group([p], one_d=special(p)), FREEZE_KEY: later[name]})
     return groups
 
 
