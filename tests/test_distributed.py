@@ -39,14 +39,23 @@ def test_torchrun_two_processes_train_the_smoke_config(tmp_path):
 
 
 # no dropout, no BatchNorm: what differs between 2 x B and 1 x 2B can only be the gradient averaging. The
-# accuracy tools on too (label smoothing, an EMA of the weights, lookahead, test-time flips): they need no
-# communication, every rank holds the same parameters after each step, so their averages must agree as well
-TOOLS = ["train.label_smoothing=0.1", "train.ema_decay=0.9", "train.ema_every=2", "train.lookahead_k=3",
-         "train.lookahead_alpha=0.5", "train.tta=flip"]
+# accuracy tools on too (label smoothing, an EMA of the weights, lookahead, test-time flips and shifts): they need
+# no communication, every rank holds the same parameters after each step, so their averages must agree as well.
+# The arithmetic is the speed records' (configs/cifar10_94.yaml, issue 23): the loss summed over the global
+# batch, SGD with Nesterov momentum and decoupled decay, a scaled learning rate on the 1-d parameters, the
+# triangle over a fractional number of epochs, lookahead with its cubed alpha ending on the slow weights, and
+# the reflect-padded crops and alternating flips (drawn per sample from the seed, whatever the world size); the
+# 1-d parameters' scale is 4, not the records' 64, which this MLP's biases (no BatchNorm) do not train well with
+TOOLS = ["train.label_smoothing=0.2", "train.ema_decay=0.9", "train.ema_every=2", "train.lookahead_k=3",
+         "train.lookahead_alpha=0.2262", "train.lookahead_power=3", "train.lookahead_end=slow",
+         "train.tta=flip_shift"]
+RECIPE = ["optim.name=sgd", "optim.lr=0.002", "optim.momentum=0.85", "optim.nesterov=true",
+          "optim.weight_decay=0.002", "optim.decoupled_decay=true", "optim.bn_bias_lr_scale=4", "sched.name=triangle",
+          "sched.max_lr=0.002", "train.loss_reduction=sum", "train.epochs=1.5", "aug.crop_padding=2",
+          "aug.crop_padding_mode=reflect", "aug.flip_alternate=true"]
 EQUIV = ["data.dataset=synthetic", "data.train_size=256", "data.val_size=100", "data.num_workers=0",
-         "data.loader=gpu", "model.name=MLP", "model.hidden_sizes=[64]", "model.dropout=0.0", "train.epochs=2",
-         "train.log_every=1", "train.device=cpu", "optim.name=adamw", "sched.name=onecycle", "output.plots=false",
-         *TOOLS]
+         "data.loader=gpu", "model.name=MLP", "model.hidden_sizes=[64]", "model.dropout=0.0",
+         "train.log_every=1", "train.device=cpu", "output.plots=false", *RECIPE, *TOOLS]
 
 
 @pytest.mark.slow
@@ -55,7 +64,7 @@ def test_two_ranks_of_batch_b_train_like_one_process_of_batch_2b(tmp_path):
     assert two.returncode == 0, two.stderr[-3000:]
     assert run.main([*EQUIV, "train.batch_size=32", f"output.dir={tmp_path / 'one'}"]) == 0  # not about the process
     steps_two, steps_one = read_jsonl(tmp_path / "two" / "steps.jsonl"), read_jsonl(tmp_path / "one" / "steps.jsonl")
-    assert len(steps_one) == len(steps_two) == 16
+    assert len(steps_one) == len(steps_two) == 12  # 1.5 epochs of 8 steps
     assert [s["lr"] for s in steps_two] == pytest.approx([s["lr"] for s in steps_one], rel=1e-12)
     assert [s["loss"] for s in steps_two] == pytest.approx([s["loss"] for s in steps_one], rel=1e-5, abs=1e-6)
     ep_two, ep_one = read_jsonl(tmp_path / "two" / "metrics.jsonl"), read_jsonl(tmp_path / "one" / "metrics.jsonl")
@@ -64,9 +73,10 @@ def test_two_ranks_of_batch_b_train_like_one_process_of_batch_2b(tmp_path):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
         assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5)
         assert a["val_correct"] == b["val_correct"] and a["val_total"] == b["val_total"] == 100
+    assert ep_one[-1]["val_acc"] > 0.25  # it learns (chance: 0.1): equal figures are not two runs doing nothing
     a, b = (torch.load(tmp_path / run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
             for run_dir in ("two", "one"))
-    assert a["ema"]["updates"] == b["ema"]["updates"] == 8  # train.ema_every=2 of 16 steps
+    assert a["ema"]["updates"] == b["ema"]["updates"] == 6  # train.ema_every=2 of 12 steps
     for key in ("ema", "lookahead"):  # the same EMA and slow weights, to all-reduce rounding
         assert a[key]["weights"].keys() == b[key]["weights"].keys()
         for name, value in a[key]["weights"].items():

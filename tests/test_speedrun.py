@@ -154,3 +154,22 @@ def test_frozen_parameters_stay_frozen_through_a_stop_and_resume_and_the_resume_
     assert torch.equal(again["whiten.weight"], expected.weight)
     norms = [k for k in again if k.endswith(".weight") and again[k].ndim == 1]
     assert norms and all(torch.equal(again[k], torch.ones_like(again[k])) for k in norms)
+
+
+def test_the_recipe_file_runs_its_arithmetic_end_to_end(tmp_path, capsys):
+    """configs/cifar10_94.yaml on a few synthetic images (1.5 epochs of 4 steps): the triangle ends at 0.07 of the
+    peak on the 6th step, only the last epoch is validated (with TTA), and the optimizer holds the records'
+    groups: the weights, BatchNorm's biases at 64x the learning rate, and the whitening bias alone (frozen
+    after 3 epochs) at the weights' rate, each decayed by the same 0.00199565 of a weight per step at the peak."""
+    out = tmp_path / "run"
+    result = run_in_process(capsys, "--config", "configs/cifar10_94.yaml", "data.dataset=synthetic",
+                            "data.train_size=64", "data.val_size=32", "train.batch_size=16", "train.epochs=1.5",
+                            "train.device=cpu", "train.log_every=1", "output.plots=false", f"output.dir={out}")
+    assert result.returncode == 0, result.stderr
+    steps = read_jsonl(out / "steps.jsonl")
+    assert steps[-1]["step"] == 6 and steps[-1]["lr"] == pytest.approx(0.00146484 * 0.07)
+    assert [(r["epoch"], r["val_acc"] is None) for r in read_jsonl(out / "metrics.jsonl")] == [(1, True), (2, False)]
+    groups = torch.load(out / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)["optimizer"]["param_groups"]
+    assert [(g["lr_scale"], len(g["params"]), "freeze_after_epochs" in g) for g in groups] == [
+        (1.0, 7, False), (64.0, 6, False), (1.0, 1, True)]  # 6 convolutions and the head; 6 BatchNorm biases
+    assert [g["weight_decay"] * 0.00146484 * g["lr_scale"] for g in groups] == pytest.approx([0.00199565] * 3)
