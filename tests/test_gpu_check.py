@@ -21,7 +21,8 @@ def test_gpu_check_smoke_runs_every_section_on_the_cpu_and_writes_its_report(tmp
     lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     assert "gpu_check" in lines[0] and lines[0]["gpu_check"]["smoke"] is True
     sections = {line["section"]: line for line in lines[1:]}
-    assert list(sections) == ["hidden_syncs", "real_entry", "ladder", "correctness", "time_to_accuracy", "dali"]
+    assert list(sections) == ["hidden_syncs", "real_entry", "speedrun", "ladder", "correctness", "time_to_accuracy",
+                              "dali"]
     assert all(s["status"] == "ok" for name, s in sections.items() if name != "dali")
     assert sections["dali"]["status"] == ("ok" if dali_available() else "skipped")
     assert sections["hidden_syncs"]["result"]["eager"]["hidden_syncs"] == 0
@@ -33,6 +34,9 @@ def test_gpu_check_smoke_runs_every_section_on_the_cpu_and_writes_its_report(tmp
                            for name in dir(test_gpu_correctness) if name.startswith("test_")}
     assert [r["variant"].split(" (")[0] for r in sections["ladder"]["result"]["rows"]][:2] == [
         "tutorial loop", "fasttrain, plain loader"]
+    speed = sections["speedrun"]["result"]  # the recipe's file after a warm-up run, timed as the records time it
+    assert speed["seeds"] == 1 and speed["warm_up"]["seed"] == 0 and [r["seed"] for r in speed["runs"]] == [1]
+    assert 0 <= speed["min_acc"] <= speed["mean_acc"] <= 1 and 0 < speed["mean_train_seconds"] < speed["mean_wall_seconds"]
     to_accuracy = sections["time_to_accuracy"]["result"]
     assert 0 < to_accuracy["case_study_test_acc"] <= 1 and to_accuracy["tutorial_epochs_measured"] >= 1
     cold = to_accuracy["fast_cold"]  # from outside the process, with the run's own time split
@@ -43,7 +47,7 @@ def test_gpu_check_smoke_runs_every_section_on_the_cpu_and_writes_its_report(tmp
     report = json.loads((out / "gpu_check.json").read_text())
     assert [s["section"] for s in report["sections"]] == list(sections)
     table = [line for line in (out / "gpu_check.md").read_text().splitlines() if line.startswith("| ")]
-    assert len(table) == 1 + 6  # the header, then one row per section
+    assert len(table) == 1 + 7  # the header, then one row per section
 
 
 def test_the_correctness_section_reports_each_tests_outcome(tmp_path):
@@ -74,3 +78,35 @@ def test_sections_picks_what_runs_and_refuses_an_unknown_name(capsys):
         main(["--smoke", "--sections", "correctnes"])
     assert stop.value.code == 2
     assert "unknown section(s) correctnes; choose from hidden_syncs, real_entry" in capsys.readouterr().err
+
+
+def test_the_speedrun_section_reads_the_records_table_and_stops_the_script_after_as_many_runs(tmp_path):
+    """--peer-airbench: the record's script prints one table row per epoch, the last of a run with its TTA accuracy
+    and time; the section reads the rows of its warm-up run and `count` more, stops the script (it would go on to
+    25 runs) and summarises them as it does fasttrain's runs. Here a stand-in prints that table."""
+    import time
+
+    from benchmarks.gpu_check.plan import Plan
+    from benchmarks.gpu_check.speedrun import peer_row, peer_runs
+
+    assert peer_row("|  run     |  epoch  |  train_loss  |  train_acc  |  val_acc  |  tta_val_acc  |  total_time_seconds  |") is None
+    assert peer_row("|       1  |      9  |      0.8812  |     0.9375  |   0.9340  |               |              3.1000  |") is None
+    assert peer_row("|       1  |  eval   |      0.8812  |     0.9375  |   0.9340  |       0.9412  |              3.8300  |") == {
+        "run": "1", "tta_val_acc": 0.9412, "train_seconds": 3.83}
+    script = tmp_path / "record.py"
+    script.write_text("import time\n"
+                      "print('|  run  |  epoch  |  train_loss  |  train_acc  |  val_acc  |  tta_val_acc  |  total_time_seconds  |')\n"
+                      "for run in range(25):\n"
+                      "    print(f'|  {run}  |  1  |  1.0  |  0.5  |  0.5  |  |  1.0  |', flush=True)\n"
+                      "    print(f'|  {run}  |  eval  |  1.0  |  0.5  |  0.5  |  0.94{run}  |  {3 + run}.0  |', flush=True)\n"
+                      "    time.sleep(0.05)\n"
+                      "open('finished', 'w').write('all 25 runs')\n")
+    plan = Plan(True, "cpu", tmp_path, False, tmp_path / "out", 60.0, time.monotonic())
+    found = peer_runs(script, plan, 2, time.monotonic() + 60)
+    assert found["ok"] and found["warm_up"]["run"] == "0" and [r["run"] for r in found["runs"]] == ["1", "2"]
+    assert found["mean_acc"] == (0.941 + 0.942) / 2 and found["min_acc"] == 0.941 and found["mean_train_seconds"] == 4.5
+    assert not (tmp_path / "out" / "speedrun" / "peer" / "finished").exists()  # stopped after the runs it needed
+    silent = tmp_path / "silent.py"
+    silent.write_text("print('no table here')\n")
+    assert peer_runs(silent, plan, 2, time.monotonic() + 60)["note"] == "no run of the record's script finished"
+    assert "no such file" in peer_runs(tmp_path / "missing.py", plan, 2, time.monotonic() + 60)["note"]

@@ -17,13 +17,14 @@ import torch
 from benchmarks.gpu_check.correctness import correctness
 from benchmarks.gpu_check.plan import REPO, Plan, Skipped, data_name
 from benchmarks.gpu_check.sections import dali, hidden_syncs, ladder, real_entry
+from benchmarks.gpu_check.speedrun import speedrun
 from benchmarks.gpu_check.to_accuracy import time_to_accuracy
 from benchmarks.report import environment, table, versions_line
 
-# (name, what runs it, seconds of the full 480 s plan), in priority order
-SECTIONS: List[tuple] = [("hidden_syncs", hidden_syncs, 60), ("real_entry", real_entry, 60), ("ladder", ladder, 90),
-                         ("correctness", correctness, 75), ("time_to_accuracy", time_to_accuracy, 165),
-                         ("dali", dali, 30)]
+# (name, what runs it, seconds of the full 600 s plan), in priority order
+SECTIONS: List[tuple] = [("hidden_syncs", hidden_syncs, 60), ("real_entry", real_entry, 60),
+                         ("speedrun", speedrun, 120), ("ladder", ladder, 90), ("correctness", correctness, 75),
+                         ("time_to_accuracy", time_to_accuracy, 165), ("dali", dali, 30)]
 SMOKE_BUDGET = 1800  # --smoke on a busy CI machine: every section must run, none is skipped for time
 DEFAULT_BUDGET = sum(seconds for _, _, seconds in SECTIONS)
 
@@ -36,6 +37,13 @@ def _summary(name: str, record: dict) -> str:
     if name == "real_entry":
         return (f"exit {r.get('exit_code')}, {r.get('images_per_sec')} img/s per epoch, graphs {r.get('compiled_graphs')}, "
                 f"cudagraph skips {r.get('cudagraph_skips')}, recompiles after epoch 1: {r.get('recompiles_after_epoch_1')}")
+    if name == "speedrun":
+        peer = r.get("peer") if isinstance(r.get("peer"), dict) else {}
+        return (f"{r.get('seeds')} seeds of {r.get('recipe')}: mean acc {r.get('mean_acc')} (min {r.get('min_acc')}), "
+                f"{r.get('mean_train_seconds')} s as the records count it, {r.get('mean_wall_seconds')} s from process "
+                f"start" + (f"; the record's script: mean acc {peer.get('mean_acc')} (min {peer.get('min_acc')}), "
+                            f"{peer.get('mean_train_seconds')} s; time ratio {r.get('time_ratio_vs_peer')}" if peer
+                            else ""))
     if name == "ladder":
         return "; ".join(f"{row['variant'].split(' (')[0]} b{row['batch_size']}: {row['images_per_sec']:,} img/s "
                          f"({row['speedup']}x" + (f", host {row['host_ms_per_step']} ms/step" if 'host_ms_per_step' in row
@@ -100,6 +108,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--sections", help="comma-separated sections to run, in the plan's order (default: all of "
                         f"{','.join(name for name, _, _ in SECTIONS)})")
     parser.add_argument("--commit", help="the commit being checked (default: git rev-parse HEAD)")
+    parser.add_argument("--peer-airbench", type=Path, help="the CIFAR-10 speed record's own script (airbench94.py: "
+                        "your own fetched copy, never committed): the speedrun section runs it on the same data for "
+                        "as many runs as fasttrain's seeds and reports both")
     return parser
 
 
@@ -112,7 +123,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if unknown or not chosen:
         parser.error(f"--sections: unknown section(s) {', '.join(unknown) or '(none given)'}; "
                      f"choose from {', '.join(known)}")
-    planned = sum(seconds for name, _, seconds in SECTIONS if name in chosen)  # the chosen sections' share of 480 s
+    planned = sum(seconds for name, _, seconds in SECTIONS if name in chosen)  # the chosen sections' share of 600 s
     args.budget = args.budget or (SMOKE_BUDGET if args.smoke else planned)
     roots = [args.data_root] if args.data_root else [REPO.parent / "shared" / "data", REPO / "data"]
     root = next((r for r in roots if (r / "cifar-10-batches-py").is_dir()), roots[0])
@@ -128,7 +139,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # smoke: synthetic data (learnable classes, so a tiny model's loss falls within a few steps)
     real = (root / "cifar-10-batches-py").is_dir() and not args.smoke
     plan = Plan(args.smoke, "cpu" if args.smoke else "cuda", root.resolve(), real, args.out.resolve(), args.budget,
-                time.monotonic())
+                time.monotonic(), args.peer_airbench)
     plan.out.mkdir(parents=True, exist_ok=True)
     env = environment(torch.device("cpu") if args.smoke else torch.device("cuda", 0),
                       smoke=args.smoke, budget_s=args.budget, data=data_name(plan),

@@ -29,6 +29,7 @@ class Plan:
     out: Path
     budget: float
     started: float
+    peer_airbench: Optional[Path] = None  # the record's own script (--peer-airbench): the speedrun section runs it too
 
     def left(self) -> float:
         return self.budget - (time.monotonic() - self.started)
