@@ -3,6 +3,7 @@ command is known to work before any GPU minute is spent on it (its own module: p
 each module one process, and this one runs beside the other benchmark tests)."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -110,3 +111,29 @@ def test_the_speedrun_section_reads_the_records_table_and_stops_the_script_after
     silent.write_text("print('no table here')\n")
     assert peer_runs(silent, plan, 2, time.monotonic() + 60)["note"] == "no run of the record's script finished"
     assert "no such file" in peer_runs(tmp_path / "missing.py", plan, 2, time.monotonic() + 60)["note"]
+
+
+def test_the_speedrun_section_runs_fewer_seeds_when_its_budget_ends_and_says_so(tmp_path, monkeypatch):
+    """Each run takes 10 s of a 35 s budget (a stand-in for the run and the clock): the warm-up and seed 1, then
+    seed 2 (15 s were left, 1.5 runs), then no more; the result counts 2 of the 5 seeds and says why."""
+    from types import SimpleNamespace
+
+    from benchmarks.gpu_check import speedrun as section
+    from benchmarks.gpu_check.plan import Plan
+
+    clock = SimpleNamespace(now=0.0)
+    monkeypatch.setattr(section, "time", SimpleNamespace(monotonic=lambda: clock.now))
+
+    def run(args, timeout):
+        out = Path(next(a for a in args if a.startswith("output.dir=")).split("=", 1)[1])
+        out.mkdir(parents=True)
+        (out / "metrics.jsonl").write_text(json.dumps({"epoch": 10, "val_acc": 0.94}) + "\n")
+        (out / "env.json").write_text(json.dumps({"time_split": {"parts": {"steps": 3.0, "eval": 0.5, "compile": 1.0}}}))
+        clock.now += 10.0
+        return SimpleNamespace(returncode=0, stdout="")
+
+    monkeypatch.setattr(section, "fasttrain_run", run)
+    plan = Plan(False, "cuda", tmp_path, True, tmp_path / "out", 35.0, 0.0)
+    found = section.speedrun(plan, 35.0)
+    assert [r["seed"] for r in found["runs"]] == [1, 2] and found["note"] == "2 of 5 seeds (the budget's limit)"
+    assert found["mean_train_seconds"] == 3.5 and found["mean_acc"] == 0.94 and found["reached_target"]

@@ -40,11 +40,13 @@ def speedrun(plan: Plan, deadline: float) -> dict:
     cache = plan.out / "speedrun" / "compile-cache"
     runs: List[dict] = []
     for seed in range(seeds + 1):  # seed 0: the warm-up run (compiles, fills the cache), not counted
+        if len(runs) >= 2 and deadline - time.monotonic() < 1.5 * runs[-1]["wall_seconds"]:
+            break  # no time for another run like the last: fewer seeds, said in the result
         out = plan.out / "speedrun" / f"seed{seed}"
         started = time.monotonic()
         result = fasttrain_run(["--config", RECIPE, *size, *device, f"train.seed={seed}", f"output.dir={out}",
                                 f"train.compile_cache={cache}", "output.overwrite=true", "output.plots=false"],
-                               (deadline - time.monotonic()) / (seeds + 1 - seed))
+                               deadline - time.monotonic())
         wall = time.monotonic() - started
         history = metrics(out)
         if result.returncode != 0 or not history:
@@ -54,7 +56,10 @@ def speedrun(plan: Plan, deadline: float) -> dict:
                      "train_seconds": round(parts["steps"] + parts["eval"], 3),
                      "compile_seconds": round(parts["compile"], 3), "wall_seconds": round(wall, 3)})
     measured = runs[1:]
-    found = {"ok": True, "recipe": RECIPE, "seeds": len(measured), **summary(measured, "val_acc", "train_seconds"),
+    if not measured:
+        return {"ok": False, "note": "the budget ended after the warm-up run", "warm_up": runs[0]}
+    found = {"ok": True, "recipe": RECIPE, "seeds": len(measured),
+             "note": f"{len(measured)} of {seeds} seeds (the budget's limit)" if len(measured) < seeds else "", **summary(measured, "val_acc", "train_seconds"),
              "mean_wall_seconds": round(mean(r["wall_seconds"] for r in measured), 3), "warm_up": runs[0],
              "runs": measured}
     if plan.peer_airbench is not None:
