@@ -12,43 +12,67 @@ from conftest import run_fasttrain
 from fasttrain.data.loaders.dali import dali_available
 
 
-@pytest.mark.slow
-def test_gpu_check_smoke_runs_every_section_on_the_cpu_and_writes_its_report(tmp_path):
-    """`python -m benchmarks.gpu_check --smoke`: the GPU check's plumbing, known to work before a GPU
-    minute is spent on it. CUDA-only checks say so; nothing else may be skipped or fail."""
-    out = tmp_path / "check"
-    result = run_fasttrain("--smoke", "--out", str(out), module="benchmarks.gpu_check")
+# the plan's sections in two smoke runs of about half a minute each (one would near a minute on a busy 2-core CI)
+FIRST_HALF = ["hidden_syncs", "real_entry", "profile", "speedrun"]
+SECOND_HALF = ["ladder", "correctness", "time_to_accuracy", "dali"]
+
+
+def smoke_sections(out, names):
+    """`python -m benchmarks.gpu_check --smoke --sections ...`: its JSON lines by section, checked against its
+    report files. CUDA-only checks say so; nothing else may be skipped or fail."""
+    result = run_fasttrain("--smoke", "--out", str(out), "--sections", ",".join(names), module="benchmarks.gpu_check")
     assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
     lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     assert "gpu_check" in lines[0] and lines[0]["gpu_check"]["smoke"] is True
     sections = {line["section"]: line for line in lines[1:]}
-    assert list(sections) == ["hidden_syncs", "real_entry", "speedrun", "ladder", "correctness", "time_to_accuracy",
-                              "dali"]
+    assert list(sections) == names
     assert all(s["status"] == "ok" for name, s in sections.items() if name != "dali")
-    assert sections["dali"]["status"] == ("ok" if dali_available() else "skipped")
-    assert sections["hidden_syncs"]["result"]["eager"]["hidden_syncs"] == 0
-    assert sections["hidden_syncs"]["result"]["captured"]["syncs_at_boundaries"] > 0
-    # pytest ran every test of tests/test_gpu_correctness.py and reported each: without CUDA, a skip
-    # (what pytest reports for a pass and a failure: test_the_correctness_section_reports_each_tests_outcome)
-    correctness = {k: v for k, v in sections["correctness"]["result"].items() if k != "ok"}
-    assert correctness == {name.removeprefix("test_"): "skipped: no CUDA"
-                           for name in dir(test_gpu_correctness) if name.startswith("test_")}
-    assert [r["variant"].split(" (")[0] for r in sections["ladder"]["result"]["rows"]][:2] == [
-        "tutorial loop", "fasttrain, plain loader"]
-    speed = sections["speedrun"]["result"]  # the recipe's file after a warm-up run, timed as the records time it
+    report = json.loads((out / "gpu_check.json").read_text())
+    assert [s["section"] for s in report["sections"]] == names
+    table = [line for line in (out / "gpu_check.md").read_text().splitlines() if line.startswith("| ")]
+    assert len(table) == 1 + len(names)  # the header, then one row per section
+    return {name: line.get("result") for name, line in sections.items()}, sections
+
+
+def test_the_plans_sections_are_the_two_smoke_halves_in_order():
+    from benchmarks.gpu_check.cli import SECTIONS
+
+    assert [name for name, _, _ in SECTIONS] == FIRST_HALF + SECOND_HALF
+
+
+@pytest.mark.slow
+def test_gpu_check_smoke_first_half_syncs_entry_profile_and_speedrun(tmp_path):
+    results, _ = smoke_sections(tmp_path / "check", FIRST_HALF)
+    assert results["hidden_syncs"]["eager"]["hidden_syncs"] == 0
+    assert results["hidden_syncs"]["captured"]["syncs_at_boundaries"] > 0
+    profiled = results["profile"]  # both windows ran and kept their traces; no device here to profile
+    assert [profiled[k]["steps"] for k in ("captured", "eager-compiled")] == [6, 6]
+    assert all(Path(profiled[k]["trace"]).is_file() and profiled[k]["device"].startswith("CUDA only")
+               for k in ("captured", "eager-compiled"))
+    assert profiled["roofline"]["activation_bytes_per_training_image"] > 0
+    speed = results["speedrun"]  # the recipe's file after a warm-up run, timed as the records time it
     assert speed["seeds"] == 1 and speed["warm_up"]["seed"] == 0 and [r["seed"] for r in speed["runs"]] == [1]
     assert 0 <= speed["min_acc"] <= speed["mean_acc"] <= 1 and 0 < speed["mean_train_seconds"] < speed["mean_wall_seconds"]
-    to_accuracy = sections["time_to_accuracy"]["result"]
+
+
+@pytest.mark.slow
+def test_gpu_check_smoke_second_half_ladder_correctness_accuracy_and_dali(tmp_path):
+    results, sections = smoke_sections(tmp_path / "check", SECOND_HALF)
+    assert sections["dali"]["status"] == ("ok" if dali_available() else "skipped")
+    # pytest ran every test of tests/test_gpu_correctness.py and reported each: without CUDA, a skip
+    # (what pytest reports for a pass and a failure: test_the_correctness_section_reports_each_tests_outcome)
+    correctness = {k: v for k, v in results["correctness"].items() if k != "ok"}
+    assert correctness == {name.removeprefix("test_"): "skipped: no CUDA"
+                           for name in dir(test_gpu_correctness) if name.startswith("test_")}
+    assert [r["variant"].split(" (")[0] for r in results["ladder"]["rows"]][:2] == [
+        "tutorial loop", "fasttrain, plain loader"]
+    to_accuracy = results["time_to_accuracy"]
     assert 0 < to_accuracy["case_study_test_acc"] <= 1 and to_accuracy["tutorial_epochs_measured"] >= 1
     cold = to_accuracy["fast_cold"]  # from outside the process, with the run's own time split
     assert set(cold["time_split"]) == {"startup", "compile", "steps", "eval", "checkpoint", "end"}
     # the outside clock holds the run's own parts (each rounded to 4 places, the total to 3)
     assert cold["seconds"] >= sum(cold["time_split"].values()) - 0.001
     assert "the case study's accuracy" in to_accuracy["headline"]
-    report = json.loads((out / "gpu_check.json").read_text())
-    assert [s["section"] for s in report["sections"]] == list(sections)
-    table = [line for line in (out / "gpu_check.md").read_text().splitlines() if line.startswith("| ")]
-    assert len(table) == 1 + 7  # the header, then one row per section
 
 
 def test_the_correctness_section_reports_each_tests_outcome(tmp_path):
@@ -137,3 +161,21 @@ def test_the_speedrun_section_runs_fewer_seeds_when_its_budget_ends_and_says_so(
     found = section.speedrun(plan, 35.0)
     assert [r["seed"] for r in found["runs"]] == [1, 2] and found["note"] == "2 of 5 seeds (the budget's limit)"
     assert found["mean_train_seconds"] == 3.5 and found["mean_acc"] == 0.94 and found["reached_target"]
+
+
+def test_the_profiles_activation_bytes_and_roofline_against_a_hand_count():
+    """A conv (3 -> 4 channels, 8x8, same padding) then a ReLU: the forward reads 3x64 + 4x64 and writes 4x64 + 4x64
+    elements per image (960 x 4 bytes in fp32), a training step about 3x that; at 4.8 TB/s (an H200) that many
+    bytes an image is 4.8e12 / 11,520 images/s."""
+    from torch import nn
+
+    from benchmarks.gpu_check.device_profile import activation_bytes, bandwidth_tb_s, roofline_images_per_sec
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU())
+    counted = activation_bytes(model, (3, 8, 8), element_bytes=4)
+    assert counted == {"forward_bytes": 960 * 4, "training_bytes": 3 * 960 * 4}
+    assert model.training  # put back as it was
+    assert bandwidth_tb_s("NVIDIA H200") == 4.8 and bandwidth_tb_s("NVIDIA H100 80GB HBM3") == 3.35
+    assert bandwidth_tb_s("NVIDIA H100 PCIe") == 2.0 and bandwidth_tb_s("cpu") is None
+    assert roofline_images_per_sec(11_520, 4.8) == pytest.approx(4.8e12 / 11_520)
+    assert roofline_images_per_sec(11_520, None) is None

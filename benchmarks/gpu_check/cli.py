@@ -15,6 +15,7 @@ from typing import Callable, List, Optional, Sequence
 import torch
 
 from benchmarks.gpu_check.correctness import correctness
+from benchmarks.gpu_check.device_profile import device_profile
 from benchmarks.gpu_check.plan import REPO, Plan, Skipped, data_name
 from benchmarks.gpu_check.sections import dali, hidden_syncs, ladder, real_entry
 from benchmarks.gpu_check.speedrun import speedrun
@@ -23,8 +24,9 @@ from benchmarks.report import environment, table, versions_line
 
 # (name, what runs it, seconds of the full 600 s plan), in priority order
 SECTIONS: List[tuple] = [("hidden_syncs", hidden_syncs, 60), ("real_entry", real_entry, 60),
-                         ("speedrun", speedrun, 120), ("ladder", ladder, 90), ("correctness", correctness, 75),
-                         ("time_to_accuracy", time_to_accuracy, 165), ("dali", dali, 30)]
+                         ("profile", device_profile, 30), ("speedrun", speedrun, 90), ("ladder", ladder, 90),
+                         ("correctness", correctness, 75), ("time_to_accuracy", time_to_accuracy, 165),
+                         ("dali", dali, 30)]
 SMOKE_BUDGET = 1800  # --smoke on a busy CI machine: every section must run, none is skipped for time
 DEFAULT_BUDGET = sum(seconds for _, _, seconds in SECTIONS)
 
@@ -37,6 +39,13 @@ def _summary(name: str, record: dict) -> str:
     if name == "real_entry":
         return (f"exit {r.get('exit_code')}, {r.get('images_per_sec')} img/s per epoch, graphs {r.get('compiled_graphs')}, "
                 f"cudagraph skips {r.get('cudagraph_skips')}, recompiles after epoch 1: {r.get('recompiles_after_epoch_1')}")
+    if name == "profile":
+        windows = {k: v for k, v in r.items() if isinstance(v, dict) and "steps" in v}
+        roof = r.get("roofline", {})
+        return "; ".join(f"{k}: {v.get('verdict', v.get('device'))}, host {v.get('host_cpu_ms_per_step')} ms/step, "
+                         f"wall {v.get('wall_ms_per_step')} ms/step" for k, v in windows.items()) + (
+            f"; roofline {roof.get('roofline_images_per_sec')} img/s at {roof.get('activation_bytes_per_training_image')} "
+            f"B/image, captured {roof.get('captured_images_per_sec')} img/s")
     if name == "speedrun":
         peer = r.get("peer") if isinstance(r.get("peer"), dict) else {}
         return (f"{r.get('seeds')} seeds of {r.get('recipe')}: mean acc {r.get('mean_acc')} (min {r.get('min_acc')}), "
