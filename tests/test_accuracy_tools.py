@@ -19,12 +19,12 @@ from fasttrain.train.validation import Evaluator, tta_logits, tta_views, validat
 CPU = torch.device("cpu")
 # every tool at once, on a small CNN (BatchNorm: the EMA copies its buffers; SmallCNN below) and synthetic data
 TOOLS = ["train.label_smoothing=0.1", "train.ema_decay=0.9", "train.ema_every=2", "train.lookahead_k=3",
-         "train.lookahead_alpha=0.5", "train.tta=flip"]
+         "train.lookahead_alpha=0.5", "train.lookahead_start=0.5", "train.lookahead_end=epoch", "train.tta=flip"]
 MODEL = "model.name=test_accuracy_tools:SmallCNN"  # a model of one's own, by import path
 RUN = [MODEL, "data.train_size=512", "data.val_size=96", "train.batch_size=32", "train.epochs=3",
        "train.log_every=4", "data.loader=gpu", "output.plots=false", *TOOLS]
 STEPS = 48  # 3 epochs x 16
-STOP = 23  # mid-epoch, mid-cycle of the EMA (every 2) and of lookahead (every 3)
+STOP = 23  # mid-epoch, mid-cycle of the EMA (every 2) and of lookahead (every 3, from step 9; reset at 16, 32, 48)
 CAPTURED = ["train.compile=default", "train.capture=true"]
 
 
@@ -229,7 +229,9 @@ def test_every_tool_trains_in_the_eager_and_the_captured_step(straight):
         assert steps == STEPS and ckpt["ema"]["updates"] == steps // 2  # train.ema_every=2
         trained, averaged = ckpt["model"], ckpt["ema"]["weights"]
         assert averaged.keys() <= trained.keys() and any(not torch.equal(averaged[k], trained[k]) for k in averaged)
-        assert ckpt["lookahead"]["weights"].keys() == averaged.keys()
+        # lookahead's slow copy: the parameters and BatchNorm's running statistics (not its integer step count)
+        statistics = {k for k in trained if k.endswith(("running_mean", "running_var"))}
+        assert statistics and ckpt["lookahead"]["weights"].keys() == averaged.keys() | statistics
         # the last step was a lookahead sync (STEPS % 3 == 0): the trained weights are the slow ones
         assert all(torch.equal(ckpt["lookahead"]["weights"][k], trained[k]) for k in averaged)
 
@@ -321,7 +323,9 @@ def test_lookahead_ending_on_the_slow_weights_drops_the_steps_since_the_last_syn
         weight = nn.Parameter(torch.zeros(3))
         model = nn.Module()
         model.weight = weight
-        averages = build_averages(model, 0.0, 1, 5, 0.5, total_steps=7, lookahead_end_on_slow=end_on_slow)
+        train = load_config(None, ["train.lookahead_k=5", "train.lookahead_alpha=0.5", "train.epochs=1",
+                                   f"train.lookahead_end={'slow' if end_on_slow else 'fast'}"]).train
+        averages = build_averages(model, train, steps_per_epoch=7)
         slow = torch.zeros(3)
         for step in range(1, 8):
             with torch.no_grad():
@@ -335,6 +339,65 @@ def test_lookahead_ending_on_the_slow_weights_drops_the_steps_since_the_last_syn
     with pytest.raises(ConfigError, match="train.lookahead_end='slow' is not valid: expected fast when "
                                           "train.lookahead_k=0"):
         load_config(None, ["train.lookahead_end=slow"])
+
+
+class _WeightAndStatistics(nn.Module):
+    """One weight, a floating-point running statistic and an integer count: what lookahead copies, and not."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(2))
+        self.register_buffer("running_mean", torch.zeros(2))
+        self.register_buffer("batches", torch.zeros((), dtype=torch.long))
+
+
+@pytest.mark.parametrize("end", ["slow", "epoch"])
+def test_lookahead_starts_after_its_epochs_and_ends_each_epoch_on_the_slow_weights(end):
+    """The records' loop (train.lookahead_start=1 with 8 steps an epoch, k=5, alpha 0.5, 23 steps): no sync up to
+    step 8; the sync at step 10 takes the slow weights as a copy; step 15 moves them half way; `epoch` resets the
+    trained weights to them at the epoch's end (step 16) and at the last step (23), `slow` at the last step only.
+    Running statistics move with the weights; the integer count is left alone. By hand, each step adding 1 to
+    the weight and 10 to the statistic."""
+    from fasttrain.config import load_config
+
+    train = load_config(None, ["train.lookahead_k=5", "train.lookahead_alpha=0.5", "train.lookahead_start=1",
+                               f"train.lookahead_end={end}", "train.epochs=2.875"]).train
+    model = _WeightAndStatistics()
+    look = Lookahead(model, train.lookahead_k, train.lookahead_alpha, total_steps=train.total_steps(8), end=end,
+                     start_step=train.lookahead_start_step(8), steps_per_epoch=8)
+    assert (look.total_steps, look.start_step, look.first_sync) == (23, 8, 10)
+    seen = {}
+    for step in range(1, 24):
+        with torch.no_grad():
+            model.weight.add_(1.0)
+            model.running_mean.add_(10.0)
+            model.batches.add_(1)
+        look.after_step(step)
+        seen[step] = model.weight[0].item()
+    assert [seen[s] for s in (8, 9, 10)] == [8.0, 9.0, 10.0]  # nothing before the start, and the copy at 10
+    assert seen[15] == 12.5  # 10 + 0.5 x (15 - 10)
+    if end == "epoch":
+        assert seen[16] == 12.5  # 13.5 reset to the slow weights at the epoch's end
+        assert seen[20] == 14.5  # slow 12.5, trained 16.5: half way
+        assert seen[23] == 14.5  # 17.5 reset at the last step
+    else:
+        assert seen[16] == 13.5
+        assert seen[20] == 15.0  # slow 12.5, trained 17.5
+        assert seen[23] == 15.0  # 18 reset at the last step
+    assert model.running_mean[0].item() == 10 * seen[23] and model.batches.item() == 23
+    assert look.names == ["weight", "running_mean"] and look.slow_buffers == [look.slow[1]]
+
+
+def test_lookahead_start_needs_lookahead_and_fewer_epochs_than_the_run():
+    from fasttrain.config import load_config
+    from fasttrain.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"train.lookahead_start=3.0 is not valid: expected 0 when "
+                                          r"train.lookahead_k=0 \(there is no lookahead to start\)"):
+        load_config(None, ["train.lookahead_start=3"])
+    with pytest.raises(ConfigError, match=r"train.lookahead_start=3.0 is not valid: expected fewer epochs than "
+                                          r"train.epochs=3"):
+        load_config(None, ["train.lookahead_k=5", "train.lookahead_start=3", "train.epochs=3"])
 
 
 def test_bn_bias_scope_norm_scales_the_normalization_layers_parameters_only():

@@ -1,6 +1,7 @@
 """Exact resume: training N steps straight, or k steps, stopping and resuming to N, gives the same
 weights bit for bit (same world size, on CPU), for the plain and GPU loaders, one process and two
-gloo ranks. The model has dropout and BatchNorm, so per-rank random states and buffers matter."""
+gloo ranks. The model has dropout and BatchNorm, so per-rank random states and buffers matter; lookahead keeps
+slow copies of the BatchNorm statistics, which are per rank too until an epoch's end averages them."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from fasttrain.checkpoint import load_checkpoint
 # 256 images: 8 steps per epoch for one process of batch 32, 4 for two ranks; 2 epochs. The tutorial's CNN
 # (dropout and BatchNorm) on 16 px images: the same random states and buffers at a quarter of the compute
 RUN = ["--config", "configs/smoke.yaml", "data.train_size=256", "data.val_size=64", "model.name=CIFAR10_CNN",
-       "data.image_size=16", "train.batch_size=32", "train.epochs=2", "train.log_every=1", "output.plots=false"]
+       "data.image_size=16", "train.batch_size=32", "train.epochs=2", "train.log_every=1", "output.plots=false",
+       "train.lookahead_k=2", "train.lookahead_start=0.5", "train.lookahead_end=epoch"]
 LOADER_ARGS = {"plain": ["data.loader=plain", "data.num_workers=2"], "gpu": ["data.loader=gpu"]}
 
 

@@ -164,7 +164,8 @@ def test_the_recipe_file_runs_its_arithmetic_end_to_end(tmp_path, capsys):
     out = tmp_path / "run"
     result = run_in_process(capsys, "--config", "configs/cifar10_94.yaml", "data.dataset=synthetic",
                             "data.train_size=64", "data.val_size=32", "train.batch_size=16", "train.epochs=1.5",
-                            "train.device=cpu", "train.log_every=1", "output.plots=false", f"output.dir={out}")
+                            "train.lookahead_start=0.5", "train.device=cpu", "train.log_every=1", "output.plots=false",
+                            f"output.dir={out}")
     assert result.returncode == 0, result.stderr
     steps = read_jsonl(out / "steps.jsonl")
     assert steps[-1]["step"] == 6 and steps[-1]["lr"] == pytest.approx(0.00146484 * 0.07)

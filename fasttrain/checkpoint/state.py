@@ -93,6 +93,10 @@ def capture(cfg: Config, world_size: int, parts: Resumable, state: RunState, tot
     mine = {"rng": rng_state(parts.device), "finite": finite,
             "buffers": {name: buf.detach().cpu().clone() for name, buf in model.named_buffers()},
             "epoch_totals": None if totals is None else totals.detach().double().cpu()}
+    lookahead = parts.averages.lookahead if parts.averages else None
+    if lookahead is not None:  # its slow statistics are this rank's until the epoch's end averages them
+        mine["lookahead_buffers"] = {name: t.detach().cpu().clone()
+                                     for name, t in zip(lookahead.names[lookahead.trainable:], lookahead.slow_buffers)}
     ranks: List[Any] = [None] * world_size
     torch_dist.all_gather_object(ranks, mine)
     if not all(r["finite"] for r in ranks):
@@ -189,9 +193,14 @@ def restore(ckpt: Dict[str, Any], source: Path, cfg: Config, rank: int, world_si
         if unknown:
             raise UserError(f"checkpoint {source} holds buffers this model does not have ({', '.join(unknown[:3])}): "
                             f"use the model.name and dataset it was trained with")
+        lookahead = parts.averages.lookahead if parts.averages else None
         with torch.no_grad():
             for name, value in mine["buffers"].items():
                 buffers[name].copy_(value)
+            if lookahead is not None and "lookahead_buffers" in mine:
+                slow = dict(zip(lookahead.names[lookahead.trainable:], lookahead.slow_buffers))
+                for name, value in mine["lookahead_buffers"].items():
+                    slow[name].copy_(value)
         state.carried = mine["epoch_totals"]
         set_rng_state(mine["rng"], parts.device)
     else:

@@ -49,7 +49,8 @@ def _is_rank_state(value: Any) -> bool:
     return (isinstance(rng, dict) and isinstance(rng.get("python"), tuple) and isinstance(numpy_rng, dict)
             and isinstance(numpy_rng.get("key"), torch.Tensor) and _is_int(numpy_rng.get("pos"), 0)
             and isinstance(rng.get("torch"), torch.Tensor) and _is_tensor_dict(value["buffers"])
-            and (value["epoch_totals"] is None or isinstance(value["epoch_totals"], torch.Tensor)))
+            and (value["epoch_totals"] is None or isinstance(value["epoch_totals"], torch.Tensor))
+            and _is_tensor_dict(value.get("lookahead_buffers", {})))
 
 
 # key -> (the check, what it must be); the optional keys are checked when present

@@ -23,7 +23,7 @@ SignalName = choices("SignalName", ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "
 TtaName = choices("TtaName", ("none", "flip", "flip_shift"))
 LossReduction = choices("LossReduction", ("mean", "sum"))
 PaddingMode = choices("PaddingMode", ("zeros", "reflect"))
-LookaheadEnd = choices("LookaheadEnd", ("fast", "slow"))
+LookaheadEnd = choices("LookaheadEnd", ("fast", "slow", "epoch"))
 BnBiasScope = choices("BnBiasScope", ("1d", "norm"))
 
 # seeds reach torch (< 2**64), NumPy, DALI (< 2**63) and derived seeds such as seed * 1_000_003 + epoch;

@@ -212,15 +212,17 @@ _DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 
 
 def total_steps(epochs: float, steps_per_epoch: int) -> int:
-    """Optimizer steps in a run of `epochs` (a fraction included): round(epochs x steps per epoch), at least one."""
-    return max(1, round(epochs * steps_per_epoch))
+    """Optimizer steps in a run of `epochs` (a fraction included): epochs x steps per epoch rounded up, as the speed
+    records count them (9.9 x 48 -> 476), at least one. (Rounded to 9 decimals first: 0.3 x 10 is 3.0000000000000004
+    in binary, and 3 steps.)"""
+    return max(1, math.ceil(round(epochs * steps_per_epoch, 9)))
 
 
 @dataclass
 class TrainConfig(Section):
     key: ClassVar[str] = "train"
     epochs: float = setting(100.0, "number of passes over the training set; a fraction (9.9) ends the last epoch "
-                                   "early, after round(epochs x steps per epoch) steps in all (validated, saved "
+                                   "early, after epochs x steps per epoch steps in all, rounded up (validated, saved "
                                    "and counted as an epoch)", above=0, high=EPOCHS_MAX, what="a number")
     batch_size: int = setting(128, "training batch size per process (global batch = batch_size x world size)", low=1,
                              high=BATCH_MAX)
@@ -277,7 +279,13 @@ class TrainConfig(Section):
     lookahead_end: LookaheadEnd = setting(LookaheadEnd.fast, "lookahead: the weights a run ends with: fast (the "
                                                              "trained ones) | slow (at the last step the trained "
                                                              "weights are set to the slow ones, the steps since the "
-                                                             "last sync dropped: the speed records' end)")
+                                                             "last sync dropped) | epoch (so at the end of every "
+                                                             "epoch too, once started: the speed records' loop)")
+    lookahead_start: float = setting(0.0, "lookahead: the epochs trained before it starts; the first sync after "
+                                          "them takes the slow weights as a copy of the trained ones (the speed "
+                                          "records: 3); 0 = from the first step, the slow weights starting as the "
+                                          "initial ones", low=0, high=EPOCHS_MAX, what="a number of epochs",
+                                     note="0 = from the start")
     tta: TtaName = setting(TtaName.none, "test-time augmentation of validation and fasttrain eval: none | flip (the "
                                          "mean of the logits of each image and its mirror) | flip_shift (and of both "
                                          "shifted one pixel up-left and down-right: 6 views, weighted 1/4, 1/4 and "
@@ -298,8 +306,12 @@ class TrainConfig(Section):
         return math.ceil(self.epochs)
 
     def total_steps(self, steps_per_epoch: int) -> int:
-        """Optimizer steps in the whole run: round(epochs x steps per epoch), at least one."""
+        """Optimizer steps in the whole run: epochs x steps per epoch rounded up, at least one."""
         return total_steps(self.epochs, steps_per_epoch)
+
+    def lookahead_start_step(self, steps_per_epoch: int) -> int:
+        """The step lookahead starts after: train.lookahead_start epochs of steps, rounded up (0: none)."""
+        return math.ceil(round(self.lookahead_start * steps_per_epoch, 9))
 
     def steps_in_epoch(self, epoch: int, steps_per_epoch: int) -> int:
         """Steps of epoch `epoch` (1-based): all of them, but in the last of a fractional count."""
@@ -309,6 +321,11 @@ class TrainConfig(Section):
         require(bool(_DEVICE_RE.match(self.device)), "train.device", self.device, "auto, cpu, cuda or cuda:N")
         require(self.lookahead_end == "fast" or self.lookahead_k > 0, "train.lookahead_end", str(self.lookahead_end),
                 "fast when train.lookahead_k=0 (there are no slow weights to end on): set train.lookahead_k too")
+        require(self.lookahead_start == 0 or self.lookahead_k > 0, "train.lookahead_start", self.lookahead_start,
+                "0 when train.lookahead_k=0 (there is no lookahead to start): set train.lookahead_k too")
+        require(self.lookahead_start < self.epochs, "train.lookahead_start", self.lookahead_start,
+                f"fewer epochs than train.epochs={self.epochs:g} (lookahead would never start): lower it, or "
+                f"set train.lookahead_k=0")
 
 
 @dataclass

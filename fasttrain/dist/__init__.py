@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING, Any, List
 
 # the process group's names, the only ones imported lazily here
 __all__ = ["ANNOUNCE_WAIT_S", "DEFAULT_MASTER_PORT", "Dist", "DistEnv", "POLL_S", "PORT_FIX", "agree_on_error",
-           "all_reduce_sum_tensor", "average_buffers", "barrier", "broadcast_object", "digests_match",
+           "all_reduce_sum_tensor", "average_buffers", "average_floating", "barrier", "broadcast_object", "digests_match",
            "failure_message", "get_world_size", "pick_device", "read_env", "setup", "teardown", "weights_digest"]
 
 if TYPE_CHECKING:  # what type checkers see; at run time __getattr__ imports it when asked
     from fasttrain.dist.process_group import (ANNOUNCE_WAIT_S, DEFAULT_MASTER_PORT, PORT_FIX, POLL_S, Dist, DistEnv,
-                                              agree_on_error, all_reduce_sum_tensor, average_buffers, barrier,
+                                              agree_on_error, all_reduce_sum_tensor, average_buffers, average_floating, barrier,
                                               broadcast_object, digests_match, failure_message, get_world_size,
                                               pick_device, read_env, setup, teardown, weights_digest)
 

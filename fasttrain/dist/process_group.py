@@ -272,11 +272,19 @@ def average_buffers(module: torch.nn.Module) -> None:
     DDP keeps parameters identical, but each rank updates its BN running statistics from its own
     last batch; evaluating or saving without this would depend on the rank.
     """
+    average_floating(list(module.buffers()))
+
+
+@torch.no_grad()
+def average_floating(tensors: List[torch.Tensor]) -> None:
+    """Average the floating-point ones of `tensors` over ranks, in place (nothing with one rank)."""
     world = torch_dist.get_world_size()
-    for buffer in module.buffers():
-        if buffer.is_floating_point():
-            torch_dist.all_reduce(buffer, op=torch_dist.ReduceOp.SUM)
-            buffer.div_(world)
+    if world == 1:
+        return
+    for tensor in tensors:
+        if tensor.is_floating_point():
+            torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM)
+            tensor.div_(world)
 
 
 def failure_message(err: Exception, doing: str, rank: int) -> str:

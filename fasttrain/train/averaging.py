@@ -13,10 +13,13 @@ after each step, so every rank computes the same averages and none is communicat
 from __future__ import annotations
 
 import copy
-from typing import Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from fasttrain.config import TrainConfig
 
 
 class WeightEMA:
@@ -62,22 +65,34 @@ class WeightEMA:
 
 class Lookahead:
     """Lookahead's slow weights (Zhang et al., 2019): every k steps slow += alpha (trained - slow), then
-    the trained weights are set to the slow ones; the optimizer's own state is kept.
+    the trained weights are set to the slow ones; the optimizer's own state is kept. The slow copy holds the
+    trainable parameters and the floating-point buffers (BatchNorm's running statistics), so that the
+    statistics a model is evaluated with belong to the weights it is reset to, as the speed records keep them.
 
     `power` > 0 (train.lookahead_power): alpha moves from 1 at step 0 (the slow weights follow the trained ones)
     to `alpha` at the last of `total_steps` as 1 - (1 - alpha) (step / total_steps) ** power: the speed records'
     form (alpha 1 - 0.95 ** 5, power 3). A host float per sync: no device work is added.
 
-    `end_on_slow` (train.lookahead_end=slow): at the last of `total_steps` the trained weights are set to the slow
-    ones as they stand (the steps since the last sync are dropped), as the speed records end their runs."""
+    `start_step` > 0 (train.lookahead_start, in epochs): no sync up to that step; the first sync after it takes
+    the slow weights as a copy of the trained ones (the records start in the fourth epoch). 0: from the first
+    step, the slow weights starting as the initial ones.
+
+    `end` (train.lookahead_end): fast keeps the trained weights; slow sets them to the slow ones at the last of
+    `total_steps` (the steps since the last sync are dropped); epoch does so at the end of every epoch of
+    `steps_per_epoch` steps as well, once lookahead has started (the records' loop)."""
 
     def __init__(self, model: nn.Module, k: int, alpha: float, power: float = 0.0, total_steps: int = 0,
-                 end_on_slow: bool = False):
+                 end: str = "fast", start_step: int = 0, steps_per_epoch: int = 0):
         self.k, self.alpha, self.power, self.total_steps = k, alpha, power, total_steps
-        self.end_on_slow = end_on_slow
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.names = [name for name, p in model.named_parameters() if p.requires_grad]
-        self.slow = [p.detach().clone(memory_format=torch.preserve_format) for p in self.params]
+        self.end, self.start_step, self.steps_per_epoch = end, start_step, steps_per_epoch
+        # the first sync after start_step (which copies instead of moving); 0 when the copy is the initial one
+        self.first_sync = (start_step // k + 1) * k if start_step > 0 else 0
+        named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        self.trainable = len(named)  # then the buffers
+        named += [(name, b) for name, b in model.named_buffers() if b.is_floating_point()]
+        self.names = [name for name, _ in named]
+        self.params = [t for _, t in named]
+        self.slow = [t.detach().clone(memory_format=torch.preserve_format) for t in self.params]
 
     def alpha_at(self, global_step: int) -> float:
         if not self.power or self.total_steps <= 0:
@@ -85,14 +100,38 @@ class Lookahead:
         done = min(global_step, self.total_steps) / self.total_steps
         return 1 - (1 - self.alpha) * done ** self.power
 
+    def after_step(self, global_step: int) -> None:
+        """The host's side of a step (no device value read): a sync every k steps once started, and the reset
+        to the slow weights at the ends `end` asks for."""
+        if global_step < self.first_sync:
+            return
+        if global_step == self.first_sync:
+            self.take()
+        elif global_step % self.k == 0:
+            self.update(global_step)
+        last = global_step == self.total_steps
+        epoch_end = self.steps_per_epoch > 0 and global_step % self.steps_per_epoch == 0
+        if (self.end == "slow" and last) or (self.end == "epoch" and (last or epoch_end)):
+            self.reset()
+
     @torch.no_grad()
     def update(self, global_step: int = 0) -> None:
         torch._foreach_lerp_(self.slow, self.params, self.alpha_at(global_step))  # two launches per sync (no_grad)
         torch._foreach_copy_(self.params, self.slow)
 
     @torch.no_grad()
-    def end(self) -> None:
-        torch._foreach_copy_(self.params, self.slow)  # one launch, once
+    def take(self) -> None:
+        torch._foreach_copy_(self.slow, self.params)  # one launch, once
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        torch._foreach_copy_(self.params, self.slow)  # one launch per epoch at most
+
+    @property
+    def slow_buffers(self) -> List[torch.Tensor]:
+        """The slow running statistics: per rank under DDP (each rank's statistics are its own batches') until
+        the epoch's end averages them with the model's (fasttrain.train.session); checkpoints keep each rank's."""
+        return self.slow[self.trainable:]
 
     def state_dict(self) -> Dict[str, Any]:
         return {"weights": {name: p.detach().cpu().clone() for name, p in zip(self.names, self.slow)}}
@@ -115,10 +154,7 @@ class Averages:
 
     def after_step(self, global_step: int) -> None:
         if self.lookahead is not None:
-            if global_step % self.lookahead.k == 0:
-                self.lookahead.update(global_step)
-            if global_step == self.lookahead.total_steps and self.lookahead.end_on_slow:
-                self.lookahead.end()
+            self.lookahead.after_step(global_step)
         if self.ema is not None and global_step % self.ema.every == 0:
             self.ema.update()
 
@@ -143,17 +179,18 @@ class Averages:
             else:
                 missing.append(key)
                 if isinstance(average, Lookahead):
-                    average.slow = [p.detach().clone(memory_format=torch.preserve_format) for p in average.params]
+                    average.take()
                 else:
                     average.load_state_dict({"updates": 0, "weights": {
                         name: p.detach() for name, p in average.model.named_parameters()}})
         return missing
 
 
-def build_averages(model: nn.Module, ema_decay: float, ema_every: int, lookahead_k: int,
-                   lookahead_alpha: float, lookahead_power: float = 0.0, total_steps: int = 0,
-                   lookahead_end_on_slow: bool = False) -> Averages:
-    ema = WeightEMA(model, ema_decay, ema_every) if ema_decay > 0 else None
-    lookahead = (Lookahead(model, lookahead_k, lookahead_alpha, lookahead_power, total_steps, lookahead_end_on_slow)
-                 if lookahead_k > 0 else None)
+def build_averages(model: nn.Module, train: "TrainConfig", steps_per_epoch: int) -> Averages:
+    """The averages train.ema_* and train.lookahead_* ask for, over a run of `steps_per_epoch` steps an epoch."""
+    ema = WeightEMA(model, train.ema_decay, train.ema_every) if train.ema_decay > 0 else None
+    lookahead = (Lookahead(model, train.lookahead_k, train.lookahead_alpha, train.lookahead_power,
+                           train.total_steps(steps_per_epoch), str(train.lookahead_end),
+                           train.lookahead_start_step(steps_per_epoch), steps_per_epoch)
+                 if train.lookahead_k > 0 else None)
     return Averages(ema, lookahead)

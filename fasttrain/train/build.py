@@ -133,9 +133,7 @@ def build_parts(cfg: Config, ctx: dist.Dist, logger: logging.Logger, model: Opti
                          sum_over_ranks=ctx.world_size if cfg.train.loss_reduction == "sum" else 0)
     # after the step: a captured step with other ranks has broadcast rank 0's weights, which the averages copy
     steps_per_epoch = min(len(train_loader), cfg.train.limit_train_batches or len(train_loader))
-    averages = build_averages(model, cfg.train.ema_decay, cfg.train.ema_every, cfg.train.lookahead_k,
-                              cfg.train.lookahead_alpha, cfg.train.lookahead_power, cfg.train.total_steps(steps_per_epoch),
-                              cfg.train.lookahead_end == "slow")
+    averages = build_averages(model, cfg.train, steps_per_epoch)
     evaluator = Evaluator(averages.ema.averaged if averages.ema else model, precision, cfg.train.tta,
                           # the eval batch function mutates its sums: no CUDA graphs of torch.compile's own there
                           None if compile_mode == "reduce-overhead" else compile_mode, compiled,

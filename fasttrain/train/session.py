@@ -186,6 +186,8 @@ class TrainingSession:
         """The test split over all ranks, with BatchNorm statistics averaged first (and given to the EMA's
         copy); and its seconds."""
         dist.average_buffers(self.parts.model)  # the same BN statistics on every rank, before evaluating and saving
+        if self.parts.averages.lookahead is not None:
+            dist.average_floating(self.parts.averages.lookahead.slow_buffers)  # and lookahead's slow ones
         if self.parts.averages.ema is not None:
             self.parts.averages.ema.sync_buffers()
         self.clock.switch("eval")
