@@ -42,8 +42,12 @@ def test_overrides_are_typed_and_win_over_the_file():
 
 
 @pytest.mark.parametrize("override,expected", [
-    ("train.epocs=3", "unknown key 'train.epocs'; valid keys in 'train': epochs"),
-    ("trian.epochs=3", "unknown key 'trian'; valid keys at the top level: data, aug, model"),
+    ("train.epocs=3", "unknown key 'train.epocs'; did you mean train.epochs? (every key: python -m fasttrain.run "
+                      "--help)"),
+    ("trian.epochs=3", "unknown key 'trian'; did you mean train?"),
+    ("train.lr=0.1", "unknown key 'train.lr'; did you mean optim.lr?"),  # the same name in another section
+    ("train.zzz=1", "unknown key 'train.zzz'; valid keys in 'train': epochs, batch_size"),  # nothing near: the list
+    ("zzz=1", "unknown key 'zzz'; valid keys at the top level: data, aug, model"),
     ("train.epochs=ten", "train.epochs: Value 'ten'"),
     ("train.epochs=0", "train.epochs=0.0 is not valid: expected a number in (0, 100000]"),
     ("model.name=ResNet", "model.name='ResNet' is not valid: expected one of SimpleModel, MLP"),

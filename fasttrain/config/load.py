@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import difflib
 import io
 import os
 import re
@@ -24,13 +25,25 @@ from fasttrain.config.schema import Config
 from fasttrain.errors import ConfigError
 
 
+def _unknown_key(key: str) -> str:
+    """The keys a typo most likely meant (a near spelling in its section, or the same name in another section:
+    train.lr -> optim.lr); else the section's keys."""
+    section, _, name = key.rpartition(".")
+    valid = valid_keys(section)
+    likely = [f"{section}.{near}" if section else near for near in difflib.get_close_matches(name, valid, n=2)]
+    if section:
+        likely += [f"{other}.{name}" for other in valid_keys("") if other != section and name in valid_keys(other)]
+    if likely:
+        return (f"config error: unknown key '{key}'; did you mean {' or '.join(likely)}? (every key: "
+                f"python -m fasttrain.run --help)")
+    where = f"in '{section}'" if section else "at the top level"
+    return f"config error: unknown key '{key}'; valid keys {where}: {', '.join(valid)}"
+
+
 def _format_omegaconf_error(err: OmegaConfBaseException) -> str:
     key = getattr(err, "full_key", None) or ""
     if isinstance(err, ConfigKeyError):
-        section = key.rsplit(".", 1)[0] if "." in key else ""
-        valid = valid_keys(section)
-        where = f"in '{section}'" if section else "at the top level"
-        return f"config error: unknown key '{key}'; valid keys {where}: {', '.join(valid)}"
+        return _unknown_key(key)
     choice = choice_type(key)
     if choice is not None and isinstance(err, ValidationError):  # a name outside a closed set
         return (f"config error: {key.split('[')[0]}={getattr(err, 'value', None)!r} is not valid: expected one of "
