@@ -40,6 +40,15 @@ def test_the_plans_sections_are_the_two_smoke_halves_in_order():
     assert [name for name, _, _ in SECTIONS] == FIRST_HALF + SECOND_HALF
 
 
+def test_the_default_plan_fits_8_minutes_with_its_start_and_report():
+    """A lent GPU has 15 minutes; the machine's start and the data's carry take about 7 of them. The sections'
+    budgets leave 20 s of the 480 for the process's start-up (imports, the environment line) and the report."""
+    from benchmarks.gpu_check.cli import DEFAULT_BUDGET, SECTIONS
+
+    assert DEFAULT_BUDGET == sum(seconds for _, _, seconds in SECTIONS) <= 460
+    assert dict((name, seconds) for name, _, seconds in SECTIONS)["speedrun"] >= 90  # 5 seeds and a warm-up
+
+
 @pytest.mark.slow
 def test_gpu_check_smoke_first_half_syncs_entry_profile_and_speedrun(tmp_path):
     results, _ = smoke_sections(tmp_path / "check", FIRST_HALF)
