@@ -5,7 +5,6 @@ reporting what validation reported (two ranks like one process with the global b
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 from torch import nn
