@@ -109,8 +109,8 @@ def scaling_rows(preset: Preset, base: List[str], progress) -> List[dict]:
     return rows
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m benchmarks") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="gpu")
     parser.add_argument("--data-root", default="./data", help="folder holding cifar-10-batches-py/ (synthetic data "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import NoReturn, Optional, Sequence
 
@@ -48,7 +49,10 @@ def _eval(argv: Sequence[str]) -> int:
         else:
             recorded = "its epoch was not validated at training time (train.eval_every)"
         how = ("EMA weights" if weights == "ema" else "trained weights") + ("" if tta == "none" else f", tta {tta}")
-        print(f"{args.checkpoint} (epoch {ckpt['epoch']}, {how}): test accuracy {100 * stats.accuracy:.2f}% "
+        # a mid-epoch checkpoint's "epoch" counts the epochs it completed: name the one it was in
+        at = (f"epoch {ckpt['epoch'] + 1}, step {ckpt.get('global_step')}" if ckpt.get("step_in_epoch")
+              else f"epoch {ckpt['epoch']}")
+        print(f"{args.checkpoint} ({at}, {how}): test accuracy {100 * stats.accuracy:.2f}% "
               f"({stats.correct:,}/{stats.total:,}), loss {stats.loss:.4f}; {recorded}")
     return 0
 
@@ -115,7 +119,7 @@ def _bench(argv: Sequence[str]) -> int:
         report(UserError(f"fasttrain bench: the suite in {root / 'benchmarks'} cannot be imported ({err}): install "
                          f"the project with pip install -e . in {root}"))
         return EXIT_USER_ERROR
-    return bench_main(list(argv))
+    return bench_main(list(argv), prog="fasttrain bench")
 
 
 COMMANDS = {"train": "train a model (same as python -m fasttrain.run)", "eval": "evaluate a checkpoint",
@@ -135,6 +139,9 @@ def main(argv: Optional[Sequence[str]] = None, ends_process: bool = False) -> in
             return EXIT_USER_ERROR
         print(usage)
         return 0 if argv else EXIT_USER_ERROR
+    if argv[0] in ("train", "eval") and os.getcwd() not in sys.path and "" not in sys.path:
+        # as `python -m fasttrain.run` does: model.name=package.module:callable finds a package in the current folder
+        sys.path.insert(0, os.getcwd())
     if argv[0] == "train":
         return run.main(argv[1:], prog="fasttrain train", ends_process=ends_process)
     if argv[0] == "plot":

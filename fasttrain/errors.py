@@ -72,3 +72,24 @@ def folder_write_failed(folder, what: str, err: OSError) -> UserError:
     return UserError(f"output.dir {folder} cannot be written any more (writing {what}: {reason}): it was made "
                      f"read-only or its disk is full; the checkpoints written before are kept: make it writable or "
                      f"free space, then continue with resume=auto output.dir={folder}")
+
+
+def broken_torchvision(err: BaseException) -> "UserError | None":
+    """torchvision built for another torch release: its compiled operators do not register, and importing it
+    raises RuntimeError("operator torchvision::nms does not exist"). Named as such (None for any other error),
+    rather than as whatever fasttrain was doing when it imported torchvision (a download, a transform)."""
+    text = str(err)
+    if "torchvision::" not in text or "does not exist" not in text:
+        return None
+    from importlib import metadata
+
+    def version(name: str) -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "?"
+
+    return UserError(f"torchvision {version('torchvision')} does not work with torch {version('torch')} "
+                     f"({text.splitlines()[0]}): install the torchvision release built for this torch (the pair "
+                     f"is listed at pytorch.org/get-started/previous-versions), e.g. pip install --force-reinstall "
+                     f"torch=={version('torch')} torchvision")

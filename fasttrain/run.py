@@ -14,7 +14,7 @@ from typing import NoReturn, Optional, Sequence
 # first line, and until then a SIGTERM has its default action
 from fasttrain.dist import preemption
 from fasttrain.observe import timing
-from fasttrain.errors import EXIT_USER_ERROR, UserError, incomplete_launch, launcher_rank, report
+from fasttrain.errors import EXIT_USER_ERROR, UserError, broken_torchvision, incomplete_launch, launcher_rank, report
 
 KEYS_HEADER = "config keys (set in the YAML file or as key.sub=value overrides; defaults shown):\n"
 
@@ -24,12 +24,42 @@ class _TrainParser(argparse.ArgumentParser):
     the keys imports the registries, so torch, torchvision and DALI (about 1.5 s), which a run must not
     wait for before its early signal hold, nor pay twice."""
 
+    given: Sequence[str] = ()
+
+    def parse_intermixed_args(self, args=None, namespace=None):  # type: ignore[override]
+        self.given = list(sys.argv[1:] if args is None else args)
+        return super().parse_intermixed_args(args, namespace)
+
+    def error(self, message: str) -> NoReturn:
+        super().error(flag_hint(message, self.given) or message)
+
     def format_help(self) -> str:
         if self.epilog is None:
             from fasttrain.config import describe_keys
 
             self.epilog = KEYS_HEADER + "\n".join(describe_keys())
         return super().format_help()
+
+
+def flag_hint(message: str, given: Sequence[str]) -> Optional[str]:
+    """For `--epochs 5` and the like (other tools' habit): the key.sub=value override meant, or how to write one.
+    `given`: the command line's arguments, where the flag's value follows it."""
+    if not message.startswith("unrecognized arguments:"):
+        return None
+    for token in message.split(":", 1)[1].split():
+        if not token.startswith("--"):
+            continue
+        name, _, value = token[2:].partition("=")
+        if not value:
+            after = list(given)[list(given).index(token) + 1:] if token in given else []
+            value = after[0] if after and not after[0].startswith("-") and "=" not in after[0] else "..."
+        from fasttrain.config import Config, all_keys  # only on this error: it imports the registries
+
+        leaf = name.replace("-", "_")
+        keys = [key for key, _, _ in all_keys(Config()) if key.rpartition(".")[2] == leaf]
+        said = " or ".join(f"{key}={value}" for key in keys) if keys else "key.sub=value (every key: --help)"
+        return f"{token} is not an option: settings are overrides written as {said}"
+    return None
 
 
 def train_parser(prog: str = "python -m fasttrain.run") -> argparse.ArgumentParser:
@@ -63,6 +93,12 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m fasttrain.
             sys.stderr.write(f"fasttrain: {preemption.after_end_line(late)}\n")
     except UserError as err:
         report(err)
+        return EXIT_USER_ERROR
+    except RuntimeError as err:
+        broken = broken_torchvision(err)  # wherever torchvision was first imported (a transform, a model)
+        if broken is None:
+            raise
+        report(broken)
         return EXIT_USER_ERROR
     except preemption.PreemptedBeforeStart as stop:
         sys.stderr.write(f"{_rank_prefix()}fasttrain: {stop}; exit code {preemption.EXIT_PREEMPTED} (resume=auto "

@@ -123,14 +123,14 @@ def test_sigterm_from_the_moment_a_handler_exists_is_a_preemption_before_torch_l
 
 
 def test_preemption_signals_after_training_ended_are_absorbed_and_the_run_completes(tmp_path):
-    """SIGUSR1 and SIGTERM once the ranks' weights are compared (training over; plots, the last lines and
+    """SIGUSR1 and SIGTERM once the final weights' digest is logged (training over; plots, the last lines and
     the lock still to come): before, either killed the complete run (-15 / -10), leaving the lock and no
     plots. Now: one line says they came after the end and were ignored; exit 0, plots, no lock."""
     out = tmp_path / "run"
     job = launch([*PYTHON, *RUN, "output.plots=true", f"output.dir={out}"], launcher_env(PYTHONUNBUFFERED="1"))
     lines = Lines(job)
     try:
-        lines.wait_for(r"weights identical on all 1 rank")
+        lines.wait_for(r"final weights: sha256")
         job.send_signal(signal.SIGUSR1)
         job.send_signal(signal.SIGTERM)
         output = lines.finish(timeout=120)

@@ -17,7 +17,7 @@ from typing import Optional, Tuple
 import numpy as np
 
 from fasttrain.data.array_cache import cached_arrays
-from fasttrain.errors import UserError
+from fasttrain.errors import UserError, broken_torchvision
 
 FOLDER = "cifar-10-batches-py"
 TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
@@ -63,6 +63,9 @@ def _ensure_present(root: Path, download: bool) -> Path:
 
         CIFAR10(str(root), train=True, download=True)
     except Exception as err:  # network errors come in many types (URLError, OSError, ...)
+        broken = broken_torchvision(err)
+        if broken is not None:
+            raise broken from None
         raise UserError(f"CIFAR-10 not found ({where}) and the download failed ({type(err).__name__}: "
                         f"{str(err).splitlines()[0] if str(err) else ''}); set data.root to the folder "
                         f"that contains {FOLDER}/") from None

@@ -8,7 +8,7 @@ from typing import Tuple
 
 import numpy as np
 
-from fasttrain.errors import UserError
+from fasttrain.errors import UserError, broken_torchvision
 
 CLASSES = tuple(str(i) for i in range(10))
 
@@ -16,12 +16,15 @@ CLASSES = tuple(str(i) for i in range(10))
 @functools.lru_cache(maxsize=4)
 def load_mnist(root: str, train: bool, download: bool = False) -> Tuple[np.ndarray, np.ndarray]:
     """(N, 28, 28, 1) uint8 images and (N,) int64 labels of one split."""
-    from torchvision.datasets import MNIST
-
     folder = Path(root) / "MNIST" / "raw"
     try:
+        from torchvision.datasets import MNIST
+
         dataset = MNIST(root, train=train, download=download)
     except Exception as err:  # torchvision raises RuntimeError when missing, URLError/OSError on download, ...
+        broken = broken_torchvision(err)
+        if broken is not None:
+            raise broken from None
         reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
         hint = "or data.download=true to fetch it" if not download else "or delete the folder to download again"
         raise UserError(f"MNIST not found or unreadable in {folder.resolve()} ({reason}); set data.root to the "

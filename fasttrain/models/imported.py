@@ -108,6 +108,13 @@ def imported_model(reference: str, kwargs: Dict[str, Any], in_channels: int, ima
     return _call(reference, target, arguments)
 
 
+def check_importable(name: str) -> None:
+    """An import-path model.name (`package.module:callable`) imported and its attribute found, not called: at a
+    run's start, so that a wrong path fails in one line before any data is decoded. Other names: nothing."""
+    if ":" in name and not name.startswith(TORCHVISION_PREFIX) and not name.startswith(SCRIPT_MODULE + ":"):
+        _import_attribute(name)
+
+
 def _import_attribute(reference: str) -> Callable[..., Any]:
     module_name, _, attribute_path = reference.partition(":")
     check_not_stdlib(reference)  # the config did too; here for a ModelConfig changed after it was checked

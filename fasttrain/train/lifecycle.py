@@ -35,6 +35,7 @@ from fasttrain.data import resolve_loader
 from fasttrain.dist import preemption
 from fasttrain.dist.preemption import EXIT_INTERRUPTED, EXIT_PREEMPTED, INTERRUPT, clear_marker, write_marker
 from fasttrain.errors import UserError, folder_write_failed
+from fasttrain.models.imported import check_importable
 from fasttrain.observe import environment, timing
 from fasttrain.observe.logs import attach_run_log, close_logging, run_log_failure, setup_logging, silent_logger
 from fasttrain.observe.plots import plot_run, plot_time_split
@@ -129,6 +130,8 @@ def _auto_loader_on_rank0(cfg: Config, ctx: dist.Dist) -> Tuple[str, str]:
 def _run(cfg: Config, ctx: dist.Dist, model: Optional[torch.nn.Module] = None) -> Tuple[RunState, Callable[[], None]]:
     """The run, and what ends it once the process group is gone (`_finish`: the time split's line and record,
     then the folder's lock released). On an error the folder is released (or abandoned) here."""
+    if model is None:
+        check_importable(cfg.model.name)  # before the data: a wrong import path costs no decoding
     cfg, notes = resolve(cfg, ctx)
     folder = _claim_on_rank0(cfg, ctx)
     committed = finished = False
@@ -231,7 +234,8 @@ def _train_and_finish(cfg: Config, ctx: dist.Dist, parts: Parts, state: Optional
     in_sync, digests = dist.digests_match(parts.model)
     if not in_sync:
         raise RuntimeError(f"weights differ across ranks at the end of training (sha256 per rank: {digests})")
-    logger.info(f"weights identical on all {ctx.world_size} rank(s) (sha256 {digests[0][:16]})")
+    logger.info(f"final weights: sha256 {digests[0][:16]}" + (f", identical on all {ctx.world_size} ranks"
+                                                             if ctx.world_size > 1 else ""))
     plotted = ""
     if ctx.is_main and cfg.output.plots:
         try:
@@ -244,7 +248,7 @@ def _train_and_finish(cfg: Config, ctx: dist.Dist, parts: Parts, state: Optional
     # a fractional train.epochs counts its last, short epoch as the fraction it is
     done = cfg.train.epochs if state.epoch == cfg.train.epoch_count() else state.epoch
     logger.info(f"done: best val_acc {100 * state.best_val_acc:.2f}% at epoch {state.best_epoch} | {done:g} "
-                f"epochs in {elapsed:.1f}s{target} | outputs in {run_dir} (config.yaml, env.json, metrics.jsonl, "
+                f"epoch{'' if done == 1 else 's'} in {elapsed:.1f}s{target} | outputs in {run_dir} (config.yaml, env.json, metrics.jsonl, "
                 f"metrics.csv, steps.jsonl, train.log{plotted}, " + ("tensorboard/, " if cfg.output.tensorboard else "")
                 + "checkpoints/)")
     return state

@@ -1,0 +1,106 @@
+"""A newcomer's second hour (issue 25): habits from other tools get a pointer, the console script imports a
+model from the current folder as `python -m fasttrain.run` does, a wrong import path fails before the data,
+a broken torchvision is named as such, and the log says what happened without noise."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from conftest import run_in_process
+from fasttrain import cli, run
+from fasttrain.errors import UserError, broken_torchvision
+
+CONSOLE_SCRIPT = Path(sys.executable).parent / "fasttrain"
+TINY = ["data.dataset=synthetic", "data.train_size=64", "data.val_size=32", "model.name=MLP", "model.hidden_sizes=[16]",
+        "train.batch_size=16", "train.epochs=1", "train.device=cpu", "train.log_every=2", "output.plots=false"]
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--epochs", "5"], "--epochs is not an option: settings are overrides written as train.epochs=5"),
+    (["--lr=0.01"], "--lr=0.01 is not an option: settings are overrides written as optim.lr=0.01"),
+    (["--batch-size", "64", "train.epochs=2"], "written as train.batch_size=64"),
+    (["--frobnicate", "1"], "--frobnicate is not an option: settings are overrides written as key.sub=value "
+                            "(every key: --help)"),
+])
+def test_a_flag_from_another_tool_names_the_override_it_means(capsys, argv, says):
+    with pytest.raises(SystemExit) as stop:
+        run.main(argv)
+    assert stop.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_a_wrong_import_path_fails_before_any_data_is_read(capsys, tmp_path):
+    """The data folder does not exist either: the model's error comes first, so nothing was decoded."""
+    result = run_in_process(capsys, "model.name=no_such_package.nets:Net", "data.dataset=cifar10",
+                            f"data.root={tmp_path / 'absent'}", f"output.dir={tmp_path / 'run'}")
+    assert result.returncode == 2
+    assert "model.name='no_such_package.nets:Net': no module named 'no_such_package'" in result.stderr
+    assert "CIFAR-10" not in result.stderr and not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_the_console_script_trains_and_evaluates_a_model_of_the_current_folder(tmp_path):
+    import subprocess
+
+    package = tmp_path / "mynets"
+    package.mkdir()
+    (package / "__init__.py").write_text(textwrap.dedent("""
+        from torch import nn
+
+        def tiny(num_classes, in_channels, image_size):
+            return nn.Sequential(nn.Flatten(), nn.Linear(in_channels * image_size ** 2, num_classes))
+    """))
+    env = {k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"}  # a user's shell
+    trained = subprocess.run([str(CONSOLE_SCRIPT), "train", *TINY, "model.name=mynets:tiny", "output.dir=runs/own"],
+                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    # a file never chooses the code that runs: the user names the model again
+    evaluated = subprocess.run([str(CONSOLE_SCRIPT), "eval", "runs/own/checkpoints/last.pt", "model.name=mynets:tiny",
+                                "train.device=cpu"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    assert "runs/own/checkpoints/last.pt (epoch 1, trained weights): test accuracy" in evaluated.stdout
+
+
+def test_one_process_logs_its_weights_digest_without_comparing_ranks_and_counts_one_epoch(capsys, tmp_path):
+    result = run_in_process(capsys, *TINY, f"output.dir={tmp_path / 'run'}")
+    assert result.returncode == 0, result.stderr
+    assert "final weights: sha256 " in result.stdout and "identical on all" not in result.stdout
+    assert "| 1 epoch in " in result.stdout
+
+
+def test_eval_names_the_epoch_a_mid_epoch_checkpoint_was_in(capsys, tmp_path):
+    out = tmp_path / "run"
+    stopped = run_in_process(capsys, *TINY, "train.stop_after_steps=2", f"output.dir={out}")
+    assert stopped.returncode == 0, stopped.stderr
+    checkpoint = next((out / "checkpoints").glob("*.pt"))
+    evaluated = run_in_process(capsys, "eval", str(checkpoint), module="fasttrain.cli")
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert f"{checkpoint} (epoch 1, step 2, trained weights)" in evaluated.stdout  # not "epoch 0"
+
+
+def test_bench_help_names_the_command_it_was_given_as(capsys):
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["bench", "--help"])
+    assert stop.value.code == 0 and capsys.readouterr().out.startswith("usage: fasttrain bench")
+
+
+def test_a_broken_torchvision_is_named_not_reported_as_a_failed_download(monkeypatch, tmp_path):
+    import torchvision.datasets
+
+    assert broken_torchvision(RuntimeError("CUDA out of memory")) is None
+    message = "operator torchvision::nms does not exist"
+
+    def broken(*args, **kwargs):
+        raise RuntimeError(message)
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", broken)
+    from fasttrain.data.cifar import _ensure_present
+
+    with pytest.raises(UserError) as err:
+        _ensure_present(tmp_path, download=True)
+    said = str(err.value)
+    assert said.startswith("torchvision ") and f"does not work with torch " in said and message in said
+    assert "download" not in said.split("(")[0] and "\n" not in said
