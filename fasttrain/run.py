@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
+from pathlib import Path
 from typing import NoReturn, Optional, Sequence
 
 # only light modules here (no torch, no OmegaConf): `python -m fasttrain.run` imports them before main()'s
@@ -62,10 +64,37 @@ def flag_hint(message: str, given: Sequence[str]) -> Optional[str]:
     return None
 
 
+def run_config(config: Optional[str], resume_dir: Optional[str], overrides: Sequence[str]) -> tuple:
+    """(the config file, the overrides) a run starts from. `--resume RUN_DIR` is resume=auto output.dir=RUN_DIR; a
+    resume of a run folder without --config takes the config.yaml that run saved (resuming it with the built-in
+    defaults would be another run), and says so."""
+    overrides = list(overrides)
+    if resume_dir is not None:
+        if not (Path(resume_dir) / "config.yaml").is_file():
+            raise UserError(f"--resume {resume_dir}: no run folder there (it holds no config.yaml): give the folder a "
+                            f"run wrote, e.g. runs/<run>")
+        overrides = ["resume=auto", f"output.dir={resume_dir}", *overrides]
+    settings = {key: value for key, _, value in (item.partition("=") for item in overrides)}
+    run_dir = settings.get("output.dir")
+    saved = Path(run_dir) / "config.yaml" if run_dir else None
+    if config is None and settings.get("resume", "none") != "none" and saved is not None and saved.is_file():
+        # the train.stop_after_steps that stopped the run is done: kept, it would stop the resumed run at once
+        stopped = re.search(r"^\s+stop_after_steps:\s*[1-9]", saved.read_text(errors="replace"), re.MULTILINE)
+        if launcher_rank() == "0":
+            print(f"fasttrain: config from {saved} (the run being resumed"
+                  + (", without the train.stop_after_steps that stopped it" if stopped else "")
+                  + "; --config chooses another)", flush=True)
+        return str(saved), (["train.stop_after_steps=0"] if stopped else []) + overrides
+    return config, overrides
+
+
 def train_parser(prog: str = "python -m fasttrain.run") -> argparse.ArgumentParser:
     parser = _TrainParser(prog=prog, description="Train an image classifier.",
                           formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML recipe, e.g. configs/cifar10_cnn.yaml (default: built-in defaults)")
+    parser.add_argument("--config", help="YAML recipe, e.g. configs/cifar10_cnn.yaml (default: built-in defaults; "
+                        "with resume and output.dir of a run: that run's config.yaml)")
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its newest checkpoint "
+                        "with its own config.yaml (overrides given are applied on top): resume=auto output.dir=RUN_DIR")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. train.epochs=5")
     return parser
 
@@ -82,7 +111,8 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m fasttrain.
             raise UserError(problem)
         from fasttrain.config import load_config
 
-        cfg = load_config(args.config, args.overrides)
+        config, overrides = run_config(args.config, args.resume, args.overrides)
+        cfg = load_config(config, overrides)
         preemption.narrow_early_hold(cfg.checkpoint.signals)  # a signal not configured: its default from now
         from fasttrain.train.lifecycle import train  # imported after the config is known good: fail fast
 

@@ -104,3 +104,25 @@ def test_a_broken_torchvision_is_named_not_reported_as_a_failed_download(monkeyp
     said = str(err.value)
     assert said.startswith("torchvision ") and f"does not work with torch " in said and message in said
     assert "download" not in said.split("(")[0] and "\n" not in said
+
+
+@pytest.mark.parametrize("how", ["as printed", "--resume"])
+def test_a_stopped_run_resumes_from_its_folder_alone(capsys, tmp_path, how):
+    """The run was configured on the command line only; its stop line says how to continue. Run as printed (no
+    --config), or as `--resume RUN_DIR`, it takes the run's own config.yaml and finishes the same run."""
+    out = tmp_path / "run"
+    stopped = run_in_process(capsys, *TINY, "train.epochs=2", "train.stop_after_steps=3", f"output.dir={out}")
+    assert stopped.returncode == 0, stopped.stderr
+    hint = stopped.stdout.split("continue with ", 1)[1].split()[:2]
+    assert hint == ["resume=auto", f"output.dir={out}"]
+    argv = hint if how == "as printed" else ["--resume", str(out)]
+    resumed = run_in_process(capsys, *argv)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"fasttrain: config from {out / 'config.yaml'} (the run being resumed" in resumed.stdout
+    assert "| 2 epochs in " in resumed.stdout and "resumed from" in resumed.stdout
+
+
+def test_resume_of_a_folder_that_is_no_run_is_one_line(capsys, tmp_path):
+    result = run_in_process(capsys, "--resume", str(tmp_path))
+    assert result.returncode == 2
+    assert f"--resume {tmp_path}: no run folder there (it holds no config.yaml)" in result.stderr
