@@ -110,6 +110,9 @@ class Boundaries:
     # name, this rank's or another's; preemption.INTERRUPT for a Ctrl-C anywhere)
     signal_agreed: Callable[[float], str] = lambda _total: "a signal on another rank"
     agree_on_signal: Optional[Callable[[], Optional[str]]] = None  # the extra host-side check (signal_every)
+    # one process: its flag is the whole agreement, so it is read after every step (a host float, no collective)
+    # and a signal stops the run at the next step, not at the next log interval
+    solo: bool = False
     log_step: Optional["StepLogger"] = None  # at each log interval, with the values read there (rank 0)
     tick: Optional[Callable[[], None]] = None  # per step, host only (a progress counter; rank 0)
     # per step, with the global step just done: the weight averages (every rank; None when the run keeps none)
@@ -161,6 +164,7 @@ def train_one_epoch(step: Step, loader: Loader, schedule: Schedule, plan: EpochP
     start_step, carried, max_batches = plan.start_step, plan.carried, plan.max_batches
     time_first_steps, log_step, tick = plan.time_first_steps, boundaries.log_step, boundaries.tick
     after_step = boundaries.after_step
+    solo, signal_flag = boundaries.solo, boundaries.signal_flag
     # running sums on the device: the epoch's, and the current log interval's (the step's SUMS layout)
     epoch_sums = torch.zeros(SUMS, dtype=torch.float64, device=device)
     interval = torch.zeros(SUMS, dtype=torch.float64, device=device)
@@ -198,7 +202,7 @@ def train_one_epoch(step: Step, loader: Loader, schedule: Schedule, plan: EpochP
         if time_first_steps and steps == start_step + time_first_steps:
             synchronize(device)  # host sync, once: the first steps hold the compilation
             first_step_seconds = time.perf_counter() - start
-        if global_step < next_boundary:
+        if global_step < next_boundary and not (solo and signal_flag()):
             continue
         # ---- a boundary: every rank is here at the same global step
         interval += step.take_sums()
@@ -228,6 +232,8 @@ def train_one_epoch(step: Step, loader: Loader, schedule: Schedule, plan: EpochP
             step.start_interval()
         elif boundaries.signal_every and global_step % boundaries.signal_every == 0 and boundaries.agree_on_signal:
             signal = boundaries.agree_on_signal()  # a host-side collective, every signal_every steps
+        elif solo and signal_flag():
+            signal = boundaries.signal_agreed(signal_flag())  # this process's own flag: nothing to agree with
         next_boundary = boundaries.next_after(global_step)
         if boundaries.at_boundary is not None:
             so_far = lambda: before + _as_totals(epoch_sums + interval, epoch_samples + interval_samples)  # noqa: E731

@@ -89,7 +89,8 @@ class TrainingSession:
                                          signal_flag=watch.flag, signal_agreed=watch.agreed_elsewhere,
                                          agree_on_signal=watch.agreed, log_step=self._log_interval, tick=tick,
                                          after_step=parts.averages.after_step if parts.averages else None,
-                                         write_failed=self._write_failed, stop_on_failure=self._stop_on_failure)
+                                         write_failed=self._write_failed, stop_on_failure=self._stop_on_failure,
+                                         solo=ctx.world_size == 1)
         except BaseException:
             for callback in reversed(self.callbacks):
                 callback.close()
