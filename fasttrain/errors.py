@@ -53,10 +53,31 @@ def report(err: UserError) -> None:
     import sys
 
     rank = launcher_rank()
+    record_for_launcher(f"fasttrain: error: {err}")
     if rank != "0" and isinstance(err, ConfigError):
         return
     prefix = "" if rank == "0" else f"[rank {rank}] "
     print(f"{prefix}fasttrain: error: {err}", file=sys.stderr)
+
+
+def record_for_launcher(line: str) -> None:
+    """Under torchrun (and accelerate, which runs it): the error file torch elastic gives each worker
+    ($TORCHELASTIC_ERROR_FILE), in its documented form ({"message": {"message": ..., "extraInfo": {"py_callstack":
+    ..., "timestamp": ...}}}), so that the launcher's failure summary shows this line as the root cause instead of
+    "To enable traceback see ...". Elsewhere nothing; a file that cannot be written costs nothing but that."""
+    import json
+    import os
+    import time
+
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    try:
+        with open(path, "w") as out:
+            json.dump({"message": {"message": line, "extraInfo": {"py_callstack": line,
+                                                                   "timestamp": str(int(time.time()))}}}, out)
+    except OSError:
+        pass
 
 
 def folder_write_failed(folder, what: str, err: OSError) -> UserError:

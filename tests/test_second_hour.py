@@ -126,3 +126,13 @@ def test_resume_of_a_folder_that_is_no_run_is_one_line(capsys, tmp_path):
     result = run_in_process(capsys, "--resume", str(tmp_path))
     assert result.returncode == 2
     assert f"--resume {tmp_path}: no run folder there (it holds no config.yaml)" in result.stderr
+
+
+def test_under_torchrun_the_launchers_summary_names_fasttrains_error():
+    from conftest import run_torchrun
+
+    result = run_torchrun(2, "--config", "configs/smoke.yaml", "train.epocs=3", timeout=300)
+    assert result.returncode != 0
+    summary = result.stderr.split("Root Cause", 1)[-1]
+    assert "fasttrain: error: config error: unknown key 'train.epocs'; did you mean train.epochs?" in summary
+    assert "To enable traceback" not in summary
