@@ -136,3 +136,14 @@ def test_under_torchrun_the_launchers_summary_names_fasttrains_error():
     summary = result.stderr.split("Root Cause", 1)[-1]
     assert "fasttrain: error: config error: unknown key 'train.epocs'; did you mean train.epochs?" in summary
     assert "To enable traceback" not in summary
+
+
+def test_plot_draws_a_run_stopped_before_its_first_epoch_ended(capsys, tmp_path):
+    from PIL import Image
+
+    out = tmp_path / "run"
+    stopped = run_in_process(capsys, *TINY, "train.stop_after_steps=3", "train.log_every=1", f"output.dir={out}")
+    assert stopped.returncode == 0 and not (out / "metrics.jsonl").is_file()  # no epoch ended
+    drawn = run_in_process(capsys, "plot", str(out), module="fasttrain.cli")
+    assert drawn.returncode == 0, drawn.stderr
+    assert Image.open(out / "curves.png").format == "PNG" and Image.open(out / "throughput.png").format == "PNG"

@@ -164,7 +164,7 @@ def test_a_run_with_plots_off_draws_none_and_fasttrain_plot_draws_them_later(tmp
 
 def test_fasttrain_plot_reports_bad_input_with_exit_2(tmp_path, capsys):
     result = run_in_process(capsys, "plot", str(tmp_path / "nothing"), module="fasttrain.cli")
-    assert result.returncode == 2 and "has no metrics.jsonl" in result.stderr
+    assert result.returncode == 2 and "has recorded no log interval (steps.jsonl) or epoch (metrics.jsonl)" in result.stderr
     (tmp_path / "metrics.jsonl").write_text('{"epoch": 1, "train_loss": 2.0, "val_lo')
     result = run_in_process(capsys, "plot", str(tmp_path), module="fasttrain.cli")
     assert result.returncode == 2 and "line 1 is not valid JSON" in result.stderr and "Traceback" not in result.stderr

@@ -30,10 +30,10 @@ def plot_run(run_dir: str | Path, time_split: bool = True) -> List[Path]:
     split and `time_split` (a run in progress draws its own at its end); returns their paths."""
     run = Path(run_dir)
     epochs = _read_jsonl(run / "metrics.jsonl")
-    if not epochs:
-        raise UserError(f"{run} has no metrics.jsonl with at least one epoch: give a run folder written by fasttrain "
-                        f"(e.g. runs/<run>)")
-    steps = _read_jsonl(run / "steps.jsonl")
+    steps = _read_jsonl(run / "steps.jsonl")  # a run stopped in its first epoch has only these
+    if not epochs and not steps:
+        raise UserError(f"{run} has recorded no log interval (steps.jsonl) or epoch (metrics.jsonl) yet: give a run "
+                        f"folder written by fasttrain (e.g. runs/<run>) once it has logged")
 
     import matplotlib
 
@@ -44,10 +44,17 @@ def plot_run(run_dir: str | Path, time_split: bool = True) -> List[Path]:
     x = [e["epoch"] for e in epochs]
     validated = [e for e in epochs if e.get("val_acc") is not None]  # train.eval_every leaves epochs out
     fig, (loss_ax, acc_ax, lr_ax) = plt.subplots(1, 3, figsize=(15, 4.2))
-    loss_ax.plot(x, [e["train_loss"] for e in epochs], marker="o", label="train")
-    loss_ax.plot([e["epoch"] for e in validated], [e["val_loss"] for e in validated], marker="o", label="validation")
-    loss_ax.set(title="loss", xlabel="epoch")
+    if epochs:
+        loss_ax.plot(x, [e["train_loss"] for e in epochs], marker="o", label="train")
+        loss_ax.plot([e["epoch"] for e in validated], [e["val_loss"] for e in validated], marker="o",
+                     label="validation")
+        loss_ax.set(title="loss", xlabel="epoch")
+    else:  # no epoch ended: the log intervals' training loss
+        loss_ax.plot([s["step"] for s in steps], [s["loss"] for s in steps], marker=".", label="train")
+        loss_ax.set(title="loss (no epoch ended yet)", xlabel="optimizer step")
     loss_ax.legend()
+    if not validated:
+        acc_ax.text(0.5, 0.5, "no validated epoch yet", ha="center", va="center", transform=acc_ax.transAxes)
     acc_ax.plot([e["epoch"] for e in validated], [100 * e["val_acc"] for e in validated], marker="o",
                 color="tab:green")
     if validated:
@@ -75,8 +82,8 @@ def plot_run(run_dir: str | Path, time_split: bool = True) -> List[Path]:
     if steps:
         ax.plot([s["step"] for s in steps], [s["images_per_sec"] for s in steps], alpha=0.6,
                 label=f"every {steps[0]['step']} steps")
-    steps_at_epoch_end = [e["step"] for e in epochs]
-    ax.plot(steps_at_epoch_end, [e["images_per_sec"] for e in epochs], marker="o", label="epoch mean")
+    if epochs:
+        ax.plot([e["step"] for e in epochs], [e["images_per_sec"] for e in epochs], marker="o", label="epoch mean")
     ax.set(title=f"training throughput, all ranks ({run.name})", xlabel="optimizer step", ylabel="images/s")
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
