@@ -147,3 +147,28 @@ def test_plot_draws_a_run_stopped_before_its_first_epoch_ended(capsys, tmp_path)
     drawn = run_in_process(capsys, "plot", str(out), module="fasttrain.cli")
     assert drawn.returncode == 0, drawn.stderr
     assert Image.open(out / "curves.png").format == "PNG" and Image.open(out / "throughput.png").format == "PNG"
+
+
+def test_a_rejected_run_leaves_no_empty_runs_folder(capsys, tmp_path):
+    out = tmp_path / "runs" / "first"
+    result = run_in_process(capsys, "train.device=cpu", f"data.root={tmp_path / 'absent'}", f"output.dir={out}")
+    assert result.returncode == 2 and "CIFAR-10 not found" in result.stderr
+    assert list(tmp_path.iterdir()) == []  # neither runs/first nor runs/
+
+
+def test_a_failed_download_leaves_no_folders_behind(monkeypatch, tmp_path):
+    """torchvision makes data/MNIST/raw before it fetches a byte; the network fails (here: by hand, tests never
+    download); the folders it made go again, a folder that was there stays."""
+    import torchvision.datasets
+
+    from fasttrain.data.mnist import load_mnist
+
+    def no_network(root, train, download):
+        (Path(root) / "MNIST" / "raw").mkdir(parents=True)
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz")
+
+    monkeypatch.setattr(torchvision.datasets, "MNIST", no_network)
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(UserError, match="MNIST not found or unreadable"):
+        load_mnist(str(tmp_path / "kept" / "data"), True, download=True)
+    assert [p.name for p in tmp_path.rglob("*")] == ["kept"]

@@ -43,9 +43,12 @@ def _unusable(path: Path, err: OSError) -> UserError:
 class RunFolder:
     """output.dir, claimed by this run (rank 0 only)."""
 
-    def __init__(self, path: Path, created: bool):
+    def __init__(self, path: Path, created: "bool | List[Path]"):
         self.path = path
-        self.created = created  # this run made the folder: a rejected run removes it again
+        # the folders this run made, deepest first (output.dir, then parents such as runs/ that did not exist): a
+        # rejected run removes them again, each only while empty
+        self.made: List[Path] = list(created) if isinstance(created, list) else ([path] if created else [])
+        self.created = bool(self.made)
         self.warnings: List[str] = []  # said in the run's log once it exists
         self._fd: Optional[int] = None
         self._made_lock_file = False
@@ -59,7 +62,7 @@ class RunFolder:
         try:
             if path.exists() and not path.is_dir():
                 raise UserError(f"output.dir {path} is a file, not a folder: set output.dir to a folder path")
-            created = not path.exists()
+            created = [folder for folder in (path, *path.parents) if not folder.exists()]
             path.mkdir(parents=True, exist_ok=True)
         except OSError as err:  # a name too long for the file system, a folder we may not enter or write, ...
             raise _unusable(path, err) from None
@@ -182,11 +185,11 @@ class RunFolder:
                 self._fd = None
             else:
                 self.release()
-        if self.created:
+        for folder in self.made:
             try:
-                self.path.rmdir()  # only when empty: never takes anything else with it
+                folder.rmdir()  # only when empty: never takes anything else with it
             except OSError:
-                pass
+                break  # not empty (or gone): its parents are not empty either
 
 
 def _same_file(a: Path, b: Path) -> bool:

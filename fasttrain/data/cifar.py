@@ -17,6 +17,7 @@ from typing import Optional, Tuple
 import numpy as np
 
 from fasttrain.data.array_cache import cached_arrays
+from fasttrain.data.download import leaves_no_folders
 from fasttrain.errors import UserError, broken_torchvision
 
 FOLDER = "cifar-10-batches-py"
@@ -61,7 +62,8 @@ def _ensure_present(root: Path, download: bool) -> Path:
     try:
         from torchvision.datasets import CIFAR10
 
-        CIFAR10(str(root), train=True, download=True)
+        with leaves_no_folders(folder):
+            CIFAR10(str(root), train=True, download=True)
     except Exception as err:  # network errors come in many types (URLError, OSError, ...)
         broken = broken_torchvision(err)
         if broken is not None:

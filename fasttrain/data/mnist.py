@@ -8,6 +8,7 @@ from typing import Tuple
 
 import numpy as np
 
+from fasttrain.data.download import leaves_no_folders
 from fasttrain.errors import UserError, broken_torchvision
 
 CLASSES = tuple(str(i) for i in range(10))
@@ -20,7 +21,8 @@ def load_mnist(root: str, train: bool, download: bool = False) -> Tuple[np.ndarr
     try:
         from torchvision.datasets import MNIST
 
-        dataset = MNIST(root, train=train, download=download)
+        with leaves_no_folders(folder):
+            dataset = MNIST(root, train=train, download=download)
     except Exception as err:  # torchvision raises RuntimeError when missing, URLError/OSError on download, ...
         broken = broken_torchvision(err)
         if broken is not None:
