@@ -102,7 +102,7 @@ def test_a_broken_torchvision_is_named_not_reported_as_a_failed_download(monkeyp
     with pytest.raises(UserError) as err:
         _ensure_present(tmp_path, download=True)
     said = str(err.value)
-    assert said.startswith("torchvision ") and f"does not work with torch " in said and message in said
+    assert said.startswith("torchvision ") and "does not work with torch " in said and message in said
     assert "download" not in said.split("(")[0] and "\n" not in said
 
 
