@@ -1,4 +1,6 @@
-# The two set-up commands of the README:
+# The set-up commands of the README:
+#   make smoke   create .venv as make train does, then a run that ends in about half a minute on a laptop CPU
+#                (configs/smoke.yaml: synthetic images, a small CNN, 3 epochs, a run folder with its plots)
 #   make train   create .venv, install fasttrain and its runtime dependencies (torch, torchvision, ...; no
 #                extras), train CIFAR10_CNN on CIFAR-10 (configs/cifar10_cnn.yaml)
 #   make test    create .venv, install fasttrain[dev,dali] (what the test suite needs: pytest, accelerate,
@@ -28,7 +30,7 @@ comma := ,
 TRAIN_STAMP := $(BIN)/.installed-train$(if $(EXTRAS),-$(subst $(comma),-,$(EXTRAS)))
 TEST_STAMP := $(BIN)/.installed
 
-.PHONY: train test test-fast clean
+.PHONY: smoke train test test-fast clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +44,9 @@ $(TRAIN_STAMP): pyproject.toml | $(BIN)/python
 $(TEST_STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[dev,dali]'
 	touch $@
+
+smoke: $(TRAIN_STAMP)
+	$(BIN)/python -m fasttrain.run --config configs/smoke.yaml output.name=smoke output.overwrite=true $(ARGS)
 
 train: $(TRAIN_STAMP)
 	$(BIN)/python -m fasttrain.run --config configs/cifar10_cnn.yaml data.root=$(DATA_ROOT) $(ARGS)

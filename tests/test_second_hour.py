@@ -172,3 +172,45 @@ def test_a_failed_download_leaves_no_folders_behind(monkeypatch, tmp_path):
     with pytest.raises(UserError, match="MNIST not found or unreadable"):
         load_mnist(str(tmp_path / "kept" / "data"), True, download=True)
     assert [p.name for p in tmp_path.rglob("*")] == ["kept"]
+
+
+def test_the_progress_line_estimates_the_whole_run_and_says_how_to_run_a_short_one(monkeypatch):
+    """From the second log interval: the rest of the run's steps at the pace since the first (compilation left
+    out), in each line and once in the log, with the hint when it is long; by hand, a clock that moves 10 s
+    between intervals of 10 steps (1 s a step)."""
+    import io
+
+    from fasttrain.observe import progress
+
+    now = [0.0]
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: now[0])
+    lines = []
+    display = progress.Progress(True, stream=io.StringIO(), log=lines.append, run_steps=1000, short_hint="try X")
+    display.start_epoch(1, 10, 100)
+    for step in (10, 20):
+        for _ in range(10):
+            display.tick()
+        now[0] = step  # 1 s a step
+        display.interval(step, 2.0, 0.1, 100.0)
+    assert "run eta" not in lines[0]  # one interval: no pace yet
+    assert lines[1] == "estimate: 16m20s more for the run's other 980 of 1,000 steps at 1 s a step (validation " \
+                       "not counted); try X"
+    assert lines[2].endswith("| run eta 16m20s")
+    assert [progress.duration(s) for s in (12, 425, 7980)] == ["12s", "7m05s", "2h13m"]
+
+
+def test_the_first_command_a_reader_meets_is_the_short_run_and_make_smoke_runs_it():
+    """The README's set-up block and tour start with configs/smoke.yaml, which stays a run of about half a minute
+    on a CPU (synthetic data, no download, a few epochs); `make smoke` runs that config. (Its run itself is
+    exercised by the suite's launches of configs/smoke.yaml.)"""
+    from conftest import REPO
+    from fasttrain.config import load_config
+
+    readme = (REPO / "README.md").read_text()
+    setup, tour = readme.split("```bash\n")[1], readme.split("## 60-second tour\n\n```bash\n")[1]
+    assert setup.startswith("make smoke ") and tour.startswith("python -m fasttrain.run --config configs/smoke.yaml ")
+    makefile = (REPO / "Makefile").read_text()
+    assert "smoke: $(TRAIN_STAMP)\n\t$(BIN)/python -m fasttrain.run --config configs/smoke.yaml " in makefile
+    smoke = load_config(str(REPO / "configs" / "smoke.yaml"))
+    assert smoke.data.dataset == "synthetic" and smoke.train.device == "cpu" and smoke.train.epochs <= 3
+    assert smoke.data.train_size * smoke.train.epochs <= 10_000  # images trained: ~30 s on a laptop's CPU

@@ -19,6 +19,19 @@ def epoch_line(record: Dict[str, Any], epochs: float) -> str:
             + (" | best" if record.get("is_best") else ""))
 
 
+LONG_RUN_SECONDS = 600  # an estimate above this on a machine without a GPU comes with how to run something short
+
+
+def duration(seconds: float) -> str:
+    """12s, 7m05s, 2h13m."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
 class Progress:
     """Rank 0's view of an epoch: a tqdm bar on a terminal, else one clean line per log interval
     (through `log`, so it reaches train.log too).
@@ -27,8 +40,13 @@ class Progress:
     trainer already read at its log interval, so the bar adds no host-device sync.
     """
 
-    def __init__(self, enabled: bool, stream=None, log=None):
+    def __init__(self, enabled: bool, stream=None, log=None, run_steps: int = 0, short_hint: str = ""):
+        """`run_steps`: the whole run's optimizer steps, for its time estimate; `short_hint`: said once with the
+        estimate when it is long (a CPU: how to run something short)."""
         self.enabled = enabled
+        self.run_steps, self.short_hint = run_steps, short_hint
+        self.first_interval: "tuple | None" = None  # (global step, time): the steps after it are steady
+        self.estimated = False
         self.stream = stream if stream is not None else sys.stdout
         self.log = log or (lambda line: print(line, file=self.stream, flush=True))
         self.use_bar = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
@@ -51,14 +69,32 @@ class Progress:
         if self.bar is not None:
             self.bar.update(1)
 
+    def run_eta(self, step: int) -> str:
+        """The rest of the run's steps at the pace since the first log interval this process saw (its compilation
+        and warm-up left out; validation not counted); "" until there is such a pace. Said once in the log too."""
+        now = time.perf_counter()
+        if self.first_interval is None or step <= self.first_interval[0]:
+            self.first_interval = self.first_interval or (step, now)
+            return ""
+        per_step = (now - self.first_interval[1]) / (step - self.first_interval[0])
+        left = per_step * max(self.run_steps - step, 0)
+        if not self.estimated and self.enabled:
+            self.estimated = True
+            self.log(f"estimate: {duration(left)} more for the run's other {max(self.run_steps - step, 0):,} of "
+                     f"{self.run_steps:,} steps at {per_step:.3g} s a step (validation not counted)"
+                     + (f"; {self.short_hint}" if self.short_hint and left > LONG_RUN_SECONDS else ""))
+        return f" | run eta {duration(left)}"
+
     def interval(self, step: int, loss: float, lr: float, images_per_sec: float) -> None:
+        run_eta = self.run_eta(step) if self.run_steps else ""
         if self.bar is not None:
-            self.bar.set_postfix_str(f"loss {loss:.4f}, {images_per_sec:,.0f} img/s, lr {lr:.3g}", refresh=False)
+            self.bar.set_postfix_str(f"loss {loss:.4f}, {images_per_sec:,.0f} img/s, lr {lr:.3g}{run_eta.replace(' |', ',')}",
+                                     refresh=False)
         elif self.enabled:
             elapsed = time.perf_counter() - self.started
             eta = elapsed / max(self.done, 1) * (self.total - self.done)
             self.log(f"  epoch {self.epoch} step {self.done}/{self.total} (global {step}) | loss {loss:.4f} | "
-                     f"lr {lr:.3g} | {images_per_sec:,.0f} img/s | epoch eta {eta:.0f}s")
+                     f"lr {lr:.3g} | {images_per_sec:,.0f} img/s | epoch eta {eta:.0f}s{run_eta}")
 
     def end_epoch(self) -> None:
         if self.bar is not None:

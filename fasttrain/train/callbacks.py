@@ -122,8 +122,8 @@ class MetricSinks(Callback):
 class ProgressDisplay(Callback):
     """Rank 0's bar or per-interval line (`fasttrain.observe.progress.Progress`); `tick` is the loop's per-step call."""
 
-    def __init__(self, log) -> None:
-        self.progress = Progress(enabled=True, log=log)
+    def __init__(self, log, run_steps: int = 0, short_hint: str = "") -> None:
+        self.progress = Progress(enabled=True, log=log, run_steps=run_steps, short_hint=short_hint)
         self.tick = self.progress.tick
 
     def start_epoch(self, epoch: int, epochs: float, steps: int, done: int) -> None:

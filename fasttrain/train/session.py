@@ -74,7 +74,10 @@ class TrainingSession:
             tick = None
             error: Optional[str] = None
             if ctx.is_main:
-                display = ProgressDisplay(logger.info)
+                # without a GPU a recipe's full run can take hours: the estimate then says how to run a short one
+                short = ("for a short run: train.epochs=N (make train ARGS=\"train.epochs=N\"), or --config "
+                         "configs/smoke.yaml" if ctx.device.type == "cpu" else "")
+                display = ProgressDisplay(logger.info, cfg.train.total_steps(parts.steps_per_epoch), short)
                 try:
                     self.callbacks.append(MetricSinks(run_dir, EPOCH_COLUMNS, self.state.history, cfg.train.epochs,
                                                       cfg.output.tensorboard, logger.info))
