@@ -125,6 +125,16 @@ def exposed_seconds(buckets: Sequence[int], backward_s: float, world: int, fabri
     return max(0.0, done_at - backward_s)
 
 
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    gradient_sizes: Sequence[int]  # bytes per parameter, registration order
+    step_ms: float  # one GPU's compute per step at `batch`
+    batch: int
+    weak: bool  # True: the batch per GPU stays; False: the global batch stays (divided over the GPUs)
+    floor_ms: float = 0.0  # strong scaling: the least a step takes, however small its batch
+
+
 @dataclass
 class Prediction:
     recipe: str
@@ -137,22 +147,22 @@ class Prediction:
     efficiency_pessimistic: float  # twice the latency, half the bandwidth
 
 
-def predict(recipe: str, sizes: Sequence[int], step_ms: float, batch: int, world: int, fabric: Fabric,
-            overlap: bool, weak: bool, floor_ms: float = 0.0) -> Prediction:
-    """One recipe at `world` GPUs: `step_ms` is one GPU's compute per step at `batch`. Weak scaling keeps the
-    batch per GPU; strong scaling divides it (its compute linear in the batch, not below `floor_ms`)."""
-    per_gpu = batch if weak else max(1, batch // world)
-    compute = step_ms if weak else max(floor_ms, step_ms * per_gpu / batch)
-    buckets = ddp_buckets(sizes) if overlap else [sum(sizes)]
+def predict(recipe: Recipe, world: int, fabric: Fabric, overlap: bool) -> Prediction:
+    """`recipe` at `world` GPUs. Weak scaling keeps the batch per GPU; strong scaling divides it (its compute
+    linear in the batch, not below the recipe's floor)."""
+    per_gpu = recipe.batch if recipe.weak else max(1, recipe.batch // world)
+    compute = recipe.step_ms if recipe.weak else max(recipe.floor_ms, recipe.step_ms * per_gpu / recipe.batch)
+    buckets = ddp_buckets(recipe.gradient_sizes) if overlap else [sum(recipe.gradient_sizes)]
 
     def efficiency(fab: Fabric) -> tuple:
         exposed = exposed_seconds(buckets, compute * 1e-3 * BACKWARD_SHARE, world, fab, overlap) * 1e3
         step = compute + exposed
-        return exposed, (step_ms / step if weak else step_ms / (world * step))
+        return exposed, (recipe.step_ms / step if recipe.weak else recipe.step_ms / (world * step))
 
     exposed, eff = efficiency(fabric)
     slow = Fabric(fabric.name, fabric.gpus_per_node, 2 * fabric.latency_s, fabric.bus_bytes_per_s / 2)
-    return Prediction(recipe, fabric.name, world, per_gpu, round(compute, 4), round(exposed, 4), eff, efficiency(slow)[1])
+    return Prediction(recipe.name, fabric.name, world, per_gpu, round(compute, 4), round(exposed, 4), eff,
+                      efficiency(slow)[1])
 
 
 def recipe_model(name: str) -> nn.Module:
@@ -165,12 +175,13 @@ def recipe_model(name: str) -> nn.Module:
 def paper_table(fast_step_ms: float, speedrun_step_ms: float, floor_ms: float) -> List[Prediction]:
     """Both recipes, captured (their GPU form), at 1, 2, 4, 8 GPUs in a node and 16 over InfiniBand."""
     rows = []
-    for recipe, model, step_ms, weak in (("fast (CIFAR10_CNN, 1024 per GPU)", "CIFAR10_CNN", fast_step_ms, True),
-                                         ("speed run (SpeedNet, 1024 in all)", "SpeedNet", speedrun_step_ms, False)):
-        sizes = gradient_bytes(recipe_model(model))
+    recipes = [Recipe("fast (CIFAR10_CNN, 1024 per GPU)", gradient_bytes(recipe_model("CIFAR10_CNN")), fast_step_ms,
+                      1024, weak=True),
+               Recipe("speed run (SpeedNet, 1024 in all)", gradient_bytes(recipe_model("SpeedNet")), speedrun_step_ms,
+                      1024, weak=False, floor_ms=floor_ms)]
+    for recipe in recipes:
         for world, fabric in ((1, NVLINK), (2, NVLINK), (4, NVLINK), (8, NVLINK), (16, INFINIBAND)):
-            rows.append(predict(recipe, sizes, step_ms, 1024, world, fabric, overlap=False, weak=weak,
-                                floor_ms=floor_ms))
+            rows.append(predict(recipe, world, fabric, overlap=False))
     return rows
 
 

@@ -44,14 +44,14 @@ def test_the_exposed_time_of_buckets_with_and_without_overlap_by_hand():
 def test_weak_and_strong_scaling_efficiency_by_hand():
     fabric = sm.Fabric("test", 8, latency_s=0.0, bus_bytes_per_s=1e9)
     sizes = [4_000_000]  # 4 MB of gradients: at 8 GPUs 4e6 x 14/8 / 1e9 = 7 ms
-    weak = sm.predict("w", sizes, step_ms=10.0, batch=1024, world=8, fabric=fabric, overlap=False, weak=True)
+    weak = sm.predict(sm.Recipe("w", sizes, step_ms=10.0, batch=1024, weak=True), 8, fabric, overlap=False)
     assert (weak.batch_per_gpu, weak.compute_ms, weak.exposed_ms) == (1024, 10.0, pytest.approx(7.0))
     assert weak.efficiency == pytest.approx(10 / 17)
-    strong = sm.predict("s", sizes, step_ms=10.0, batch=1024, world=8, fabric=fabric, overlap=False, weak=False)
+    strong = sm.predict(sm.Recipe("s", sizes, step_ms=10.0, batch=1024, weak=False), 8, fabric, overlap=False)
     assert (strong.batch_per_gpu, strong.compute_ms) == (128, pytest.approx(1.25))
     assert strong.efficiency == pytest.approx(10 / (8 * (1.25 + 7.0)))
-    floored = sm.predict("s", sizes, step_ms=10.0, batch=1024, world=8, fabric=fabric, overlap=False, weak=False,
-                         floor_ms=2.0)
+    floored = sm.predict(sm.Recipe("s", sizes, step_ms=10.0, batch=1024, weak=False, floor_ms=2.0), 8, fabric,
+                         overlap=False)
     assert floored.compute_ms == 2.0
     # the pessimistic column: twice the latency (0 here), half the bandwidth: 14 ms exposed
     assert weak.efficiency_pessimistic == pytest.approx(10 / 24)
