@@ -192,11 +192,20 @@ def torchrun_command(nproc: int, *args: str, launcher_args: tuple = (), module: 
     return [*launcher, "--standalone", f"--nproc_per_node={nproc}", *launcher_args, "-m", module, *args]
 
 
+def as_a_terminal_job() -> None:
+    """In a job's process before it runs (preexec_fn): Ctrl-C's default action, as a terminal's foreground job
+    has it. A test run that a shell started in the background (no job control) ignores SIGINT, and its children
+    inherit that; fasttrain keeps an ignored SIGINT ignored (run.py), so the Ctrl-C tests would test nothing."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(command: List[str]) -> subprocess.Popen:
     """A training job in its own session (as a scheduler would start it), output captured."""
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     return subprocess.Popen(command, cwd=REPO, env=env, text=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+                            stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=as_a_terminal_job)
 
 
 def child_pids(pid: int) -> List[int]:

@@ -239,6 +239,7 @@ def test_the_watch_acts_on_an_early_signal_and_a_second_ctrl_c_stops_at_once():
 
     saved = {n: signal.getsignal(n) for n in (signal.SIGINT, signal.SIGUSR1)}
     try:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # as a terminal gives it (see conftest.as_a_terminal_job)
         preemption.hold_early_signals()
         os.kill(os.getpid(), signal.SIGUSR1)
         watch = preemption.PreemptionWatch(["SIGUSR1"], 0, "gloo", graceful_interrupt=True)

@@ -25,7 +25,7 @@ from typing import List
 import pytest
 import yaml
 
-from conftest import REPO, free_port, launcher_env, run_ranks, start, wait_for_step
+from conftest import REPO, as_a_terminal_job, free_port, launcher_env, run_ranks, start, wait_for_step
 
 EXIT_PREEMPTED, EXIT_INTERRUPTED, EXIT_USER_ERROR = 75, 130, 2
 # 16 steps of one epoch, a step logged each: long enough to signal mid-run, short to finish
@@ -82,7 +82,7 @@ def port_open(port: int) -> bool:
 
 def launch(command: List[str], env: dict) -> subprocess.Popen:
     return subprocess.Popen(command, cwd=REPO, env=env, text=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+                            stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=as_a_terminal_job)
 
 
 def stop(job: subprocess.Popen) -> None:
