@@ -21,8 +21,10 @@ TORCH_INDEX ?=
 DATA_ROOT ?= ./data
 ARGS ?=
 # two test processes (a CI machine has 2 cores); each module stays on one, so its shared runs are made once;
-# modules are taken longest first (tests/conftest.py, LONGEST_FIRST), not in xdist's order by number of tests
-PYTEST_ARGS ?= -n 2 --dist loadscope --no-loadscope-reorder --durations=15
+# modules are taken longest first (tests/conftest.py, LONGEST_FIRST), not in xdist's order by number of tests;
+# a process that dies is not replaced: its test is reported by name (a replacement re-ran it, and xdist's
+# loadscope scheduler could end the session in INTERNALERROR KeyError instead)
+PYTEST_ARGS ?= -n 2 --dist loadscope --no-loadscope-reorder --max-worker-restart=0 --durations=15
 BIN := $(VENV)/bin
 comma := ,
 # one stamp per set of extras: `make train EXTRAS=...` installs them even where a plain `make train` ran.

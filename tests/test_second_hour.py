@@ -214,3 +214,22 @@ def test_the_first_command_a_reader_meets_is_the_short_run_and_make_smoke_runs_i
     smoke = load_config(str(REPO / "configs" / "smoke.yaml"))
     assert smoke.data.dataset == "synthetic" and smoke.train.device == "cpu" and smoke.train.epochs <= 3
     assert smoke.data.train_size * smoke.train.epochs <= 10_000  # images trained: ~30 s on a laptop's CPU
+
+
+def test_a_test_that_kills_its_worker_is_named_by_make_tests_options(tmp_path):
+    """`make test`'s pytest options (the Makefile's PYTEST_ARGS): a test process that dies is reported with the
+    test it was running, once, and the session ends normally, not in xdist's INTERNALERROR."""
+    import re
+    import subprocess
+
+    from conftest import REPO
+
+    args = re.search(r"^PYTEST_ARGS \?= (.*)$", (REPO / "Makefile").read_text(), re.MULTILINE).group(1).split()
+    (tmp_path / "test_dies.py").write_text("import os\n\ndef test_fine():\n    pass\n\ndef test_dies():\n    os._exit(3)\n")
+    (tmp_path / "test_other.py").write_text("def test_other():\n    pass\n")
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args, str(tmp_path)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stdout[-2000:]
+    assert "INTERNALERROR" not in done.stdout + done.stderr
+    assert done.stdout.count("crashed while running 'test_dies.py::test_dies'") >= 1
+    assert re.search(r"1 failed, 2 passed", done.stdout), done.stdout[-1000:]
