@@ -78,7 +78,7 @@ class Fabric:
     bus_bytes_per_s: float  # nccl-tests' busbw at large messages (published; see the docstring)
 
 
-NVLINK = Fabric("NVLink (one node, H100 SXM)", 8, 20e-6, 450e9)
+NVLINK = Fabric("NVLink 4 (one node, H100/H200 SXM)", 8, 20e-6, 450e9)  # H200 SXM: the same NVLink 4, NVSwitch
 INFINIBAND = Fabric("NVLink + InfiniBand NDR (2 nodes)", 8, 40e-6, 400e9)
 
 

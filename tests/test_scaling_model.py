@@ -96,7 +96,7 @@ def test_the_buckets_are_the_ones_torch_ddp_builds_over_two_gloo_ranks(tmp_path)
 def test_the_command_prints_both_recipes_at_1_to_16_gpus(capsys, tmp_path):
     assert sm.main(["--fast-step-ms", "2.65", "--speedrun-step-ms", "4.0", "--json", str(tmp_path / "m.json")]) == 0
     out = capsys.readouterr().out
-    assert "| fast (CIFAR10_CNN, 1024 per GPU) | 8 | NVLink (one node, H100 SXM) | 1024 | 2.650 |" in out
+    assert "| fast (CIFAR10_CNN, 1024 per GPU) | 8 | NVLink 4 (one node, H100/H200 SXM) | 1024 | 2.650 |" in out
     assert "| speed run (SpeedNet, 1024 in all) | 16 | NVLink + InfiniBand NDR (2 nodes) | 64 | 0.250 |" in out
     rows = json.loads((tmp_path / "m.json").read_text())["predictions"]
     assert [(r["world"], r["efficiency"] == 1.0) for r in rows[:2]] == [(1, True), (2, False)]
