@@ -65,8 +65,9 @@ def test_the_console_script_trains_and_evaluates_a_model_of_the_current_folder(t
 
 
 def test_one_process_logs_its_weights_digest_without_comparing_ranks_and_counts_one_epoch(capsys, tmp_path):
-    result = run_in_process(capsys, *TINY, f"output.dir={tmp_path / 'run'}")
+    result = run_in_process(capsys, *TINY, "data.loader=gpu", f"output.dir={tmp_path / 'run'}")
     assert result.returncode == 0, result.stderr
+    assert "| loader gpu (the split resident in cpu memory) |" in result.stdout  # where the data is, here
     assert "final weights: sha256 " in result.stdout and "identical on all" not in result.stdout
     assert "| 1 epoch in " in result.stdout
 

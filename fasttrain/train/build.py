@@ -102,6 +102,8 @@ def build_parts(cfg: Config, ctx: dist.Dist, logger: logging.Logger, model: Opti
     logger.info(f"data {info.name}: {train_loader.num_samples:,} train / {val_loader.num_samples:,} test images of "
                 f"{info.in_channels}x{info.image_size}x{info.image_size}, {info.num_classes} classes | loader "
                 f"{cfg.data.loader}" + (f", {train_loader.num_workers} workers" if cfg.data.loader == "plain" else "")
+                # "gpu" names where the split lives on a GPU machine: say where it lives here
+                + (f" (the split resident in {device.type} memory)" if cfg.data.loader == "gpu" else "")
                 + f" | batch {cfg.train.batch_size} per process x {ctx.world_size} = "
                 f"{cfg.train.batch_size * ctx.world_size} per step"
                 + (f" | {skipped} images per epoch left out (drop_last, or fewer than one per rank)" if skipped else ""))
