@@ -163,11 +163,13 @@ def test_the_readme_accelerate_launch_on_a_cpu_machine_says_so(tmp_path):
          "--config", "configs/smoke.yaml", f"output.dir={tmp_path / 'run'}"],
         cwd=REPO, env=env, text=True, capture_output=True, timeout=300)
     assert result.returncode != 0
-    ours = [line for line in result.stderr.splitlines() if "fasttrain: error:" in line]
-    assert ours == ["fasttrain: error: launched by accelerate for GPUs (MULTI_GPU, 2 processes on this node) but "
+    # rank 0's line, then the launcher's failure summary naming it as the root cause (torch elastic's error file)
+    ours = {line.split("fasttrain: error: ", 1)[1] for line in result.stderr.splitlines() if "fasttrain: error:" in line}
+    assert ours == {"launched by accelerate for GPUs (MULTI_GPU, 2 processes on this node) but "
                     "this machine has no CUDA GPU: on the CPU launch with torchrun --standalone --nproc_per_node=N -m "
                     "fasttrain.run ... (or accelerate launch --cpu, one process; export ACCELERATE_USE_CPU=true to "
-                    "run this launch on the CPU anyway)"], result.stderr[-3000:]
+                    "run this launch on the CPU anyway)"}, result.stderr[-3000:]
+    assert result.stderr.split("Root Cause", 1)[-1].count("fasttrain: error: launched by accelerate") == 1
     assert not (tmp_path / "run").exists()  # stopped before the run folder
 
 

@@ -323,9 +323,6 @@ class TrainConfig(Section):
                 "fast when train.lookahead_k=0 (there are no slow weights to end on): set train.lookahead_k too")
         require(self.lookahead_start == 0 or self.lookahead_k > 0, "train.lookahead_start", self.lookahead_start,
                 "0 when train.lookahead_k=0 (there is no lookahead to start): set train.lookahead_k too")
-        require(self.lookahead_start < self.epochs, "train.lookahead_start", self.lookahead_start,
-                f"fewer epochs than train.epochs={self.epochs:g} (lookahead would never start): lower it, or "
-                f"set train.lookahead_k=0")
 
 
 @dataclass

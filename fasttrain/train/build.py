@@ -177,7 +177,12 @@ def _accuracy_tools(cfg: Config) -> List[str]:
         tools.append(f"EMA of the weights (decay {train.ema_decay:g} every {train.ema_every} step(s); validation "
                      f"and best.pt use it)")
     if train.lookahead_k:
-        tools.append(f"lookahead (k {train.lookahead_k}, alpha {train.lookahead_alpha:g})")
+        start = ""
+        if train.lookahead_start >= train.epochs:  # a recipe run shorter than its lookahead's start: said, not refused
+            start = f", from epoch {train.lookahead_start:g}: never in this run of {train.epochs:g} epochs"
+        elif train.lookahead_start:
+            start = f", from epoch {train.lookahead_start:g}"
+        tools.append(f"lookahead (k {train.lookahead_k}, alpha {train.lookahead_alpha:g}{start})")
     if train.tta != "none":
         tools.append(f"test-time augmentation {train.tta}")
     return tools
