@@ -125,6 +125,7 @@ LONGEST_FIRST = [
     "test_accuracy_tools.py",   # 44
     "test_speed_features.py",   # 39
     "test_api.py",              # 39
+    "test_second_hour.py",      # 35
     "test_real_data.py",        # 38 where the real CIFAR-10 is
     "test_own_models.py",       # 33
     "test_training.py",         # 27
