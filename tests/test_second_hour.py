@@ -234,3 +234,24 @@ def test_a_test_that_kills_its_worker_is_named_by_make_tests_options(tmp_path):
     assert "INTERNALERROR" not in done.stdout + done.stderr
     assert done.stdout.count("crashed while running 'test_dies.py::test_dies'") >= 1
     assert re.search(r"1 failed, 2 passed", done.stdout), done.stdout[-1000:]
+
+
+def test_a_cpu_run_drops_torchs_note_that_there_is_no_cuda_runtime(caplog):
+    """Logged by torch.utils.cpp_extension when torch.compile builds a CPU kernel on a machine with a CUDA
+    toolkit and no GPU; once the run has chosen the CPU it is noise. Only that message: the logger's others stay."""
+    import logging
+
+    from fasttrain.dist.device import quiet_on_cpu
+
+    torch_logger = logging.getLogger("torch.utils.cpp_extension")
+    before = list(torch_logger.filters)
+    try:
+        quiet_on_cpu(__import__("torch").device("cpu"))
+        quiet_on_cpu(__import__("torch").device("cpu"))  # once per process, however many runs
+        assert len(torch_logger.filters) == len(before) + 1
+        with caplog.at_level(logging.WARNING, logger="torch.utils.cpp_extension"):
+            torch_logger.warning("No CUDA runtime is found, using CUDA_HOME='%s'", "/usr/local/cuda")
+            torch_logger.warning("something else")
+        assert [r.getMessage() for r in caplog.records] == ["something else"]
+    finally:
+        torch_logger.filters[:] = before

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 
 import numpy as np
@@ -22,6 +23,21 @@ def resolve_device(name: str) -> torch.device:
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise UserError(f"train.device={name} but this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
+
+
+class _NoCudaRuntimeNote(logging.Filter):
+    """torch.utils.cpp_extension's "No CUDA runtime is found, using CUDA_HOME=..." (logged when torch.compile builds
+    a CPU kernel on a machine with a CUDA toolkit and no GPU): on a run that chose the CPU it says nothing new."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No CUDA runtime is found")
+
+
+def quiet_on_cpu(device: torch.device) -> None:
+    """A run on the CPU: drop torch's note that there is no CUDA runtime (once per process)."""
+    cpp_logger = logging.getLogger("torch.utils.cpp_extension")
+    if device.type == "cpu" and not any(isinstance(f, _NoCudaRuntimeNote) for f in cpp_logger.filters):
+        cpp_logger.addFilter(_NoCudaRuntimeNote())
 
 
 def seed_everything(seed: int) -> None:

@@ -23,7 +23,7 @@ from typing import Callable, List, Mapping, Optional
 import torch
 import torch.distributed as torch_dist
 
-from fasttrain.dist.device import resolve_device
+from fasttrain.dist.device import quiet_on_cpu, resolve_device
 from fasttrain.errors import UserError, incomplete_launch
 from fasttrain.dist.hostlist import first_host
 from fasttrain.dist.launcher import check_launch
@@ -227,6 +227,7 @@ def setup(device_name: str, backend: str = "auto", timeout_s: int = 1800, precis
     check_launch(device_name, precision, compile_mode)
     env = read_env()
     device = pick_device(device_name, env)
+    quiet_on_cpu(device)
     if device.type == "cuda":
         torch.cuda.set_device(device)  # before init, so NCCL binds the right GPU
     chosen = backend if backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
