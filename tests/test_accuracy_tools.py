@@ -106,6 +106,9 @@ def test_tta_views_and_the_mean_of_their_logits():
     assert torch.equal(flip[1], images.flip(-1))
     assert torch.equal(shift[2][..., 1:, 1:], images[..., :-1, :-1])  # moved down-right by one pixel
     assert torch.equal(shift[3][..., :-1, :-1], images[..., 1:, 1:])  # moved up-left
+    # the mirrors of the shifted views (the records' pairs), not the mirror shifted the same way
+    assert torch.equal(shift[4], shift[2].flip(-1)) and torch.equal(shift[5], shift[3].flip(-1))
+    assert {tuple(v.flip(-1).flatten().tolist()) for v in shift} == {tuple(v.flatten().tolist()) for v in shift}
     model = _small_model().eval()
     with torch.no_grad():
         expected = (model(images) + model(images.flip(-1))) / 2

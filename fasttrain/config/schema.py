@@ -287,9 +287,9 @@ class TrainConfig(Section):
                                           "initial ones", low=0, high=EPOCHS_MAX, what="a number of epochs",
                                      note="0 = from the start")
     tta: TtaName = setting(TtaName.none, "test-time augmentation of validation and fasttrain eval: none | flip (the "
-                                         "mean of the logits of each image and its mirror) | flip_shift (and of both "
-                                         "shifted one pixel up-left and down-right: 6 views, weighted 1/4, 1/4 and "
-                                         "1/8 each as the speed records publish)")
+                                         "mean of the logits of each image and its mirror) | flip_shift (and of the "
+                                         "image shifted one pixel up-left and down-right and their mirrors: 6 views, "
+                                         "weighted 1/4, 1/4 and 1/8 each as the speed records publish)")
     eval_every: int = setting(1, "validate every N epochs; the last epoch always validates (the epochs between have "
                                  "no val_* values, and best.pt is chosen among validated epochs)", low=1,
                              high=EPOCHS_MAX)

@@ -45,18 +45,17 @@ TTA_WEIGHTS = {"none": (1.0,), "flip": (0.5, 0.5), "flip_shift": (0.25, 0.25, 0.
 
 
 def tta_views(images: torch.Tensor, tta: str) -> List[torch.Tensor]:
-    """The views whose logits are averaged (TTA_WEIGHTS): the image (none); and its mirror (flip); and both
-    shifted one pixel down-right and up-left with the edge reflected (flip_shift: 6 views)."""
+    """The views whose logits are averaged (TTA_WEIGHTS): the image (none); and its mirror (flip); and the image
+    shifted one pixel down-right and up-left with the edge reflected, and the mirrors of those two (flip_shift: 6
+    views, as the speed records take them: every view's mirror is among them)."""
     if tta == "none":
         return [images]
     views = [images, images.flip(-1)]
     if tta == "flip_shift":
         height, width = images.shape[-2:]
-        shifted = []
-        for view in views:
-            padded = F.pad(view, (1, 1, 1, 1), mode="reflect")
-            shifted += [padded[..., :height, :width], padded[..., 2:, 2:]]  # content moved down-right, up-left
-        views += shifted
+        padded = F.pad(images, (1, 1, 1, 1), mode="reflect")
+        shifted = [padded[..., :height, :width], padded[..., 2:, 2:]]  # content moved down-right, up-left
+        views += shifted + [view.flip(-1) for view in shifted]
     return views
 
 
