@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 from pathlib import Path
 from typing import NoReturn, Optional, Sequence
@@ -65,9 +64,10 @@ def flag_hint(message: str, given: Sequence[str]) -> Optional[str]:
 
 
 def run_config(config: Optional[str], resume_dir: Optional[str], overrides: Sequence[str]) -> tuple:
-    """(the config file, the overrides) a run starts from. `--resume RUN_DIR` is resume=auto output.dir=RUN_DIR; a
-    resume of a run folder without --config takes the config.yaml that run saved (resuming it with the built-in
-    defaults would be another run), and says so."""
+    """(the config file, the overrides, whether the file is a run folder's) a run starts from. `--resume RUN_DIR` is
+    resume=auto output.dir=RUN_DIR; a resume of a run folder without --config takes the config.yaml that run saved
+    (resuming it with the built-in defaults would be another run), and says so. The train.stop_after_steps that
+    stopped the run is done with: reset to 0 (kept, it would stop the resumed run at once); an override sets another."""
     overrides = list(overrides)
     if resume_dir is not None:
         if not (Path(resume_dir) / "config.yaml").is_file():
@@ -78,14 +78,21 @@ def run_config(config: Optional[str], resume_dir: Optional[str], overrides: Sequ
     run_dir = settings.get("output.dir")
     saved = Path(run_dir) / "config.yaml" if run_dir else None
     if config is None and settings.get("resume", "none") != "none" and saved is not None and saved.is_file():
-        # the train.stop_after_steps that stopped the run is done: kept, it would stop the resumed run at once
-        stopped = re.search(r"^\s+stop_after_steps:\s*[1-9]", saved.read_text(errors="replace"), re.MULTILINE)
         if launcher_rank() == "0":
-            print(f"fasttrain: config from {saved} (the run being resumed"
-                  + (", without the train.stop_after_steps that stopped it" if stopped else "")
-                  + "; --config chooses another)", flush=True)
-        return str(saved), (["train.stop_after_steps=0"] if stopped else []) + overrides
-    return config, overrides
+            print(f"fasttrain: config from {saved} (the run being resumed, without a train.stop_after_steps that "
+                  f"stopped it; --config chooses another)", flush=True)
+        return str(saved), ["train.stop_after_steps=0", *overrides], True
+    return config, overrides, False
+
+
+def refuse_imports_named_by_a_run_folder(cfg, overrides: Sequence[str], saved: str) -> None:
+    """A run folder's config.yaml is a file: like a checkpoint, it does not choose code to import. A model named by
+    import path there is used only when the command line names it too."""
+    name = cfg.model.name
+    named_here = any(item.startswith("model.name=") for item in overrides)
+    if ":" in name and not name.startswith("torchvision:") and not named_here:
+        raise UserError(f"{saved} names its model by import (model.name={name!r}) and fasttrain imports no code that "
+                        f"a file names: if you trust that module, name it yourself: ... model.name={name}")
 
 
 def train_parser(prog: str = "python -m fasttrain.run") -> argparse.ArgumentParser:
@@ -111,8 +118,10 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m fasttrain.
             raise UserError(problem)
         from fasttrain.config import load_config
 
-        config, overrides = run_config(args.config, args.resume, args.overrides)
+        config, overrides, from_run_folder = run_config(args.config, args.resume, args.overrides)
         cfg = load_config(config, overrides)
+        if from_run_folder:
+            refuse_imports_named_by_a_run_folder(cfg, args.overrides, config)
         preemption.narrow_early_hold(cfg.checkpoint.signals)  # a signal not configured: its default from now
         from fasttrain.train.lifecycle import train  # imported after the config is known good: fail fast
 

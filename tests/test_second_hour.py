@@ -261,3 +261,15 @@ def test_a_cpu_run_drops_torchs_note_that_there_is_no_cuda_runtime(caplog):
         assert [r.getMessage() for r in caplog.records] == ["something else"]
     finally:
         torch_logger.filters[:] = before
+
+
+def test_a_run_folders_config_does_not_choose_code_to_import(capsys, tmp_path):
+    """A hand-made (or copied) run folder whose config.yaml names a model by import path: resuming from the folder
+    alone imports nothing until the command line names that model itself."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.yaml").write_text("model:\n  name: os_helpers.evil:Net\n")
+    refused = run_in_process(capsys, "--resume", str(out), "train.device=cpu")
+    assert refused.returncode == 2
+    assert "names its model by import (model.name='os_helpers.evil:Net') and fasttrain imports no code" in refused.stderr
+    assert "no module named" not in refused.stderr  # refused before any import was tried
