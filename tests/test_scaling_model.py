@@ -64,7 +64,7 @@ def test_the_buckets_are_the_ones_torch_ddp_builds_over_two_gloo_ranks(tmp_path)
     second iteration on must be ddp_buckets of the model's gradient bytes."""
     script = tmp_path / "buckets.py"
     script.write_text(textwrap.dedent(f"""
-        import json, sys
+        import json, os, sys
         import torch, torch.distributed as dist
         from torch import nn
         from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
@@ -83,8 +83,9 @@ def test_the_buckets_are_the_ones_torch_ddp_builds_over_two_gloo_ranks(tmp_path)
             seen.clear()
             model(torch.randn(2, 3, 32, 32)).sum().backward()
         if dist.get_rank() == 0:
-            print(json.dumps(seen))
+            print(json.dumps(seen), flush=True)
         dist.destroy_process_group()
+        os._exit(0)  # torch's teardown after gloo can abort a finished process (fasttrain.run.exit_now does the same)
     """))
     result = run_torchrun(2, str(script), module="", timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
